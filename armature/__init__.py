@@ -1,0 +1,3 @@
+"""Armature: distributed RLHF for text-to-image diffusion models."""
+
+__version__ = "0.1.0"
