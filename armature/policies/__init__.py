@@ -1,0 +1,23 @@
+"""Diffusion policies: pipelines that roll out trajectories and score transitions. No Ray here."""
+
+from armature.policies.diffusion import (
+    DiffusionPolicy,
+    LoraParams,
+    SamplingParams,
+    Trajectory,
+    load_policy,
+)
+from armature.policies.logprob import ddim_step_with_logprob, gaussian_log_prob
+from armature.policies.tiny import TinySDConfig, build_tiny_sd_pipeline
+
+__all__ = [
+    "DiffusionPolicy",
+    "LoraParams",
+    "SamplingParams",
+    "TinySDConfig",
+    "Trajectory",
+    "build_tiny_sd_pipeline",
+    "ddim_step_with_logprob",
+    "gaussian_log_prob",
+    "load_policy",
+]

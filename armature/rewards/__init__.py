@@ -1,0 +1,31 @@
+"""Rewards: functions of (images, prompts) -> float32 scores [B], higher is better.
+
+Build them by name with :func:`load` / :func:`load_weighted`; :func:`available` lists
+the registered names. This package knows nothing of Ray.
+"""
+
+from .base import DifferentiableReward, Reward, WeightedSum, pil_to_tensor
+from .registry import available, load, load_weighted, register
+
+# Importing the modules registers their rewards.
+from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb  # noqa: E402
+from .aesthetic import AestheticHead, AestheticScorer, build_tiny_aesthetic, clip_preprocess  # noqa: E402
+
+__all__ = [
+    "AestheticHead",
+    "AestheticScorer",
+    "DifferentiableReward",
+    "JpegSize",
+    "Reward",
+    "WeightedSum",
+    "available",
+    "build_tiny_aesthetic",
+    "clip_preprocess",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "jpeg_size_kb",
+    "load",
+    "load_weighted",
+    "pil_to_tensor",
+    "register",
+]
