@@ -25,6 +25,11 @@ class PerPromptStatTracker:
     def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6):
         if buffer_size < 1 or min_count < 1:
             raise ValueError(f"buffer_size={buffer_size} and min_count={min_count} must be >= 1")
+        if buffer_size < min_count:
+            raise ValueError(
+                f"buffer_size={buffer_size} < min_count={min_count}: per-prompt statistics would "
+                "never be used; make buffer_size >= min_count"
+            )
         self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
         self.history: dict[str, deque] = {}
 
@@ -50,9 +55,11 @@ class PerPromptStatTracker:
         return {
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,
+            "eps": self.eps,
             "history": {p: list(b) for p, b in self.history.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        self.eps = state.get("eps", self.eps)
         self.history = {p: deque(v, maxlen=self.buffer_size) for p, v in state["history"].items()}

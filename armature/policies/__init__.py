@@ -5,6 +5,7 @@ from armature.policies.diffusion import (
     LoraParams,
     SamplingParams,
     Trajectory,
+    build_policy,
     load_policy,
 )
 from armature.policies.logprob import ddim_step_with_logprob, gaussian_log_prob
@@ -16,6 +17,7 @@ __all__ = [
     "SamplingParams",
     "TinySDConfig",
     "Trajectory",
+    "build_policy",
     "build_tiny_sd_pipeline",
     "ddim_step_with_logprob",
     "gaussian_log_prob",

@@ -23,7 +23,7 @@ import torch
 from armature.policies.logprob import ddim_step_with_logprob
 from armature.policies.tiny import TinySDConfig, build_tiny_sd_pipeline
 
-__all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "load_policy"]
+__all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "build_policy", "load_policy"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,8 +56,9 @@ class Trajectory:
     timesteps: torch.Tensor  # [B, T]
     log_probs: torch.Tensor  # [B, T]: log p(x_{t-1} | x_t) at sampling time
     cond: dict[str, torch.Tensor]  # each [B, 2, ...]
-    images: np.ndarray  # [B, H, W, 3] uint8
-    weights_version: int = 0
+    images: np.ndarray | None  # [B, H, W, 3] uint8 (None once handed to a reward actor)
+    weights_version: int = 0  # version of the weights that sampled it
+    elapsed_s: float = 0.0  # wall time of the rollout
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -71,8 +72,9 @@ class Trajectory:
             timesteps=self.timesteps[idx],
             log_probs=self.log_probs[idx],
             cond={k: v[idx] for k, v in self.cond.items()},
-            images=self.images[idx.numpy()],
+            images=None if self.images is None else self.images[idx.numpy()],
             weights_version=self.weights_version,
+            elapsed_s=self.elapsed_s,
         )
 
     @staticmethod
@@ -83,8 +85,9 @@ class Trajectory:
             timesteps=torch.cat([t.timesteps for t in parts]),
             log_probs=torch.cat([t.log_probs for t in parts]),
             cond={k: torch.cat([t.cond[k] for t in parts]) for k in parts[0].cond},
-            images=np.concatenate([t.images for t in parts]),
+            images=None if parts[0].images is None else np.concatenate([t.images for t in parts]),
             weights_version=min(t.weights_version for t in parts),
+            elapsed_s=sum(t.elapsed_s for t in parts),
         )
 
 
@@ -100,10 +103,14 @@ class DiffusionPolicy:
         self.family = family
         self.device = torch.device(device)
         self.sampling = sampling or SamplingParams()
-        # DDPO needs a stochastic DDIM step whose every transition has a density.
-        self.scheduler = DDIMScheduler.from_config(
-            self.pipe.scheduler.config, set_alpha_to_one=False, clip_sample=False
-        )
+        # DDPO needs a stochastic DDIM step whose every transition has a density: the last
+        # step must not land on t=0 from t=0 (steps_offset >= 1 with "leading" spacing, as
+        # SD 1.5 and SDXL ship) and must not jump to alpha=1 (set_alpha_to_one=False).
+        config = dict(self.pipe.scheduler.config)
+        overrides = {"set_alpha_to_one": False, "clip_sample": False}
+        if config.get("timestep_spacing", "leading") == "leading" and config.get("steps_offset", 0) < 1:
+            overrides["steps_offset"] = 1
+        self.scheduler = DDIMScheduler.from_config(config, **overrides)
         self.pipe.scheduler = self.scheduler
         self.unet = self.pipe.unet
         for module in (self.pipe.vae, self.pipe.text_encoder, self.unet):
@@ -340,3 +347,46 @@ def load_policy(
     pipe = Pipeline.from_pretrained(pretrained, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return DiffusionPolicy(pipe, family, sampling, device)
+
+
+def _tiny_config(tiny: dict) -> TinySDConfig:
+    tiny = dict(tiny)
+    if "unet_channels" in tiny:
+        tiny["unet_channels"] = tuple(tiny["unet_channels"])
+    return TinySDConfig(**tiny)
+
+
+def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
+    """The policy a job's ``model`` and ``sampling`` config sections describe, adapter attached.
+
+    Every process that builds a policy from the same config (learners, sampler actors, the
+    serving replicas) gets the same weights, LoRA initialisation included.
+    """
+    device = model.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sampling = dict(sampling)
+    sampling.pop("batch_size", None)
+    policy = load_policy(
+        family=model.get("family", "tiny"),
+        pretrained=model.get("pretrained"),
+        sampling=SamplingParams(**sampling),
+        device=device,
+        dtype=model.get("dtype", "float32"),
+        tiny=_tiny_config(model.get("tiny") or {}),
+        revision=model.get("revision"),
+        variant=model.get("variant"),
+    )
+    lora = model.get("lora", {})
+    if lora.get("enabled", True):
+        policy.add_lora(
+            LoraParams(
+                rank=lora.get("rank", 4), alpha=lora.get("alpha", 4.0),
+                target_modules=list(lora.get("target_modules", LoraParams().target_modules)),
+                dropout=lora.get("dropout", 0.0),
+            ),
+            seed=seed,
+        )
+    else:
+        policy.enable_full_finetuning()
+    return policy

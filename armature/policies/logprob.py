@@ -91,8 +91,8 @@ def ddim_step_with_logprob(
     std = eta * variance.sqrt()
     if bool((std <= 0).any()):
         raise ValueError(
-            "the DDIM step has zero variance (final step with set_alpha_to_one=True?): "
-            "use a scheduler with set_alpha_to_one=False to score every step"
+            "the DDIM step has zero variance, so it has no log-density: the last timestep is 0 "
+            "(use steps_offset=1) or jumps to alpha=1 (use set_alpha_to_one=False)"
         )
 
     ndim = sample.ndim

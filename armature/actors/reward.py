@@ -1,0 +1,40 @@
+"""Reward actors: frozen reward models scoring batches of images in Ray actors."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from PIL import Image
+
+from armature.rewards import WeightedSum, load_weighted
+
+__all__ = ["RewardScorer", "start_reward_actors"]
+
+
+class RewardScorer:
+    """A (weighted sum of) reward model(s), frozen, scoring uint8 image batches."""
+
+    def __init__(self, components: dict):
+        self.reward = load_weighted(components)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
+        """``{"reward": [B], "<component>": [B], ...}`` for images ``[B, H, W, 3]`` uint8."""
+        pil = [Image.fromarray(np.asarray(a)) for a in images]
+        scores = {"reward": self.reward(pil, prompts)}
+        if isinstance(self.reward, WeightedSum):
+            scores.update(self.reward.components(pil, prompts))
+        return scores
+
+
+def start_reward_actors(n: int, components: dict, *, num_cpus: float, num_gpus: float,
+                        max_restarts: int) -> list:
+    actor = ray.remote(RewardScorer).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+        max_task_retries=max_restarts if max_restarts else 0,
+    )
+    actors = [actor.remote(components) for _ in range(n)]
+    ray.get([a.ready.remote() for a in actors])
+    return actors

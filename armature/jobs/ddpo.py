@@ -1,0 +1,358 @@
+"""DDPO (Black et al., 2023): online RL fine-tuning of a diffusion policy, on Ray.
+
+Read top to bottom:
+
+* ``run`` (the driver) connects to Ray, opens the MLflow run, starts the sampler and reward
+  actors and hands a ``TorchTrainer`` the learner loop.
+* ``train_loop`` (each Ray Train worker) builds the policy, wraps its trainable weights with
+  DeepSpeed, restores the last checkpoint if there is one, then per epoch:
+  1. sends the current weights (one object-store put) and its share of prompts to the
+     samplers; each finished batch of images goes straight on to a reward actor;
+  2. gathers every worker's rewards and turns them into advantages (per-prompt statistics,
+     global fallback);
+  3. runs PPO-clipped updates over the stored denoising steps, accumulating gradients across
+     steps and micro-batches, for ``num_inner_epochs`` passes;
+  4. logs the epoch to MLflow (rank 0) and reports a checkpoint to Ray Train.
+
+A rerun with the same ``tracking.run_name`` resumes from the last checkpoint and keeps
+logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from armature.losses import PerPromptStatTracker, ddpo_loss, normalize_rewards
+
+log = logging.getLogger("armature.ddpo")
+
+STATE_FILE = "armature_state.json"
+RUN_FILE = "armature_run.json"
+
+
+# ============================================================================ driver
+def run(cfg: DictConfig) -> dict:
+    """Run a DDPO job as configured; returns the last epoch's metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from armature.actors import start_reward_actors, start_samplers
+    from armature.platform.cluster import connect
+    from armature.platform.config import flatten
+    from armature.platform.tracking import resolve_tracking, start_run
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    trainer_cfg, cluster, tracking = c["trainer"], c["cluster"], c["tracking"]
+    run_name = tracking["run_name"] or f"ddpo-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(trainer_cfg["storage_path"]).expanduser()
+    storage = storage if "://" in str(storage) else storage.resolve()
+    run_dir = Path(storage) / run_name
+
+    required = (
+        trainer_cfg["num_workers"] * trainer_cfg["cpus_per_worker"]
+        + cluster["num_samplers"] * cluster["sampler_num_cpus"]
+        + c["reward"]["num_actors"] * c["reward"]["num_cpus"]
+    )
+    local = connect(cluster, required, cluster.get("runtime_env"))
+    # On a local cluster the learner and the samplers take turns, so each may use every core.
+    threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
+
+    # One MLflow run per job; a rerun of the same run name reopens it.
+    previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    tracking_uri, _ = resolve_tracking(tracking)
+    run_id = start_run(
+        tracking, run_name, flatten(cfg), run_id=previous.get("mlflow_run_id"),
+        tags={"armature.job": "train", "armature.algo": "ddpo"},
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri}))
+    print(f"[armature] run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
+
+    seed = trainer_cfg["seed"]
+    samplers = start_samplers(
+        cluster["num_samplers"], c["model"], c["sampling"], seed=seed,
+        num_cpus=cluster["sampler_num_cpus"], num_gpus=cluster["sampler_num_gpus"],
+        max_restarts=cluster["max_restarts"], threads=threads,
+    )
+    rewards = start_reward_actors(
+        c["reward"]["num_actors"], c["reward"]["components"], num_cpus=c["reward"]["num_cpus"],
+        num_gpus=c["reward"]["num_gpus"], max_restarts=cluster["max_restarts"],
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": c, "samplers": samplers, "rewards": rewards,
+            "run_id": run_id, "tracking_uri": tracking_uri, "threads": threads,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],
+            resources_per_worker={"CPU": trainer_cfg["cpus_per_worker"]},
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["checkpoints_to_keep"]),
+            failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
+        ),
+    )
+    from armature.platform.tracking import RunLogger
+
+    logger = RunLogger(tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.finish("FINISHED")
+    for actor in samplers + rewards:
+        ray.kill(actor)
+    return dict(result.metrics or {})
+
+
+# ============================================================================ learner
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    from armature.platform.tracking import RunLogger
+    from armature.policies import build_policy
+
+    c, samplers, rewards = config["cfg"], config["samplers"], config["rewards"]
+    algo, trainer_cfg = c["algo"], c["trainer"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(trainer_cfg["seed"] + rank)
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+
+    policy = build_policy(c["model"], c["sampling"], seed=trainer_cfg["seed"])
+    num_steps = c["sampling"]["num_steps"]
+    train_steps = max(1, int(num_steps * algo["timestep_fraction"]))
+    per_worker = algo["samples_per_epoch"] // world
+    micro = algo["train_batch_size"]
+
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(
+        params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
+        weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"],
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=policy.unet, model_parameters=params, optimizer=optimizer,
+        config={
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": train_steps * algo["gradient_accumulation_batches"],
+            "gradient_clipping": algo["max_grad_norm"],
+            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        },
+    )
+    policy.denoiser = engine  # the learner's forward passes go through DeepSpeed
+
+    tracker = PerPromptStatTracker(algo["stat_buffer_size"], algo["stat_min_count"])
+    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    start_epoch = _restore(engine, tracker, logger)
+
+    prompts = _prompt_list(c["prompts"])
+    for epoch in range(start_epoch, algo["num_epochs"]):
+        t_epoch = time.perf_counter()
+        engine.module.eval()
+
+        # ---- 1. sample with the current weights, score as batches finish ----------------
+        version = epoch + 1  # weights after `epoch` updates
+        weights = [ray.put(policy.trainable_state_dict())]
+        rng = np.random.default_rng([trainer_cfg["seed"], epoch, rank])
+        epoch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=per_worker)]
+        batch_size = c["sampling"]["batch_size"]
+        traj_refs, score_refs = [], []
+        for b, start in enumerate(range(0, per_worker, batch_size)):
+            batch_prompts = epoch_prompts[start : start + batch_size]
+            sampler = samplers[(rank + b * world) % len(samplers)]
+            seed = int(rng.integers(2**31))
+            traj_ref, images_ref = sampler.rollout.remote(batch_prompts, seed, weights, version)
+            scorer = rewards[(rank + b * world) % len(rewards)]
+            traj_refs.append(traj_ref)
+            score_refs.append((scorer.score.remote(images_ref, batch_prompts), images_ref))
+        from armature.policies import Trajectory
+
+        trajs = ray.get(traj_refs)
+        traj = Trajectory.concat(trajs)
+        scores = [ray.get(ref) for ref, _ in score_refs]
+        rewards_local = np.concatenate([s["reward"] for s in scores]).astype(np.float32)
+        components = {k: np.concatenate([s[k] for s in scores]) for k in scores[0] if k != "reward"}
+        sample_time = time.perf_counter() - t_epoch
+
+        # ---- 2. advantages over the whole epoch (all workers) ------------------------------
+        all_prompts, all_rewards = _all_gather(traj.prompts, rewards_local)
+        if algo["per_prompt_stat_tracking"]:
+            all_adv = tracker.update(all_prompts, all_rewards)
+        else:
+            all_adv = normalize_rewards(all_rewards)
+        advantages = torch.as_tensor(all_adv[rank * per_worker : (rank + 1) * per_worker])
+
+        # ---- 3. PPO updates over the stored steps -----------------------------------------
+        t_train = time.perf_counter()
+        engine.module.train()
+        stats = {"loss": [], "approx_kl": [], "clipfrac": []}
+        grad_norms = []
+        for inner in range(algo["num_inner_epochs"]):
+            order = torch.randperm(per_worker)
+            step_order = torch.stack([torch.randperm(num_steps) for _ in range(per_worker)])
+            for mb in order.split(micro):
+                batch, adv = traj.select(mb), advantages[mb]
+                rows = torch.arange(len(mb))
+                for k in range(train_steps):
+                    j = step_order[mb, k]  # each trajectory trains on its own random steps
+                    log_prob = policy.step_log_prob(
+                        batch.cond, batch.latents[rows, j], batch.timesteps[rows, j],
+                        batch.latents[rows, j + 1],
+                    )
+                    loss, info = ddpo_loss(
+                        log_prob, batch.log_probs[rows, j].to(log_prob.device), adv.to(log_prob.device),
+                        algo["clip_range"], algo["adv_clip_max"],
+                    )
+                    engine.backward(loss)
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    norm = _param_grad_norm(params) if boundary else None
+                    engine.step()  # DeepSpeed only steps the optimizer at a boundary
+                    if boundary:  # ZeRO-2 keeps gradients in its partitions: ask the engine
+                        grad_norms.append(engine.get_global_grad_norm() or norm)
+                    stats["loss"].append(loss.item())
+                    stats["approx_kl"].append(info["approx_kl"].item())
+                    stats["clipfrac"].append(info["clipfrac"].item())
+        train_time = time.perf_counter() - t_train
+        policy.weights_version = version
+
+        # ---- 4. log and checkpoint -------------------------------------------------------
+        means = _all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()})
+        metrics = {
+            "epoch": epoch,
+            "reward_mean": float(np.mean(all_rewards)),
+            "reward_std": float(np.std(all_rewards)),
+            **{f"reward_{k}_mean": float(np.mean(v)) for k, v in components.items()},
+            **means,
+            "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else float("nan"),
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "samples_per_s": algo["samples_per_epoch"] / sample_time,
+            "train_transitions_per_s": algo["num_inner_epochs"] * per_worker * train_steps * world / train_time,
+            "epoch_time_s": time.perf_counter() - t_epoch,
+        }
+        if logger is not None:
+            logger.log_metrics(metrics, step=epoch)
+            every = c["tracking"]["log_images_every"]
+            if every and epoch % every == 0:
+                images = np.concatenate([ray.get(ref) for _, ref in score_refs])
+                logger.log_images(images[: c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
+            _print_progress(epoch, algo["num_epochs"], metrics)
+        last = epoch + 1 == algo["num_epochs"]
+        if last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0:
+            _report_with_checkpoint(engine, policy, tracker, epoch, metrics, rank)
+        else:
+            ray.train.report(metrics)
+
+    if logger is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_trainable(policy, Path(tmp) / "adapter", c)
+            logger.log_artifacts(Path(tmp) / "adapter", "adapter")
+            logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+
+
+# ============================================================================ helpers
+def _prompt_list(prompt_cfg: dict) -> list[str]:
+    if prompt_cfg.get("file"):
+        lines = Path(prompt_cfg["file"]).read_text().splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+    else:
+        prompts = list(prompt_cfg["prompts"])
+    if not prompts:
+        raise ValueError("prompts: no prompts given (prompts.prompts or prompts.file)")
+    return prompts
+
+
+def _all_gather(prompts: list[str], rewards: np.ndarray) -> tuple[list[str], np.ndarray]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(prompts), rewards
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (list(prompts), rewards))
+    return [p for ps, _ in gathered for p in ps], np.concatenate([r for _, r in gathered])
+
+
+def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def _param_grad_norm(params) -> float:
+    """Norm of the accumulated (all-reduced) gradient held on the parameters, before clipping."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else float("nan")
+
+
+def _save_trainable(policy, directory: Path, c: dict) -> None:
+    if policy.lora is not None:
+        policy.save_adapter(directory, metadata={"model": c["model"], "sampling": c["sampling"]})
+    else:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in policy.trainable_state_dict().items()},
+                  directory / "unet.safetensors")
+
+
+def _report_with_checkpoint(engine, policy, tracker, epoch: int, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Every rank writes its ZeRO shard; Ray merges the ranks' folders in storage.
+        engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
+        if rank == 0:
+            state = {"epoch": epoch, "metrics": metrics, "tracker": tracker.state_dict()}
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine, tracker, logger) -> int:
+    """Load the last checkpoint, if any; returns the epoch to start from."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False)
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+    tracker.load_state_dict(state["tracker"])
+    epoch = state["epoch"]
+    if logger is not None:
+        # The epoch's metrics may not have reached MLflow before the job stopped.
+        if logger.last_step("epoch") < epoch:
+            logger.log_metrics(state["metrics"], step=epoch)
+        print(f"[armature] resumed from the checkpoint of epoch {epoch}", flush=True)
+    return epoch + 1
+
+
+def _print_progress(epoch: int, total: int, m: dict) -> None:
+    done = epoch + 1
+    bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
+    print(
+        f"[armature] [{bar}] epoch {done}/{total}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}"
+        f"  kl {m['approx_kl']:.2e}  clip {m['clipfrac']:.2f}  {m['epoch_time_s']:.1f}s",
+        flush=True,
+    )
