@@ -29,6 +29,16 @@ def _command(tmp: Path) -> list[str]:
     ]
 
 
+def _registered_epochs(snapshot: Path) -> list[int]:
+    import json
+
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [r["metrics"]["epoch"] for r in results]
+
+
 def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
     run_dir = tmp_path / "ray" / "e2e"
@@ -37,16 +47,17 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(_command(tmp_path), env=env, stdout=log1, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if list(run_dir.glob("checkpoint_*/armature_state.json")):
+        if _registered_epochs(snapshot):  # Ray Train has registered a checkpoint
             break
-        time.sleep(1)
+        time.sleep(0.2)
     assert proc.poll() is None, "the job ended before it was killed: " + (tmp_path / "run1.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = sorted(run_dir.glob("checkpoint_*"))
-    assert first, "no checkpoint was written before the kill"
+    registered = _registered_epochs(snapshot)
+    assert registered and max(registered) < EPOCHS - 1, registered
 
     # 2. The same command again resumes from the last checkpoint and finishes.
     done = subprocess.run(_command(tmp_path), env=env, capture_output=True, text=True, timeout=900)
@@ -54,7 +65,9 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
     assert done.returncode == 0, out[-5000:]
     assert "resumed from the checkpoint of epoch" in out, out[-5000:]
     resumed_epoch = int(out.split("resumed from the checkpoint of epoch ")[1].split()[0])
-    assert 0 <= resumed_epoch < EPOCHS - 1
+    assert resumed_epoch == max(registered)
+    assert f"epoch {resumed_epoch + 1}/{EPOCHS} " not in out  # that epoch was not trained again
+    assert f"epoch {EPOCHS}/{EPOCHS} " in out
 
     # 3. One MLflow run holds every epoch exactly once, the images and the adapter.
     import json

@@ -163,6 +163,7 @@ def train_loop(config: dict) -> None:
     start_epoch = _restore(engine, tracker, logger)
 
     prompts = _prompt_list(c["prompts"])
+    unlogged: list[tuple[int, dict]] = []  # epochs whose metrics wait for a checkpoint
     for epoch in range(start_epoch, algo["num_epochs"]):
         t_epoch = time.perf_counter()
         engine.module.eval()
@@ -246,8 +247,8 @@ def train_loop(config: dict) -> None:
             "train_transitions_per_s": algo["num_inner_epochs"] * per_worker * train_steps * world / train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
+        unlogged.append((epoch, metrics))
         if logger is not None:
-            logger.log_metrics(metrics, step=epoch)
             every = c["tracking"]["log_images_every"]
             if every and epoch % every == 0:
                 images = np.concatenate([ray.get(ref) for _, ref in score_refs])
@@ -255,7 +256,14 @@ def train_loop(config: dict) -> None:
             _print_progress(epoch, algo["num_epochs"], metrics)
         last = epoch + 1 == algo["num_epochs"]
         if last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0:
-            _report_with_checkpoint(engine, policy, tracker, epoch, metrics, rank)
+            _report_with_checkpoint(engine, tracker, epoch, unlogged, rank)
+            # Metrics reach MLflow only once their checkpoint is registered: an epoch that a
+            # restart trains again is never logged twice (a restore logs what is missing).
+            ray.train.get_all_reported_checkpoints()
+            if logger is not None:
+                for step, values in unlogged:
+                    logger.log_metrics(values, step=step)
+            unlogged = []
         else:
             ray.train.report(metrics)
 
@@ -316,15 +324,16 @@ def _save_trainable(policy, directory: Path, c: dict) -> None:
                   directory / "unet.safetensors")
 
 
-def _report_with_checkpoint(engine, policy, tracker, epoch: int, metrics: dict, rank: int) -> None:
+def _report_with_checkpoint(engine, tracker, epoch: int, unlogged: list, rank: int) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         # Every rank writes its ZeRO shard; Ray merges the ranks' folders in storage.
         engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
         if rank == 0:
-            state = {"epoch": epoch, "metrics": metrics, "tracker": tracker.state_dict()}
+            state = {"epoch": epoch, "unlogged": unlogged, "tracker": tracker.state_dict()}
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        metrics = unlogged[-1][1]
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -341,9 +350,11 @@ def _restore(engine, tracker, logger) -> int:
     tracker.load_state_dict(state["tracker"])
     epoch = state["epoch"]
     if logger is not None:
-        # The epoch's metrics may not have reached MLflow before the job stopped.
-        if logger.last_step("epoch") < epoch:
-            logger.log_metrics(state["metrics"], step=epoch)
+        # The checkpoint's epochs may not have reached MLflow before the job stopped.
+        logged = logger.last_step("epoch")
+        for step, values in state["unlogged"]:
+            if step > logged:
+                logger.log_metrics(values, step=step)
         print(f"[armature] resumed from the checkpoint of epoch {epoch}", flush=True)
     return epoch + 1
 

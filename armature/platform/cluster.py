@@ -21,7 +21,12 @@ def connect(cluster: dict, required_cpus: float, runtime_env: dict | None = None
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    env_vars = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        # Ray Train copies worker prints into its own log stream too; print each line once.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    env = {"env_vars": env_vars}
     for key, value in (runtime_env or {}).items():
         env[key] = value
     address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
@@ -29,5 +34,6 @@ def connect(cluster: dict, required_cpus: float, runtime_env: dict | None = None
         ray.init(address=address, runtime_env=env)
         return False
     num_cpus = cluster.get("num_cpus") or max(os.cpu_count() or 1, int(required_cpus + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+    # The dashboard serves the state API, which Ray Train's controller polls.
+    ray.init(num_cpus=num_cpus, runtime_env=env)
     return True
