@@ -94,10 +94,13 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
     images = client.list_artifacts(run.info.run_id, "samples")
     assert len(images) == EPOCHS
 
-    # The adapter loads into a fresh policy.
+    # The adapter was registered under the default name, and loads into a fresh policy.
+    from armature.platform.registry import list_adapters, resolve_adapter
     from armature.policies import build_policy
 
-    local = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "dl"))
+    registered = list_adapters(info["tracking_uri"])
+    assert [(a["name"], a["run_id"]) for a in registered] == [("armature-adapter", run.info.run_id)]
+    local = resolve_adapter(info["tracking_uri"], "armature-adapter", tmp_path / "dl")
     policy = build_policy({"family": "tiny", "lora": {"enabled": False}}, {"num_steps": 3})
     policy.unet.requires_grad_(False)
     policy.load_adapter(local)

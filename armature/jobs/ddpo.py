@@ -113,6 +113,12 @@ def run(cfg: DictConfig) -> dict:
         logger.finish("FAILED")
         raise
     logger.finish("FINISHED")
+    if tracking.get("registered_model"):
+        from armature.platform.registry import register_adapter
+
+        version = register_adapter(tracking_uri, run_id, tracking["registered_model"],
+                                   tags={"run_name": run_name, "algo": "ddpo"})
+        print(f"[armature] adapter registered as {tracking['registered_model']}/{version}", flush=True)
     for actor in samplers + rewards:
         ray.kill(actor)
     return dict(result.metrics or {})

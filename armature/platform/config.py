@@ -121,6 +121,7 @@ class TrackingConfig:
     run_name: Optional[str] = None  # also names the Ray Train run, so a rerun resumes it
     log_images_every: int = 1  # epochs; 0 disables
     images_per_grid: int = 16
+    registered_model: Optional[str] = "armature-adapter"  # MLflow registry name; null: don't register
 
 
 @dataclass
