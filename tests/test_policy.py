@@ -280,3 +280,24 @@ def test_load_policy_errors():
         load_policy("nope")
     with pytest.raises(ValueError, match="family=tiny"):
         load_policy("tiny", pretrained="some/model")
+
+
+# ---------------------------------------------------------------------------- full fine-tuning
+
+
+def test_full_finetune_save_and_load(tmp_path):
+    tuned = build()
+    tuned.enable_full_finetuning()
+    assert len(tuned.trainable_parameters()) == len(list(tuned.unet.parameters()))
+    with torch.no_grad():
+        for p in tuned.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = tuned.save_trainable(tmp_path / "full")
+    assert (out / "unet.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+    fresh = build()
+    before = fresh.rollout(["a cat"], gen(3))
+    fresh.load_adapter(out)
+    after = fresh.rollout(["a cat"], gen(3))
+    assert_same_rollout(after, tuned.rollout(["a cat"], gen(3)))
+    assert not torch.equal(before.latents, after.latents)

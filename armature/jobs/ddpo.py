@@ -275,7 +275,7 @@ def train_loop(config: dict) -> None:
 
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            _save_trainable(policy, Path(tmp) / "adapter", c)
+            policy.save_trainable(Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"]})
             logger.log_artifacts(Path(tmp) / "adapter", "adapter")
             logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
 
@@ -317,17 +317,6 @@ def _param_grad_norm(params) -> float:
     """Norm of the accumulated (all-reduced) gradient held on the parameters, before clipping."""
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm().item() if grads else float("nan")
-
-
-def _save_trainable(policy, directory: Path, c: dict) -> None:
-    if policy.lora is not None:
-        policy.save_adapter(directory, metadata={"model": c["model"], "sampling": c["sampling"]})
-    else:
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in policy.trainable_state_dict().items()},
-                  directory / "unet.safetensors")
 
 
 def _report_with_checkpoint(engine, tracker, epoch: int, unlogged: list, rank: int) -> None:

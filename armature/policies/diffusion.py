@@ -27,6 +27,7 @@ __all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "bui
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+FULL_WEIGHTS = "unet.safetensors"  # a fully fine-tuned UNet, in place of an adapter
 
 
 @dataclass
@@ -277,6 +278,20 @@ class DiffusionPolicy:
         if version is not None:
             self.weights_version = version
 
+    def save_trainable(self, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+        """Save what training changed: the LoRA adapter, or the fine-tuned UNet weights."""
+        if self.lora is not None:
+            return self.save_adapter(directory, metadata)
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
+        save_file(state, directory / FULL_WEIGHTS, metadata={"format": "pt"})
+        config = {"full_finetune": True, "family": self.family, **(metadata or {})}
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        return directory
+
     def save_adapter(self, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
         """Write the LoRA adapter as ``adapter_model.safetensors`` + ``adapter_config.json``."""
         from peft.utils import get_peft_model_state_dict
@@ -293,11 +308,22 @@ class DiffusionPolicy:
         return directory
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
-        """Load an adapter written by ``save_adapter`` (safetensors only)."""
+        """Load an adapter written by ``save_adapter``, or fine-tuned UNet weights written by
+        ``save_trainable`` (safetensors only)."""
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        if (directory / FULL_WEIGHTS).is_file() and not (directory / ADAPTER_WEIGHTS).is_file():
+            state = load_file(directory / FULL_WEIGHTS)
+            params = dict(self.unet.named_parameters())
+            unknown = [k for k in state if k not in params]
+            if unknown:
+                raise KeyError(f"{directory / FULL_WEIGHTS} has weights this UNet lacks: {unknown[:3]}")
+            with torch.no_grad():
+                for name, value in state.items():
+                    params[name].copy_(value.to(params[name].device, params[name].dtype))
+            return
         weights, config_file = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
         for f in (weights, config_file):
             if not f.is_file():
