@@ -1,8 +1,15 @@
-"""The ``armature`` command: ``armature train [hydra overrides]``."""
+"""The ``armature`` command.
+
+    armature train [overrides]          run a training job here (local Ray or RAY_ADDRESS)
+    armature submit train [overrides]   send it to a Ray cluster through the Jobs API
+    armature jobs list|status|logs|stop the submitted jobs
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
 
 JOBS = {"ddpo": "armature.jobs.ddpo"}
@@ -12,40 +19,118 @@ EPILOG = """examples:
   armature train algo.num_epochs=50 trainer.num_workers=2
   armature train model=sd15 cluster=remote tracking=server
   armature train --cfg                            # print the composed config and exit
+  armature submit train --address http://head:8265 tracking=server algo.num_epochs=50
+  armature jobs list
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="armature", description="Armature: RLHF for diffusion models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train", help="online RL fine-tuning (configs/train.yaml)", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.num_epochs=20")
-    train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
-    args = parser.parse_args(argv)
-
+def _compose(config_name: str, overrides: list[str]):
     from armature.platform.config import ConfigError, compose
 
     try:
-        cfg = compose("train", args.overrides)
+        return compose(config_name, overrides)
     except ConfigError as err:
         print(f"armature: {err}", file=sys.stderr)
+        return None
+
+
+def cmd_train(args) -> int:
+    cfg = _compose("train", args.overrides)
+    if cfg is None:
         return 2
     if args.cfg:
         from omegaconf import OmegaConf
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    import importlib
-
     job = importlib.import_module(JOBS[cfg.algo.name])
     metrics = job.run(cfg)
     if metrics:
         print(f"[armature] done: epoch {int(metrics.get('epoch', -1)) + 1}, "
               f"reward {metrics.get('reward_mean', float('nan')):+.4f}", flush=True)
     return 0
+
+
+def cmd_submit(args) -> int:
+    from armature.platform.config import ConfigError
+    from armature.platform.submit import submit, wait
+
+    env = dict(item.split("=", 1) for item in args.env)
+    try:
+        info = submit(args.job, args.overrides, address=args.address, working_dir=args.working_dir, env=env)
+    except (ConfigError, ValueError) as err:
+        print(f"armature: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    if args.wait:
+        status = wait(info["submission_id"], args.address)
+        print(f"[armature] job {info['submission_id']}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from armature.platform.submit import client
+
+    if args.action != "list" and not args.submission_id:
+        print(f"armature: jobs {args.action} needs a submission id (see `armature jobs list`)", file=sys.stderr)
+        return 2
+    jobs = client(args.address)
+    if args.action == "list":
+        for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
+            meta = job.metadata or {}
+            print(f"{job.submission_id}\t{job.status.value}\t{meta.get('armature_job', '-')}\t"
+                  f"mlflow run {meta.get('mlflow_run_id', '-')}")
+        return 0
+    if args.action == "status":
+        info = jobs.get_job_info(args.submission_id)
+        print(json.dumps({"submission_id": info.submission_id, "status": info.status.value,
+                          "message": info.message, "entrypoint": info.entrypoint,
+                          "metadata": info.metadata}, indent=2))
+    elif args.action == "logs":
+        print(jobs.get_job_logs(args.submission_id), end="")
+    elif args.action == "stop":
+        print("stopping" if jobs.stop_job(args.submission_id) else "already finished")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="armature", description="Armature: RLHF for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="online RL fine-tuning (configs/train.yaml)", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.num_epochs=20")
+    train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    train.set_defaults(func=cmd_train)
+
+    submit = sub.add_parser("submit", help="send a job to a Ray cluster (Ray Jobs API)")
+    submit.add_argument("job", help="the job to run there, e.g. train")
+    submit.add_argument("overrides", nargs="*", help="Hydra overrides of that job")
+    submit.add_argument("--address", help="Jobs API address, e.g. http://head:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--working-dir", help="a local folder to ship as the job's working directory")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job environment")
+    submit.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list submitted jobs, or show one's status / logs, or stop it")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("submission_id", nargs="?")
+    jobs.add_argument("--address", help="Jobs API address (default: RAY_ADDRESS)")
+    jobs.set_defaults(func=cmd_jobs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConnectionError as err:
+        print(f"armature: {err} Start a cluster (`ray start --head`) or pass --address / set RAY_ADDRESS.",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -54,10 +54,12 @@ class PolicySampler:
 
 
 def start_samplers(n: int, model: dict, sampling: dict, *, seed: int, num_cpus: float,
-                   num_gpus: float, max_restarts: int, threads: int | None = None) -> list:
+                   num_gpus: float, max_restarts: int, threads: int | None = None,
+                   resources: dict | None = None, scheduling: str = "DEFAULT") -> list:
     """``n`` sampler actors; a crashed one restarts and its in-flight rollouts are retried."""
     actor = ray.remote(PolicySampler).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+        num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
+        scheduling_strategy=scheduling, max_restarts=max_restarts,
         max_task_retries=max_restarts if max_restarts else 0,
     )
     samplers = [actor.remote(model, sampling, seed, threads) for _ in range(n)]

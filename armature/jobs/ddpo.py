@@ -71,8 +71,8 @@ def run(cfg: DictConfig) -> dict:
     previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
     tracking_uri, _ = resolve_tracking(tracking)
     run_id = start_run(
-        tracking, run_name, flatten(cfg), run_id=previous.get("mlflow_run_id"),
-        tags={"armature.job": "train", "armature.algo": "ddpo"},
+        tracking, run_name, flatten(cfg), run_id=previous.get("mlflow_run_id") or tracking["run_id"],
+        tags={"armature.job": "train", "armature.algo": "ddpo"}, resumed=bool(previous),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri}))
@@ -83,10 +83,12 @@ def run(cfg: DictConfig) -> dict:
         cluster["num_samplers"], c["model"], c["sampling"], seed=seed,
         num_cpus=cluster["sampler_num_cpus"], num_gpus=cluster["sampler_num_gpus"],
         max_restarts=cluster["max_restarts"], threads=threads,
+        resources=cluster["sampler_resources"], scheduling=cluster["actor_scheduling"],
     )
     rewards = start_reward_actors(
         c["reward"]["num_actors"], c["reward"]["components"], num_cpus=c["reward"]["num_cpus"],
         num_gpus=c["reward"]["num_gpus"], max_restarts=cluster["max_restarts"],
+        resources=c["reward"]["resources"], scheduling=cluster["actor_scheduling"],
     )
     trainer = TorchTrainer(
         train_loop,
@@ -96,7 +98,8 @@ def run(cfg: DictConfig) -> dict:
         },
         scaling_config=ScalingConfig(
             num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],
-            resources_per_worker={"CPU": trainer_cfg["cpus_per_worker"]},
+            resources_per_worker={"CPU": trainer_cfg["cpus_per_worker"], **trainer_cfg["resources_per_worker"]},
+            placement_strategy=trainer_cfg["placement_strategy"],
         ),
         run_config=RunConfig(
             name=run_name, storage_path=str(storage),
@@ -243,6 +246,7 @@ def train_loop(config: dict) -> None:
         means = _all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()})
         metrics = {
             "epoch": epoch,
+            "samples": len(all_rewards),  # every rollout of the epoch, none lost
             "reward_mean": float(np.mean(all_rewards)),
             "reward_std": float(np.std(all_rewards)),
             **{f"reward_{k}_mean": float(np.mean(v)) for k, v in components.items()},

@@ -5,9 +5,25 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["connect"]
+__all__ = ["connect", "job_runtime_env"]
 
 log = logging.getLogger(__name__)
+
+
+def job_runtime_env(extra: dict | None = None) -> dict:
+    """The runtime environment of every Armature job's workers."""
+    env_vars = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        # Ray Train copies worker prints into its own log stream too; print each line once.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    env: dict = {"env_vars": env_vars}
+    for key, value in (extra or {}).items():
+        if key == "env_vars":
+            env_vars.update(value)
+        else:
+            env[key] = value
+    return env
 
 
 def connect(cluster: dict, required_cpus: float, runtime_env: dict | None = None) -> bool:
@@ -21,14 +37,11 @@ def connect(cluster: dict, required_cpus: float, runtime_env: dict | None = None
 
     if ray.is_initialized():
         return False
-    env_vars = {
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-        # Ray Train copies worker prints into its own log stream too; print each line once.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    env = {"env_vars": env_vars}
-    for key, value in (runtime_env or {}).items():
-        env[key] = value
+    env = job_runtime_env(runtime_env)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside a job submitted through the Jobs API: the job already carries this runtime
+        # environment (`armature submit` puts it there), and Ray refuses a second one.
+        env = None
     address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)

@@ -80,6 +80,7 @@ class RewardConfig:
     num_actors: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
 
 
 @dataclass
@@ -95,6 +96,8 @@ class ClusterConfig:
     num_samplers: int = 1
     sampler_num_cpus: float = 1.0
     sampler_num_gpus: float = 0.0
+    sampler_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    actor_scheduling: str = "DEFAULT"  # DEFAULT or SPREAD: how samplers and reward actors are placed
     max_restarts: int = 2  # sampler and reward actors
     torch_threads: Optional[int] = None  # None: all cores on a local cluster, Ray's CPUs otherwise
     runtime_env: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +108,8 @@ class TrainerConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1 or 2
     storage_path: str = "armature_runs/ray"
     max_failures: int = 0
@@ -122,6 +127,7 @@ class TrackingConfig:
     log_images_every: int = 1  # epochs; 0 disables
     images_per_grid: int = 16
     registered_model: Optional[str] = "armature-adapter"  # MLflow registry name; null: don't register
+    run_id: Optional[str] = None  # an MLflow run made beforehand (by `armature submit`)
 
 
 @dataclass
@@ -220,6 +226,13 @@ def check(cfg: DictConfig) -> None:
         errors.append(f"trainer.zero_stage={cfg.trainer.zero_stage}: use 0, 1 or 2")
     if cfg.trainer.num_workers < 1:
         errors.append("trainer.num_workers must be >= 1")
+    if cfg.cluster.actor_scheduling not in ("DEFAULT", "SPREAD"):
+        errors.append(f"cluster.actor_scheduling={cfg.cluster.actor_scheduling}: use DEFAULT or SPREAD")
+    if cfg.trainer.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        errors.append(
+            f"trainer.placement_strategy={cfg.trainer.placement_strategy}: "
+            "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+        )
     if cfg.cluster.num_samplers < 1:
         errors.append("cluster.num_samplers must be >= 1")
     if cfg.sampling.eta <= 0:

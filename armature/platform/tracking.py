@@ -27,8 +27,8 @@ def resolve_tracking(tracking: dict) -> tuple[str, str | None]:
 
 
 def start_run(tracking: dict, run_name: str, params: dict[str, str], run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str:
-    """Create the MLflow run of a job (or reopen ``run_id`` on resume); returns its id."""
+              tags: dict[str, str] | None = None, resumed: bool = False) -> str:
+    """Create the MLflow run of a job, or reopen ``run_id`` (made at submission, or on resume)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -43,7 +43,8 @@ def start_run(tracking: dict, run_name: str, params: dict[str, str], run_id: str
     )
     if run_id:
         client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "armature.resumed", "true")
+        if resumed:
+            client.set_tag(run_id, "armature.resumed", "true")
         return run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
     # MLflow caps a parameter value at 6000 characters; long lists are still recorded in full
