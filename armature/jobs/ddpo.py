@@ -133,7 +133,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     from armature.platform.tracking import RunLogger
-    from armature.policies import build_policy
+    from armature.policies import Trajectory, build_policy
 
     c, samplers, rewards = config["cfg"], config["samplers"], config["rewards"]
     algo, trainer_cfg = c["algo"], c["trainer"]
@@ -192,10 +192,7 @@ def train_loop(config: dict) -> None:
             scorer = rewards[(rank + b * world) % len(rewards)]
             traj_refs.append(traj_ref)
             score_refs.append((scorer.score.remote(images_ref, batch_prompts), images_ref))
-        from armature.policies import Trajectory
-
-        trajs = ray.get(traj_refs)
-        traj = Trajectory.concat(trajs)
+        traj = Trajectory.concat(ray.get(traj_refs))
         scores = [ray.get(ref) for ref, _ in score_refs]
         rewards_local = np.concatenate([s["reward"] for s in scores]).astype(np.float32)
         components = {k: np.concatenate([s[k] for s in scores]) for k in scores[0] if k != "reward"}
@@ -214,7 +211,7 @@ def train_loop(config: dict) -> None:
         engine.module.train()
         stats = {"loss": [], "approx_kl": [], "clipfrac": []}
         grad_norms = []
-        for inner in range(algo["num_inner_epochs"]):
+        for _ in range(algo["num_inner_epochs"]):
             order = torch.randperm(per_worker)
             step_order = torch.stack([torch.randperm(num_steps) for _ in range(per_worker)])
             for mb in order.split(micro):
