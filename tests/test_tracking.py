@@ -67,3 +67,16 @@ def test_run_resume_logging_and_registered_adapter(tmp_path):
         resolve_adapter(uri, "no-such", tmp_path / "cache")
     with pytest.raises(FileNotFoundError):
         resolve_adapter(None, "no-such", tmp_path / "cache")
+
+
+def test_storage_paths_and_run_file(tmp_path, monkeypatch):
+    from armature.platform.storage import normalize_storage_path, read_json, write_json
+
+    monkeypatch.chdir(tmp_path)
+    assert normalize_storage_path("s3://bucket/armature/ray") == "s3://bucket/armature/ray"
+    assert normalize_storage_path("runs/ray") == str(tmp_path / "runs" / "ray")
+    path = normalize_storage_path("runs/ray") + "/job/armature_run.json"
+    assert read_json(path) is None
+    write_json(path, {"mlflow_run_id": "abc"})
+    assert read_json(path) == {"mlflow_run_id": "abc"}
+    assert read_json("file://" + path) == {"mlflow_run_id": "abc"}

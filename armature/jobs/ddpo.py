@@ -49,14 +49,14 @@ def run(cfg: DictConfig) -> dict:
     from armature.actors import start_reward_actors, start_samplers
     from armature.platform.cluster import connect
     from armature.platform.config import flatten
+    from armature.platform.storage import normalize_storage_path, read_json, write_json
     from armature.platform.tracking import resolve_tracking, start_run
 
     c = OmegaConf.to_container(cfg, resolve=True)
     trainer_cfg, cluster, tracking = c["trainer"], c["cluster"], c["tracking"]
     run_name = tracking["run_name"] or f"ddpo-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(trainer_cfg["storage_path"]).expanduser()
-    storage = storage if "://" in str(storage) else storage.resolve()
-    run_dir = Path(storage) / run_name
+    storage = normalize_storage_path(trainer_cfg["storage_path"])
+    run_file = f"{storage}/{run_name}/{RUN_FILE}"
 
     required = (
         trainer_cfg["num_workers"] * trainer_cfg["cpus_per_worker"]
@@ -68,14 +68,13 @@ def run(cfg: DictConfig) -> dict:
     threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
 
     # One MLflow run per job; a rerun of the same run name reopens it.
-    previous = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    previous = read_json(run_file) or {}
     tracking_uri, _ = resolve_tracking(tracking)
     run_id = start_run(
         tracking, run_name, flatten(cfg), run_id=previous.get("mlflow_run_id") or tracking["run_id"],
         tags={"armature.job": "train", "armature.algo": "ddpo"}, resumed=bool(previous),
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri}))
+    write_json(run_file, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
     print(f"[armature] run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
 
     seed = trainer_cfg["seed"]
@@ -102,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
             placement_strategy=trainer_cfg["placement_strategy"],
         ),
         run_config=RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["checkpoints_to_keep"]),
             failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
         ),
