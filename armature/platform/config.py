@@ -185,7 +185,9 @@ def validate_algo(algo: DictConfig) -> DictConfig:
 def config_dir() -> Path:
     """``configs/`` of the checkout (or ARMATURE_CONFIG_DIR)."""
     env = os.environ.get("ARMATURE_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    packaged = Path(__file__).resolve().parents[1] / "conf"  # in a wheel: a copy of configs/
+    path = Path(env) if env else (checkout if checkout.is_dir() else packaged)
     if not (path / "train.yaml").is_file():
         raise ConfigError(f"no Hydra configs at {path}: set ARMATURE_CONFIG_DIR to the configs/ folder")
     return path
