@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every test names its own MLflow store; one from the environment would override them.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest
 

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 EPOCHS = 4
 
 
-def _alive(cls):
+def _alive(address, cls):
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")], detail=True)]
+    return list_actors(address=address, filters=[("class_name", "=", cls), ("state", "=", "ALIVE")], detail=True)
 
 
 def _registered(snapshot):
@@ -45,18 +45,18 @@ def test_worker_and_reward_actor_killed_mid_run(ray_cluster, tmp_path):
     try:
         # The reward actor dies while the first epoch's rollouts are being scored.
         deadline = time.time() + 300
-        while time.time() < deadline and not _alive("RewardScorer"):
+        while time.time() < deadline and not _alive(ray_cluster, "RewardScorer"):
             time.sleep(0.5)
-        while time.time() < deadline and not _alive("RayTrainWorker"):
+        while time.time() < deadline and not _alive(ray_cluster, "RayTrainWorker"):
             time.sleep(0.5)
         time.sleep(3)
-        (scorer,) = _alive("RewardScorer")
+        (scorer,) = _alive(ray_cluster, "RewardScorer")
         os.kill(scorer.pid, signal.SIGKILL)
         # A learner worker dies after the first checkpoint.
         while time.time() < deadline and not _registered(snapshot):
             assert proc.poll() is None, (tmp_path / "job.log").read_text()[-4000:]
             time.sleep(0.2)
-        worker = _alive("RayTrainWorker")[0]
+        worker = _alive(ray_cluster, "RayTrainWorker")[0]
         os.kill(worker.pid, signal.SIGKILL)
         assert proc.wait(timeout=900) == 0, (tmp_path / "job.log").read_text()[-4000:]
     finally:

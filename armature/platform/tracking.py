@@ -32,8 +32,9 @@ def start_run(tracking: dict, run_name: str, params: dict[str, str], run_id: str
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # A client bound to the URI, not mlflow.set_tracking_uri: that would also set
+    # MLFLOW_TRACKING_URI for every process this one starts.
     uri, artifact_location = resolve_tracking(tracking)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = tracking.get("experiment") or "armature"
     experiment = client.get_experiment_by_name(name)
