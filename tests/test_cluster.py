@@ -35,19 +35,17 @@ def _kill_cluster(temp_dir: str) -> None:
                 pass
 
 
-def _wait_for_jobs_api(address: str, timeout_s: float = 120) -> None:
-    """The dashboard (and its Jobs API) comes up a little after `ray start` returns."""
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            JobSubmissionClient(address).list_jobs()
-            return
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
+def _state(env: dict, address: str, what: str) -> list[dict]:
+    """Ray's state API, queried from a subprocess (see the auth note in the fixture)."""
+    code = (
+        "import json, sys; from ray.util import state; "
+        f"items = state.list_{what}(address={address!r}, detail=True, limit=1000); "
+        "print(json.dumps([{'class_name': getattr(i, 'class_name', None), 'node_id': getattr(i, 'node_id', None), "
+        "'state': i.state} for i in items]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +54,10 @@ def multinode(tmp_path_factory):
     gcs, dashboard = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Token authentication, as Ray starts local clusters by default; every node and client
-    # reads the token from ~/.ray/auth_token.
+    # Token authentication, as Ray starts local clusters by default. Every client of this
+    # cluster runs in a subprocess with RAY_AUTH_MODE=token: this process may already have
+    # settled on another auth mode for the session's other cluster.
     env["RAY_AUTH_MODE"] = "token"
-    previous_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
     ray_bin = str(Path(sys.executable).with_name("ray"))
     common = ["--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
@@ -72,23 +69,18 @@ def multinode(tmp_path_factory):
                         "--resources={\"node_b\": 10}", *common],
                        env=env, check=True, timeout=120)
         address = f"http://127.0.0.1:{dashboard}"
-        _wait_for_jobs_api(address)
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": address}
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": address, "env": env}
     finally:
         _kill_cluster(temp_dir)
-        if previous_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous_mode
 
 
 def test_submitted_job_spreads_over_two_nodes(multinode, tmp_path):
-    from ray.util.state import list_actors, list_nodes
+    env = {**multinode["env"], "RAY_ADDRESS": multinode["dashboard"]}
+    deadline = time.time() + 120
+    while len([n for n in _state(env, multinode["dashboard"], "nodes") if n["state"] == "ALIVE"]) < 2:
+        assert time.time() < deadline, "the second node did not join"
+        time.sleep(2)
 
-    nodes = [n for n in list_nodes(address=multinode["dashboard"]) if n.state == "ALIVE"]
-    assert len(nodes) == 2
-
-    env = {**os.environ, "RAY_ADDRESS": multinode["dashboard"]}
     overrides = [
         "algo.num_epochs=2", "algo.samples_per_epoch=8", "algo.train_batch_size=4",
         "algo.stat_min_count=4", "algo.stat_buffer_size=8", "sampling.num_steps=2", "sampling.batch_size=2",
@@ -122,7 +114,7 @@ def test_submitted_job_spreads_over_two_nodes(multinode, tmp_path):
     assert run.data.metrics["samples"] == 8
 
     # Learners, samplers and reward actors each ran on both nodes.
-    actors = list_actors(address=multinode["dashboard"], detail=True, limit=1000)
+    actors = _state(env, multinode["dashboard"], "actors")
     for cls in ("RayTrainWorker", "PolicySampler", "RewardScorer"):
-        where = {a.node_id for a in actors if a.class_name == cls}
+        where = {a["node_id"] for a in actors if a["class_name"] == cls}
         assert len(where) == 2, (cls, where)

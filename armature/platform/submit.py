@@ -75,8 +75,16 @@ def submit(
         "run_name": run_name,
     }
     jobs = client(address)
-    jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                    metadata=metadata)
+    deadline = time.time() + 120
+    while True:
+        try:
+            jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                            metadata=metadata)
+            break
+        except RuntimeError as err:  # a cluster that just started has no job agent yet
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
     return {"submission_id": submission_id, "entrypoint": entrypoint, **metadata}
 
 
