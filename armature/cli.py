@@ -3,6 +3,7 @@
     armature train [overrides]          run a training job here (local Ray or RAY_ADDRESS)
     armature submit train [overrides]   send it to a Ray cluster through the Jobs API
     armature jobs list|status|logs|stop the submitted jobs
+    armature serve [overrides]          the image generator on Ray Serve (HTTP)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 import json
 import sys
 
-JOBS = {"ddpo": "armature.jobs.ddpo"}
+JOBS = {"ddpo": "armature.jobs.ddpo", "dpo": "armature.jobs.dpo", "asap_dpo": "armature.jobs.dpo"}
 
 EPILOG = """examples:
   armature train                                  # the embedded default: DDPO on the tiny model
@@ -46,8 +47,9 @@ def cmd_train(args) -> int:
     job = importlib.import_module(JOBS[cfg.algo.name])
     metrics = job.run(cfg)
     if metrics:
-        print(f"[armature] done: epoch {int(metrics.get('epoch', -1)) + 1}, "
-              f"reward {metrics.get('reward_mean', float('nan')):+.4f}", flush=True)
+        result = (f"held-out implicit accuracy {metrics['heldout_implicit_acc']:.3f}" if "heldout_implicit_acc" in metrics
+                  else f"reward {metrics.get('reward_mean', float('nan')):+.4f}")
+        print(f"[armature] done: epoch {int(metrics.get('epoch', -1)) + 1}, {result}", flush=True)
     return 0
 
 
@@ -94,6 +96,24 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    cfg = _compose("serve", args.overrides)
+    if cfg is None:
+        return 2
+    from omegaconf import OmegaConf
+
+    if args.cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    from armature.serve.app import run, serve_config
+
+    if args.serve_config:  # a Ray Serve config file for `serve deploy` / `serve run`
+        print(OmegaConf.to_yaml(OmegaConf.create(serve_config(cfg, args.overrides))), end="")
+        return 0
+    run(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="armature", description="Armature: RLHF for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.num_epochs=20")
     train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="the image generator on Ray Serve (configs/serve.yaml)")
+    serve.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. limits.max_steps=30")
+    serve.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    serve.add_argument("--serve-config", action="store_true",
+                       help="print a Ray Serve config file (serve deploy / serve run) and exit")
+    serve.set_defaults(func=cmd_serve)
 
     submit = sub.add_parser("submit", help="send a job to a Ray cluster (Ray Jobs API)")
     submit.add_argument("job", help="the job to run there, e.g. train")

@@ -2,5 +2,23 @@
 
 from armature.losses.advantages import PerPromptStatTracker, normalize_rewards
 from armature.losses.ddpo import ddpo_loss
+from armature.losses.dpo import (
+    denoising_target,
+    diffusion_dpo_loss,
+    margin_bounded_loss,
+    preference_gap,
+    resize_mask,
+    weighted_denoising_error,
+)
 
-__all__ = ["PerPromptStatTracker", "ddpo_loss", "normalize_rewards"]
+__all__ = [
+    "PerPromptStatTracker",
+    "ddpo_loss",
+    "denoising_target",
+    "diffusion_dpo_loss",
+    "margin_bounded_loss",
+    "normalize_rewards",
+    "preference_gap",
+    "resize_mask",
+    "weighted_denoising_error",
+]

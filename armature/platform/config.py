@@ -18,7 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 __all__ = [
     "ConfigError",
     "TrainConfig",
+    "ServeConfig",
     "DDPOConfig",
+    "DPOConfig",
     "compose",
     "config_dir",
     "validate_algo",
@@ -131,6 +133,25 @@ class TrackingConfig:
 
 
 @dataclass
+class DataConfig:
+    # Parquet file/folder, or an image folder with pairs.jsonl / pairs.csv (armature/data/pairs.py);
+    # None: synthetic pairs (procedural drawings with localized degradations), built in the run folder
+    pairs: Optional[str] = None
+    keep_ties: bool = False  # False: ties are dropped (and counted); True: trained as 50/50
+    image_size: Optional[int] = None  # None: the model's native size
+    heldout_fraction: float = 0.1  # pairs held out (by a hash of pair_id) for the implicit accuracy
+    cache_latents: bool = True  # VAE-encode on actors in the pipeline, so the learner never decodes
+    materialize: bool = True  # run the pipeline once and keep its output (else again every epoch)
+    batch_size: int = 32  # records per pipeline batch
+    encoder_actors: int = 1
+    encoder_num_cpus: float = 1.0
+    encoder_num_gpus: float = 0.0
+    quarantine_path: Optional[str] = None  # None: <run folder>/quarantine
+    synthetic_pairs: int = 256
+    synthetic_kinds: list[str] = field(default_factory=lambda: ["duplicate", "mirror", "warp", "remove", "shift"])
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING  # validated against ALGO_SCHEMAS[algo.name]
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,7 +161,83 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # preference pairs (the DPO jobs)
 
+
+
+# --------------------------------------------------------------------------- serving
+@dataclass
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0  # per replica
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+
+@dataclass
+class ServeDeploymentConfig:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: Optional[int] = None  # None: Ray's default (the replica's CPUs)
+    max_ongoing_requests: int = 32  # per replica
+    max_queued_requests: int = 64  # per caller; beyond it the caller gets a 503
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+
+@dataclass
+class BatchingConfig:
+    enabled: bool = True
+    max_batch_size: int = 8  # requests per batch
+    batch_wait_timeout_s: float = 0.05
+    pass_size: int = 8  # images per model pass; every pass has this many rows (padded)
+
+
+@dataclass
+class LimitsConfig:
+    max_prompt_chars: int = 500
+    max_steps: int = 50
+    min_size: int = 16  # pixels, each side
+    max_size: int = 1024
+    size_multiple: int = 8
+    max_images: int = 4  # n
+    max_best_of: int = 8  # candidates scored per request
+    max_guidance_scale: float = 20.0
+    max_body_bytes: int = 65536
+    request_timeout_s: float = 60.0
+
+
+@dataclass
+class ServeAdaptersConfig:
+    max_per_replica: int = 4  # LRU of loaded adapters per replica
+    cache_dir: str = "armature_runs/adapter_cache"
+    resolve_ttl_s: float = 5.0  # how long a name or alias -> version lookup is reused
+    local: dict[str, str] = field(default_factory=dict)  # adapters served from folders: name -> path
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass
+class ServeConfig:
+    app_name: str = "armature"
+    route_prefix: str = "/"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # defaults of a request
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    generator: ServeDeploymentConfig = field(default_factory=ServeDeploymentConfig)
+    ingress: ServeDeploymentConfig = field(default_factory=ServeDeploymentConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    adapters: ServeAdaptersConfig = field(default_factory=ServeAdaptersConfig)
+    # Rewards a request may name for Best-of-N: name -> options (see armature.rewards.available())
+    rewards: dict[str, Any] = field(default_factory=lambda: {"compressibility": {}})
+    api_key_env: Optional[str] = "ARMATURE_API_KEY"  # bearer token required when this variable is set
 
 # --------------------------------------------------------------------------- algorithms
 @dataclass
@@ -165,7 +262,27 @@ class DDPOConfig:
     stat_min_count: int = 16
 
 
-ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig}
+@dataclass
+class DPOConfig:
+    name: str = "dpo"  # dpo (Diffusion-DPO) or asap_dpo (ASAP's localized, margin-bounded DPO)
+    num_epochs: int = 4
+    train_batch_size: int = 8  # pairs per micro-batch on one worker
+    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    beta: float = 5000.0  # Diffusion-DPO's KL strength: loss = -log sigmoid(beta / 2 * delta)
+    alpha: float = 0.0  # ASAP eq. 4: residuals weighted by 1 + alpha * mask
+    tau: Optional[float] = None  # ASAP eq. 6: set -> loss (delta - tau)^2 instead of DPO's
+    prediction_type: Optional[str] = None  # None: the scheduler's (epsilon or v_prediction)
+    heldout_draws: int = 4  # timestep/noise draws per held-out pair
+    eval_every: int = 1  # epochs
+
+
+ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
 
 
 def validate_algo(algo: DictConfig) -> DictConfig:
@@ -197,6 +314,7 @@ def _register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -217,7 +335,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         OmegaConf.set_struct(cfg, False)
         cfg.algo = algo
         OmegaConf.set_struct(cfg, True)
-    check(cfg)
+    check_serve(cfg) if "generator" in cfg else check(cfg)
     return cfg
 
 
@@ -261,9 +379,53 @@ def check(cfg: DictConfig) -> None:
             )
         if not 0 < algo.timestep_fraction <= 1:
             errors.append(f"algo.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
+    if algo is not None and algo.name in ("dpo", "asap_dpo"):
+        if algo.beta <= 0 or algo.alpha < 0 or (algo.tau is not None and algo.tau < 0):
+            errors.append(f"algo.beta={algo.beta} must be > 0, algo.alpha={algo.alpha} and algo.tau={algo.tau} >= 0")
+        if algo.prediction_type not in (None, "epsilon", "v_prediction"):
+            errors.append(f"algo.prediction_type={algo.prediction_type}: use epsilon or v_prediction (or null)")
+        if not 0 <= cfg.data.heldout_fraction < 1:
+            errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
+        if cfg.data.heldout_fraction > 0 and algo.heldout_draws < 1:
+            errors.append(f"algo.heldout_draws={algo.heldout_draws}: must be >= 1")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
+
+def check_serve(cfg: DictConfig) -> None:
+    """Cross-field checks of a serving config."""
+    from armature.rewards import available
+
+    errors = []
+    lim, batching = cfg.limits, cfg.batching
+    if not 0 < lim.min_size <= lim.max_size:
+        errors.append(f"limits.min_size={lim.min_size}, limits.max_size={lim.max_size}: "
+                      "need 0 < min_size <= max_size")
+    if lim.size_multiple < 1 or lim.min_size % lim.size_multiple or lim.max_size % lim.size_multiple:
+        errors.append(f"limits.size_multiple={lim.size_multiple} must be >= 1 and divide min_size and max_size")
+    for key in ("max_prompt_chars", "max_steps", "max_images", "max_best_of", "max_body_bytes"):
+        if lim[key] < 1:
+            errors.append(f"limits.{key} must be >= 1")
+    if lim.request_timeout_s <= 0:
+        errors.append("limits.request_timeout_s must be > 0")
+    if not 1 <= cfg.sampling.num_steps <= lim.max_steps:
+        errors.append(f"sampling.num_steps={cfg.sampling.num_steps}: "
+                      f"must be in [1, limits.max_steps={lim.max_steps}]")
+    if cfg.sampling.eta < 0:
+        errors.append(f"sampling.eta={cfg.sampling.eta}: must be >= 0 (0: deterministic DDIM)")
+    if batching.max_batch_size < 1 or batching.pass_size < 1 or batching.batch_wait_timeout_s < 0:
+        errors.append("batching.max_batch_size and batching.pass_size must be >= 1, batch_wait_timeout_s >= 0")
+    for name in ("generator", "ingress"):
+        auto = cfg[name].autoscaling
+        if not 0 <= auto.min_replicas <= auto.max_replicas or auto.max_replicas < 1:
+            errors.append(f"{name}.autoscaling: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        if cfg[name].max_ongoing_requests < 1:
+            errors.append(f"{name}.max_ongoing_requests must be >= 1")
+    unknown = [r for r in cfg.rewards if r not in available()]
+    if unknown:
+        errors.append(f"rewards: unknown {unknown}; available rewards: {', '.join(available())}")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """``{"algo.learning_rate": "0.0003", ...}`` for logging as parameters."""

@@ -9,9 +9,11 @@ alias), or a local folder path.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["register_adapter", "resolve_adapter", "list_adapters"]
+__all__ = ["register_adapter", "resolve_version", "resolve_adapter", "download_adapter", "list_adapters"]
 
 ADAPTER_ARTIFACT = "adapter"
 
@@ -44,19 +46,18 @@ def _parse(reference: str) -> tuple[str, str | None, str | None]:
     return reference, None, None
 
 
-def resolve_adapter(tracking_uri: str | None, reference: str, cache_dir: str | os.PathLike) -> Path:
-    """A local folder holding the adapter named by ``reference`` (downloaded once per version)."""
-    local = Path(reference).expanduser()
-    if local.is_dir():
-        return local
-    if not tracking_uri:
-        raise FileNotFoundError(f"adapter {reference!r}: no such folder, and no MLflow tracking URI set")
-    from mlflow.artifacts import download_artifacts
+def resolve_version(tracking_uri: str, reference: str) -> dict:
+    """The registered version ``reference`` names: ``{name, version, source, run_id}``.
+
+    Raises KeyError when there is no such model, version or alias.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     name, version, alias = _parse(reference)
+    if not name or "'" in name:
+        raise KeyError(f"adapter {reference!r}: not a registered model name")
     try:
         if alias:
             mv = client.get_model_version_by_alias(name, alias)
@@ -69,13 +70,37 @@ def resolve_adapter(tracking_uri: str | None, reference: str, cache_dir: str | o
             mv = max(versions, key=lambda v: int(v.version))
     except MlflowException as err:
         raise KeyError(f"adapter {reference!r}: {err.message if hasattr(err, 'message') else err}") from err
-    target = Path(cache_dir) / f"{name}-v{mv.version}"
+    return {"name": mv.name, "version": int(mv.version), "source": mv.source, "run_id": mv.run_id}
+
+
+def resolve_adapter(tracking_uri: str | None, reference: str, cache_dir: str | os.PathLike) -> Path:
+    """A local folder holding the adapter named by ``reference`` (downloaded once per version)."""
+    local = Path(reference).expanduser()
+    if local.is_dir():
+        return local
+    if not tracking_uri:
+        raise FileNotFoundError(f"adapter {reference!r}: no such folder, and no MLflow tracking URI set")
+    return download_adapter(tracking_uri, resolve_version(tracking_uri, reference), cache_dir)
+
+
+def download_adapter(tracking_uri: str, mv: dict, cache_dir: str | os.PathLike) -> Path:
+    """The folder of the registered version ``mv`` (from ``resolve_version``), downloaded once."""
+    from mlflow.artifacts import download_artifacts
+
+    cache_dir = Path(cache_dir)
+    target = cache_dir / f"{mv['name']}-v{mv['version']}"
     if not target.is_dir():
-        tmp = Path(cache_dir) / f".{name}-v{mv.version}.partial"
-        tmp.mkdir(parents=True, exist_ok=True)
-        download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri)
-        inner = tmp / Path(mv.source.rstrip("/")).name
-        (inner if inner.is_dir() else tmp).rename(target)
+        # Download into a folder of our own, then rename: replicas sharing the cache may race.
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+        download_artifacts(artifact_uri=mv["source"], dst_path=str(tmp), tracking_uri=tracking_uri)
+        inner = tmp / Path(mv["source"].rstrip("/")).name
+        try:
+            (inner if inner.is_dir() else tmp).rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -86,7 +111,10 @@ def list_adapters(tracking_uri: str) -> list[dict]:
     client = MlflowClient(tracking_uri)
     out = []
     for model in client.search_registered_models():
+        aliases = getattr(model, "aliases", None) or {}
         for mv in client.search_model_versions(f"name='{model.name}'"):
-            out.append({"name": mv.name, "version": int(mv.version), "aliases": list(getattr(mv, "aliases", []) or []),
+            version = int(mv.version)
+            out.append({"name": mv.name, "version": version,
+                        "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
                         "run_id": mv.run_id})
     return sorted(out, key=lambda d: (d["name"], d["version"]))

@@ -138,9 +138,14 @@ class DiffusionPolicy:
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompt conditioning, each value ``[B, 2, ...]`` (unconditional, conditional)."""
-        negative = [self.sampling.negative_prompt] * len(prompts)
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Prompt conditioning, each value ``[B, 2, ...]`` (unconditional, conditional).
+
+        ``negative_prompts`` (one per prompt) replaces ``sampling.negative_prompt``.
+        """
+        if negative_prompts is None:
+            negative_prompts = [self.sampling.negative_prompt] * len(prompts)
+        negative = list(negative_prompts)
         if self.family == "sd":
             pos, neg = self.pipe.encode_prompt(
                 prompts, self.device, 1, True, negative_prompt=negative

@@ -49,6 +49,7 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} with noise level ``eta``, and log p(x_{t-1} | x_t).
 
@@ -61,6 +62,7 @@ def ddim_step_with_logprob(
         eta: DDIM noise level, > 0 (eta = 1 is DDPM's posterior variance).
         prev_sample: if given, this transition is scored instead of a new one sampled.
         generator: torch generator for the step's noise.
+        noise: the step's standard normal noise, drawn beforehand (instead of from ``generator``).
 
     Returns:
         ``(prev_sample, log_prob)`` with ``log_prob`` of shape ``[B]``.
@@ -120,10 +122,11 @@ def ddim_step_with_logprob(
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
 
     if prev_sample is None:
-        noise = torch.randn(
-            sample.shape, generator=generator, device=sample.device, dtype=torch.float32
-        )
-        prev_sample = (mean + std * noise).to(dtype)
+        if noise is None:
+            noise = torch.randn(
+                sample.shape, generator=generator, device=sample.device, dtype=torch.float32
+            )
+        prev_sample = (mean + std * noise.float()).to(dtype)
 
     log_prob = gaussian_log_prob(prev_sample.float(), mean, std)
     return prev_sample.to(dtype), log_prob

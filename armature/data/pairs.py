@@ -1,0 +1,381 @@
+"""The preference-pair format: one schema, a writer, a reader and a validator. No Ray here.
+
+A pair is one record (one Parquet row):
+
+=============  ========  =================================================================
+column         type      meaning
+=============  ========  =================================================================
+pair_id        string    unique id of the pair (required)
+prompt         string    the text both images answer (required)
+image_w        binary    encoded image (PNG, JPEG, WebP, ...) of the preferred image, or a
+               | string  path / URI to one (relative paths: from the index's folder)
+image_l        same      the rejected image
+label          string    which image the rater preferred: ``w`` (image_w, the usual case),
+                         ``l`` (image_l; readers swap the two so that downstream image_w is
+                         always the preferred one) or ``tie`` (rated equal)
+mask           binary    optional: the region the two images differ in (where the error is),
+               | string  a single-channel PNG of image_w's size (or its path); 0 = outside
+severity_w/_l  int8      optional: anatomical-error severity of each image, 0 none, 1 minor,
+                         2 moderate, 3 severe (BACON's four levels)
+source         string    optional: where the pair comes from (``synthetic:mirror``, a dataset)
+=============  ========  =================================================================
+
+Written by :func:`write_pairs` as Parquet (images as bytes). :func:`read_pairs` also reads a
+folder of images indexed by ``pairs.jsonl`` or ``pairs.csv`` (the same columns, images as
+paths; one record a line, a CSV's first line naming the columns). :func:`check_record` says
+what is wrong with a record, as ``"<code>: <detail>"`` (codes: :data:`REASON_CODES`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = [
+    "COLUMNS",
+    "LABELS",
+    "REASON_CODES",
+    "SEVERITY_LEVELS",
+    "schema",
+    "encode_image",
+    "decode_image",
+    "load_bytes",
+    "write_pairs",
+    "read_pairs",
+    "index_file",
+    "normalize_table",
+    "parse_index_lines",
+    "text_schema",
+    "check_record",
+    "validate_pairs",
+    "orient",
+    "fit_pair",
+]
+
+COLUMNS = ("pair_id", "prompt", "image_w", "image_l", "label", "mask", "severity_w", "severity_l", "source")
+REQUIRED = ("pair_id", "prompt", "image_w", "image_l", "label")
+LABELS = ("w", "l", "tie")
+SEVERITY_LEVELS = (0, 1, 2, 3)
+INDEX_FILES = ("pairs.jsonl", "pairs.csv")
+# The first word of every reason check_record gives.
+REASON_CODES = (
+    "corrupt_record", "missing_field", "unknown_label", "unreadable_image", "corrupt_image", "mask_size", "severity_range",
+)
+
+
+def schema():
+    """The Parquet schema :func:`write_pairs` writes."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("pair_id", pa.string()), ("prompt", pa.string()),
+        ("image_w", pa.binary()), ("image_l", pa.binary()), ("label", pa.string()),
+        ("mask", pa.binary()), ("severity_w", pa.int8()), ("severity_l", pa.int8()),
+        ("source", pa.string()),
+    ])
+
+
+# --------------------------------------------------------------------------- images
+def encode_image(image: Any, format: str = "PNG") -> bytes:
+    """Bytes of an image given as encoded bytes (kept as they are), a PIL image or a uint8 array
+    (``[H, W, 3]``, or ``[H, W]`` for masks; a bool or float mask in [0, 1] becomes 0..255)."""
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == bool or image.dtype.kind == "f":
+            image = (np.clip(image.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+        image = Image.fromarray(np.ascontiguousarray(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
+    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decodes fully: a truncated file fails here, not later
+        return np.array(image.convert(mode))
+
+
+def load_bytes(value: Any, root: str | os.PathLike | None = None) -> bytes:
+    """The bytes of an image column value: bytes as they are, else read from a path or URI."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    value = str(value)
+    if "://" in value:
+        from pyarrow import fs
+
+        filesystem, path = fs.FileSystem.from_uri(value)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    path = Path(value)
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    return path.read_bytes()
+
+
+# --------------------------------------------------------------------------- writing
+def _normalize(record: dict) -> dict:
+    out = {k: record.get(k) for k in COLUMNS}
+    for key in ("image_w", "image_l"):
+        if out[key] is not None and not isinstance(out[key], (str, bytes)):
+            out[key] = encode_image(out[key])
+    if out["mask"] is not None and not isinstance(out["mask"], (str, bytes)):
+        out["mask"] = encode_image(np.asarray(out["mask"]))
+    return out
+
+
+def write_pairs(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write pairs (dicts with the columns above) to one Parquet file; returns the count.
+
+    Images may be bytes, PIL images or uint8 arrays (stored as PNG, losslessly); masks may be
+    arrays (bool, 0/1 floats or uint8). Paths are read and stored as bytes. Nothing is
+    validated here: run :func:`validate_pairs` first to refuse bad records.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for record in records:
+        row = _normalize(record)
+        for key in ("image_w", "image_l", "mask"):
+            if isinstance(row[key], str):
+                row[key] = load_bytes(row[key])
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=schema())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(path))
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- reading
+def index_file(path: str | os.PathLike) -> Path | None:
+    """The ``pairs.jsonl`` / ``pairs.csv`` index of a folder of images (or the file itself)."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json", ".csv") and path.is_file():
+        return path
+    for name in INDEX_FILES:
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def normalize_table(table, root: str | os.PathLike | None = None):
+    """Every schema column present (absent optional ones as nulls, ids as strings); relative
+    image paths made absolute against ``root`` (the index's folder)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    target = schema()
+    for name in COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(len(table), type=target.field(name).type))
+    table = table.select(list(COLUMNS))
+    for name in ("pair_id", "prompt", "label", "source"):
+        if table.schema.field(name).type != pa.string():
+            table = table.set_column(COLUMNS.index(name), name, pc.cast(table[name], pa.string()))
+    for name in ("image_w", "image_l", "mask"):
+        column = table[name]
+        if pa.types.is_null(column.type):
+            column = pc.cast(column, pa.binary())
+        elif (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) and root is not None:
+            column = pa.array([_absolute(v, root) for v in column.to_pylist()], type=pa.string())
+        table = table.set_column(COLUMNS.index(name), name, column)
+    return table
+
+
+def parquet_root(path: str | os.PathLike) -> str | None:
+    """Where relative image paths in a Parquet file (or folder) of pairs start from."""
+    if "://" in str(path):
+        return None
+    path = Path(path)
+    return str(path if path.is_dir() else path.parent)
+
+
+def _absolute(value: str | None, root) -> str | None:
+    if not value or "://" in value or os.path.isabs(value):
+        return value
+    return str(Path(root) / value)
+
+
+def text_schema():
+    """Records parsed from an index file: every field as text (as the index wrote it), images
+    as paths, plus ``_error`` (why the line could not be parsed) and ``_raw`` (the line)."""
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.string()) for name in COLUMNS] + [("_error", pa.string()), ("_raw", pa.string())])
+
+
+def parse_index_lines(lines: Iterable[str], fmt: str, root: str | os.PathLike, header: list[str] | None = None):
+    """Records of a ``pairs.jsonl`` (``fmt="jsonl"``) or ``pairs.csv`` (``fmt="csv"``: one record
+    a line, ``header`` its first line's fields) as a Table of :func:`text_schema`.
+
+    A line that does not parse becomes a record with only ``_error`` and ``_raw`` set, so
+    that one bad line is reported, not fatal. Relative image paths are resolved against root.
+    """
+    import csv
+    import json
+
+    import pyarrow as pa
+
+    rows = []
+    for line in lines:
+        if not line.strip() or (fmt == "csv" and next(csv.reader([line])) == header):
+            continue
+        row = dict.fromkeys(COLUMNS)
+        try:
+            if fmt == "jsonl":
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            else:
+                values = next(csv.reader([line]))
+                if len(values) != len(header):
+                    raise ValueError(f"{len(values)} fields, the header has {len(header)}")
+                record = dict(zip(header, values))
+            for key in COLUMNS:
+                value = record.get(key)
+                row[key] = None if value is None or value == "" else str(value)
+            for key in ("image_w", "image_l", "mask"):
+                row[key] = _absolute(row[key], root)
+        except Exception as err:
+            row = {**dict.fromkeys(COLUMNS), "_error": f"corrupt_record: {type(err).__name__}: {err}"}
+        row["_raw"] = line
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=text_schema())
+
+
+def read_pairs(path: str | os.PathLike):
+    """A pyarrow Table of pairs from a Parquet file or folder, or an image folder with an index.
+
+    Records are returned as stored, bad ones included: see :func:`validate_pairs`.
+    """
+    import pyarrow.parquet as pq
+
+    index = index_file(path)
+    if index is None:
+        return normalize_table(pq.read_table(str(path)), root=parquet_root(path))
+    lines = index.read_text().splitlines()
+    fmt = "csv" if index.suffix == ".csv" else "jsonl"
+    header = _csv_header(lines[0]) if fmt == "csv" and lines else None
+    return parse_index_lines(lines, fmt, index.parent, header)
+
+
+def _csv_header(line: str) -> list[str]:
+    import csv
+
+    return next(csv.reader([line]))
+
+
+# --------------------------------------------------------------------------- validation
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return isinstance(value, (str, bytes)) and len(value) == 0
+
+
+def check_record(record: dict, decode: bool = True) -> tuple[str | None, dict | None]:
+    """``(reason, decoded)``: the reason the record is unusable (``None`` if it is fine) and,
+    for a good record, its decoded images ``{"image_w", "image_l": [H, W, 3] uint8, "mask":
+    [H, W] float32 in [0, 1] or None}``. Only the first problem found is reported."""
+    if record.get("_error"):
+        return record["_error"], None
+    for key in REQUIRED:
+        if _is_missing(record.get(key)):
+            return f"missing_field: {key}", None
+    label = record["label"]
+    if label not in LABELS:
+        return f"unknown_label: {label!r} (expected one of {', '.join(LABELS)})", None
+    for key in ("severity_w", "severity_l"):
+        value = record.get(key)
+        if _is_missing(value):
+            continue
+        try:
+            level = float(value)
+        except (TypeError, ValueError):
+            level = float("nan")
+        if not level.is_integer() or int(level) not in SEVERITY_LEVELS:
+            return f"severity_range: {key}={value!r} (expected 0, 1, 2 or 3)", None
+    if not decode:
+        return None, None
+    decoded = {}
+    for key, mode in (("image_w", "RGB"), ("image_l", "RGB"), ("mask", "L")):
+        value = record.get(key)
+        if key == "mask" and _is_missing(value):
+            decoded["mask"] = None
+            continue
+        try:
+            data = load_bytes(value)
+        except Exception as err:
+            return f"unreadable_image: {key}: {type(err).__name__}: {err}", None
+        try:
+            decoded[key] = decode_image(data, mode)
+        except Exception as err:
+            return f"corrupt_image: {key}: {type(err).__name__}: {_first_line(err)}", None
+    if decoded["mask"] is not None:
+        size_w, size_m = decoded["image_w"].shape[:2], decoded["mask"].shape[:2]
+        if size_m != size_w:
+            return f"mask_size: mask is {size_m[1]}x{size_m[0]}, image_w is {size_w[1]}x{size_w[0]}", None
+        decoded["mask"] = decoded["mask"].astype(np.float32) / 255.0
+    return None, decoded
+
+
+def validate_pairs(records) -> list[str | None]:
+    """One reason string per record (``None`` for a good one); records: dicts or a Table."""
+    if hasattr(records, "to_pylist"):
+        records = records.to_pylist()
+    return [check_record(r)[0] for r in records]
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# --------------------------------------------------------------------------- training view
+def orient(record: dict) -> dict:
+    """The record with image_w the preferred image: a label ``l`` swaps images and severities."""
+    if record.get("label") != "l":
+        return record
+    out = dict(record)
+    out["image_w"], out["image_l"] = record["image_l"], record["image_w"]
+    out["severity_w"], out["severity_l"] = record.get("severity_l"), record.get("severity_w")
+    out["label"] = "w"
+    return out
+
+
+def fit_pair(decoded: dict, size: int) -> dict:
+    """Both images (and the mask) scaled so the shorter side is ``size``, then center-cropped
+    to ``size x size``: the same geometry for all three, so the mask stays aligned."""
+    from PIL import Image
+
+    def fit(array: np.ndarray, resample) -> np.ndarray:
+        h, w = array.shape[:2]
+        if (h, w) == (size, size):
+            return array
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        image = Image.fromarray(array).resize((nw, nh), resample)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)))
+
+    out = {
+        "image_w": fit(decoded["image_w"], Image.BICUBIC),
+        "image_l": fit(decoded["image_l"], Image.BICUBIC),
+    }
+    mask = decoded.get("mask")
+    if mask is not None:
+        out["mask"] = fit(mask.astype(np.float32), Image.BILINEAR)
+    else:
+        out["mask"] = None
+    return out

@@ -1,0 +1,456 @@
+"""The Ray Serve application: an HTTP ingress in front of generator replicas.
+
+* ``Ingress`` (FastAPI, ``routes.py``) checks each request against the limits and the API key,
+  resolves its adapter reference in the MLflow registry (``name``, ``name/3``, ``name@prod``) to a
+  version, and calls a generator with that version as the multiplexed model id. Over-full
+  queues answer 503, requests past ``limits.request_timeout_s`` 504.
+* ``Generator`` holds the model. ``serve.multiplexed`` keeps an LRU of loaded adapters per
+  replica and routes a request to a replica that has its adapter; ``serve.batch`` gathers
+  requests, which run in passes of ``batching.pass_size`` images (``generation.py``); requests
+  that name a reward are scored, and with ``best_of`` the best of their candidates kept.
+
+``build_app`` is the Serve application builder (``serve run armature.serve.app:build_app``,
+``import_path`` of a Serve config file; its ``args`` are Hydra overrides of
+``configs/serve.yaml``); ``run`` is the ``armature serve`` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from armature.serve.adapters import Adapter, AdapterBank, AdapterError
+from armature.serve.generation import ImageJob, PassShape, best_of
+from armature.serve.generation import generate as generate_images
+from armature.serve.routes import MAX_SEED, ApiError, create_api, hash_key
+
+__all__ = ["Generator", "Ingress", "build_app", "build_application", "deployment_options", "run", "serve_config"]
+
+LOCAL_PREFIX = "local:"
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A request waiting in a generator replica for the model."""
+
+    model_id: str
+    shape: PassShape
+    request: dict
+    future: asyncio.Future
+
+
+# ============================================================================ generator
+@serve.deployment
+class Generator:
+    """Model replicas: adapters per request (LRU), batched passes, Best-of-N."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from armature.policies import build_policy
+
+        if config["generator"]["torch_threads"]:
+            torch.set_num_threads(config["generator"]["torch_threads"])
+        model = {**config["model"], "lora": {**config["model"]["lora"], "enabled": False}}
+        self.policy = build_policy(model, config["sampling"])
+        self.policy.unet.requires_grad_(False)
+        self.bank = AdapterBank(self.policy, config["model"])
+        self.config = config
+        self.defaults = config["sampling"]
+        self.pass_size = config["batching"]["pass_size"]
+        self.rewards: dict = {}
+        counted = ("requests", "images", "groups", "passes", "largest_group", "adapter_loads", "model_s")
+        self.counts = dict.fromkeys(counted, 0)
+        self.waiting: list[Waiting] = []  # requests gathered by Serve, not run yet
+        self.model_lock = asyncio.Lock()
+
+        batching = config["batching"]  # off: one request at a time
+        on = batching["enabled"]
+        self.max_group = batching["max_batch_size"] if on else 1
+        self._generate_batch.set_max_batch_size(self.max_group)
+        self._generate_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"] if on else 0.0)
+
+        async def load_adapter(model_id: str) -> Adapter:
+            return await self._load_adapter(model_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=config["adapters"]["max_per_replica"])(
+            load_adapter
+        )
+        # One pass at the default shape, so that the first request does not pay for warm-up.
+        warm_up = self._defaults({"prompt": "warm-up", "n": 1, "seed": 0})
+        self._generate_group(None, self._shape(warm_up), [warm_up], count=False)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats(self) -> dict:
+        return {**self.counts, "adapters_loaded": self.bank.loaded}
+
+    async def _load_adapter(self, model_id: str) -> Adapter:
+        from armature.platform.registry import download_adapter, resolve_version
+
+        if model_id.startswith(LOCAL_PREFIX):
+            name = model_id[len(LOCAL_PREFIX):]
+            if name not in self.config["adapters"]["local"]:
+                raise AdapterError(f"adapter {name!r}: not one of adapters.local")
+            folder = self.config["adapters"]["local"][name]
+        else:
+            uri, cache = self.config["tracking_uri"], self.config["adapters"]["cache_dir"]
+            try:
+                version = await asyncio.to_thread(resolve_version, uri, model_id)
+            except KeyError as err:
+                raise AdapterError(str(err.args[0] if err.args else err)) from err
+            folder = await asyncio.to_thread(download_adapter, uri, version, cache)
+        adapter = await asyncio.to_thread(self.bank.load, model_id, folder)
+        self.counts["adapter_loads"] += 1
+        return adapter
+
+    async def generate(self, request: dict) -> dict:
+        """One request's images, seeds and scores; Serve batches it with others."""
+        result = await self._generate_batch(request)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=8)
+    async def _generate_batch(self, requests: list[dict]) -> list:
+        """A batch Serve gathered (one adapter: Serve splits batches by model id).
+
+        Its requests join the replica's waiting list. Whenever the model is free, the oldest
+        waiting request of this adapter runs with every compatible one waiting (same shape, up
+        to ``max_batch_size``), whichever batch brought them: batches that Serve closed while
+        the model was busy merge instead of queueing as small passes.
+        """
+        model_id = serve.get_multiplexed_model_id()
+        adapter = await self.get_adapter(model_id) if model_id else None
+        loop = asyncio.get_running_loop()
+        mine = []
+        for request in requests:
+            request = self._defaults(request)
+            mine.append(Waiting(model_id, self._shape(request), request, loop.create_future()))
+        self.waiting += mine
+        while True:
+            async with self.model_lock:
+                if all(w.future.done() for w in mine):  # maybe in a group another batch ran
+                    break
+                await self._run_group(adapter, self._take_group(model_id))
+        return [w.future.exception() or w.future.result() for w in mine]
+
+    def _take_group(self, model_id: str) -> list[Waiting]:
+        """The oldest waiting request of this adapter and those that can share its passes."""
+        first = next(w for w in self.waiting if w.model_id == model_id)
+        group = [w for w in self.waiting if w.model_id == model_id and w.shape == first.shape][: self.max_group]
+        self.waiting = [w for w in self.waiting if w not in group]
+        return group
+
+    async def _run_group(self, adapter: Adapter | None, group: list[Waiting]) -> None:
+        now = time.time()
+        for w in [w for w in group if w.request.get("deadline", now) < now]:  # the caller gave up
+            w.future.set_exception(TimeoutError("the request's deadline passed before it ran"))
+            group.remove(w)
+        if not group:
+            return
+        try:
+            requests = [w.request for w in group]
+            outputs = await asyncio.to_thread(self._generate_group, adapter, group[0].shape, requests)
+        except Exception as err:  # noqa: BLE001 - this group's requests fail, not the others
+            for w in group:
+                w.future.set_exception(err)
+            return
+        for w, output in zip(group, outputs):
+            w.future.set_result(output)
+        self.counts["groups"] += 1
+        self.counts["largest_group"] = max(self.counts["largest_group"], len(group))
+
+    def _defaults(self, request: dict) -> dict:
+        d = self.defaults
+        h, w = self.policy.image_size if request.get("height") is None else (request["height"], request["width"])
+        steps = request.get("steps") or d["num_steps"]
+        guidance = d["guidance_scale"] if request.get("guidance_scale") is None else request["guidance_scale"]
+        negative = d["negative_prompt"] if request.get("negative_prompt") is None else request["negative_prompt"]
+        return {**request, "height": h, "width": w, "steps": steps, "guidance_scale": guidance,
+                "negative_prompt": negative}
+
+    def _shape(self, request: dict) -> PassShape:
+        return PassShape(steps=request["steps"], height=request["height"], width=request["width"],
+                         guidance_scale=float(request["guidance_scale"]), eta=float(self.defaults["eta"]))
+
+    def _reward(self, name: str):
+        from armature.rewards import load
+
+        if name not in self.rewards:
+            self.rewards[name] = load(name, **(self.config["rewards"].get(name) or {}))
+        return self.rewards[name]
+
+    def _generate_group(self, adapter: Adapter | None, shape: PassShape, requests: list[dict],
+                        count: bool = True) -> list[dict]:
+        """Generate, score and select for requests of one shape; runs in a thread."""
+        from PIL import Image
+
+        jobs, spans = [], []
+        for r in requests:
+            k = max(r["n"], r.get("best_of") or 0)
+            spans.append((len(jobs), k))
+            jobs += [ImageJob(r["prompt"], r["negative_prompt"], r["seed"] + j) for j in range(k)]
+        deadline = max(r.get("deadline", float("inf")) for r in requests)
+        outputs = []
+        with self.bank.lock:  # one pass at a time; adapters change only between passes
+            start_time = time.perf_counter()
+            self.bank.activate(adapter)
+            images = generate_images(self.policy, jobs, shape, self.pass_size,
+                                     should_stop=lambda: time.time() > deadline)
+            self.counts["model_s"] += time.perf_counter() - start_time
+            for r, (start, k) in zip(requests, spans):
+                candidates, seeds = images[start : start + k], [j.seed for j in jobs[start : start + k]]
+                scores = None
+                if r.get("reward"):
+                    pil = [Image.fromarray(a) for a in candidates]
+                    scores = self._reward(r["reward"])(pil, [r["prompt"]] * k)
+                keep = best_of(scores, r["n"]) if r.get("best_of") else np.arange(r["n"])
+                outputs.append({
+                    "images": candidates[keep], "seeds": [seeds[i] for i in keep],
+                    "scores": None if scores is None else [float(scores[i]) for i in keep],
+                })
+        if count:
+            self.counts["requests"] += len(requests)
+            self.counts["images"] += len(jobs)
+            self.counts["passes"] += -(-len(jobs) // self.pass_size)
+        return outputs
+
+
+# ============================================================================ ingress
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The HTTP front: limits, auth, adapter names -> versions, errors, PNG encoding."""
+
+    def __init__(self, generator, config: dict, api_key_sha256: str | None = None):
+        self.generator = generator
+        self.config = config
+        self.api_key_sha256 = api_key_sha256
+        self.versions: dict[str, tuple[float, object]] = {}  # reference -> (expiry, (id, label) or error)
+        # Open the registry's store now (a new local store creates its tables), not on a request.
+        threading.Thread(target=self._open_registry, daemon=True).start()
+
+    def _open_registry(self) -> None:
+        from armature.platform.registry import list_adapters
+
+        try:
+            list_adapters(self.config["tracking_uri"])
+        except Exception:  # noqa: BLE001 - requests will report it
+            pass
+
+    def __serve_build_asgi_app__(self):
+        c = self.config
+        return create_api(self, c["limits"], sorted(c["rewards"]), self.api_key_sha256)
+
+    async def ready(self) -> bool:
+        try:
+            return await asyncio.wait_for(_result(self.generator.ready.remote()), timeout=5.0)
+        except Exception:  # noqa: BLE001 - any failure means: not ready
+            return False
+
+    async def adapters(self) -> list[dict]:
+        from armature.platform.registry import list_adapters
+
+        local = [{"id": n, "name": n, "source": "local"} for n in sorted(self.config["adapters"]["local"])]
+        try:
+            registered = await asyncio.to_thread(list_adapters, self.config["tracking_uri"])
+        except Exception as err:  # noqa: BLE001 - an unreachable registry is the server's problem
+            raise ApiError(503, "registry", f"the MLflow model registry did not answer: {err}") from err
+        out = [{"id": f"{a['name']}/{a['version']}", "source": "registry", **a} for a in registered]
+        latest = {a["name"]: a for a in registered}  # sorted by version: the last one stays
+        out += [{"id": name, "source": "registry", **a} for name, a in latest.items()]
+        out += [{"id": f"{a['name']}@{alias}", "source": "registry", **a}
+                for a in registered for alias in a["aliases"]]
+        return local + out
+
+    async def _resolve(self, reference: str | None) -> tuple[str, str | None]:
+        """``(multiplexed model id, what it resolved to)``; ``("", None)`` for the base model."""
+        if reference is None:
+            return "", None
+        if reference in self.config["adapters"]["local"]:
+            return LOCAL_PREFIX + reference, LOCAL_PREFIX + reference
+        now = time.monotonic()
+        cached = self.versions.get(reference)
+        if cached is None or cached[0] < now:
+            from armature.platform.registry import resolve_version
+
+            try:
+                mv = await asyncio.to_thread(resolve_version, self.config["tracking_uri"], reference)
+                value: object = (f"{mv['name']}/{mv['version']}",) * 2
+            except KeyError as err:
+                value = ApiError(404, "adapter", str(err.args[0] if err.args else err))
+            except Exception as err:  # noqa: BLE001
+                raise ApiError(503, "adapter", f"the MLflow model registry did not answer: {err}") from err
+            if len(self.versions) > 10_000:
+                self.versions.clear()
+            cached = self.versions[reference] = (now + self.config["adapters"]["resolve_ttl_s"], value)
+        if isinstance(cached[1], ApiError):
+            raise cached[1]
+        return cached[1]
+
+    async def generate(self, body) -> dict:
+        from ray.serve.exceptions import BackPressureError
+
+        model_id, label = await self._resolve(body.adapter)
+        timeout = float(self.config["limits"]["request_timeout_s"])
+        width, height = (int(v) for v in body.size.split("x")) if body.size else (None, None)
+        payload = {
+            "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
+            "best_of": body.best_of, "reward": body.reward, "steps": body.steps,
+            "guidance_scale": body.guidance_scale, "width": width, "height": height,
+            "seed": random.randint(0, MAX_SEED) if body.seed is None else body.seed,
+            "deadline": time.time() + timeout,
+        }
+        response = self.generator.options(multiplexed_model_id=model_id).generate.remote(payload)
+        try:
+            result = await asyncio.wait_for(_result(response), timeout=timeout + 1.0)
+        except BackPressureError as err:
+            raise ApiError(503, "generator", f"overloaded, retry later ({err})",
+                           headers={"Retry-After": "1"}, code="overloaded") from err
+        except AdapterError as err:
+            raise ApiError(422, "adapter", str(err.args[0] if err.args else err)) from err
+        except (asyncio.TimeoutError, TimeoutError) as err:
+            response.cancel()
+            raise ApiError(504, "generator", f"no answer within limits.request_timeout_s={timeout:g}") from err
+        data = await asyncio.to_thread(_encode, result)
+        return {"created": int(time.time()), "adapter": body.adapter, "adapter_version": label,
+                "reward": body.reward, "data": data}
+
+
+async def _result(response):
+    return await response
+
+
+def _encode(result: dict) -> list[dict]:
+    from PIL import Image
+
+    data = []
+    for i, (image, seed) in enumerate(zip(result["images"], result["seeds"])):
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
+        score = None if result["scores"] is None else result["scores"][i]
+        data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode(), "seed": seed, "score": score})
+    return data
+
+
+# ============================================================================ building
+def deployment_options(d: dict) -> dict:
+    """Serve deployment options from a ``generator`` / ``ingress`` config section."""
+    auto = d["autoscaling"]
+    return {
+        "ray_actor_options": {"num_cpus": d["num_cpus"], "num_gpus": d["num_gpus"]},
+        "max_ongoing_requests": d["max_ongoing_requests"],
+        "max_queued_requests": d["max_queued_requests"],
+        "autoscaling_config": {
+            "min_replicas": auto["min_replicas"], "max_replicas": auto["max_replicas"],
+            "initial_replicas": max(auto["min_replicas"], 1),
+            "target_ongoing_requests": auto["target_ongoing_requests"],
+            "upscale_delay_s": auto["upscale_delay_s"], "downscale_delay_s": auto["downscale_delay_s"],
+        },
+    }
+
+
+def build_application(cfg):
+    """The Serve application of a composed ``serve`` config."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from armature.platform.tracking import resolve_tracking
+
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c["tracking_uri"], _ = resolve_tracking(c["tracking"])
+    adapters = c["adapters"]
+    adapters["cache_dir"] = str(Path(adapters["cache_dir"]).expanduser().resolve())
+    adapters["local"] = {k: str(Path(v).expanduser().resolve()) for k, v in adapters["local"].items()}
+    key = os.environ.get(c["api_key_env"]) if c["api_key_env"] else None
+    generator = Generator.options(**deployment_options(c["generator"])).bind(c)
+    return Ingress.options(**deployment_options(c["ingress"])).bind(generator, c, hash_key(key) if key else None)
+
+
+def _hydra_value(value) -> str:
+    """``value`` in Hydra's override grammar."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_hydra_value(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[\w./@:+-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _overrides(key: str, value) -> list[str]:
+    """Hydra overrides setting ``key`` to ``value``; a mapping sets (or adds) each of its entries."""
+    if isinstance(value, dict):
+        return [f"++{key}.{k}={_hydra_value(v)}" for k, v in value.items()]
+    return [f"{key}={_hydra_value(value)}"]
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: ``args`` are Hydra overrides, ``{key: value}`` and/or
+    ``{"overrides": ["key=value", ...]}``, e.g. ``{model: sd15, limits.max_size: 768}``."""
+    from armature.platform.config import compose
+
+    args = dict(args or {})
+    overrides = list(args.pop("overrides", []) or [])
+    overrides += [o for k, v in args.items() for o in _overrides(k, v)]
+    return build_application(compose("serve", overrides))
+
+
+def serve_config(cfg, overrides: list[str] | None = None) -> dict:
+    """A Ray Serve config file (``serve deploy`` / ``serve run``) for this app and overrides."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [{
+            "name": cfg.app_name, "route_prefix": cfg.route_prefix,
+            "import_path": "armature.serve.app:build_app",
+            "args": {"overrides": list(overrides or [])},
+        }],
+    }
+
+
+def run(cfg, blocking: bool = True) -> str:
+    """``armature serve``: start Serve on Ray (local or ``cluster.address``), run the app; its URL."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from armature.platform.cluster import connect
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    required = c["generator"]["num_cpus"] + c["ingress"]["num_cpus"]
+    connect(c["cluster"], required, c["cluster"].get("runtime_env"))
+    serve.start(http_options={"host": c["http"]["host"], "port": c["http"]["port"]})
+    serve.run(build_application(cfg), name=c["app_name"], route_prefix=c["route_prefix"])
+    url = f"http://{c['http']['host']}:{c['http']['port']}{c['route_prefix'].rstrip('/')}"
+    print(f"[armature] serving {c['model']['family']} at {url} (OpenAPI: {url}/docs)", flush=True)
+    if blocking:  # until Ctrl-C or SIGTERM
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while True:
+                time.sleep(3600)
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return url

@@ -1,0 +1,225 @@
+"""The HTTP API: request schema with the configured limits, auth, errors. No Ray here.
+
+``create_api`` builds the FastAPI app around a *service* (the ingress deployment) that has three
+coroutines: ``generate(request) -> dict`` (an ``ImagesResponse``), ``adapters() -> list[dict]``
+and ``ready() -> bool``. Every limit is part of the request schema, so a request beyond one is
+answered 422 before the service sees it, and the OpenAPI document states the limits.
+
+Every error answer has the same shape: ``{"error": {"code", "field", "message"}}``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the annotations of routes defined in
+# a function, and the request model is a local class.
+
+import hashlib
+import hmac
+from typing import Any, Literal, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = ["ApiError", "create_api", "request_model", "hash_key", "ADAPTER_PATTERN", "MAX_SEED"]
+
+# name, name/3 or name@alias (MLflow registered model names, restricted to a safe alphabet)
+ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[0-9]{1,9}|@[A-Za-z0-9_-]{1,64})?$"
+MAX_SEED = 2**32 - 1
+CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+         411: "length_required", 413: "too_large", 422: "invalid_request", 503: "unavailable", 504: "timeout"}
+
+
+class ApiError(Exception):
+    """An answer other than 200, naming the request field at fault (or what else failed)."""
+
+    def __init__(self, status: int, field: str, message: str, headers: Optional[dict] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.field, self.message, self.headers = status, field, message, headers
+        self.code = code or CODES.get(status, "error")
+
+
+def error_response(status: int, code: str, field: str, message: str, headers: Optional[dict] = None,
+                   **extra) -> JSONResponse:
+    body = {"error": {"code": code, "field": field, "message": message, **extra}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- schema
+class ErrorDetail(BaseModel):
+    code: str
+    field: str = Field(description="the request field at fault, or what else failed (body, authorization, ...)")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(description="a PNG image, base64")
+    seed: int = Field(description="this image's seed: the same request with n=1 and this seed gives it again")
+    score: Optional[float] = Field(None, description="the reward's score, when a reward was named")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    adapter: Optional[str] = Field(None, description="the adapter as requested")
+    adapter_version: Optional[str] = Field(None, description="what it resolved to, e.g. name/3")
+    reward: Optional[str] = None
+    data: list[ImageData]
+
+
+class AdapterInfo(BaseModel):
+    id: str = Field(description="what to pass as `adapter`")
+    name: str
+    version: Optional[int] = None
+    aliases: list[str] = []
+    source: Literal["registry", "local"]
+    run_id: Optional[str] = None
+
+
+class AdaptersResponse(BaseModel):
+    data: list[AdapterInfo]
+
+
+class Status(BaseModel):
+    status: str
+
+
+def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
+    """The request schema of ``POST /v1/images/generations`` under ``limits``."""
+    lim = dict(limits)
+    side = f"each side in [{lim['min_size']}, {lim['max_size']}], a multiple of {lim['size_multiple']}"
+    Reward = Literal[tuple(rewards)] if rewards else None  # noqa: N806
+
+    class ImageRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str = Field(min_length=1, max_length=lim["max_prompt_chars"])
+        negative_prompt: Optional[str] = Field(None, max_length=lim["max_prompt_chars"])
+        n: int = Field(1, ge=1, le=lim["max_images"], description="images to return")
+        size: Optional[str] = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+                                    description=f"WIDTHxHEIGHT in pixels, {side}; default: the model's")
+        steps: Optional[int] = Field(None, ge=1, le=lim["max_steps"], description="denoising steps")
+        guidance_scale: Optional[float] = Field(None, ge=0.0, le=lim["max_guidance_scale"], allow_inf_nan=False)
+        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED,
+                                    description="image i (or candidate i) uses seed + i; default: random")
+        adapter: Optional[str] = Field(
+            None, pattern=ADAPTER_PATTERN, description="a registered adapter: name, name/version or name@alias",
+            examples=["armature-adapter", "armature-adapter/1", "armature-adapter@prod"],
+        )
+        reward: Optional[Reward] = Field(None, description="score the images with this reward")
+        best_of: Optional[int] = Field(None, ge=1, le=lim["max_best_of"],
+                                       description="make this many candidates, return the n best by `reward`")
+
+        @field_validator("size")
+        @classmethod
+        def _size(cls, value):
+            if value is None:
+                return value
+            width, height = (int(v) for v in value.split("x"))
+            for v in (width, height):
+                if not lim["min_size"] <= v <= lim["max_size"] or v % lim["size_multiple"]:
+                    raise ValueError(f"size {value}: {side}")
+            return value
+
+        @field_validator("best_of")
+        @classmethod
+        def _best_of(cls, value, info: ValidationInfo):
+            if value is None:
+                return value
+            n = info.data.get("n", 1)
+            if value < n:
+                raise ValueError(f"best_of={value} must be >= n={n}")
+            if info.data.get("reward") is None:
+                raise ValueError('best_of needs a reward to rank the candidates, e.g. "reward": "compressibility"')
+            return value
+
+    return ImageRequest
+
+
+# --------------------------------------------------------------------------- app
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) if parts and not parts[0].isdigit() else "body"
+
+
+def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: Optional[str] = None,
+               title: str = "Armature generator") -> FastAPI:
+    """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``."""
+    ImageRequest = request_model(limits, rewards)  # noqa: N806
+    app = FastAPI(title=title, version="1", description="Text-to-image generation with per-request adapters.")
+    lim_body = int(limits["max_body_bytes"])
+    statuses = (401, 411, 413, 422, 503) if api_key_sha256 else (411, 413, 422, 503)
+    errors = {s: {"model": ErrorResponse} for s in statuses}  # documented error answers
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if api_key_sha256 is None:
+            return
+        if credentials is None or not hmac.compare_digest(hash_key(credentials.credentials), api_key_sha256):
+            raise ApiError(401, "authorization", "missing or wrong API key: send `Authorization: Bearer <key>`",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = [Depends(authorize)] if api_key_sha256 else []
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return error_response(err.status, err.code, err.field, err.message, err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):  # unparsable bodies, 404, 405
+        field = {400: "body", 404: "path", 405: "method"}.get(err.status_code, "request")
+        return error_response(err.status_code, CODES.get(err.status_code, "error"), field, str(err.detail),
+                              getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        found = [
+            {"field": _field(e.get("loc", ())), "message": str(e.get("msg", "")).removeprefix("Value error, ")}
+            for e in err.errors()
+        ]
+        first = found[0] if found else {"field": "body", "message": "invalid request"}
+        return error_response(422, "invalid_request", first["field"], f"{first['field']}: {first['message']}",
+                              errors=found)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):  # before anything reads the body
+        length = request.headers.get("content-length")
+        if length is None and "transfer-encoding" in request.headers:
+            return error_response(411, "length_required", "body", "send the body with a Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > lim_body):
+            return error_response(413, "too_large", "body", f"request bodies are limited to {lim_body} bytes")
+        return await call_next(request)
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, dependencies=v1,
+              responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}})
+    async def generations(body: ImageRequest) -> dict:
+        """Generate images; with `best_of`, the n best of that many candidates by `reward`."""
+        return await service.generate(body)
+
+    @app.get("/v1/adapters", response_model=AdaptersResponse, dependencies=v1, responses=errors)
+    async def adapters() -> dict:
+        """Adapters this server can apply: registered in MLflow, or configured folders."""
+        return {"data": await service.adapters()}
+
+    @app.get("/healthz", response_model=Status)
+    async def healthz() -> dict:
+        """Liveness of the HTTP front."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}})
+    async def readyz() -> dict:
+        """Ready when a generator replica answers."""
+        if not await service.ready():
+            raise ApiError(503, "generator", "no generator replica is ready yet")
+        return {"status": "ready"}
+
+    return app

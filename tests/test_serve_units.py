@@ -1,0 +1,252 @@
+"""The serving pieces without Ray: sampling, adapters side by side, Best-of-N, the HTTP schema."""
+
+import numpy as np
+import pytest
+import torch
+
+from armature.policies import build_policy
+from armature.serve.adapters import AdapterBank, AdapterError
+from armature.serve.generation import ImageJob, PassShape, best_of, generate
+
+BASE = {"family": "tiny", "lora": {"enabled": False}}
+SAMPLING = {"num_steps": 3, "guidance_scale": 3.0, "eta": 1.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model runs best on one thread, and far slower on two when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _policy(model=BASE):
+    policy = build_policy(model, SAMPLING)
+    policy.unet.requires_grad_(False)
+    return policy
+
+
+def _lora_adapter(folder, seed, rank=2):
+    trained = build_policy({"family": "tiny", "lora": {"enabled": True, "rank": rank}}, SAMPLING)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trained.trainable_parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return trained.save_adapter(folder)
+
+
+def test_generation_reproduces_rollout_and_ignores_batch_mates():
+    policy = _policy()
+    # pass_size 1, eta > 0: exactly the training sampler's rollout for that prompt and seed.
+    shape = PassShape(steps=3, height=32, width=32, guidance_scale=3.0, eta=1.0)
+    rollout = policy.rollout(["a cat"], torch.Generator().manual_seed(7)).images
+    assert np.array_equal(generate(policy, [ImageJob("a cat", "", 7)], shape, pass_size=1), rollout)
+
+    jobs = [ImageJob(f"prompt {i}", "blurry" if i % 2 else "", 100 + i) for i in range(5)]
+    for eta in (1.0, 0.0):
+        shape = PassShape(steps=3, height=32, width=32, guidance_scale=3.0, eta=eta)
+        together = generate(policy, jobs, shape, pass_size=4)
+        alone = np.concatenate([generate(policy, [job], shape, pass_size=4) for job in jobs])
+        reversed_ = generate(policy, jobs[::-1], shape, pass_size=4)[::-1]
+        assert np.array_equal(together, alone) and np.array_equal(together, reversed_)
+        assert len({together[i].tobytes() for i in range(5)}) == 5
+
+    with pytest.raises(TimeoutError):
+        generate(policy, jobs, shape, pass_size=4, should_stop=lambda: True)
+
+
+def test_adapter_bank_serves_adapters_side_by_side(tmp_path):
+    folders = {"a": _lora_adapter(tmp_path / "a", 1, rank=2), "b": _lora_adapter(tmp_path / "b", 2, rank=4)}
+    full = build_policy(BASE, SAMPLING)  # full fine-tuning: every UNet weight is trainable
+    with torch.no_grad():
+        for p in full.trainable_parameters():
+            p.mul_(1.05)
+    folders["full"] = full.save_trainable(tmp_path / "full")
+
+    shape = PassShape(steps=3, height=32, width=32, guidance_scale=3.0, eta=1.0)
+    jobs = [ImageJob("a cat", "", 5), ImageJob("a dog", "", 6)]
+
+    def local(folder):
+        policy = _policy()
+        if folder is not None:
+            policy.load_adapter(folder)
+        return generate(policy, jobs, shape, pass_size=2)
+
+    served = _policy()
+    bank = AdapterBank(served, BASE)
+    adapters = {name: bank.load(name, folder) for name, folder in folders.items()}
+    assert [a.kind for a in adapters.values()] == ["lora", "lora", "full"] and len(bank.loaded) == 2
+    base = local(None)
+    for name in ["a", "b", "full", None, "a"]:
+        with bank.lock:
+            bank.activate(adapters.get(name))
+            images = generate(served, jobs, shape, pass_size=2)
+        assert np.array_equal(images, local(folders.get(name))), name
+        assert (name is None) == np.array_equal(images, base)
+
+    # Eviction (Ray Serve calls __del__) drops the peft adapter at the next activation.
+    adapters.pop("a").__del__()
+    with bank.lock:
+        bank.activate(None)
+        assert np.array_equal(generate(served, jobs, shape, pass_size=2), base)
+    assert len(bank.loaded) == 1
+
+
+def test_adapter_bank_refuses_what_it_cannot_serve(tmp_path):
+    bank = AdapterBank(_policy(), BASE)
+    (tmp_path / "pickle").mkdir()
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pickle" / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="only safetensors"):
+        bank.load("pickle", tmp_path / "pickle")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "unet.safetensors").write_bytes(b"\x80\x04 not a safetensors file")
+    with pytest.raises(AdapterError, match="not a safetensors file"):
+        bank.load("fake", tmp_path / "fake")
+    other = build_policy({"family": "tiny", "tiny": {"seed": 3}, "lora": {"enabled": True, "rank": 2}}, SAMPLING)
+    other.save_adapter(tmp_path / "other", metadata={"model": {"family": "tiny", "tiny": {"seed": 3}}})
+    with pytest.raises(AdapterError, match="another tiny model"):
+        AdapterBank(_policy(), {"family": "tiny", "tiny": {"seed": 0}}).load("other", tmp_path / "other")
+
+
+def test_best_of_keeps_the_best_first():
+    assert best_of(np.array([0.1, 0.9, np.nan, 0.9, 0.5]), 3).tolist() == [1, 3, 4]
+
+
+# --------------------------------------------------------------------------- HTTP schema
+LIMITS = {"max_prompt_chars": 20, "max_steps": 8, "min_size": 16, "max_size": 64, "size_multiple": 8,
+          "max_images": 2, "max_best_of": 4, "max_guidance_scale": 10.0, "max_body_bytes": 2048,
+          "request_timeout_s": 5.0}
+
+
+class FakeService:
+    def __init__(self):
+        self.calls = []
+
+    async def generate(self, body):
+        self.calls.append(body)
+        return {"created": 0, "data": [{"b64_json": "", "seed": body.seed or 0}]}
+
+    async def adapters(self):
+        return []
+
+    async def ready(self):
+        return True
+
+
+@pytest.fixture()
+def api():
+    from fastapi.testclient import TestClient
+
+    from armature.serve.routes import create_api, hash_key
+
+    service = FakeService()
+    app = create_api(service, LIMITS, ["compressibility"], api_key_sha256=hash_key("s3cret"))
+    return TestClient(app), service
+
+
+REFUSED = [
+    ({"prompt": "x" * 21}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "negative_prompt": "y" * 21}, "negative_prompt"),
+    ({"prompt": "x", "steps": 9}, "steps"),
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "size": "72x32"}, "size"),
+    ({"prompt": "x", "size": "8x32"}, "size"),
+    ({"prompt": "x", "size": "36x32"}, "size"),
+    ({"prompt": "x", "size": "big"}, "size"),
+    ({"prompt": "x", "n": 3}, "n"),
+    ({"prompt": "x", "best_of": 5, "reward": "compressibility"}, "best_of"),
+    ({"prompt": "x", "n": 2, "best_of": 1, "reward": "compressibility"}, "best_of"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "reward": "aesthetic"}, "reward"),
+    ({"prompt": "x", "guidance_scale": 10.5}, "guidance_scale"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "adapter": "../etc/passwd"}, "adapter"),
+    ({"prompt": "x", "colour": "red"}, "colour"),
+]
+
+
+@pytest.mark.parametrize("body, field", REFUSED)
+def test_limits_refuse_naming_the_field(api, body, field):
+    client, service = api
+    response = client.post("/v1/images/generations", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field
+    assert field in response.json()["error"]["message"]
+    assert service.calls == []  # never reached the model
+
+
+def test_body_size_and_auth(api):
+    client, service = api
+    ok = {"Authorization": "Bearer s3cret"}
+    big = client.post("/v1/images/generations", content=b"{" + b" " * 4096 + b"}", headers=ok)
+    assert big.status_code == 413 and big.json()["error"]["field"] == "body"
+    chunked = client.post("/v1/images/generations", content=iter([b'{"prompt": "x"}']), headers=ok)
+    assert chunked.status_code == 411 and chunked.json()["error"]["field"] == "body"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        denied = client.post("/v1/images/generations", json={"prompt": "x"}, headers=headers)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/adapters", headers=headers).status_code == 401
+    assert service.calls == []
+    assert client.post("/v1/images/generations", json={"prompt": "x", "seed": 3}, headers=ok).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    schema = client.get("/openapi.json").json()
+    request = schema["components"]["schemas"]["ImageRequest"]["properties"]
+    assert request["steps"]["anyOf"][0]["maximum"] == LIMITS["max_steps"]
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_serve_config_composes_and_names_bad_keys(capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    from armature.cli import main
+    from armature.platform.config import ConfigError, compose
+
+    cfg = compose("serve", ["limits.max_steps=30"])
+    assert cfg.limits.max_steps == 30 and cfg.model.family == "tiny"
+    for override, named in ((["limits.max_stps=3"], "max_stps"), (["sampling.num_steps=99"], "sampling.num_steps"),
+                            (["+rewards.nope={}"], "nope"), (["limits.min_size=12"], "size_multiple")):
+        with pytest.raises(ConfigError, match=named):
+            compose("serve", override)
+    assert main(["serve", "--serve-config", "limits.max_steps=30"]) == 0
+    import yaml
+
+    config = yaml.safe_load(capsys.readouterr().out)
+    ServeDeploySchema.model_validate(config)
+    assert config["applications"][0]["import_path"] == "armature.serve.app:build_app"
+    assert config["applications"][0]["args"] == {"overrides": ["limits.max_steps=30"]}
+    # The checked-in Serve config file is what `armature serve --serve-config` writes.
+    from pathlib import Path
+
+    from armature.platform.config import config_dir
+    from armature.serve.app import serve_config
+
+    shipped = yaml.safe_load((Path(config_dir()) / "ray_serve.yaml").read_text())
+    assert shipped == serve_config(compose("serve", []))
+
+    # The Serve application builder takes its `args` as Hydra overrides, mappings included.
+    from armature.serve.app import _overrides
+
+    args = {"model": "tiny", "limits.max_steps": 30, "batching.enabled": False, "api_key_env": None,
+            "sampling.negative_prompt": "ugly, it's blurry", "adapters.local": {"mine": "/tmp/my adapter"}}
+    cfg = compose("serve", [o for k, v in args.items() for o in _overrides(k, v)])
+    assert (cfg.limits.max_steps, cfg.batching.enabled, cfg.api_key_env) == (30, False, None)
+    assert cfg.sampling.negative_prompt == "ugly, it's blurry" and cfg.adapters.local == {"mine": "/tmp/my adapter"}
+
+
+def test_deployment_options_from_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from armature.platform.config import compose
+    from armature.serve.app import build_application, deployment_options
+
+    cfg = compose("serve", ["generator.autoscaling.max_replicas=4", "generator.num_gpus=1",
+                            "generator.max_queued_requests=10", "api_key_env=null",
+                            f"tracking.local_dir={tmp_path}", f"adapters.cache_dir={tmp_path / 'cache'}"])
+    options = deployment_options(OmegaConf.to_container(cfg.generator))
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert options["max_queued_requests"] == 10 and options["max_ongoing_requests"] == 32
+    assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 4
+    app = build_application(cfg)  # binds the deployments with those options; starts nothing
+    assert type(app).__name__ == "Application"
