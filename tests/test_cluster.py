@@ -60,13 +60,18 @@ def multinode(tmp_path_factory):
     env["RAY_AUTH_MODE"] = "token"
     ray_bin = str(Path(sys.executable).with_name("ray"))
     common = ["--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+
+    def own_ports():  # each node's agents on free ports: other Rays on this machine hold the defaults
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
     try:
         subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                        "--resources={\"node_head\": 10}", *common],
+                        "--resources={\"node_head\": 10}", *common, *own_ports()],
                        env=env, check=True, timeout=120)
         subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                        "--resources={\"node_b\": 10}", *common],
+                        "--resources={\"node_b\": 10}", *common, *own_ports()],
                        env=env, check=True, timeout=120)
         address = f"http://127.0.0.1:{dashboard}"
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": address, "env": env}
