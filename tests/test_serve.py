@@ -87,7 +87,7 @@ def server(ray_cluster, tmp_path_factory):
         f"tracking.local_dir={tmp / 'track'}", "tracking.experiment=serve-test",
         f"adapters.cache_dir={tmp / 'cache'}", "adapters.max_per_replica=2",
         "sampling.num_steps=4", "generator.torch_threads=1",
-        "generator.max_ongoing_requests=8", "generator.max_queued_requests=4",
+        "generator.max_ongoing_requests=8", "generator.max_queued_requests=16",
         "batching.max_batch_size=4", f"batching.pass_size={PASS}", "batching.batch_wait_timeout_s=0.05",
         "limits.max_steps=200", "limits.request_timeout_s=4", "limits.max_images=4", "limits.max_best_of=8",
     ]
