@@ -10,8 +10,8 @@ as the data path):
 * ``dataloader``: a map-style Dataset over the file, decoded in DataLoader worker processes;
   the training loop VAE-encodes both images of every pair, every epoch (what a learner does
   without a pipeline in front of it);
-* ``ray``: ``armature.data.stream``: validate/decode/resize and VAE latents on an actor pool
-  (one actor a core), materialized once; every epoch the loop streams cached latents (iter_torch_batches);
+* ``ray``: ``armature.data.stream``: validate/decode/resize tasks and a VAE actor, materialized
+  once; every epoch the loop streams cached latents (iter_torch_batches);
 * ``ray-nocache`` (``--nocache``): the pipeline streaming pixels, the loop VAE-encoding them.
 
 The figure is the ratio of pairs/s, wall time from the first read to the last step (Ray's
@@ -27,10 +27,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's armature, installed or not
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -161,12 +163,11 @@ def run_ray(path: Path, args, cache: bool) -> float:
     learner = Learner(args.cpus, args.step == "dpo")
     start, pairs = time.perf_counter(), 0
     with tempfile.TemporaryDirectory() as quarantine:
-        ds = stream.prepare(stream.read_dataset(path), SIZE, quarantine, batch_size=32)
+        # decode tasks of half a logical CPU beside a quarter-CPU VAE actor: both cores stay busy, and
+        # the unequal requests keep Ray from fusing the decode into the (single) actor
+        ds = stream.prepare(stream.read_dataset(path), SIZE, quarantine, batch_size=32, num_cpus=0.5)
         if cache:
-            # one actor a core, with a logical CPU left over for the read tasks (actors holding
-            # every CPU would starve them)
-            ds = stream.encode_latents(ds, MODEL, num_actors=args.cpus, num_cpus=(args.cpus - 1) / args.cpus,
-                                       batch_size=32, threads=1)
+            ds = stream.encode_latents(ds, MODEL, num_actors=1, num_cpus=0.25, batch_size=32, threads=1)
             ds = ds.materialize()
         for epoch in range(args.epochs):
             batches = ds.iter_torch_batches(batch_size=args.batch, collate_fn=stream.collate, drop_last=True,

@@ -143,13 +143,13 @@ def prepare_batch(batch: pa.Table, size: int, quarantine_dir: str, keep_ties: bo
 
 
 def prepare(ds: ray.data.Dataset, size: int, quarantine_dir: str | os.PathLike, keep_ties: bool = True,
-            heldout_fraction: float = 0.0, batch_size: int = 64) -> ray.data.Dataset:
+            heldout_fraction: float = 0.0, batch_size: int = 64, num_cpus: float = 1.0) -> ray.data.Dataset:
     """Validate, decode and resize every pair (Ray tasks); bad records go to quarantine.
 
     Blocks are first cut to ``batch_size`` rows (streaming, no shuffle): readers hand over few,
     large blocks of encoded images, and a block is the unit that runs in parallel."""
     return ds.repartition(target_num_rows_per_block=batch_size).map_batches(
-        prepare_batch, batch_format="pyarrow", batch_size=batch_size,
+        prepare_batch, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus,
         fn_kwargs={"size": size, "quarantine_dir": str(quarantine_dir), "keep_ties": keep_ties,
                    "heldout_fraction": heldout_fraction},
     )
@@ -275,8 +275,8 @@ def build_datasets(data: dict, model: dict, size: int, quarantine_dir: str | os.
     """The job's pipeline from its ``data`` config section: ``(train, heldout)`` datasets,
     materialized when ``data.materialize`` (then the decode and VAE run once, not per epoch)."""
     ds = read_dataset(pairs_path or data["pairs"])
-    ds = prepare(ds, size, quarantine_dir, keep_ties=data["keep_ties"],
-                 heldout_fraction=data["heldout_fraction"], batch_size=data["batch_size"])
+    ds = prepare(ds, size, quarantine_dir, keep_ties=data["keep_ties"], heldout_fraction=data["heldout_fraction"],
+                 batch_size=data["batch_size"], num_cpus=data["decode_num_cpus"])
     if data["cache_latents"]:
         ds = encode_latents(ds, model, num_actors=data["encoder_actors"], num_cpus=data["encoder_num_cpus"],
                             num_gpus=data["encoder_num_gpus"], batch_size=data["batch_size"], threads=threads)

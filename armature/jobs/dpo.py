@@ -89,6 +89,7 @@ def run(cfg: DictConfig) -> dict:
     data_context = ray.data.DataContext.get_current()  # Ray Train hands it to the workers too
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
+    data_context.execution_options.preserve_order = True  # a seeded job is repeatable
     size = data["image_size"] or _native_size(c["model"])
     pairs = data["pairs"] or _synthetic_pairs(f"{run_dir}/synthetic_pairs", data, size, trainer_cfg["seed"])
     quarantine = data["quarantine_path"] or f"{run_dir}/quarantine"
@@ -361,7 +362,7 @@ def _synthetic_pairs(directory: str, data: dict, size: int, seed: int) -> str:
     found = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
     if not any(f.path.endswith(".parquet") for f in found):
         sources = procedural_sources(data["synthetic_pairs"], size=size, seed=seed)
-        n = build_pairs(sources, directory, kinds=data["synthetic_kinds"], seed=seed)
+        n = build_pairs(sources, directory, kinds=data["synthetic_kinds"], seed=seed, pad=data["synthetic_pad"])
         print(f"[armature] built {n} synthetic pairs in {directory}", flush=True)
     return directory
 

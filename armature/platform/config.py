@@ -143,12 +143,15 @@ class DataConfig:
     cache_latents: bool = True  # VAE-encode on actors in the pipeline, so the learner never decodes
     materialize: bool = True  # run the pipeline once and keep its output (else again every epoch)
     batch_size: int = 32  # records per pipeline batch
-    encoder_actors: int = 1
+    decode_num_cpus: float = 1.0  # per validate/decode task
+    encoder_actors: int = 1  # their CPUs are held: leave the decode tasks some
     encoder_num_cpus: float = 1.0
     encoder_num_gpus: float = 0.0
     quarantine_path: Optional[str] = None  # None: <run folder>/quarantine
     synthetic_pairs: int = 256
-    synthetic_kinds: list[str] = field(default_factory=lambda: ["duplicate", "mirror", "warp", "remove", "shift"])
+    # the most visible degradations (armature.data.synthetic.DEGRADATIONS adds mirror and warp)
+    synthetic_kinds: list[str] = field(default_factory=lambda: ["duplicate", "remove", "shift"])
+    synthetic_pad: float = 0.15  # the region: a box around one hand, padded by this share of the side
 
 
 @dataclass
@@ -268,7 +271,7 @@ class DPOConfig:
     num_epochs: int = 4
     train_batch_size: int = 8  # pairs per micro-batch on one worker
     gradient_accumulation_batches: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-3
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
