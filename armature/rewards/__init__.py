@@ -10,6 +10,8 @@ from .registry import available, load, load_weighted, register
 # Importing the modules registers their rewards.
 from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb  # noqa: E402
 from .aesthetic import AestheticHead, AestheticScorer, build_tiny_aesthetic, clip_preprocess  # noqa: E402
+from .analytic import Brightness, Colorfulness  # noqa: E402
+from .base import require_differentiable  # noqa: E402
 
 __all__ = [
     "AestheticHead",

@@ -106,6 +106,26 @@ class DifferentiableReward(Reward):
         return torch.cat(scores).numpy()
 
 
+def require_differentiable(reward: Reward, key: str = "reward.components", algo: str = "this learner") -> Reward:
+    """Return ``reward`` if gradients can flow through it, else raise a ValueError naming ``key``.
+
+    Reward-gradient learners (AlignProp, DRaFT, ReFL) backpropagate the reward into the policy,
+    so the reward must expose :meth:`DifferentiableReward.score_tensor`.
+    """
+    if not getattr(reward, "differentiable", False) or not hasattr(reward, "score_tensor"):
+        if isinstance(reward, WeightedSum):
+            fixed = [n for n, r in reward.rewards.items() if not r.differentiable]
+            what = f"the components {fixed} are"
+        else:
+            what = f"{reward.name!r} is"
+        raise ValueError(
+            f"{key}: {algo} backpropagates through the reward, but {what} not differentiable "
+            "(e.g. JPEG size). Use a differentiable reward: reward=brightness, reward=colorfulness "
+            "or reward=aesthetic (every component of a weighted sum must be differentiable)."
+        )
+    return reward
+
+
 def check_weight(name: str, weight) -> float:
     """Return ``weight`` as a float, or raise ValueError if it is not a finite real number."""
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
