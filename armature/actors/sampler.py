@@ -37,17 +37,26 @@ class PolicySampler:
         return version
 
     @ray.method(num_returns=2)
-    def rollout(self, prompts: list[str], seed: int, weights: list | None = None, version: int = 0):
+    def rollout(self, prompts: list[str], seed: int | list[int], weights: list | None = None, version: int = 0,
+                num_steps: int | None = None, sde_window: tuple[int, int] | None = None):
         """Sample one trajectory per prompt. Returns ``(trajectory, images)``.
 
+        ``seed``: one seed for the batch, or a list of one seed per prompt (then each sample is
+        the same whichever actor draws it, in whatever batch). ``num_steps`` and ``sde_window``
+        go to ``DiffusionPolicy.rollout`` (denoising reduction, MixGRPO's window).
         The images come back as a second object so that a reward actor can take them
         without the trajectory passing through the caller.
         """
         if weights and version != self.policy.weights_version:
             self.set_weights(ray.get(weights[0]), version)
         start = time.perf_counter()
-        generator = torch.Generator(device=self.policy.device).manual_seed(seed)
-        traj = self.policy.rollout(prompts, generator)
+        device = self.policy.device
+        if isinstance(seed, (list, tuple)):
+            generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+        else:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        traj = self.policy.rollout(prompts, generator, num_steps=num_steps,
+                                   sde_window=None if sde_window is None else tuple(sde_window))
         traj.images, images = None, traj.images
         traj.elapsed_s = time.perf_counter() - start
         return traj, images

@@ -41,6 +41,12 @@ class TinyModelConfig:
     text_hidden: int = 32
     text_layers: int = 2
     max_prompt_tokens: int = 32
+    # family tiny_flow only (armature.policies.tiny.TinyFlowConfig): sd3 or flux transformer
+    arch: str = "sd3"
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    head_dim: int = 8
+    shift: float = 3.0
 
 
 @dataclass
@@ -54,7 +60,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "tiny"  # tiny | sd (SD 1.5 family) | sdxl
+    family: str = "tiny"  # tiny | tiny_flow | sd (SD 1.5 family) | sdxl | sd3 (SD 3.x) | flux
     pretrained: Optional[str] = None  # hub id or local path (family sd / sdxl)
     revision: Optional[str] = None
     variant: Optional[str] = None
@@ -69,6 +75,7 @@ class SamplingConfig:
     num_steps: int = 10
     guidance_scale: float = 5.0
     eta: float = 1.0
+    noise_level: float = 0.7  # flow models: Flow-GRPO's SDE noise level
     height: Optional[int] = None
     width: Optional[int] = None
     negative_prompt: str = ""

@@ -8,18 +8,22 @@ from armature.policies.diffusion import (
     build_policy,
     load_policy,
 )
+from armature.policies.flow_logprob import flow_sde_step_with_logprob
 from armature.policies.logprob import ddim_step_with_logprob, gaussian_log_prob
-from armature.policies.tiny import TinySDConfig, build_tiny_sd_pipeline
+from armature.policies.tiny import TinyFlowConfig, TinySDConfig, build_tiny_flow_pipeline, build_tiny_sd_pipeline
 
 __all__ = [
     "DiffusionPolicy",
     "LoraParams",
     "SamplingParams",
+    "TinyFlowConfig",
     "TinySDConfig",
     "Trajectory",
     "build_policy",
+    "build_tiny_flow_pipeline",
     "build_tiny_sd_pipeline",
     "ddim_step_with_logprob",
+    "flow_sde_step_with_logprob",
     "gaussian_log_prob",
     "load_policy",
 ]

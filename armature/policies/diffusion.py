@@ -3,7 +3,9 @@
 A policy rolls out denoising trajectories (recording every latent and the log-probability of
 every transition) and scores stored transitions under its current weights. Learners only use
 this interface; how a family builds its conditioning (SD 1.5: text embeddings; SDXL: two text
-encoders, pooled embeddings and size ids) stays inside the policy.
+encoders, pooled embeddings and size ids; SD3: three text encoders and pooled embeddings; FLUX:
+CLIP + T5, packed latents and position ids) and how it steps (DDIM for the UNet families,
+Flow-GRPO's SDE for the rectified-flow families) stays inside the policy.
 
 Conditioning travels as a dict of tensors shaped ``[B, 2, ...]``: index 0 is the unconditional
 (negative prompt) branch, index 1 the prompt, so a learner can slice a batch without knowing
@@ -12,6 +14,7 @@ which keys a family uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,21 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from armature.policies.flow_logprob import flow_sde_step_with_logprob
 from armature.policies.logprob import ddim_step_with_logprob
-from armature.policies.tiny import TinySDConfig, build_tiny_sd_pipeline
+from armature.policies.tiny import TinyFlowConfig, TinySDConfig, build_tiny_flow_pipeline, build_tiny_sd_pipeline
 
 __all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "build_policy", "load_policy"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-FULL_WEIGHTS = "unet.safetensors"  # a fully fine-tuned UNet, in place of an adapter
+FULL_WEIGHTS = "unet.safetensors"  # a fully fine-tuned UNet (or transformer), in place of an adapter
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FLOW_FAMILIES = ("sd3", "flux")  # rectified flow, FlowMatchEulerDiscreteScheduler
 
 
 @dataclass
 class SamplingParams:
     num_steps: int = 10
     guidance_scale: float = 5.0
-    eta: float = 1.0
+    eta: float = 1.0  # DDIM noise level (UNet families)
+    noise_level: float = 0.7  # Flow-GRPO's SDE noise level a (flow families)
     height: int | None = None  # None: the model's native size
     width: int | None = None
     negative_prompt: str = ""
@@ -93,17 +100,32 @@ class Trajectory:
 
 
 class DiffusionPolicy:
-    """A DDIM-sampled latent diffusion model (SD 1.5 family, SDXL, or the tiny built-in one)."""
+    """A latent diffusion model as a stochastic policy: DDIM-sampled UNets (SD 1.5 family, SDXL,
+    the tiny built-in one) or SDE-sampled rectified flows (SD 3.x, FLUX, the tiny flow model).
 
-    def __init__(self, pipeline, family: str, sampling: SamplingParams | None = None, device="cpu"):
-        from diffusers import DDIMScheduler
+    ``self.unet`` is the denoising network whatever the family (a transformer for the flow
+    families), so learners wrap and train it without asking which kind it is.
+    """
 
-        if family not in ("sd", "sdxl"):
-            raise ValueError(f"model.family={family!r}: expected 'sd' (SD 1.5 and tiny) or 'sdxl'")
+    def __init__(self, pipeline, family: str, sampling: SamplingParams | None = None, device="cpu",
+                 native_size: int | None = None):
+        if family not in FAMILIES:
+            raise ValueError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)} "
+                             "(or tiny / tiny_flow through load_policy)")
         self.pipe = pipeline.to(device)
         self.family = family
+        self.is_flow = family in FLOW_FAMILIES
         self.device = torch.device(device)
         self.sampling = sampling or SamplingParams()
+        self.denoiser = None
+        self.lora: LoraParams | None = None
+        self.weights_version = 0
+        if self.is_flow:
+            self._init_flow(native_size)
+            return
+        from diffusers import DDIMScheduler
+
+        self._native_size = native_size
         # DDPO needs a stochastic DDIM step whose every transition has a density: the last
         # step must not land on t=0 from t=0 (steps_offset >= 1 with "leading" spacing, as
         # SD 1.5 and SDXL ship) and must not jump to alpha=1 (set_alpha_to_one=False).
@@ -121,20 +143,62 @@ class DiffusionPolicy:
             self.pipe.text_encoder_2.requires_grad_(False)
         # What computes the noise prediction; a learner may swap in its DeepSpeed engine.
         self.denoiser = self.unet
-        self.lora: LoraParams | None = None
-        self.weights_version = 0
+
+    def _init_flow(self, native_size: int | None) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = self.scheduler
+        self.unet = self.pipe.transformer
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        if native_size is None:
+            sample = getattr(self.unet.config, "sample_size", None) or self.pipe.default_sample_size
+            native_size = sample * self.pipe.vae_scale_factor
+        self._native_size = native_size
+        t5 = getattr(self.pipe, "tokenizer_3" if self.family == "sd3" else "tokenizer_2", None)
+        longest = 256 if self.family == "sd3" else 512  # the pipelines' defaults
+        self.max_sequence_length = min(longest, t5.model_max_length) if t5 is not None else longest
+        self.denoiser = self.unet
 
     # ------------------------------------------------------------------ geometry
     @property
     def image_size(self) -> tuple[int, int]:
-        native = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        native = self._native_size or self.unet.config.sample_size * self.pipe.vae_scale_factor
         return (self.sampling.height or native, self.sampling.width or native)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent shape: ``[C, h, w]``; FLUX packs 2x2 patches: ``[h/2 * w/2, 4C]``."""
         h, w = self.image_size
         f = self.pipe.vae_scale_factor
+        if self.family == "flux":
+            if (h // f) % 2 or (w // f) % 2:
+                raise ValueError(f"sampling.height/width {h}x{w}: FLUX needs multiples of {2 * f}")
+            return ((h // f // 2) * (w // f // 2), self.unet.config.in_channels)
         return (self.unet.config.in_channels, h // f, w // f)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        """The sampling schedule of ``num_steps`` steps, as the family's pipeline sets it."""
+        if not self.is_flow:
+            self.scheduler.set_timesteps(num_steps, device=self.device)
+            return
+        kwargs = {}
+        if self.family == "flux":  # FluxPipeline's sigmas, shifted by the scheduler
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+        if self.scheduler.config.use_dynamic_shifting:  # resolution-dependent shift (FLUX.1-dev)
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            shape = self.latent_shape
+            tokens = shape[0] if self.family == "flux" else shape[1] * shape[2] // self.unet.config.patch_size**2
+            config = self.scheduler.config
+            kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                           config.get("max_image_seq_len", 4096),
+                                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        self.scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -146,6 +210,22 @@ class DiffusionPolicy:
         if negative_prompts is None:
             negative_prompts = [self.sampling.negative_prompt] * len(prompts)
         negative = list(negative_prompts)
+        prompts = list(prompts)
+        if self.family == "sd3":
+            pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompts, prompts, prompts, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=True, negative_prompt=negative, negative_prompt_2=negative,
+                negative_prompt_3=negative, max_sequence_length=self.max_sequence_length,
+            )
+            return {"encoder_hidden_states": torch.stack([neg, pos], dim=1),
+                    "pooled_projections": torch.stack([neg_pooled, pooled], dim=1)}
+        if self.family == "flux":
+            pos, pooled, _ = self.pipe.encode_prompt(
+                prompts, prompts, device=self.device, max_sequence_length=self.max_sequence_length)
+            neg, neg_pooled, _ = self.pipe.encode_prompt(
+                negative, negative, device=self.device, max_sequence_length=self.max_sequence_length)
+            return {"encoder_hidden_states": torch.stack([neg, pos], dim=1),
+                    "pooled_projections": torch.stack([neg_pooled, pooled], dim=1)}
         if self.family == "sd":
             pos, neg = self.pipe.encode_prompt(
                 prompts, self.device, 1, True, negative_prompt=negative
@@ -176,10 +256,45 @@ class DiffusionPolicy:
             }
         return kwargs
 
+    def _flow_forward(self, cond, model_in, t_in, guided: bool) -> torch.Tensor:
+        def branch(v):  # [B, 2, ...] -> [2B, ...] (uncond first) or [B, ...]
+            return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
+
+        kwargs = {"encoder_hidden_states": branch(cond["encoder_hidden_states"]),
+                  "pooled_projections": branch(cond["pooled_projections"])}
+        if t_in.ndim == 0:
+            t_in = t_in.expand(model_in.shape[0])
+        t_in = t_in.to(model_in.dtype)
+        if self.family == "sd3":
+            return self.denoiser(hidden_states=model_in, timestep=t_in, **kwargs).sample
+        h, w = self.image_size
+        f = self.pipe.vae_scale_factor
+        img_ids = self.pipe._prepare_latent_image_ids(
+            model_in.shape[0], h // f // 2, w // f // 2, model_in.device, model_in.dtype)
+        txt_ids = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=model_in.device,
+                              dtype=model_in.dtype)
+        guidance = None
+        if self.unet.config.guidance_embeds:  # guidance-distilled (FLUX.1-dev): the scale is an input
+            guidance = torch.full((model_in.shape[0],), self.sampling.guidance_scale,
+                                  device=model_in.device, dtype=model_in.dtype)
+        return self.denoiser(hidden_states=model_in, timestep=t_in / 1000, guidance=guidance,
+                             txt_ids=txt_ids, img_ids=img_ids, **kwargs).sample
+
     def predict(self, cond, latents, timesteps) -> torch.Tensor:
-        """Classifier-free-guided model output at ``timesteps`` (scalar or ``[B]``)."""
+        """Classifier-free-guided model output at ``timesteps`` (scalar or ``[B]``): the noise
+        (or v) prediction of a UNet, the velocity of a flow model."""
         guidance = self.sampling.guidance_scale
-        guided = guidance > 1.0
+        distilled = self.family == "flux" and self.unet.config.guidance_embeds
+        guided = guidance > 1.0 and not distilled
+        if self.is_flow:
+            model_in = torch.cat([latents] * 2) if guided else latents
+            t = torch.as_tensor(timesteps, device=self.device)
+            t_in = torch.cat([t] * 2) if (guided and t.ndim) else t
+            out = self._flow_forward(cond, model_in, t_in, guided)
+            if not guided:
+                return out
+            uncond, text = out.chunk(2)
+            return uncond + guidance * (text - uncond)
         model_in = torch.cat([latents] * 2) if guided else latents
         t = torch.as_tensor(timesteps, device=self.device)
         t_in = torch.cat([t] * 2) if (guided and t.ndim) else t
@@ -191,22 +306,62 @@ class DiffusionPolicy:
         return uncond + guidance * (text - uncond)
 
     # ------------------------------------------------------------------ rollout / scoring
+    def step(self, output, timestep, latents, *, stochastic: bool = True, prev_sample=None,
+             generator=None, noise=None, noise_level: float | None = None):
+        """One sampler step of this family -> ``(next_latents, log_prob [B])``.
+
+        DDIM with ``sampling.eta`` for the UNet families, Flow-GRPO's SDE with
+        ``sampling.noise_level`` for the flow families; ``stochastic=False`` takes the
+        deterministic (ODE) step instead, whose log-probability is returned as zeros.
+        """
+        if self.is_flow:
+            level = self.sampling.noise_level if noise_level is None else noise_level
+            return flow_sde_step_with_logprob(
+                self.scheduler, output, timestep, latents, noise_level=level if stochastic else 0.0,
+                prev_sample=prev_sample, generator=generator, noise=noise)
+        if stochastic:
+            eta = self.sampling.eta if noise_level is None else noise_level
+            return ddim_step_with_logprob(self.scheduler, output, timestep, latents, eta=eta,
+                                          prev_sample=prev_sample, generator=generator, noise=noise)
+        if prev_sample is not None:
+            raise ValueError("a deterministic (ODE) step has no density to score prev_sample")
+        nxt = self.scheduler.step(output, timestep, latents, eta=0.0).prev_sample
+        return nxt, torch.zeros(latents.shape[0], device=latents.device)
+
+    def _noise(self, batch: int, shape, generator) -> torch.Tensor:
+        """Standard normal noise of ``[batch, *shape]``: one generator for the batch, or one per
+        sample (a list), so that a sample does not depend on what it was batched with."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for {batch} prompts")
+            return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generator])
+        return torch.randn((batch,) + tuple(shape), generator=generator, device=self.device)
+
     @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator | None = None) -> Trajectory:
-        """Sample one trajectory per prompt, recording latents and per-step log-probabilities."""
+    def rollout(self, prompts: list[str], generator: torch.Generator | list | None = None, *,
+                num_steps: int | None = None, sde_window: tuple[int, int] | None = None) -> Trajectory:
+        """Sample one trajectory per prompt, recording latents and per-step log-probabilities.
+
+        ``num_steps`` overrides ``sampling.num_steps`` (Flow-GRPO's denoising reduction: train on
+        fewer steps than evaluation uses). ``sde_window=(start, stop)`` makes only the steps
+        ``start <= i < stop`` stochastic, the others deterministic ODE steps with log-prob 0
+        (MixGRPO's sliding window). ``generator`` may be a list, one per prompt.
+        """
         s = self.sampling
-        self.scheduler.set_timesteps(s.num_steps, device=self.device)
+        num_steps = num_steps or s.num_steps
+        self.set_timesteps(num_steps)
         cond = self.encode(prompts)
-        latents = torch.randn(
-            (len(prompts),) + self.latent_shape, generator=generator, device=self.device,
-            dtype=self.unet.dtype,
-        ) * self.scheduler.init_noise_sigma
+        shape = self.latent_shape
+        batch = len(prompts)
+        latents = self._noise(batch, shape, generator) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        latents = latents.to(self.unet.dtype)
+        start, stop = sde_window if sde_window is not None else (0, num_steps)
         all_latents, all_log_probs = [latents], []
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             output = self.predict(cond, latents, t)
-            latents, log_prob = ddim_step_with_logprob(
-                self.scheduler, output, t, latents, eta=s.eta, generator=generator
-            )
+            stochastic = start <= i < stop
+            noise = self._noise(batch, shape, generator) if stochastic else None
+            latents, log_prob = self.step(output, t, latents, stochastic=stochastic, noise=noise)
             all_latents.append(latents)
             all_log_probs.append(log_prob)
         images = self.decode(latents)
@@ -221,24 +376,50 @@ class DiffusionPolicy:
             weights_version=self.weights_version,
         )
 
-    def step_log_prob(self, cond, latents, timesteps, next_latents) -> torch.Tensor:
-        """log p(next_latents | latents) under the current weights, with gradients. ``[B]``."""
-        if self.scheduler.num_inference_steps != self.sampling.num_steps:
-            self.scheduler.set_timesteps(self.sampling.num_steps, device=self.device)
+    def step_log_prob(self, cond, latents, timesteps, next_latents, *, num_steps: int | None = None) -> torch.Tensor:
+        """log p(next_latents | latents) under the current weights, with gradients. ``[B]``.
+
+        ``num_steps``: the number of steps the trajectory was sampled with (default
+        ``sampling.num_steps``).
+        """
+        num_steps = num_steps or self.sampling.num_steps
+        if getattr(self.scheduler, "num_inference_steps", None) != num_steps:
+            self.set_timesteps(num_steps)
         cond = {k: v.to(self.device) for k, v in cond.items()}
         latents, next_latents = latents.to(self.device), next_latents.to(self.device)
         timesteps = timesteps.to(self.device)
         output = self.predict(cond, latents, timesteps)
-        _, log_prob = ddim_step_with_logprob(
-            self.scheduler, output, timesteps, latents, eta=self.sampling.eta,
-            prev_sample=next_latents,
-        )
+        _, log_prob = self.step(output, timesteps, latents, prev_sample=next_latents)
         return log_prob
+
+    @contextlib.contextmanager
+    def reference(self, frozen: torch.nn.Module | None = None):
+        """Within the block, ``predict`` and ``step_log_prob`` use the reference model: ``frozen``
+        (a frozen copy of the base network) if given, else the network with its LoRA adapter
+        switched off."""
+        previous = self.denoiser
+        if frozen is None and self.lora is None:
+            raise ValueError("full fine-tuning has no adapter to switch off: pass a frozen copy")
+        if frozen is not None:
+            self.denoiser = frozen
+        else:
+            self.denoiser = self.unet
+            self.unet.disable_adapters()
+        try:
+            yield self
+        finally:
+            if frozen is None:
+                self.unet.enable_adapters()
+            self.denoiser = previous
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        if self.family == "flux":
+            h, w = self.image_size
+            latents = self.pipe._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
         images = (images / 2 + 0.5).clamp(0, 1)
         return (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -350,16 +531,27 @@ def load_policy(
     sampling: SamplingParams | None = None,
     device: str = "cpu",
     dtype: str = "float32",
-    tiny: TinySDConfig | None = None,
+    tiny: TinySDConfig | TinyFlowConfig | None = None,
     revision: str | None = None,
     variant: str | None = None,
 ) -> DiffusionPolicy:
-    """Build the tiny model, or load an SD 1.5 / SDXL pipeline from a hub id or a local path."""
+    """Build a tiny model (``tiny``: DDIM UNet; ``tiny_flow``: rectified-flow SD3 or FLUX
+    transformer, ``tiny.arch``), or load an SD 1.5 / SDXL / SD 3.x / FLUX pipeline from a hub id
+    or a local path."""
     torch_dtype = getattr(torch, dtype)
+    if family == "tiny_flow":
+        if pretrained:
+            raise ValueError("model.family=tiny_flow builds from model.tiny; set family=sd3 or flux to load a path")
+        tiny = tiny if isinstance(tiny, TinyFlowConfig) else TinyFlowConfig()
+        pipe = build_tiny_flow_pipeline(tiny)
+        if torch_dtype != torch.float32:
+            pipe = pipe.to(dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return DiffusionPolicy(pipe, tiny.arch, sampling, device, native_size=tiny.image_size)
     if family == "tiny":
         if pretrained:
             raise ValueError("model.family=tiny builds from model.tiny; set family=sd to load a path")
-        pipe = build_tiny_sd_pipeline(tiny)
+        pipe = build_tiny_sd_pipeline(tiny if isinstance(tiny, TinySDConfig) else None)
         if torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -370,8 +562,12 @@ def load_policy(
         from diffusers import StableDiffusionPipeline as Pipeline
     elif family == "sdxl":
         from diffusers import StableDiffusionXLPipeline as Pipeline
+    elif family == "sd3":
+        from diffusers import StableDiffusion3Pipeline as Pipeline
+    elif family == "flux":
+        from diffusers import FluxPipeline as Pipeline
     else:
-        raise ValueError(f"model.family={family!r}: expected one of tiny, sd, sdxl")
+        raise ValueError(f"model.family={family!r}: expected one of tiny, tiny_flow, {', '.join(FAMILIES)}")
     kwargs = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -380,11 +576,16 @@ def load_policy(
     return DiffusionPolicy(pipe, family, sampling, device)
 
 
-def _tiny_config(tiny: dict) -> TinySDConfig:
-    tiny = dict(tiny)
+def _tiny_config(tiny: dict, family: str = "tiny") -> TinySDConfig | TinyFlowConfig:
+    """The ``model.tiny`` section as the builder's config; keys of the other kind are ignored."""
+    from dataclasses import fields
+
+    kind = TinyFlowConfig if family == "tiny_flow" else TinySDConfig
+    names = {f.name for f in fields(kind)}
+    tiny = {k: v for k, v in dict(tiny).items() if k in names}
     if "unet_channels" in tiny:
         tiny["unet_channels"] = tuple(tiny["unet_channels"])
-    return TinySDConfig(**tiny)
+    return kind(**tiny)
 
 
 def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
@@ -404,7 +605,7 @@ def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
         sampling=SamplingParams(**sampling),
         device=device,
         dtype=model.get("dtype", "float32"),
-        tiny=_tiny_config(model.get("tiny") or {}),
+        tiny=_tiny_config(model.get("tiny") or {}, model.get("family", "tiny")),
         revision=model.get("revision"),
         variant=model.get("variant"),
     )

@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-shaped models built from configs, for CPU jobs and tests.
+"""Tiny Stable-Diffusion-, SD3- and FLUX-shaped models built from configs, for CPU jobs and tests.
 
 Every component is a real diffusers / transformers class (UNet2DConditionModel, AutoencoderKL,
 CLIPTextModel, DDIMScheduler), only small and randomly initialised from a seed, so the code
@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TinySDConfig", "build_tiny_sd_pipeline", "build_char_tokenizer"]
+__all__ = [
+    "TinySDConfig",
+    "TinyFlowConfig",
+    "build_tiny_sd_pipeline",
+    "build_tiny_flow_pipeline",
+    "build_char_tokenizer",
+]
 
 
 @dataclass
@@ -119,4 +125,112 @@ def build_tiny_sd_pipeline(config: TinySDConfig | None = None):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+@dataclass
+class TinyFlowConfig:
+    """A tiny rectified-flow model: ``arch`` sd3 (SD3Transformer2DModel, two CLIPs and a T5)
+    or flux (FluxTransformer2DModel, one CLIP and a T5, packed latents)."""
+
+    arch: str = "sd3"
+    seed: int = 0
+    image_size: int = 32  # pixels; latents are image_size // 2 (one VAE downsampling)
+    text_hidden: int = 32  # each CLIP; the T5 has 2 * text_hidden
+    text_layers: int = 2
+    max_prompt_tokens: int = 32
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    head_dim: int = 8
+    shift: float = 3.0  # the scheduler's timestep shift (SD3 ships 3.0)
+
+
+def _tiny_vae(image_size: int, latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), latent_channels=latent_channels, norm_num_groups=8,
+        sample_size=image_size, scaling_factor=1.0, shift_factor=0.0,
+    )
+
+
+def _tiny_clip(tokenizer, hidden: int, layers: int, max_tokens: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_tokens,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, projection_dim=hidden,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_t5(tokenizer, d_model: int, layers: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+        num_layers=layers, num_heads=4, pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
+    """A randomly initialised, deterministic (per seed) StableDiffusion3Pipeline or FluxPipeline.
+
+    Everything but the sizes is as in the real models: the same transformer classes, text
+    encoders, VAE and ``FlowMatchEulerDiscreteScheduler``; the tokenizers are the character-level
+    one of the tiny SD model (no download).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = config or TinyFlowConfig()
+    if cfg.arch not in ("sd3", "flux"):
+        raise ValueError(f"tiny.arch={cfg.arch!r}: use sd3 or flux")
+    if cfg.image_size % 8:
+        raise ValueError(f"tiny.image_size={cfg.image_size} must be a multiple of 8")
+    tokenizer = build_char_tokenizer(cfg.max_prompt_tokens)
+    t5_tokenizer = build_char_tokenizer(cfg.max_prompt_tokens)
+    inner = cfg.transformer_heads * cfg.head_dim
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        clip = _tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, cfg.arch == "sd3")
+        t5 = _tiny_t5(t5_tokenizer, 2 * cfg.text_hidden, 1)
+        vae = _tiny_vae(cfg.image_size)
+        if cfg.arch == "sd3":
+            from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+            clip_2 = _tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, True)
+            transformer = SD3Transformer2DModel(
+                sample_size=cfg.image_size // 2, patch_size=2, in_channels=4, out_channels=4,
+                num_layers=cfg.transformer_layers, attention_head_dim=cfg.head_dim,
+                num_attention_heads=cfg.transformer_heads, joint_attention_dim=2 * cfg.text_hidden,
+                caption_projection_dim=inner, pooled_projection_dim=2 * cfg.text_hidden,
+                pos_embed_max_size=max(16, cfg.image_size // 4),
+            )
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
+            return StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=scheduler, vae=vae,
+                text_encoder=clip, tokenizer=tokenizer, text_encoder_2=clip_2, tokenizer_2=tokenizer,
+                text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+            )
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        if cfg.head_dim % 4:
+            raise ValueError(f"tiny.head_dim={cfg.head_dim}: FLUX's rotary axes need a multiple of 4")
+        quarter = cfg.head_dim // 4
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=max(1, cfg.transformer_layers // 2),
+            num_single_layers=max(1, cfg.transformer_layers - cfg.transformer_layers // 2),
+            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.transformer_heads,
+            joint_attention_dim=2 * cfg.text_hidden, pooled_projection_dim=cfg.text_hidden,
+            guidance_embeds=False, axes_dims_rope=(2 * quarter, quarter, quarter),
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
     )
