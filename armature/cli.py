@@ -4,6 +4,7 @@
     armature submit train [overrides]   send it to a Ray cluster through the Jobs API
     armature jobs list|status|logs|stop the submitted jobs
     armature serve [overrides]          the image generator on Ray Serve (HTTP)
+    armature assets pose                fetch the pose reward's models once (MediaPipe BlazePose)
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_assets(args) -> int:
+    from armature.rewards.assets import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="armature", description="Armature: RLHF for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("submission_id", nargs="?")
     jobs.add_argument("--address", help="Jobs API address (default: RAY_ADDRESS)")
     jobs.set_defaults(func=cmd_jobs)
+
+    fetch = sub.add_parser("assets", help="fetch model files a reward needs once (pose: MediaPipe BlazePose)")
+    fetch.add_argument("what", choices=["pose"], help="pose: the MediaPipe BlazePose models of the `pose` reward")
+    fetch.add_argument("--cache-dir", help="where to put them (default $ARMATURE_CACHE/pose or ~/.cache/armature/pose)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if present")
+    fetch.add_argument("--wheel", help="extract from this mediapipe wheel instead of downloading it")
+    fetch.set_defaults(func=cmd_assets)
     return parser
 
 

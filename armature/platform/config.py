@@ -85,7 +85,9 @@ class SamplingConfig:
 @dataclass
 class RewardConfig:
     # name -> {weight: float, **constructor overrides}; see armature.rewards.available()
-    components: dict[str, Any] = field(default_factory=lambda: {"compressibility": {"weight": 1.0}})
+    # Empty here: the `reward` group file names them (a default here would be merged into every
+    # group's components, e.g. reward=pose would score compressibility + pose).
+    components: dict[str, Any] = field(default_factory=dict)
     num_actors: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0

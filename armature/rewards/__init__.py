@@ -11,6 +11,7 @@ from .registry import available, load, load_weighted, register
 from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb  # noqa: E402
 from .aesthetic import AestheticHead, AestheticScorer, build_tiny_aesthetic, clip_preprocess  # noqa: E402
 from .analytic import Brightness, Colorfulness  # noqa: E402
+from .pose import BlazePose, PoseReward  # noqa: E402  (ai-edge-litert is imported on first use)
 from .base import require_differentiable  # noqa: E402
 
 __all__ = [

@@ -1,0 +1,113 @@
+"""The pose reward on real photographs vs locally degraded copies of them.
+
+Photos: the scikit-image pictures with a person in them (``astronaut``, ``camera``). For
+each, BlazePose finds the person; a body region (the box around some of its landmarks,
+padded) is broken by each degradation of :mod:`armature.data.synthetic` (duplicate, warp,
+remove, mirror, shift). A pair counts as won when the intact photo scores higher.
+
+Two region sets: ``limbs`` (whole arms and legs; the set the default weights were chosen
+on) and ``held-out`` (forearm + hand, upper arm, shin + foot, thigh, head; other padding,
+other seeds), reported separately. Needs ``armature assets pose``.
+
+    python benchmarks/pose_pairs.py [--per-term]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from armature.data.synthetic import DEGRADATIONS, box_mask, degrade, keypoint_box
+
+LIMB_REGIONS = {"left_arm": [11, 13, 15, 17, 19, 21], "right_arm": [12, 14, 16, 18, 20, 22],
+                "left_leg": [23, 25, 27, 29, 31], "right_leg": [24, 26, 28, 30, 32]}
+HELD_OUT_REGIONS = {"left_forearm": [13, 15, 17, 19, 21], "right_forearm": [14, 16, 18, 20, 22],
+                    "left_upper_arm": [11, 13], "right_upper_arm": [12, 14],
+                    "left_shin": [25, 27, 29, 31], "right_shin": [26, 28, 30, 32],
+                    "left_thigh": [23, 25], "right_thigh": [24, 26], "head": list(range(11))}
+REGION_SETS = {"limbs": (LIMB_REGIONS, 0.05, (0, 1)), "held-out": (HELD_OUT_REGIONS, 0.03, (2,))}
+
+
+def photos() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    out = {}
+    for name in ("astronaut", "camera"):
+        image = getattr(data, name)()
+        out[name] = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+    return out
+
+
+def degraded_pairs(images: dict, landmarks: dict, regions: dict, pad: float, seeds, min_visibility: float = 0.5):
+    """Yield ``(photo, region, kind, seed, degraded image)`` for every region whose landmarks are visible."""
+    for name, image in images.items():
+        for region, indices in regions.items():
+            points = landmarks[name][indices][:, :3]  # x, y, visibility
+            try:
+                box = keypoint_box(points, image.shape[:2], pad=pad, min_confidence=min_visibility)
+            except ValueError:  # no landmark of the region is visible: nothing to break
+                continue
+            mask = box_mask(image.shape[:2], box)
+            for kind in DEGRADATIONS:
+                for seed in seeds:
+                    degraded = degrade(image, mask, kind, np.random.default_rng(seed))
+                    if not np.array_equal(degraded, image):
+                        yield name, region, kind, seed, degraded
+
+
+def evaluate(reward, region_set: str = "limbs", max_pairs: int | None = None) -> list[dict]:
+    """One record per pair: the intact and degraded rewards and every term of both."""
+    from PIL import Image
+
+    images = photos()
+    intact = {name: reward.details([Image.fromarray(image)])[0] for name, image in images.items()}
+    landmarks = {name: reward.estimator(image).landmarks for name, image in images.items()}
+    regions, pad, seeds = REGION_SETS[region_set]
+    records = []
+    for name, region, kind, seed, degraded in degraded_pairs(images, landmarks, regions, pad, seeds):
+        terms = reward.details([Image.fromarray(degraded)])[0]
+        records.append({"photo": name, "region": region, "kind": kind, "seed": seed,
+                        "intact": intact[name], "degraded": terms})
+        if max_pairs and len(records) >= max_pairs:
+            break
+    return records
+
+
+def win_rate(records: list[dict], term: str = "reward") -> float:
+    return float(np.mean([r["intact"][term] > r["degraded"][term] for r in records]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--per-term", action="store_true", help="also the win rate of each term alone")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args()
+    from armature.rewards import load
+
+    reward = load("pose", cache_dir=args.cache_dir)
+    for name, image in photos().items():
+        result = reward.estimator(image)
+        print(f"{name}: person found={result.found} detection={result.detection_score:.3f} "
+              f"presence={result.presence:.3f} reward={reward.details([__import__('PIL.Image').Image.fromarray(image)])[0]['reward']:.3f}")
+    print("| region set | pairs | intact photo scores higher |")
+    print("| --- | --- | --- |")
+    all_records = {}
+    for region_set in REGION_SETS:
+        records = all_records[region_set] = evaluate(reward, region_set)
+        print(f"| {region_set} | {len(records)} | {win_rate(records):.1%} |", flush=True)
+    if args.per_term:
+        terms = [k for k in next(iter(all_records.values()))[0]["intact"] if k != "reward"]
+        print("| term | " + " | ".join(all_records) + " |")
+        print("| --- |" + " --- |" * len(all_records))
+        for term in terms:
+            print(f"| {term} | " + " | ".join(f"{win_rate(r, term):.1%}" for r in all_records.values()) + " |")
+        for region_set, records in all_records.items():
+            for r in records:
+                if r["intact"]["reward"] <= r["degraded"]["reward"]:
+                    print(f"lost ({region_set}): {r['photo']} {r['region']} {r['kind']} seed {r['seed']}: "
+                          f"{r['intact']['reward']:.4f} <= {r['degraded']['reward']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
