@@ -15,6 +15,7 @@ import json
 import sys
 
 JOBS = {"ddpo": "armature.jobs.ddpo", "dpo": "armature.jobs.dpo", "asap_dpo": "armature.jobs.dpo"}
+JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
 
 EPILOG = """examples:
   armature train                                  # the embedded default: DDPO on the tiny model

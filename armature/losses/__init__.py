@@ -2,6 +2,7 @@
 
 from armature.losses.advantages import PerPromptStatTracker, normalize_rewards
 from armature.losses.ddpo import ddpo_loss
+from armature.losses.grpo import group_advantages, grpo_loss
 from armature.losses.dpo import (
     denoising_target,
     diffusion_dpo_loss,
@@ -14,6 +15,8 @@ from armature.losses.dpo import (
 __all__ = [
     "PerPromptStatTracker",
     "ddpo_loss",
+    "group_advantages",
+    "grpo_loss",
     "denoising_target",
     "diffusion_dpo_loss",
     "margin_bounded_loss",

@@ -294,7 +294,61 @@ class DPOConfig:
     eval_every: int = 1  # epochs
 
 
+@dataclass
+class GRPOConfig:
+    """GRPO (armature/jobs/grpo.py): Flow-GRPO with denoising reduction and MixGRPO's window."""
+
+    name: str = "grpo"
+    num_epochs: int = 10
+    prompts_per_epoch: int = 8  # prompt slots per epoch, over all workers
+    group_size: int = 4  # images per prompt slot (G); advantages are normalised within it
+    train_batch_size: int = 8  # samples per micro-batch on one worker
+    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step (times the window steps)
+    num_inner_epochs: int = 1
+    train_num_steps: Optional[int] = None  # denoising reduction: steps of training rollouts (None: sampling.num_steps)
+    sde_window_size: int = 0  # MixGRPO: SDE (and trained) steps per trajectory; 0: all of them
+    sde_window_stride: int = 1  # steps the window moves ...
+    sde_window_shift_every: int = 1  # ... every this many epochs
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    clip_range: float = 0.05
+    adv_clip_max: float = 5.0
+    adv_eps: float = 1e-4
+    scale_by_group_std: bool = True  # False: only centre within the group
+    beta: float = 0.0  # KL penalty to the frozen reference policy
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (armature/jobs/nft.py): negative-aware fine-tuning on the forward process."""
+
+    name: str = "nft"
+    num_epochs: int = 10
+    prompts_per_epoch: int = 8
+    group_size: int = 4
+    train_batch_size: int = 8
+    gradient_accumulation_batches: int = 1
+    num_inner_epochs: int = 1
+    timesteps_per_sample: int = 2  # forward-process draws (t, noise) per clean sample
+    sampler: str = "ode"  # how the sampling policy draws images: ode or sde (any solver works)
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    beta: float = 1.0  # strength of the implicit positive / negative mixing
+    reward_norm: str = "group"  # Z_c of r = 1/2 + 1/2 clip((R - mean_c) / Z_c, -1, 1): group or global std
+    ema_decay_rate: float = 0.1  # sampling policy <- eta * sampling + (1 - eta) * trained, eta_i = ...
+    ema_decay_max: float = 0.5  # ... min(ema_decay_rate * i, ema_decay_max) at epoch i
+
+
 ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
+ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
 
 
 def validate_algo(algo: DictConfig) -> DictConfig:
@@ -400,8 +454,55 @@ def check(cfg: DictConfig) -> None:
             errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
         if cfg.data.heldout_fraction > 0 and algo.heldout_draws < 1:
             errors.append(f"algo.heldout_draws={algo.heldout_draws}: must be >= 1")
+    if algo is not None and algo.name in ("grpo", "nft"):
+        errors.extend(_check_group_learner(cfg, algo))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _check_group_learner(cfg: DictConfig, algo: DictConfig) -> list[str]:
+    """GRPO and DiffusionNFT: group sizes, batch divisibility, window and NFT settings."""
+    errors = []
+    workers = cfg.trainer.num_workers
+    if algo.group_size < 2:
+        errors.append(f"algo.group_size={algo.group_size}: a group needs >= 2 images to compare")
+    if algo.prompts_per_epoch < 1 or algo.prompts_per_epoch % workers:
+        errors.append(f"algo.prompts_per_epoch={algo.prompts_per_epoch} must be >= 1 and divide evenly "
+                      f"over trainer.num_workers={workers}")
+    else:
+        per_worker = algo.prompts_per_epoch // workers * algo.group_size
+        if per_worker % algo.train_batch_size:
+            errors.append(f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
+                          f"({per_worker} = prompts_per_epoch / num_workers * group_size)")
+        elif (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
+            errors.append(f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
+                          f"the micro-batches per worker ({per_worker // algo.train_batch_size})")
+    if algo.name == "grpo":
+        steps = algo.train_num_steps or cfg.sampling.num_steps
+        if algo.train_num_steps is not None and algo.train_num_steps < 1:
+            errors.append(f"algo.train_num_steps={algo.train_num_steps}: must be >= 1 (or null: sampling.num_steps)")
+        if not 0 <= algo.sde_window_size <= steps:
+            errors.append(f"algo.sde_window_size={algo.sde_window_size}: must be in [0, {steps}] "
+                          "(0: every step; at most the training rollout's steps)")
+        if algo.sde_window_stride < 0 or algo.sde_window_shift_every < 1:
+            errors.append("algo.sde_window_stride must be >= 0 and algo.sde_window_shift_every >= 1")
+        if algo.beta < 0 or algo.clip_range < 0:
+            errors.append(f"algo.beta={algo.beta} and algo.clip_range={algo.clip_range} must be >= 0")
+        if cfg.model.family in ("tiny_flow", "sd3", "flux") and cfg.sampling.noise_level <= 0:
+            errors.append(f"sampling.noise_level={cfg.sampling.noise_level}: GRPO needs SDE steps, set it > 0")
+    if algo.name == "nft":
+        if cfg.model.family not in ("tiny_flow", "sd3", "flux"):
+            errors.append(f"model.family={cfg.model.family}: DiffusionNFT trains flow-matching models; "
+                          "use model=tiny_flow (or family sd3 / flux)")
+        if algo.sampler not in ("ode", "sde"):
+            errors.append(f"algo.sampler={algo.sampler}: use ode or sde")
+        if algo.reward_norm not in ("group", "global"):
+            errors.append(f"algo.reward_norm={algo.reward_norm}: use group or global")
+        if algo.beta <= 0 or algo.timesteps_per_sample < 1:
+            errors.append(f"algo.beta={algo.beta} must be > 0 and algo.timesteps_per_sample >= 1")
+        if not (0 <= algo.ema_decay_max < 1 and algo.ema_decay_rate >= 0):
+            errors.append(f"algo.ema_decay_max={algo.ema_decay_max} must be in [0, 1), algo.ema_decay_rate >= 0")
+    return errors
 
 
 def check_serve(cfg: DictConfig) -> None:

@@ -1,0 +1,276 @@
+"""What the online group learners (GRPO, DiffusionNFT) share: driver, sampling plan, checkpoints.
+
+* ``run_online`` is the driver: connect to Ray, open the MLflow run, start the sampler and
+  reward actors, hand a ``TorchTrainer`` the job's ``train_loop``, close and register.
+* ``epoch_plan`` decides, from the seed and the epoch only, which prompts the epoch draws, how
+  they group (``group_size`` images per prompt slot) and every sample's seed: a run's samples do
+  not depend on the number of workers, sampler or reward actors.
+* ``sample_and_score`` sends the batches to the samplers; each batch's images go straight from
+  its sampler to a reward actor (an object reference), so rewards are scored while the next
+  batches are still being sampled. It reports how long the learner waited on each side.
+* ``save_checkpoint`` / ``restore_checkpoint``: the DeepSpeed state, a JSON state and optional
+  extra tensors (NFT's sampling policy), in a Ray Train checkpoint.
+
+The DDPO job's helpers (prompt lists, all-gather, progress line) are imported, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from armature.jobs.ddpo import _all_gather, _all_reduce_mean, _param_grad_norm, _print_progress, _prompt_list
+
+__all__ = ["run_online", "epoch_plan", "sample_and_score", "save_checkpoint", "restore_checkpoint",
+           "EpochPlan", "_all_gather", "_all_reduce_mean", "_param_grad_norm", "_print_progress", "_prompt_list"]
+
+STATE_FILE = "armature_state.json"
+EXTRA_FILE = "armature_extra.safetensors"
+RUN_FILE = "armature_run.json"
+
+
+# ============================================================================ driver
+def run_online(cfg: DictConfig, train_loop) -> dict:
+    """Run an online learner job (``train_loop`` on Ray Train) with sampler and reward actors."""
+    import os
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from armature.actors import start_reward_actors, start_samplers
+    from armature.platform.cluster import connect
+    from armature.platform.config import flatten
+    from armature.platform.storage import normalize_storage_path, read_json, write_json
+    from armature.platform.tracking import RunLogger, resolve_tracking, start_run
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    algo, trainer_cfg, cluster, tracking = c["algo"]["name"], c["trainer"], c["cluster"], c["tracking"]
+    run_name = tracking["run_name"] or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = normalize_storage_path(trainer_cfg["storage_path"])
+    run_file = f"{storage}/{run_name}/{RUN_FILE}"
+    required = (trainer_cfg["num_workers"] * trainer_cfg["cpus_per_worker"]
+                + cluster["num_samplers"] * cluster["sampler_num_cpus"]
+                + c["reward"]["num_actors"] * c["reward"]["num_cpus"])
+    local = connect(cluster, required, cluster.get("runtime_env"))
+    threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
+
+    previous = read_json(run_file) or {}
+    tracking_uri, _ = resolve_tracking(tracking)
+    run_id = start_run(tracking, run_name, flatten(cfg),
+                       run_id=previous.get("mlflow_run_id") or tracking["run_id"],
+                       tags={"armature.job": "train", "armature.algo": algo}, resumed=bool(previous))
+    write_json(run_file, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
+    print(f"[armature] run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
+
+    samplers = start_samplers(
+        cluster["num_samplers"], c["model"], c["sampling"], seed=trainer_cfg["seed"],
+        num_cpus=cluster["sampler_num_cpus"], num_gpus=cluster["sampler_num_gpus"],
+        max_restarts=cluster["max_restarts"], threads=threads,
+        resources=cluster["sampler_resources"], scheduling=cluster["actor_scheduling"],
+    )
+    rewards = start_reward_actors(
+        c["reward"]["num_actors"], c["reward"]["components"], num_cpus=c["reward"]["num_cpus"],
+        num_gpus=c["reward"]["num_gpus"], max_restarts=cluster["max_restarts"],
+        resources=c["reward"]["resources"], scheduling=cluster["actor_scheduling"],
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": c, "samplers": samplers, "rewards": rewards, "run_id": run_id,
+                           "tracking_uri": tracking_uri, "threads": threads},
+        scaling_config=ScalingConfig(
+            num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],
+            resources_per_worker={"CPU": trainer_cfg["cpus_per_worker"], **trainer_cfg["resources_per_worker"]},
+            placement_strategy=trainer_cfg["placement_strategy"],
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["checkpoints_to_keep"]),
+            failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
+        ),
+    )
+    logger = RunLogger(tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.finish("FINISHED")
+    if tracking.get("registered_model"):
+        from armature.platform.registry import register_adapter
+
+        version = register_adapter(tracking_uri, run_id, tracking["registered_model"],
+                                   tags={"run_name": run_name, "algo": algo})
+        print(f"[armature] adapter registered as {tracking['registered_model']}/{version}", flush=True)
+    for actor in samplers + rewards:
+        ray.kill(actor)
+    return dict(result.metrics or {})
+
+
+# ============================================================================ sampling
+@dataclass
+class EpochPlan:
+    """One worker's share of an epoch: its prompts, their groups and every sample's seed."""
+
+    prompts: list[str]  # this worker's samples (each prompt slot repeated group_size times)
+    groups: list[str]  # the group (prompt slot of the epoch) of each sample
+    seeds: list[int]  # one seed per sample
+
+
+def epoch_plan(prompts: list[str], seed: int, epoch: int, prompts_per_epoch: int, group_size: int,
+               rank: int, world: int) -> EpochPlan:
+    """The epoch's prompt slots are drawn from (seed, epoch) alone; slot k's sample g has the
+    seed SeedSequence([seed, epoch, k, g]). Worker ``rank`` takes slots rank, rank + world, ..."""
+    rng = np.random.default_rng([seed, epoch])
+    chosen = rng.integers(len(prompts), size=prompts_per_epoch)
+    mine = range(rank, prompts_per_epoch, world)
+    plan = EpochPlan([], [], [])
+    for k in mine:
+        for g in range(group_size):
+            plan.prompts.append(prompts[chosen[k]])
+            plan.groups.append(f"{epoch}:{k}")
+            plan.seeds.append(int(np.random.SeedSequence([seed, epoch, k, g]).generate_state(1)[0] >> 1))
+    return plan
+
+
+def sample_and_score(plan: EpochPlan, samplers: list, rewards: list, batch_size: int, weights, version: int,
+                     rank: int, world: int, **rollout_kwargs):
+    """Roll out the plan in batches and score each batch as soon as it is sampled.
+
+    Every batch is submitted at once; a reward actor's ``score`` waits on its batch's images
+    (an object reference), so scoring overlaps the sampling of the following batches. Returns
+    ``(trajectory, rewards [N], components, images, timings)``; ``timings`` holds the sampler
+    time, and how long the learner waited for trajectories and then for the remaining scores.
+    """
+    import ray
+
+    from armature.policies import Trajectory
+
+    t0 = time.perf_counter()
+    traj_refs, score_refs, image_refs = [], [], []
+    for b, start in enumerate(range(0, len(plan.prompts), batch_size)):
+        sl = slice(start, start + batch_size)
+        sampler = samplers[(rank + b * world) % len(samplers)]
+        traj_ref, images_ref = sampler.rollout.remote(plan.prompts[sl], plan.seeds[sl], weights, version,
+                                                      **rollout_kwargs)
+        scorer = rewards[(rank + b * world) % len(rewards)]
+        traj_refs.append(traj_ref)
+        image_refs.append(images_ref)
+        score_refs.append(scorer.score.remote(images_ref, plan.prompts[sl]))
+    parts = ray.get(traj_refs)
+    t1 = time.perf_counter()
+    scores = ray.get(score_refs)
+    t2 = time.perf_counter()
+    traj = Trajectory.concat(parts)
+    reward = np.concatenate([s["reward"] for s in scores]).astype(np.float32)
+    components = {k: np.concatenate([s[k] for s in scores]) for k in scores[0] if k != "reward"}
+    timings = {"wait_sampling_s": t1 - t0, "wait_rewards_after_sampling_s": t2 - t1,
+               "sampler_busy_s": float(sum(p.elapsed_s for p in parts))}
+    return traj, reward, components, image_refs, timings
+
+
+# ============================================================================ checkpoints
+def save_checkpoint(engine, state: dict, epoch: int, unlogged: list, rank: int,
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Report a Ray Train checkpoint: every rank's DeepSpeed shard, rank 0's JSON state (epoch,
+    unlogged metrics, ``state``) and ``extra`` tensors."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"epoch": epoch, "unlogged": unlogged, **state}))
+            if extra:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in extra.items()}, Path(tmp) / EXTRA_FILE)
+        ray.train.report(unlogged[-1][1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_checkpoint(engine, logger) -> tuple[int, dict, dict[str, torch.Tensor] | None]:
+    """``(epoch to start from, JSON state, extra tensors)``; (0, {}, None) without a checkpoint.
+    Logs the checkpoint's metrics that had not reached MLflow."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, {}, None
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False)
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        extra = None
+        if (Path(directory) / EXTRA_FILE).is_file():
+            from safetensors.torch import load_file
+
+            extra = load_file(Path(directory) / EXTRA_FILE)
+    if logger is not None:
+        logged = logger.last_step("epoch")
+        for step, values in state["unlogged"]:
+            if step > logged:
+                logger.log_metrics(values, step=step)
+        print(f"[armature] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+    return state["epoch"] + 1, state, extra
+
+
+def finish_epoch(engine, logger, c: dict, epoch: int, metrics: dict, unlogged: list, rank: int,
+                 image_refs: list, state: dict | None = None, extra_fn=None) -> list:
+    """Print, checkpoint (every ``trainer.checkpoint_every`` epochs) and log an epoch's metrics;
+    metrics reach MLflow only once their checkpoint is registered. Returns the unlogged list."""
+    import ray
+    import ray.train
+
+    unlogged.append((epoch, metrics))
+    if logger is not None:
+        every = c["tracking"]["log_images_every"]
+        if every and epoch % every == 0:
+            images = np.concatenate([ray.get(ref) for ref in image_refs])
+            logger.log_images(images[: c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
+        _print_progress(epoch, c["algo"]["num_epochs"], metrics)
+    last = epoch + 1 == c["algo"]["num_epochs"]
+    if last or (epoch + 1) % c["trainer"]["checkpoint_every"] == 0:
+        save_checkpoint(engine, state or {}, epoch, unlogged, rank, extra_fn() if extra_fn else None)
+        ray.train.get_all_reported_checkpoints()
+        if logger is not None:
+            for step, values in unlogged:
+                logger.log_metrics(values, step=step)
+        return []
+    ray.train.report(metrics)
+    return unlogged
+
+
+def save_final(policy, logger, c: dict) -> None:
+    """Log the trained adapter (or weights) and the config as the run's artifacts."""
+    if logger is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save_trainable(Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"]})
+        logger.log_artifacts(Path(tmp) / "adapter", "adapter")
+        logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+
+
+def deepspeed_engine(policy, algo: dict, trainer_cfg: dict, accumulation: int):
+    """Wrap the policy's trainable weights with DeepSpeed (AdamW, clipping, ZeRO stage)."""
+    import deepspeed
+
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
+                                  weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"])
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=policy.unet, model_parameters=params, optimizer=optimizer,
+        config={
+            "train_micro_batch_size_per_gpu": algo["train_batch_size"],
+            "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": algo["max_grad_norm"],
+            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        },
+    )
+    return engine, optimizer, params
