@@ -22,7 +22,7 @@ def test_default_composes_with_groups():
         (["trainer.num_workers=two"], "trainer.num_workers"),  # wrong type
         (["+algo.learning_rte=1"], "learning_rte"),  # unknown key in the algorithm's schema
         (["algo.clip_range=wide"], "clip_range"),  # wrong type in the algorithm's schema
-        (["model=sd3"], "model/sd3"),  # unknown group option
+        (["model=sd9"], "model/sd9"),  # unknown group option
         (["trainer.zero_stage=3"], "trainer.zero_stage"),
         (["algo.samples_per_epoch=30", "trainer.num_workers=4"], "algo.samples_per_epoch"),
         (["algo.train_batch_size=5"], "algo.train_batch_size"),

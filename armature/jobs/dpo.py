@@ -28,14 +28,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from armature.losses import (
     denoising_target,
@@ -47,41 +46,23 @@ from armature.losses import (
 )
 
 STATE_FILE = "armature_state.json"
-RUN_FILE = "armature_run.json"
 NATIVE_SIZE = {"sd": 512, "sdxl": 1024}
 
 
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Run a DPO job as configured; returns the last epoch's metrics."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     from armature.data.stream import build_datasets, quarantine_summary
-    from armature.platform.cluster import connect
-    from armature.platform.config import flatten
-    from armature.platform.storage import normalize_storage_path, read_json, write_json
-    from armature.platform.tracking import RunLogger, resolve_tracking, start_run
+    from armature.platform.launch import fit, open_run, trainer_kwargs
 
-    c = OmegaConf.to_container(cfg, resolve=True)
-    algo, data, trainer_cfg, cluster, tracking = c["algo"], c["data"], c["trainer"], c["cluster"], c["tracking"]
-    run_name = tracking["run_name"] or f"{algo['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = normalize_storage_path(trainer_cfg["storage_path"])
-    run_dir = f"{storage}/{run_name}"  # a folder or a URI
-
-    required = (trainer_cfg["num_workers"] * trainer_cfg["cpus_per_worker"]
-                + data["encoder_actors"] * data["encoder_num_cpus"] + 1)  # + 1: the data tasks
-    local = connect(cluster, required, cluster.get("runtime_env"))
-    threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
-
-    previous = read_json(f"{run_dir}/{RUN_FILE}") or {}
-    tracking_uri, _ = resolve_tracking(tracking)
-    run_id = start_run(
-        tracking, run_name, flatten(cfg), run_id=previous.get("mlflow_run_id") or tracking["run_id"],
-        tags={"armature.job": "train", "armature.algo": algo["name"]}, resumed=bool(previous),
-    )
-    write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
-    print(f"[armature] run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
+    t, data = cfg.trainer, cfg.data
+    # + 1 CPU: the data tasks
+    job = open_run(cfg, t.num_workers * t.cpus_per_worker + data.encoder_actors * data.encoder_num_cpus + 1)
+    c, threads, run_dir = job.cfg, job.threads, job.run_dir
+    algo, data, trainer_cfg = c["algo"], c["data"], c["trainer"]
 
     # ---- the pairs: given, or synthetic ------------------------------------------------
     import ray.data
@@ -104,35 +85,13 @@ def run(cfg: DictConfig) -> dict:
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": c, "run_id": run_id, "tracking_uri": tracking_uri, "threads": threads,
+        train_loop_config={"cfg": c, "run_id": job.run_id, "tracking_uri": job.tracking_uri, "threads": threads,
                            "quarantine": quarantine, "counts": counts},
         datasets={"train": train_ds, "heldout": heldout_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        scaling_config=ScalingConfig(
-            num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],
-            resources_per_worker={"CPU": trainer_cfg["cpus_per_worker"], **trainer_cfg["resources_per_worker"]},
-            placement_strategy=trainer_cfg["placement_strategy"],
-        ),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["checkpoints_to_keep"]),
-            failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
-        ),
+        **trainer_kwargs(job),
     )
-    logger = RunLogger(tracking_uri, run_id)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        logger.finish("FAILED")
-        raise
-    logger.finish("FINISHED")
-    if tracking.get("registered_model"):
-        from armature.platform.registry import register_adapter
-
-        version = register_adapter(tracking_uri, run_id, tracking["registered_model"],
-                                   tags={"run_name": run_name, "algo": algo["name"]})
-        print(f"[armature] adapter registered as {tracking['registered_model']}/{version}", flush=True)
-    return dict(result.metrics or {})
+    return fit(trainer, job)
 
 
 # ============================================================================ learner
