@@ -347,7 +347,32 @@ class NFTConfig:
     ema_decay_max: float = 0.5  # ... min(ema_decay_rate * i, ema_decay_max) at epoch i
 
 
+@dataclass
+class AlignPropConfig:
+    """Reward-gradient learners (armature/jobs/alignprop.py): AlignProp, DRaFT-K and ReFL."""
+
+    name: str = "alignprop"  # alignprop | draft | refl (one learner, three settings)
+    num_epochs: int = 10
+    batches_per_epoch: int = 4  # micro-batches per worker per epoch
+    batch_size: int = 4  # images per micro-batch on one worker
+    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    # K, the steps the gradient passes through, drawn per micro-batch uniformly from
+    # [truncation_min, truncation_max] (AlignProp); equal bounds: DRaFT-K's fixed K
+    truncation_min: int = 1
+    truncation_max: int = 10
+    predict_x0: bool = False  # ReFL: reward on the predicted x0 of the K-th step from the end
+    gradient_checkpointing: bool = True  # recompute each backpropagated UNet call
+    reward_scale: float = 1.0  # loss = -reward_scale * reward
+
+
 ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
+ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "refl": AlignPropConfig})
 ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
 
 
@@ -456,6 +481,12 @@ def check(cfg: DictConfig) -> None:
             errors.append(f"algo.heldout_draws={algo.heldout_draws}: must be >= 1")
     if algo is not None and algo.name in ("grpo", "nft"):
         errors.extend(_check_group_learner(cfg, algo))
+    if algo is not None and algo.name in ("alignprop", "draft", "refl"):
+        if not 1 <= algo.truncation_min <= algo.truncation_max <= cfg.sampling.num_steps:
+            errors.append(f"algo.truncation_min={algo.truncation_min}, algo.truncation_max={algo.truncation_max}: "
+                          f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}")
+        if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
+            errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
