@@ -23,10 +23,20 @@ class RewardScorer:
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """``{"reward": [B], "<component>": [B], ...}`` for images ``[B, H, W, 3]`` uint8."""
         pil = [Image.fromarray(np.asarray(a)) for a in images]
-        scores = {"reward": self.reward(pil, prompts)}
-        if isinstance(self.reward, WeightedSum):
-            scores.update(self.reward.components(pil, prompts))
-        return scores
+        if not isinstance(self.reward, WeightedSum):
+            return {"reward": self.reward(pil, prompts)}
+        # each component scores once; the total is their weighted sum (as WeightedSum computes it)
+        components = self.reward.components(pil, prompts)
+        total = np.zeros(len(pil), dtype=np.float64)
+        for name, values in components.items():
+            total += self.reward.weights[name] * values.astype(np.float64)
+        return {"reward": total.astype(np.float32), **components}
+
+    def stats(self) -> dict[str, int]:
+        """Counters the rewards keep (e.g. the MLLM judge's ``<attribute>/failed`` answers), by component."""
+        rewards = self.reward.rewards if isinstance(self.reward, WeightedSum) else {self.reward.name: self.reward}
+        return {f"{name}/{key}": int(value) for name, reward in rewards.items()
+                for key, value in dict(getattr(reward, "stats", None) or {}).items()}
 
 
 def start_reward_actors(n: int, components: dict, *, num_cpus: float, num_gpus: float,

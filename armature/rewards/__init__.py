@@ -12,6 +12,9 @@ from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility,
 from .aesthetic import AestheticHead, AestheticScorer, build_tiny_aesthetic, clip_preprocess  # noqa: E402
 from .analytic import Brightness, Colorfulness  # noqa: E402
 from .pose import BlazePose, PoseReward  # noqa: E402  (ai-edge-litert is imported on first use)
+from .clip_score import ClipSimilarity, clip_score, hps_v2, pickscore  # noqa: E402
+from .image_reward import ImageReward  # noqa: E402
+from .judge import MLLMJudge  # noqa: E402
 from .base import require_differentiable  # noqa: E402
 
 __all__ = [
