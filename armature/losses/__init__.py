@@ -3,6 +3,7 @@
 from armature.losses.advantages import PerPromptStatTracker, normalize_rewards
 from armature.losses.ddpo import ddpo_loss
 from armature.losses.grpo import group_advantages, grpo_loss
+from armature.losses.nft import ema_update, forward_process, nft_loss, optimality_probability
 from armature.losses.dpo import (
     denoising_target,
     diffusion_dpo_loss,
@@ -17,6 +18,10 @@ __all__ = [
     "ddpo_loss",
     "group_advantages",
     "grpo_loss",
+    "ema_update",
+    "forward_process",
+    "nft_loss",
+    "optimality_probability",
     "denoising_target",
     "diffusion_dpo_loss",
     "margin_bounded_loss",
