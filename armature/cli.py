@@ -16,7 +16,6 @@ import sys
 
 JOBS = {"ddpo": "armature.jobs.ddpo", "dpo": "armature.jobs.dpo", "asap_dpo": "armature.jobs.dpo"}
 JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
-JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
 JOBS.update({"alignprop": "armature.jobs.alignprop", "draft": "armature.jobs.alignprop", "refl": "armature.jobs.alignprop"})
 
 EPILOG = """examples:
