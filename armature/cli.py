@@ -5,6 +5,7 @@
     armature jobs list|status|logs|stop the submitted jobs
     armature serve [overrides]          the image generator on Ray Serve (HTTP)
     armature assets pose                fetch the pose reward's models once (MediaPipe BlazePose)
+    armature label serve|annotator|...  human feedback: the labeling page and the preference store
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")
     fetch.add_argument("--wheel", help="extract from this mediapipe wheel instead of downloading it")
     fetch.set_defaults(func=cmd_assets)
+
+    from armature.feedback.commands import add_parser as add_label_parser  # armature label serve|annotator|...
+
+    add_label_parser(sub)
     return parser
 
 
