@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from armature.policies import DiffusionPolicy, SamplingParams, ddim_step_with_logprob
+from armature.rewards.selection import best_of  # shared with armature.actors.best_of_n
 
 __all__ = ["ImageJob", "PassShape", "generate", "best_of"]
 
@@ -93,8 +94,3 @@ def _sample(policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, sho
             latents = scheduler.step(output, t, latents, eta=0.0).prev_sample
     return policy.decode(latents)
 
-
-def best_of(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` best scores, best first (ties: the earlier candidate; NaN ranks last)."""
-    scores = np.where(np.isnan(scores), -np.inf, np.asarray(scores, dtype=np.float64))
-    return np.argsort(-scores, kind="stable")[:n]
