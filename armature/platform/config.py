@@ -371,7 +371,20 @@ class AlignPropConfig:
     reward_scale: float = 1.0  # loss = -reward_scale * reward
 
 
+@dataclass
+class BestOfNConfig:
+    """Best-of-N selection job (armature/jobs/bon.py): `armature train algo=bon`."""
+
+    name: str = "bon"
+    n: int = 8  # candidates per prompt
+    k: int = 1  # kept per prompt
+    repeats: int = 1  # each prompt of prompts.* this many times
+    log_prompts: int = 4  # prompts whose kept and rejected candidates are logged as images
+    pairs_path: Optional[str] = None  # write each prompt's (best, worst) as preference pairs (Parquet)
+
+
 ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
+ALGO_SCHEMAS.update({"bon": BestOfNConfig})
 ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "refl": AlignPropConfig})
 ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
 
@@ -487,6 +500,8 @@ def check(cfg: DictConfig) -> None:
                           f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}")
         if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
             errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
+    if algo is not None and algo.name == "bon" and (algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1):
+        errors.append(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
