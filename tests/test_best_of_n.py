@@ -82,3 +82,43 @@ def test_bad_requests(actors):
         best_of_n(samplers, rewards, ["a"], n=2, k=3)
     with pytest.raises(ValueError, match="at least one prompt"):
         best_of_n(samplers, rewards, [], n=2)
+
+
+def test_bon_job_logs_kept_and_rejected_and_writes_pairs(ray_cluster, tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from armature.data.pairs import read_pairs
+    from armature.jobs import bon
+    from armature.platform.config import compose
+
+    cfg = compose("train", [
+        "algo=bon", "reward=brightness", "algo.n=4", "algo.k=1", "algo.log_prompts=1",
+        f"algo.pairs_path={tmp_path / 'pairs.parquet'}", "sampling.num_steps=3", "sampling.batch_size=8",
+        "model.tiny.image_size=16", "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.5", "cluster.torch_threads=1",
+        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=bon",
+    ])
+    metrics = bon.run(cfg)
+    assert metrics["candidates"] == 16 and metrics["best_reward_mean"] > metrics["single_reward_mean"]
+    info = json.loads((tmp_path / "ray" / "bon" / "armature_run.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["kept_reward_mean"] == pytest.approx(metrics["kept_reward_mean"])
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "candidates")}
+    assert files == {"candidates/prompt_000_kept.png", "candidates/prompt_000_rejected.png"}
+    table = json.loads(client.download_artifacts(run.info.run_id, "candidates.json", str(tmp_path)) and
+                       (tmp_path / "candidates.json").read_text())
+    assert len(table) == 16 and sum(r["kept"] for r in table) == 4
+    for i in range(4):  # the kept candidate is each prompt's highest reward
+        rows = [r for r in table if r["prompt_index"] == i]
+        assert max(rows, key=lambda r: r["reward"])["kept"]
+    assert read_pairs(tmp_path / "pairs.parquet").num_rows == metrics["pairs_written"] == 4
+
+
+def test_bon_config_checks():
+    from armature.platform.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=r"algo.n=2, algo.k=3"):
+        compose("train", ["algo=bon", "algo.n=2", "algo.k=3"])
