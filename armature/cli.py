@@ -18,6 +18,7 @@ import sys
 JOBS = {"ddpo": "armature.jobs.ddpo", "dpo": "armature.jobs.dpo", "asap_dpo": "armature.jobs.dpo"}
 JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
 JOBS.update({"alignprop": "armature.jobs.alignprop", "draft": "armature.jobs.alignprop", "refl": "armature.jobs.alignprop"})
+JOBS.update({"online_dpo": "armature.jobs.online_dpo"})
 JOBS["bon"] = "armature.jobs.bon"  # Best-of-N selection, no training: `armature train algo=bon`
 
 EPILOG = """examples:

@@ -394,6 +394,11 @@ class PreferenceStore:
             out.setdefault(f"labels_{decision}", 0)
         return {k: int(v or 0) for k, v in out.items()}
 
+    def counts_by_round(self) -> dict[int, int]:
+        """How many pairs each round stored."""
+        with Session(self.engine) as s:
+            return {int(r): int(n) for r, n in s.execute(select(PairRow.round, func.count()).group_by(PairRow.round))}
+
     def decisions(self) -> dict[str, list[str]]:
         """Per labeled pair, its decisions in label order."""
         out: dict[str, list[str]] = {}

@@ -389,6 +389,66 @@ ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "re
 ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
 
 
+@dataclass
+class OnlineDPOConfig:
+    """The online feedback loop (armature/jobs/online_dpo.py): sample pairs, label, Diffusion-DPO, repeat."""
+
+    name: str = "online_dpo"
+    num_rounds: int = 4  # sample -> label -> learn -> new weights to the samplers
+    pairs_per_round: int = 32  # pairs stored for labeling each round
+    prefilter_keep: float = 1.0  # share of sampled pairs kept, the reward's (reward.*) most uncertain first
+    store: Optional[str] = None  # preference store: SQLite path or SQLAlchemy URL; None: <run folder>/feedback.db
+    annotator: str = "simulated"  # simulated (a reward stands in for people) | human (the labeling page)
+    annotator_reward: dict[str, Any] = field(default_factory=lambda: {"brightness": {"weight": 1.0}})
+    num_annotators: int = 2  # simulated annotators
+    annotator_noise: float = 0.1  # probability a simulated annotator picks the reward's loser
+    annotator_tie_rate: float = 0.05  # probability it answers "no preference"
+    labels_per_pair: int = 2  # people (or simulated annotators) who label each pair
+    min_labels_per_round: int = 0  # human: new labels to wait for per round; 0: pairs_per_round * labels_per_pair
+    label_timeout_s: float = 3600.0  # human: train on what is there after this long
+    epochs_per_round: int = 2  # passes over the labeled training pairs per round
+    train_batch_size: int = 8
+    gradient_accumulation_batches: int = 1
+    learning_rate: float = 3e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    beta: float = 5000.0  # Diffusion-DPO's KL strength
+    alpha: float = 0.0  # ASAP's region weight (the online pairs have no masks: 0)
+    tau: Optional[float] = None
+    prediction_type: Optional[str] = None
+    heldout_draws: int = 4
+
+
+def _check_online_dpo(cfg: DictConfig, algo: DictConfig) -> list[str]:
+    errors = []
+    if algo.num_rounds < 1 or algo.pairs_per_round < 1 or algo.epochs_per_round < 1:
+        errors.append("algo.num_rounds, algo.pairs_per_round and algo.epochs_per_round must be >= 1")
+    if not 0 < algo.prefilter_keep <= 1:
+        errors.append(f"algo.prefilter_keep={algo.prefilter_keep}: must be in (0, 1] (1 keeps every pair)")
+    if algo.annotator not in ("simulated", "human"):
+        errors.append(f"algo.annotator={algo.annotator}: use simulated or human")
+    if algo.annotator == "simulated" and not algo.annotator_reward:
+        errors.append("algo.annotator_reward is empty: name the simulated annotator's reward, e.g. {brightness: {weight: 1}}")
+    if not 0 <= algo.annotator_noise <= 1 or not 0 <= algo.annotator_tie_rate <= 1:
+        errors.append(f"algo.annotator_noise={algo.annotator_noise}, algo.annotator_tie_rate={algo.annotator_tie_rate}: "
+                      "probabilities in [0, 1]")
+    if algo.labels_per_pair < 1 or (algo.annotator == "simulated" and algo.labels_per_pair > algo.num_annotators):
+        errors.append(f"algo.labels_per_pair={algo.labels_per_pair}: must be >= 1 and, with simulated annotators, "
+                      f"<= algo.num_annotators={algo.num_annotators}")
+    if algo.beta <= 0 or algo.prediction_type not in (None, "epsilon", "v_prediction"):
+        errors.append(f"algo.beta={algo.beta} must be > 0; algo.prediction_type: epsilon, v_prediction or null")
+    if not 0 < cfg.data.heldout_fraction < 1:
+        errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: online_dpo measures held-out accuracy, "
+                      "use a value in (0, 1), e.g. 0.25")
+    return errors
+
+
+ALGO_SCHEMAS.update({"online_dpo": OnlineDPOConfig})
+
+
 def validate_algo(algo: DictConfig) -> DictConfig:
     """Check ``algo`` against its schema: unknown keys and wrong types fail naming the key."""
     name = algo.get("name") if isinstance(algo, DictConfig) else None
@@ -494,6 +554,8 @@ def check(cfg: DictConfig) -> None:
             errors.append(f"algo.heldout_draws={algo.heldout_draws}: must be >= 1")
     if algo is not None and algo.name in ("grpo", "nft"):
         errors.extend(_check_group_learner(cfg, algo))
+    if algo is not None and algo.name == "online_dpo":
+        errors.extend(_check_online_dpo(cfg, algo))
     if algo is not None and algo.name in ("alignprop", "draft", "refl"):
         if not 1 <= algo.truncation_min <= algo.truncation_max <= cfg.sampling.num_steps:
             errors.append(f"algo.truncation_min={algo.truncation_min}, algo.truncation_max={algo.truncation_max}: "

@@ -1,0 +1,112 @@
+"""The online feedback loop: the simulated annotator and the pre-filter (fast), the config, and a
+few rounds of `armature train algo=online_dpo` on the tiny model (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from armature.feedback.simulated import SimulatedAnnotator, uncertainty
+from armature.feedback.store import PreferenceStore
+from armature.rewards import load
+
+
+def _gray_pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(0, 256, size=(n, 2))
+    levels[levels[:, 0] == levels[:, 1], 1] ^= 1  # no exact ties
+    pairs = [{"prompt": "p", "image_a": np.full((8, 8, 3), a, np.uint8), "image_b": np.full((8, 8, 3), b, np.uint8)}
+             for a, b in levels]
+    return pairs, levels
+
+
+def test_noiseless_annotator_follows_the_reward_through_the_shuffle(tmp_path):
+    store = PreferenceStore(tmp_path / "fb.db")
+    pairs, levels = _gray_pairs(30)
+    ids = store.add_pairs(pairs)
+    annotator = SimulatedAnnotator(load("brightness"), name="sim", noise=0.0, tie_rate=0.0, seed=1)
+    assert annotator.label(store) == 30
+    labels = {lab["pair_id"]: lab for lab in store.labels()}
+    shown = {lab["shown_left"] for lab in labels.values()}
+    assert shown == {"a", "b"}  # served in both orders
+    for pair_id, (a, b) in zip(ids, levels):
+        assert labels[pair_id]["decision"] == ("w" if a > b else "l")  # brighter image a: w
+
+
+def test_noise_and_tie_rates(tmp_path):
+    store = PreferenceStore(tmp_path / "fb.db")
+    pairs, levels = _gray_pairs(400, seed=2)
+    ids = store.add_pairs(pairs)
+    SimulatedAnnotator(load("brightness"), name="sim", noise=0.3, tie_rate=0.2, seed=3).label(store)
+    truth = {pair_id: "w" if a > b else "l" for pair_id, (a, b) in zip(ids, levels)}
+    decisions = [(lab["decision"], truth[lab["pair_id"]]) for lab in store.labels()]
+    ties = sum(d == "tie" for d, _ in decisions)
+    flips = sum(d != t for d, t in decisions if d != "tie")
+    # binomial: 400 * 0.2 = 80 ties (sd 8); 320 * 0.3 = 96 flips (sd 8.2): 4 sd bounds
+    assert abs(ties - 80) < 32 and abs(flips - 0.3 * (400 - ties)) < 35
+    with pytest.raises(ValueError, match="noise"):
+        SimulatedAnnotator(load("brightness"), noise=1.5)
+
+
+def test_uncertainty_is_one_over_one_plus_gap_over_median():
+    a, b = np.array([0.0, 1.0, 5.0, 2.0]), np.array([0.0, 0.0, 1.0, 4.0])
+    gaps = [0.0, 1.0, 4.0, 2.0]
+    median = sorted(gaps)[1] / 2 + sorted(gaps)[2] / 2  # 1.5
+    expected = [1 / (1 + g / median) for g in gaps]
+    np.testing.assert_allclose(uncertainty(a, b), expected)
+    assert uncertainty(np.zeros(3), np.zeros(3)).tolist() == [1.0, 1.0, 1.0]  # all ties: median 0 -> scale 1
+
+
+def test_online_dpo_config_and_errors():
+    from armature.cli import JOBS
+    from armature.platform.config import ConfigError, compose
+
+    cfg = compose("train", ["algo=online_dpo"])
+    assert cfg.algo.name == "online_dpo" and cfg.data.heldout_fraction == 0.25 and "brightness" in cfg.algo.annotator_reward
+    assert JOBS["online_dpo"] == "armature.jobs.online_dpo"
+    for bad, key in (("algo.prefilter_keep=0", "algo.prefilter_keep"), ("algo.annotator=crowd", "algo.annotator"),
+                     ("algo.labels_per_pair=3", "algo.labels_per_pair"), ("algo.annotator_noise=2", "annotator_noise"),
+                     ("data.heldout_fraction=0", "data.heldout_fraction")):
+        with pytest.raises(ConfigError, match=key):
+            compose("train", ["algo=online_dpo", bad])
+
+
+@pytest.mark.slow
+def test_online_loop_learns_the_simulated_annotators_preference(ray_cluster, tmp_path):
+    """Rounds of sample -> simulated labels -> Diffusion-DPO on the tiny model; the held-out
+    implicit accuracy against the annotators' labels must rise."""
+    command = [
+        sys.executable, "-m", "armature.cli", "train", "algo=online_dpo", "model=tiny_lora", "reward=brightness",
+        "algo.num_rounds=4", "algo.pairs_per_round=24", "algo.epochs_per_round=4", "algo.train_batch_size=4",
+        "algo.heldout_draws=8", "sampling.num_steps=2", "reward.num_cpus=0.5", "tracking.registered_model=null",
+        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
+        "tracking.run_name=online",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((tmp_path / "ray" / "online" / "armature_run.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    history = lambda key: [m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key),
+                                                   key=lambda m: m.step)]
+    accuracy, by_pair = history("heldout_implicit_acc"), history("heldout_pair_acc")
+    print("held-out implicit accuracy by round:", accuracy, "by pair:", by_pair,
+          "agreement:", history("annotators_agreement"))
+    assert len(accuracy) == 4
+    assert history("store_labels") == [48, 96, 144, 192]  # 24 pairs a round, 2 annotators each
+    assert history("policy_version") == [1, 2, 3, 4]
+    agreement = history("annotators_agreement")[-1]
+    assert 0.6 < agreement < 1.0  # two annotators with 10 % flips and 5 % ties
+    assert accuracy[-1] > accuracy[0] and accuracy[-1] >= 0.6, (accuracy, by_pair)
+
+    store = PreferenceStore(tmp_path / "ray" / "online" / "feedback.db")
+    assert store.counts()["pairs"] == 96 and sorted(store.counts_by_round()) == [0, 1, 2, 3]
+    versions = {store.pair(pid)["policy_version"] for pid in store.decisions()}
+    assert versions == {1, 2, 3, 4}
