@@ -383,6 +383,36 @@ class BestOfNConfig:
     pairs_path: Optional[str] = None  # write each prompt's (best, worst) as preference pairs (Parquet)
 
 
+@dataclass
+class RewardModelConfig:
+    """Reward-model training (armature/jobs/reward_model.py): a CLIP scorer on preference pairs."""
+
+    name: str = "reward_model"
+    num_epochs: int = 6
+    train_batch_size: int = 16  # pairs per micro-batch on one worker
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "bradley_terry"  # bradley_terry (ties at target 0.5) or listwise (HPS: one chosen among n)
+    max_choices: int = 4  # listwise: the most images in a choice set (pairs sharing prompt and chosen image)
+    severity_weight: float = 0.0  # > 0: ordinal severity head (BACON's 4 levels) on the same score
+    backbone: str = "tiny"  # tiny (a small random CLIP built from config) or a CLIPModel hub id / folder
+    processor: Optional[str] = None  # tokenizer + preprocessing source (default: the backbone)
+    synthetic_choices: int = 3  # synthetic data: degraded copies per drawing (choice sets of up to this + 1)
+    synthetic_tie_fraction: float = 0.1  # synthetic data: share of drawings that also give a tie pair
+
+
+@dataclass
+class RewardEvalConfig:
+    """Reward evaluation (armature/jobs/reward_eval.py) on a pair dataset."""
+
+    name: str = "reward_eval"
+    # label -> reward spec ({registered name: {weight, **options}}), each scored in its own actors
+    rewards: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16  # pairs per scoring call
+    num_actors: int = 1  # per reward
+
+
 ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
 ALGO_SCHEMAS.update({"bon": BestOfNConfig})
 ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "refl": AlignPropConfig})
@@ -447,6 +477,7 @@ def _check_online_dpo(cfg: DictConfig, algo: DictConfig) -> list[str]:
 
 
 ALGO_SCHEMAS.update({"online_dpo": OnlineDPOConfig})
+ALGO_SCHEMAS.update({"reward_model": RewardModelConfig, "reward_eval": RewardEvalConfig})
 
 
 def validate_algo(algo: DictConfig) -> DictConfig:

@@ -15,6 +15,7 @@ from .pose import BlazePose, PoseReward  # noqa: E402  (ai-edge-litert is import
 from .clip_score import ClipSimilarity, clip_score, hps_v2, pickscore  # noqa: E402
 from .image_reward import ImageReward  # noqa: E402
 from .judge import MLLMJudge  # noqa: E402
+from .learned import learned  # noqa: E402
 from .base import require_differentiable  # noqa: E402
 
 __all__ = [
