@@ -143,3 +143,22 @@ def test_severity_required_when_configured(tmp_path):
     again = client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "right", "severity": 1})
     assert again.status_code == 409  # one label per person and pair
     assert PreferenceStore(db).labels()[0]["severity"] == 2
+
+
+
+def test_ray_serve_application_builds_the_app_in_the_replica(tmp_path):
+    """Under Ray Serve the replica builds the app (``__serve_build_asgi_app__``) from the URL."""
+    from fastapi.testclient import TestClient
+
+    from armature.feedback.web import deployment
+
+    db = tmp_path / "fb.db"
+    token = seed_store(db, 1)
+    app = deployment(str(db), labels_per_pair=2)
+    assert type(app).__name__ == "Application"
+    cls = app._bound_deployment.func_or_class
+    replica = cls.__new__(cls)
+    replica.args = (str(db), False, 2)  # what the replica's __init__ keeps (bound above)
+    assert app._bound_deployment.init_args == replica.args
+    client = TestClient(cls.__serve_build_asgi_app__(replica), headers={"Authorization": f"Bearer {token}"})
+    assert client.get("/api/next").json()["prompt"] == "prompt 0"

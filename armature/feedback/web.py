@@ -48,14 +48,14 @@ def _data_uri(data: bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def create_app(store: PreferenceStore | str, severity: bool = False, title: str = "Armature: which image is better?"
-               ) -> FastAPI:
-    """The labeling app. ``store``: a store or its database URL / path; ``severity``: ask for the
-    rejected image's error severity (0 none .. 3 severe) with each preference."""
+def create_app(store: PreferenceStore | str, severity: bool = False, title: str = "Armature: which image is better?",
+               labels_per_pair: int = 1) -> FastAPI:
+    """The labeling app. ``store``: a store, or its database URL / path (opened with
+    ``labels_per_pair``); ``severity``: ask for the rejected image's error severity (0 none .. 3
+    severe) with each preference."""
     if not isinstance(store, PreferenceStore):
-        store = PreferenceStore(store)
+        store = PreferenceStore(store, labels_per_pair=labels_per_pair)
     app = FastAPI(title="Armature labeling", docs_url=None, redoc_url=None)
-    app.state.store = store
 
     def annotator(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -119,18 +119,22 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8300, severity: bool = F
 
 
 def deployment(db: str, severity: bool = False, labels_per_pair: int = 1):
-    """The same app as a Ray Serve application: ``serve.run(deployment("feedback.db"))``.
-    Every replica opens the same database (use PostgreSQL when replicas span machines)."""
+    """The same app as a Ray Serve application: ``serve.run(deployment("feedback.db"))``. Each
+    replica builds the app and opens the database itself (nothing live is pickled); use
+    PostgreSQL when replicas span machines."""
     from ray import serve as ray_serve
 
-    app = create_app(PreferenceStore(db, labels_per_pair=labels_per_pair), severity=severity)
-
     @ray_serve.deployment(name="labeling")
-    @ray_serve.ingress(app)
+    @ray_serve.ingress()
     class Labeling:
-        pass
+        def __init__(self, db: str, severity: bool, labels_per_pair: int):
+            self.args = (db, severity, labels_per_pair)
 
-    return Labeling.bind()
+        def __serve_build_asgi_app__(self):
+            db, severity, labels_per_pair = self.args
+            return create_app(db, severity=severity, labels_per_pair=labels_per_pair)
+
+    return Labeling.bind(str(db), severity, labels_per_pair)
 
 
 PAGE = """<!doctype html>
