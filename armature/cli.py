@@ -127,6 +127,27 @@ def cmd_assets(args) -> int:
     return run(args)
 
 
+def cmd_gym(args) -> int:
+    from armature.gym import agreement, pairs
+
+    if args.action == "check":
+        result = agreement(args.intact, args.per_kind, seed=args.seed)
+        rates = ", ".join(f"{k} {v:.4f}" for k, v in result["by_kind"].items())
+        print(f"[armature] oracle vs ground truth on {result['figures']} figures: "
+              f"{result['agreement']:.4f} ({rates})")
+        for mistake in result["mistakes"][:10]:
+            print(f"  truth {mistake['truth']} found {mistake['found']}")
+        return 0
+    if not args.out:
+        print("armature: gym pairs needs --out (a folder for the Parquet file)", file=sys.stderr)
+        return 2
+    from armature.data.pairs import write_pairs
+
+    n = write_pairs(pairs(args.n, seed=args.seed), f"{args.out}/gym_pairs.parquet")
+    print(f"[armature] {n} gym pairs in {args.out}/gym_pairs.parquet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="armature", description="Armature: RLHF for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")
     fetch.add_argument("--wheel", help="extract from this mediapipe wheel instead of downloading it")
     fetch.set_defaults(func=cmd_assets)
+
+    gym = sub.add_parser("gym", help="the anatomy gym: check the oracle, build defect pairs")
+    gym.add_argument("action", choices=["check", "pairs"],
+                     help="check: the oracle's agreement with ground truth; pairs: write injector pairs")
+    gym.add_argument("--intact", type=int, default=1000, help="check: intact figures")
+    gym.add_argument("--per-kind", type=int, default=300, help="check: broken figures per defect kind")
+    gym.add_argument("--n", type=int, default=600, help="pairs: how many")
+    gym.add_argument("--out", help="pairs: output folder")
+    gym.add_argument("--seed", type=int, default=0)
+    gym.set_defaults(func=cmd_gym)
 
     from armature.feedback.commands import add_parser as add_label_parser  # armature label serve|annotator|...
 

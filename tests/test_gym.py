@@ -1,0 +1,86 @@
+"""The anatomy gym: renderer, oracle and defect injectors (numpy only, no Ray)."""
+
+import numpy as np
+import pytest
+
+from armature.data.pairs import check_record, decode_image
+from armature.gym import KINDS, AnatomyOracle, agreement, make_pair, render, sample_defective, sample_figure
+from armature.gym.figures import PALETTE, POSES, SIZE, TYPES, build_parts, sample_pose
+
+
+def test_intact_figure_draws_every_part_in_its_colour():
+    rng = np.random.default_rng(0)
+    for name in POSES:
+        figure = sample_figure(rng, name)
+        image = render(figure)
+        assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+        assert figure.prompt == POSES[name][0]
+        for type_ in TYPES:  # every part type shows, in exactly its palette colour
+            assert (image == PALETTE[type_]).all(-1).sum() >= 4, (name, type_)
+        assert len(figure.parts) == 14 and not figure.defects
+
+
+def test_bending_the_elbow_turns_the_forearm_inward_by_that_angle():
+    """The renderer's convention, checked on its geometry (the oracle reads angles this way)."""
+    pose = sample_pose(np.random.default_rng(1), "arms_out")
+    pose.lean = 0.0
+    for side, outward in (("left", 1.0), ("right", -1.0)):
+        pose.angles[side].update(shoulder=90.0, elbow=90.0)
+        parts = {(p.type, p.side): p for p in build_parts(pose)}
+        (x0, y0), (x1, y1) = parts[("upper_arm", side)].points
+        assert np.sign(x1 - x0) == outward and abs(y1 - y0) < 1e-6  # straight out sideways
+        (x0, y0), (x1, y1) = parts[("forearm", side)].points
+        assert abs(x1 - x0) < 1e-6 and y1 > y0  # bent 90 degrees inward from "out": pointing down
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_oracle_reads_each_injected_defect(kind):
+    rng = np.random.default_rng(KINDS.index(kind))
+    oracle = AnatomyOracle()
+    for _ in range(6):
+        intact, broken = sample_defective(rng, kind)
+        assert oracle(render(intact)).defects == []
+        verdict = oracle(render(broken))
+        assert verdict.defects == sorted(set(broken.defects)), kind
+        assert {k for k, _ in verdict.defects} == {kind}
+        assert verdict.severity == {"proportion": 1, "reversed": 2, "overbent": 2}.get(kind, verdict.severity)
+        assert verdict.severity >= (1 if kind == "proportion" else 2)
+
+
+def test_severity_follows_the_worst_defect():
+    oracle = AnatomyOracle()
+    rng = np.random.default_rng(5)
+    figure = sample_figure(rng, "standing")
+    image = render(figure)
+    assert oracle(image).severity == 0
+    no_head = image.copy()
+    no_head[(image == PALETTE["head"]).all(-1)] = image[0, 0]  # paint the head out: severe
+    verdict = oracle(no_head)
+    assert ("missing", "head") in verdict.defects and verdict.severity == 3
+    no_hand = image.copy()
+    hands = (image == PALETTE["hand"]).all(-1)
+    hands[:, SIZE // 2:] = False  # one hand (the figure's right: the image's left half)
+    no_hand[hands] = image[0, 0]
+    assert oracle(no_hand).defects == [("missing", "hand")] and oracle(no_hand).severity == 2
+
+
+def test_oracle_agrees_with_ground_truth():
+    """Intact and broken figures of every kind; the closing note's figure comes from
+    ``armature gym check`` on a few thousand."""
+    result = agreement(n_intact=60, n_per_kind=20, seed=11)
+    assert result["figures"] == 180
+    assert result["agreement"] >= 0.99, result["mistakes"]
+
+
+def test_pairs_are_valid_records_that_differ_only_inside_the_mask():
+    rng = np.random.default_rng(7)
+    for kind in KINDS:
+        intact, broken = sample_defective(rng, kind)
+        record = make_pair(intact, broken)
+        reason, decoded = check_record(record)
+        assert reason is None, reason
+        good, bad = decode_image(record["image_w"]), decode_image(record["image_l"])
+        mask = decode_image(record["mask"], mode="L") > 0
+        assert (good != bad).any() and not (good != bad)[~mask].any()
+        assert record["severity_w"] == 0 and record["severity_l"] >= 1
+        assert record["source"] == f"gym:{kind}" and record["prompt"] == intact.prompt
