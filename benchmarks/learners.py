@@ -1,8 +1,9 @@
 """Reward reached against samples drawn: DDPO, GRPO (Flow-GRPO) and DiffusionNFT, same model,
 reward and sample budget, in one process (no Ray: the algorithms, not the platform, are compared).
 
-    python benchmarks/learners.py                      # tiny flow model, JPEG compressibility
-    python benchmarks/learners.py --epochs 12 --model tiny --algos ddpo grpo   # the tiny DDIM UNet
+    python benchmarks/learners.py                      # tiny flow model, mean brightness
+    python benchmarks/learners.py --reward compressibility --epochs 12 --prompts 8
+    python benchmarks/learners.py --model tiny --algos ddpo grpo   # the tiny DDIM UNet (NFT: flow only)
 
 Each algorithm starts from the same weights, draws the same prompts with the same per-sample
 seeds each epoch (``prompts`` x ``group_size`` images), and takes the same number of optimizer
@@ -124,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algos", nargs="+", default=["ddpo", "grpo", "nft"])
     parser.add_argument("--model", default="tiny_flow", choices=["tiny_flow", "tiny"])
-    parser.add_argument("--reward", default="compressibility")
+    parser.add_argument("--reward", default="brightness")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=4)
@@ -133,8 +134,8 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--clip", type=float, default=0.05)
     parser.add_argument("--nft-beta", type=float, default=1.0)
-    parser.add_argument("--lr-pg", type=float, default=3e-3, help="learning rate of DDPO and GRPO")
-    parser.add_argument("--lr-nft", type=float, default=3e-3)
+    parser.add_argument("--lr-pg", type=float, default=1e-2, help="learning rate of DDPO and GRPO")
+    parser.add_argument("--lr-nft", type=float, default=3e-2)
     args = parser.parse_args()
     args.lr = {"ddpo": args.lr_pg, "grpo": args.lr_pg, "nft": args.lr_nft}
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Epoch sampling-and-scoring time with rewards overlapped with the rollouts vs in sequence.
 
-    python benchmarks/overlap.py                         # tiny flow model, aesthetic reward
+    python benchmarks/overlap.py                         # tiny flow model, tiny random aesthetic scorer
     python benchmarks/overlap.py --reward compressibility --samplers 2
 
 Same work both ways: the same batches (same prompts and per-sample seeds) on the same sampler
@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,7 +44,15 @@ def main() -> None:
     model = {"family": args.model, "lora": {"enabled": False}}
     sampling = {"num_steps": args.steps, "guidance_scale": 1.0}
     samplers = start_samplers(args.samplers, model, sampling, seed=0, num_cpus=1, num_gpus=0, max_restarts=0, threads=1)
-    rewards = start_reward_actors(1, {args.reward: {"weight": 1.0}}, num_cpus=1, num_gpus=0, max_restarts=0)
+    options = {"weight": 1.0}
+    if args.reward == "aesthetic":  # the tiny random aesthetic scorer (CLIP tower + MLP head), built here
+        import tempfile
+
+        from armature.rewards import build_tiny_aesthetic
+
+        options["path"] = str(Path(tempfile.mkdtemp()) / "aesthetic")
+        build_tiny_aesthetic(options["path"])
+    rewards = start_reward_actors(1, {args.reward: options}, num_cpus=1, num_gpus=0, max_restarts=0)
     plan = epoch_plan(["a cat", "a dog", "a horse", "a rabbit"], 0, 0, args.prompts, args.group_size, 0, 1)
 
     def sequential():
