@@ -38,15 +38,15 @@ def test_noiseless_annotator_follows_the_reward_through_the_shuffle(tmp_path):
 
 def test_noise_and_tie_rates(tmp_path):
     store = PreferenceStore(tmp_path / "fb.db")
-    pairs, levels = _gray_pairs(400, seed=2)
+    pairs, levels = _gray_pairs(200, seed=2)
     ids = store.add_pairs(pairs)
     SimulatedAnnotator(load("brightness"), name="sim", noise=0.3, tie_rate=0.2, seed=3).label(store)
     truth = {pair_id: "w" if a > b else "l" for pair_id, (a, b) in zip(ids, levels)}
     decisions = [(lab["decision"], truth[lab["pair_id"]]) for lab in store.labels()]
     ties = sum(d == "tie" for d, _ in decisions)
     flips = sum(d != t for d, t in decisions if d != "tie")
-    # binomial: 400 * 0.2 = 80 ties (sd 8); 320 * 0.3 = 96 flips (sd 8.2): 4 sd bounds
-    assert abs(ties - 80) < 32 and abs(flips - 0.3 * (400 - ties)) < 35
+    # binomial: 200 * 0.2 = 40 ties (sd 5.7); 160 * 0.3 = 48 flips (sd 5.8): 4 sd bounds
+    assert abs(ties - 40) < 23 and abs(flips - 0.3 * (200 - ties)) < 24
     with pytest.raises(ValueError, match="noise"):
         SimulatedAnnotator(load("brightness"), noise=1.5)
 
@@ -80,8 +80,8 @@ def test_online_loop_learns_the_simulated_annotators_preference(ray_cluster, tmp
     implicit accuracy against the annotators' labels must rise."""
     command = [
         sys.executable, "-m", "armature.cli", "train", "algo=online_dpo", "model=tiny_lora", "reward=brightness",
-        "algo.num_rounds=4", "algo.pairs_per_round=24", "algo.epochs_per_round=4", "algo.train_batch_size=4",
-        "algo.heldout_draws=8", "sampling.num_steps=2", "reward.num_cpus=0.5", "tracking.registered_model=null",
+        "algo.num_rounds=4", "algo.pairs_per_round=32", "algo.epochs_per_round=3", "algo.train_batch_size=8",
+        "algo.learning_rate=1e-3", "algo.heldout_draws=8", "sampling.num_steps=2", "reward.num_cpus=0.5", "tracking.registered_model=null",
         f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
         "tracking.run_name=online",
     ]
@@ -100,13 +100,13 @@ def test_online_loop_learns_the_simulated_annotators_preference(ray_cluster, tmp
     print("held-out implicit accuracy by round:", accuracy, "by pair:", by_pair,
           "agreement:", history("annotators_agreement"))
     assert len(accuracy) == 4
-    assert history("store_labels") == [48, 96, 144, 192]  # 24 pairs a round, 2 annotators each
+    assert history("store_labels") == [64, 128, 192, 256]  # 32 pairs a round, 2 annotators each
     assert history("policy_version") == [1, 2, 3, 4]
     agreement = history("annotators_agreement")[-1]
     assert 0.6 < agreement < 1.0  # two annotators with 10 % flips and 5 % ties
     assert accuracy[-1] > accuracy[0] and accuracy[-1] >= 0.6, (accuracy, by_pair)
 
     store = PreferenceStore(tmp_path / "ray" / "online" / "feedback.db")
-    assert store.counts()["pairs"] == 96 and sorted(store.counts_by_round()) == [0, 1, 2, 3]
+    assert store.counts()["pairs"] == 128 and sorted(store.counts_by_round()) == [0, 1, 2, 3]
     versions = {store.pair(pid)["policy_version"] for pid in store.decisions()}
     assert versions == {1, 2, 3, 4}

@@ -152,3 +152,29 @@ def test_uri_images_and_bad_input(store, tmp_path):
         store.add_label("x", pair_id, "left")
     with pytest.raises(ValueError, match="labels_per_pair"):
         PreferenceStore(tmp_path / "y.db", labels_per_pair=0)
+
+
+def test_label_cli_roundtrip(tmp_path, capsys):
+    """armature label import / annotator / status / export on one database."""
+    from armature.cli import main
+    from armature.data.pairs import write_pairs
+
+    db = str(tmp_path / "cli.db")
+    write_pairs([{"pair_id": f"p{i}", "prompt": "a hand", "image_w": _image((9, 9, 9)), "image_l": _image(0),
+                  "label": "w"} for i in range(3)], tmp_path / "in.parquet")
+    assert main(["label", "import", str(tmp_path / "in.parquet"), "--db", db, "--policy-version", "2"]) == 0
+    assert main(["label", "annotator", "carol", "--db", db]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    store = PreferenceStore(db)
+    assert store.authenticate(token) == "carol" and store.pair("p1")["policy_version"] == 2
+    store.add_label("carol", "p1", "l")
+    assert main(["label", "annotator", "carol", "--db", db]) == 2  # taken
+    capsys.readouterr()
+    assert main(["label", "status", "--db", db]) == 0
+    import json
+
+    status = json.loads(capsys.readouterr().out)
+    assert status["pairs"] == 3 and status["labels"] == 1 and status["annotators"] == ["carol"]
+    assert main(["label", "export", str(tmp_path / "out.parquet"), "--db", db]) == 0
+    [row] = read_pairs(tmp_path / "out.parquet").to_pylist()
+    assert row["pair_id"] == "p1" and row["label"] == "l"
