@@ -40,10 +40,15 @@ def photos() -> dict[str, np.ndarray]:
 
 
 def degraded_pairs(images: dict, landmarks: dict, regions: dict, pad: float, seeds, min_visibility: float = 0.5):
-    """Yield ``(photo, region, kind, seed, degraded image)`` for every region whose landmarks are visible."""
+    """Yield ``(photo, region, kind, seed, degraded image)`` for every region with landmarks that are
+    visible and inside the photo (BlazePose also places the body parts a photo cuts off, e.g. the
+    astronaut's legs below its lower edge: a box around those would break something else)."""
     for name, image in images.items():
+        h, w = image.shape[:2]
         for region, indices in regions.items():
             points = landmarks[name][indices][:, :3]  # x, y, visibility
+            inside = (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
+            points = points[inside]
             try:
                 box = keypoint_box(points, image.shape[:2], pad=pad, min_confidence=min_visibility)
             except ValueError:  # no landmark of the region is visible: nothing to break

@@ -162,7 +162,7 @@ def test_finds_the_people_in_real_photos(pose_assets):
 
 
 def test_intact_photos_beat_locally_degraded_copies(pose_assets):
-    """Arms and legs duplicated / warped / removed / mirrored / shifted (one seed: 40 pairs)."""
+    """Arms and legs in the photos duplicated / warped / removed / mirrored / shifted (one seed: 35 pairs)."""
     import sys
     from pathlib import Path
 
@@ -171,6 +171,6 @@ def test_intact_photos_beat_locally_degraded_copies(pose_assets):
 
     REGION_SETS["one-seed"] = (REGION_SETS["limbs"][0], REGION_SETS["limbs"][1], (0,))
     records = evaluate(load("pose"), "one-seed")
-    assert len(records) >= 36
+    assert len(records) >= 30
     assert win_rate(records) >= 0.9, [(r["photo"], r["region"], r["kind"]) for r in records
                                       if r["intact"]["reward"] <= r["degraded"]["reward"]]
