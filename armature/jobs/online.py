@@ -146,33 +146,60 @@ def sample_and_score(plan: EpochPlan, samplers: list, rewards: list, batch_size:
 
     Every batch is submitted at once; a reward actor's ``score`` waits on its batch's images
     (an object reference), so scoring overlaps the sampling of the following batches. Returns
-    ``(trajectory, rewards [N], components, images, timings)``; ``timings`` holds the sampler
-    time, and how long the learner waited for trajectories and then for the remaining scores.
+    ``(trajectory, rewards [N], components, images, timings)``. ``timings`` (seconds of this
+    call): how long the learner waited for every batch to be sampled and then for the scores not
+    yet done; the samplers' time rolling out and waiting; the reward actors' time scoring and
+    waiting (from when each batch's images and scores became ready, as seen from the learner).
     """
     import ray
 
     from armature.policies import Trajectory
 
     t0 = time.perf_counter()
-    traj_refs, score_refs, image_refs = [], [], []
+    traj_refs, score_refs, image_refs, scorer_of, samplers_used = [], [], [], [], set()
     for b, start in enumerate(range(0, len(plan.prompts), batch_size)):
         sl = slice(start, start + batch_size)
+        samplers_used.add((rank + b * world) % len(samplers))
         sampler = samplers[(rank + b * world) % len(samplers)]
         traj_ref, images_ref = sampler.rollout.remote(plan.prompts[sl], plan.seeds[sl], weights, version,
                                                       **rollout_kwargs)
-        scorer = rewards[(rank + b * world) % len(rewards)]
+        scorer = (rank + b * world) % len(rewards)
         traj_refs.append(traj_ref)
         image_refs.append(images_ref)
-        score_refs.append(scorer.score.remote(images_ref, plan.prompts[sl]))
+        scorer_of.append(scorer)
+        score_refs.append(rewards[scorer].score.remote(images_ref, plan.prompts[sl]))
+    # When each batch's images and scores became ready, as the learner sees them (not fetched).
+    pending = {ref: ("images", i) for i, ref in enumerate(image_refs)}
+    pending.update({ref: ("score", i) for i, ref in enumerate(score_refs)})
+    ready_at = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
+        ready_at[pending.pop(done[0])] = time.perf_counter() - t0
+    sampled_at = max(ready_at[("images", i)] for i in range(len(image_refs)))
     parts = ray.get(traj_refs)
-    t1 = time.perf_counter()
     scores = ray.get(score_refs)
-    t2 = time.perf_counter()
+    done_at = time.perf_counter() - t0
     traj = Trajectory.concat(parts)
     reward = np.concatenate([s["reward"] for s in scores]).astype(np.float32)
     components = {k: np.concatenate([s[k] for s in scores]) for k in scores[0] if k != "reward"}
-    timings = {"wait_sampling_s": t1 - t0, "wait_rewards_after_sampling_s": t2 - t1,
-               "sampler_busy_s": float(sum(p.elapsed_s for p in parts))}
+    # A reward actor works on a batch from when both its images and the actor are free until the
+    # score is ready; the rest of the phase it waits.
+    reward_busy = 0.0
+    for actor in set(scorer_of):
+        free = 0.0
+        for b in (i for i, a in enumerate(scorer_of) if a == actor):
+            start = max(ready_at[("images", b)], free)
+            free = max(ready_at[("score", b)], start)
+            reward_busy += free - start
+    sampler_busy = float(sum(p.elapsed_s for p in parts))
+    timings = {
+        "wait_sampling_s": sampled_at,  # the learner, until every batch is sampled
+        "wait_rewards_after_sampling_s": done_at - sampled_at,  # scoring not hidden behind sampling
+        "sampler_busy_s": sampler_busy,
+        "sampler_wait_s": max(0.0, len(samplers_used) * sampled_at - sampler_busy),
+        "reward_busy_s": reward_busy,
+        "reward_wait_s": max(0.0, len(set(scorer_of)) * done_at - reward_busy),
+    }
     return traj, reward, components, image_refs, timings
 
 
