@@ -1,7 +1,7 @@
 """What the online group learners (GRPO, DiffusionNFT) share: driver, sampling plan, checkpoints.
 
-* ``run_online`` is the driver: connect to Ray, open the MLflow run, start the sampler and
-  reward actors, hand a ``TorchTrainer`` the job's ``train_loop``, close and register.
+* ``run_online`` is the driver: ``armature.platform.launch`` opens the run (Ray, MLflow);
+  it starts the sampler and reward actors and hands a ``TorchTrainer`` the job's ``train_loop``.
 * ``epoch_plan`` decides, from the seed and the epoch only, which prompts the epoch draws, how
   they group (``group_size`` images per prompt slot) and every sample's seed: a run's samples do
   not depend on the number of workers, sampler or reward actors.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from armature.jobs.ddpo import _all_gather, _all_reduce_mean, _param_grad_norm, _print_progress, _prompt_list
 
@@ -33,85 +33,43 @@ __all__ = ["run_online", "epoch_plan", "sample_and_score", "save_checkpoint", "r
 
 STATE_FILE = "armature_state.json"
 EXTRA_FILE = "armature_extra.safetensors"
-RUN_FILE = "armature_run.json"
 
 
 # ============================================================================ driver
 def run_online(cfg: DictConfig, train_loop) -> dict:
     """Run an online learner job (``train_loop`` on Ray Train) with sampler and reward actors."""
-    import os
-
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from armature.actors import start_reward_actors, start_samplers
-    from armature.platform.cluster import connect
-    from armature.platform.config import flatten
-    from armature.platform.storage import normalize_storage_path, read_json, write_json
-    from armature.platform.tracking import RunLogger, resolve_tracking, start_run
+    from armature.platform.launch import fit, open_run, trainer_kwargs
 
-    c = OmegaConf.to_container(cfg, resolve=True)
-    algo, trainer_cfg, cluster, tracking = c["algo"]["name"], c["trainer"], c["cluster"], c["tracking"]
-    run_name = tracking["run_name"] or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = normalize_storage_path(trainer_cfg["storage_path"])
-    run_file = f"{storage}/{run_name}/{RUN_FILE}"
-    required = (trainer_cfg["num_workers"] * trainer_cfg["cpus_per_worker"]
-                + cluster["num_samplers"] * cluster["sampler_num_cpus"]
-                + c["reward"]["num_actors"] * c["reward"]["num_cpus"])
-    local = connect(cluster, required, cluster.get("runtime_env"))
-    threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
-
-    previous = read_json(run_file) or {}
-    tracking_uri, _ = resolve_tracking(tracking)
-    run_id = start_run(tracking, run_name, flatten(cfg),
-                       run_id=previous.get("mlflow_run_id") or tracking["run_id"],
-                       tags={"armature.job": "train", "armature.algo": algo}, resumed=bool(previous))
-    write_json(run_file, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
-    print(f"[armature] run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
-
+    trainer_cfg, cluster, reward = cfg.trainer, cfg.cluster, cfg.reward
+    required = (trainer_cfg.num_workers * trainer_cfg.cpus_per_worker
+                + cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
+    job = open_run(cfg, required)
+    c = job.cfg
     samplers = start_samplers(
-        cluster["num_samplers"], c["model"], c["sampling"], seed=trainer_cfg["seed"],
-        num_cpus=cluster["sampler_num_cpus"], num_gpus=cluster["sampler_num_gpus"],
-        max_restarts=cluster["max_restarts"], threads=threads,
-        resources=cluster["sampler_resources"], scheduling=cluster["actor_scheduling"],
+        cluster.num_samplers, c["model"], c["sampling"], seed=trainer_cfg.seed,
+        num_cpus=cluster.sampler_num_cpus, num_gpus=cluster.sampler_num_gpus,
+        max_restarts=cluster.max_restarts, threads=job.threads,
+        resources=c["cluster"]["sampler_resources"], scheduling=cluster.actor_scheduling,
     )
     rewards = start_reward_actors(
-        c["reward"]["num_actors"], c["reward"]["components"], num_cpus=c["reward"]["num_cpus"],
-        num_gpus=c["reward"]["num_gpus"], max_restarts=cluster["max_restarts"],
-        resources=c["reward"]["resources"], scheduling=cluster["actor_scheduling"],
+        reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
+        max_restarts=cluster.max_restarts, resources=c["reward"]["resources"], scheduling=cluster.actor_scheduling,
     )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": c, "samplers": samplers, "rewards": rewards, "run_id": run_id,
-                           "tracking_uri": tracking_uri, "threads": threads},
-        scaling_config=ScalingConfig(
-            num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],
-            resources_per_worker={"CPU": trainer_cfg["cpus_per_worker"], **trainer_cfg["resources_per_worker"]},
-            placement_strategy=trainer_cfg["placement_strategy"],
-        ),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["checkpoints_to_keep"]),
-            failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
-        ),
+        train_loop_config={"cfg": c, "samplers": samplers, "rewards": rewards, "run_id": job.run_id,
+                           "tracking_uri": job.tracking_uri, "threads": job.threads},
+        **trainer_kwargs(job),
     )
-    logger = RunLogger(tracking_uri, run_id)
     try:
-        result = trainer.fit()
-    except BaseException:
-        logger.finish("FAILED")
-        raise
-    logger.finish("FINISHED")
-    if tracking.get("registered_model"):
-        from armature.platform.registry import register_adapter
-
-        version = register_adapter(tracking_uri, run_id, tracking["registered_model"],
-                                   tags={"run_name": run_name, "algo": algo})
-        print(f"[armature] adapter registered as {tracking['registered_model']}/{version}", flush=True)
-    for actor in samplers + rewards:
-        ray.kill(actor)
-    return dict(result.metrics or {})
+        return fit(trainer, job)
+    finally:
+        for actor in samplers + rewards:
+            ray.kill(actor)
 
 
 # ============================================================================ sampling
