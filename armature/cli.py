@@ -20,6 +20,7 @@ JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
 JOBS.update({"alignprop": "armature.jobs.alignprop", "draft": "armature.jobs.alignprop", "refl": "armature.jobs.alignprop"})
 JOBS.update({"online_dpo": "armature.jobs.online_dpo"})
 JOBS["bon"] = "armature.jobs.bon"  # Best-of-N selection, no training: `armature train algo=bon`
+JOBS["hps_prefix"] = "armature.jobs.hps_prefix"
 JOBS.update({"reward_model": "armature.jobs.reward_model", "reward_eval": "armature.jobs.reward_eval"})
 
 EPILOG = """examples:

@@ -413,7 +413,32 @@ class RewardEvalConfig:
     num_actors: int = 1  # per reward
 
 
+@dataclass
+class HPSPrefixConfig:
+    """HPS-style preference-prefix LoRA tuning (armature/jobs/hps_prefix.py): `algo=hps_prefix`."""
+
+    name: str = "hps_prefix"
+    identifier: str = "Weird image."  # prefix of non-preferred captions; the negative prompt at inference
+    candidates: int = 4  # images per prompt group (HPS's n)
+    repeats: int = 16  # groups per prompt of prompts.*
+    alpha: float = 2.0  # selectivity: keep the best (worst) if softmax(score_scale * score) > alpha / n
+    score_scale: float = 100.0  # reward -> logit scale of the softmax
+    num_epochs: int = 20
+    train_batch_size: int = 16
+    gradient_accumulation_batches: int = 1
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    eval_repeats: int = 8  # evaluation samples per prompt, with and without the identifier
+    eval_guidance_scale: float = 5.0  # classifier-free guidance at evaluation (the identifier needs it > 1)
+    eval_seed: int = 1234
+
+
 ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
+ALGO_SCHEMAS.update({"hps_prefix": HPSPrefixConfig})
 ALGO_SCHEMAS.update({"bon": BestOfNConfig})
 ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "refl": AlignPropConfig})
 ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
@@ -595,6 +620,14 @@ def check(cfg: DictConfig) -> None:
             errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
     if algo is not None and algo.name == "bon" and (algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1):
         errors.append(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1")
+    if algo is not None and algo.name == "hps_prefix":
+        if algo.candidates < 2 or algo.repeats < 1 or algo.eval_repeats < 2 or algo.alpha <= 0:
+            errors.append(f"algo.candidates={algo.candidates}, algo.repeats={algo.repeats}, algo.eval_repeats="
+                          f"{algo.eval_repeats}, algo.alpha={algo.alpha}: need candidates >= 2, repeats >= 1, "
+                          "eval_repeats >= 2, alpha > 0")
+        if not algo.identifier.strip() or algo.eval_guidance_scale <= 1:
+            errors.append(f"algo.identifier={algo.identifier!r}, algo.eval_guidance_scale={algo.eval_guidance_scale}: "
+                          "the identifier must be non-empty and the guidance scale > 1 (it is the negative prompt)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
