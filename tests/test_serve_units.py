@@ -36,8 +36,15 @@ def _lora_adapter(folder, seed, rank=2):
     return trained.save_adapter(folder)
 
 
-def test_generation_reproduces_rollout_and_ignores_batch_mates():
-    policy = _policy()
+FLOW = {"family": "tiny_flow", "tiny": {"image_size": 32}, "lora": {"enabled": False}}
+
+
+@pytest.mark.parametrize("model", [BASE, FLOW], ids=["ddim", "flow"])
+def test_generation_reproduces_rollout_and_ignores_batch_mates(model):
+    """Serving samples as the training sampler does, for the UNet and the flow-matching families
+    (eta is DDIM's eta or the flow SDE's noise level; 0: the deterministic ODE/DDIM step)."""
+    policy = _policy(model)
+    policy.sampling.noise_level = 1.0  # the flow SDE's level, as the request's eta below
     # pass_size 1, eta > 0: exactly the training sampler's rollout for that prompt and seed.
     shape = PassShape(steps=3, height=32, width=32, guidance_scale=3.0, eta=1.0)
     rollout = policy.rollout(["a cat"], torch.Generator().manual_seed(7)).images

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from armature.policies import DiffusionPolicy, SamplingParams, ddim_step_with_logprob
+from armature.policies import DiffusionPolicy, SamplingParams
 from armature.rewards.selection import best_of  # shared with armature.actors.best_of_n
 
 __all__ = ["ImageJob", "PassShape", "generate", "best_of"]
@@ -72,25 +72,24 @@ def generate(policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, pa
 
 @torch.no_grad()
 def _sample(policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, should_stop) -> np.ndarray:
+    policy.set_timesteps(shape.steps)  # the family's schedule (DDIM, or flow-matching sigmas)
     scheduler = policy.scheduler
-    scheduler.set_timesteps(shape.steps, device=policy.device)
     cond = policy.encode([j.prompt for j in jobs], negative_prompts=[j.negative_prompt for j in jobs])
     generators = [torch.Generator(device=policy.device).manual_seed(j.seed) for j in jobs]
     latents = torch.cat([
         torch.randn((1,) + policy.latent_shape, generator=g, device=policy.device, dtype=policy.unet.dtype)
         for g in generators
-    ]) * scheduler.init_noise_sigma
+    ]) * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
         if should_stop is not None and should_stop():
             raise TimeoutError("generation abandoned: the request's deadline passed")
         output = policy.predict(cond, latents, t)
-        if shape.eta > 0:  # the training sampler's step, each image with its own noise
+        noise = None
+        if shape.eta > 0:  # the training sampler's step (DDIM eta / flow SDE noise level), own noise per image
             noise = torch.cat([
                 torch.randn((1,) + latents.shape[1:], generator=g, device=policy.device, dtype=torch.float32)
                 for g in generators
             ])
-            latents, _ = ddim_step_with_logprob(scheduler, output, t, latents, eta=shape.eta, noise=noise)
-        else:  # deterministic DDIM
-            latents = scheduler.step(output, t, latents, eta=0.0).prev_sample
+        latents, _ = policy.step(output, t, latents, stochastic=shape.eta > 0, noise=noise, noise_level=shape.eta)
     return policy.decode(latents)
 
