@@ -58,8 +58,17 @@ def test_best_of_n_keeps_each_prompts_best(actors, tmp_path):
     assert summary["best_reward_mean"] >= summary["kept_reward_mean"]
 
     # the same seed gives the same candidates, whatever the batching
-    again = best_of_n(samplers, rewards, prompts, n=6, k=2, seed=3, batch_size=5)
+    again = best_of_n(samplers, rewards, prompts, n=6, k=2, seed=3, batch_size=5, keep_latents=True)
     np.testing.assert_array_equal(again.images, result.images)
+    # keep_latents: each candidate's final latent decodes to its image
+    import torch
+
+    from armature.policies import build_policy
+
+    assert again.latents.shape[:2] == (3, 6)
+    policy = build_policy(MODEL, SAMPLING)
+    decoded = policy.decode(torch.from_numpy(again.latents[1]))
+    assert np.abs(decoded.astype(int) - again.images[1].astype(int)).max() <= 1
 
     # (best, worst) pairs in the pair format
     records = result.preference_pairs()

@@ -37,6 +37,7 @@ class BestOfN:
     seeds: np.ndarray | None = None  # [P, N] each candidate's seed
     k: int = 1
     elapsed_s: float = 0.0
+    latents: np.ndarray | None = None  # [P, N, C, h, w] each candidate's final latent x_0 (keep_latents=True)
 
     @property
     def n(self) -> int:
@@ -92,7 +93,8 @@ class BestOfN:
 
 
 def best_of_n(samplers: list, rewards: list, prompts: list[str], n: int, k: int = 1, *, seed: int = 0,
-              batch_size: int = 8, weights: list | None = None, version: int = 0) -> BestOfN:
+              batch_size: int = 8, weights: list | None = None, version: int = 0,
+              keep_latents: bool = False) -> BestOfN:
     """Sample ``n`` candidates for every prompt, score them and keep the best ``k`` of each.
 
     Args:
@@ -105,6 +107,8 @@ def best_of_n(samplers: list, rewards: list, prompts: list[str], n: int, k: int 
         batch_size: candidates per sampler call.
         weights, version: optional policy weights (``[ray.put(state)]``) for the samplers, as
             the learners send them.
+        keep_latents: also fetch each candidate's final latent (to train on it without a VAE
+            round trip, as the preference-prefix job does).
     """
     import time
 
@@ -118,18 +122,25 @@ def best_of_n(samplers: list, rewards: list, prompts: list[str], n: int, k: int 
     flat = [p for p in prompts for _ in range(n)]  # candidate j of prompt i at i * n + j
     # One seed per candidate: a candidate is the same whichever actor draws it, in whatever batch.
     seeds = np.random.default_rng(seed).integers(2**31, size=len(flat))
-    calls = []
+    calls, trajectories = [], []
     for b, lo in enumerate(range(0, len(flat), batch_size)):
         batch = flat[lo : lo + batch_size]
         batch_seeds = [int(s) for s in seeds[lo : lo + batch_size]]
-        _, images_ref = samplers[b % len(samplers)].rollout.remote(batch, batch_seeds, weights, version)
+        traj_ref, images_ref = samplers[b % len(samplers)].rollout.remote(batch, batch_seeds, weights, version)
         calls.append((images_ref, rewards[b % len(rewards)].score.remote(images_ref, batch)))
+        trajectories.append(traj_ref)
     images = np.concatenate(ray.get([ref for ref, _ in calls]))
     scored = ray.get([ref for _, ref in calls])
     shape = (len(prompts), n)
     scores = np.concatenate([s["reward"] for s in scored]).astype(np.float64).reshape(shape)
     components = {key: np.concatenate([s[key] for s in scored]).reshape(shape) for key in scored[0] if key != "reward"}
+    latents = None
+    if keep_latents:
+        latents = np.concatenate([t.latents[:, -1].numpy() for t in ray.get(trajectories)])
+        latents = latents.reshape(shape + latents.shape[1:])
+    del trajectories
     return BestOfN(
         prompts=list(prompts), images=images.reshape(shape + images.shape[1:]), scores=scores,
         components=components, seeds=seeds.reshape(shape), k=k, elapsed_s=time.perf_counter() - start,
+        latents=latents,
     )

@@ -71,23 +71,25 @@ def run(cfg: DictConfig) -> dict:
     )
     try:
         groups = best_of_n(samplers, rewards, _prompt_list(c["prompts"]) * algo["repeats"], algo["candidates"],
-                           seed=c["trainer"]["seed"], batch_size=c["sampling"]["batch_size"])
+                           seed=c["trainer"]["seed"], batch_size=c["sampling"]["batch_size"], keep_latents=True)
     finally:
         for actor in samplers + rewards:
             ray.kill(actor)
     preferred, rejected = hps_select(groups.scores, algo["alpha"], algo["score_scale"])
-    images, captions, labels = [], [], []
+    # The sampled latents themselves are the training targets: no VAE round trip (which a random
+    # tiny VAE does not invert, and which is near the identity for a real one).
+    latents, captions, labels = [], [], []
     for i, prompt in enumerate(groups.prompts):
         if preferred[i] >= 0:
-            images.append(groups.images[i, preferred[i]]), captions.append(prompt), labels.append(1)
+            latents.append(groups.latents[i, preferred[i]]), captions.append(prompt), labels.append(1)
         if rejected[i] >= 0:
-            images.append(groups.images[i, rejected[i]]), captions.append(f"{algo['identifier']} {prompt}")
+            latents.append(groups.latents[i, rejected[i]]), captions.append(f"{algo['identifier']} {prompt}")
             labels.append(0)
-    if len(images) < c["trainer"]["num_workers"] * algo["train_batch_size"]:
+    if len(latents) < c["trainer"]["num_workers"] * algo["train_batch_size"]:
         raise ValueError(
-            f"algo.alpha={algo['alpha']}, algo.score_scale={algo['score_scale']}: only {len(images)} images passed "
+            f"algo.alpha={algo['alpha']}, algo.score_scale={algo['score_scale']}: only {len(latents)} images passed "
             "HPS's selectivity test; lower algo.alpha, raise algo.score_scale or algo.repeats")
-    data = {"images": np.stack(images), "captions": captions, "labels": np.array(labels)}
+    data = {"latents": np.stack(latents), "captions": captions, "labels": np.array(labels)}
     print(f"[armature] hps_prefix: {sum(labels)} preferred and {len(labels) - sum(labels)} non-preferred images "
           f"of {groups.scores.size} candidates", flush=True)
 
@@ -137,12 +139,10 @@ def train_loop(config: dict) -> None:
     )
     policy.denoiser = engine
 
-    # This worker's shard, encoded once: x0 = VAE latents, c = caption embeddings.
+    # This worker's shard: x0 = the sampled latents, c = the caption embeddings (encoded once).
     shard = np.arange(rank, len(data["captions"]), world)
+    latents = torch.from_numpy(data["latents"][shard]).to(policy.device, policy.unet.dtype)
     with torch.no_grad():
-        pixels = torch.from_numpy(data["images"][shard]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        vae = policy.pipe.vae
-        latents = vae.encode(pixels.to(policy.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
         cond = policy.encode([data["captions"][i] for i in shard])
 
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
