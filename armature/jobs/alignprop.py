@@ -39,23 +39,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from armature.jobs.ddpo import (
-    _all_reduce_mean,
-    _param_grad_norm,
-    _prompt_list,
-    _report_with_checkpoint,
-    _restore,
-)
-
-
-class _NoState:
-    """DDPO's checkpoint helpers save a reward tracker's state; this learner has none."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+from armature.jobs.ddpo import _all_reduce_mean, _param_grad_norm, _prompt_list
+from armature.platform.checkpoints import commit_epoch, restore_checkpoint
 
 
 def build_reward(c: dict):
@@ -124,7 +109,7 @@ def train_loop(config: dict) -> None:
     policy.denoiser = engine  # the sampler's UNet calls go through DeepSpeed
 
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch = _restore(engine, _NoState(), logger)
+    start_epoch, _, _ = restore_checkpoint(engine, logger)
     prompts = _prompt_list(c["prompts"])
     unlogged: list[tuple[int, dict]] = []
     for epoch in range(start_epoch, algo["num_epochs"]):
@@ -174,7 +159,6 @@ def train_loop(config: dict) -> None:
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
         metrics["samples_per_s"] = algo["batches_per_epoch"] * micro / metrics["epoch_time_s"]
-        unlogged.append((epoch, metrics))
         if logger is not None:
             every = c["tracking"]["log_images_every"]
             if every and epoch % every == 0:
@@ -185,15 +169,8 @@ def train_loop(config: dict) -> None:
                   f"{metrics['sampled_reward_mean']:+.4f}  K {metrics['backprop_steps']:.1f}  "
                   f"{metrics['epoch_time_s']:.1f}s", flush=True)
         last = epoch + 1 == algo["num_epochs"]
-        if last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0:
-            _report_with_checkpoint(engine, _NoState(), epoch, unlogged, rank)
-            ray.train.get_all_reported_checkpoints()
-            if logger is not None:
-                for step, values in unlogged:
-                    logger.log_metrics(values, step=step)
-            unlogged = []
-        else:
-            ray.train.report(metrics)
+        checkpoint = last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0
+        unlogged = commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint)
 
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -97,7 +97,7 @@ def _candidate_table(result) -> list[dict]:
 def _print_summary(m: dict) -> None:
     print(f"[armature] best-of-{int(m['n'])} (keep {int(m['k'])}), {int(m['candidates'])} candidates, "
           f"{m['seconds_per_prompt']:.2f} s per prompt", flush=True)
-    print(f"[armature]            mean      std   median      p90", flush=True)
+    print("[armature]            mean      std   median      p90", flush=True)
     for name in ("single", "kept"):
         print(f"[armature] {name:>7} {m[name + '_reward_mean']:+8.4f} {m[name + '_reward_std']:8.4f} "
               f"{m[name + '_reward_p50']:+8.4f} {m[name + '_reward_p90']:+8.4f}", flush=True)

@@ -31,10 +31,10 @@ import torch
 from omegaconf import DictConfig
 
 from armature.losses import PerPromptStatTracker, ddpo_loss, normalize_rewards
+from armature.platform.checkpoints import commit_epoch, restore_checkpoint
 
 log = logging.getLogger("armature.ddpo")
 
-STATE_FILE = "armature_state.json"
 
 
 # ============================================================================ driver
@@ -117,7 +117,9 @@ def train_loop(config: dict) -> None:
 
     tracker = PerPromptStatTracker(algo["stat_buffer_size"], algo["stat_min_count"])
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch = _restore(engine, tracker, logger)
+    start_epoch, state, _ = restore_checkpoint(engine, logger)
+    if state:
+        tracker.load_state_dict(state["tracker"])
 
     prompts = _prompt_list(c["prompts"])
     unlogged: list[tuple[int, dict]] = []  # epochs whose metrics wait for a checkpoint
@@ -202,7 +204,6 @@ def train_loop(config: dict) -> None:
             "train_transitions_per_s": algo["num_inner_epochs"] * per_worker * train_steps * world / train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        unlogged.append((epoch, metrics))
         if logger is not None:
             every = c["tracking"]["log_images_every"]
             if every and epoch % every == 0:
@@ -210,17 +211,11 @@ def train_loop(config: dict) -> None:
                 logger.log_images(images[: c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
             _print_progress(epoch, algo["num_epochs"], metrics)
         last = epoch + 1 == algo["num_epochs"]
-        if last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0:
-            _report_with_checkpoint(engine, tracker, epoch, unlogged, rank)
-            # Metrics reach MLflow only once their checkpoint is registered: an epoch that a
-            # restart trains again is never logged twice (a restore logs what is missing).
-            ray.train.get_all_reported_checkpoints()
-            if logger is not None:
-                for step, values in unlogged:
-                    logger.log_metrics(values, step=step)
-            unlogged = []
-        else:
-            ray.train.report(metrics)
+        # Metrics reach MLflow only once their checkpoint is registered: an epoch that a
+        # restart trains again is never logged twice (a restore logs what is missing).
+        checkpoint = last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0
+        unlogged = commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint,
+                                state={"tracker": tracker.state_dict()})
 
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -266,41 +261,6 @@ def _param_grad_norm(params) -> float:
     """Norm of the accumulated (all-reduced) gradient held on the parameters, before clipping."""
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm().item() if grads else float("nan")
-
-
-def _report_with_checkpoint(engine, tracker, epoch: int, unlogged: list, rank: int) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # Every rank writes its ZeRO shard; Ray merges the ranks' folders in storage.
-        engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
-        if rank == 0:
-            state = {"epoch": epoch, "unlogged": unlogged, "tracker": tracker.state_dict()}
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-        metrics = unlogged[-1][1]
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _restore(engine, tracker, logger) -> int:
-    """Load the last checkpoint, if any; returns the epoch to start from."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False)
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-    tracker.load_state_dict(state["tracker"])
-    epoch = state["epoch"]
-    if logger is not None:
-        # The checkpoint's epochs may not have reached MLflow before the job stopped.
-        logged = logger.last_step("epoch")
-        for step, values in state["unlogged"]:
-            if step > logged:
-                logger.log_metrics(values, step=step)
-        print(f"[armature] resumed from the checkpoint of epoch {epoch}", flush=True)
-    return epoch + 1
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:

@@ -32,15 +32,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.jobs.ddpo import _all_reduce_mean, _prompt_list, _report_with_checkpoint, _restore
-
-
-class _NoState:
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+from armature.jobs.ddpo import _all_reduce_mean, _prompt_list
+from armature.platform.checkpoints import commit_epoch, restore_checkpoint
 
 
 # ============================================================================ driver
@@ -146,7 +139,7 @@ def train_loop(config: dict) -> None:
         cond = policy.encode([data["captions"][i] for i in shard])
 
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch = _restore(engine, _NoState(), logger)
+    start_epoch, _, _ = restore_checkpoint(engine, logger)
     if start_epoch == 0 and logger is not None:
         logger.log_metrics({**config["data_metrics"], **_compare(policy, reward, c, prefix="base_")}, step=0)
     unlogged: list[tuple[int, dict]] = []
@@ -177,16 +170,8 @@ def train_loop(config: dict) -> None:
                      ) if "reward_with_identifier" in metrics else ""
             print(f"[armature] hps_prefix epoch {epoch + 1}/{algo['num_epochs']}  loss {metrics['loss']:.4f}{extra}",
                   flush=True)
-        unlogged.append((epoch, metrics))
-        if last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0:
-            _report_with_checkpoint(engine, _NoState(), epoch, unlogged, rank)
-            ray.train.get_all_reported_checkpoints()
-            if logger is not None:
-                for step, values in unlogged:
-                    logger.log_metrics(values, step=step)
-            unlogged = []
-        else:
-            ray.train.report(metrics)
+        checkpoint = last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0
+        unlogged = commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint)
 
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:

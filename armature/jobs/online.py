@@ -8,8 +8,8 @@
 * ``sample_and_score`` sends the batches to the samplers; each batch's images go straight from
   its sampler to a reward actor (an object reference), so rewards are scored while the next
   batches are still being sampled. It reports how long the learner waited on each side.
-* ``save_checkpoint`` / ``restore_checkpoint``: the DeepSpeed state, a JSON state and optional
-  extra tensors (NFT's sampling policy), in a Ray Train checkpoint.
+* ``finish_epoch``: the progress line, the sample grid, and ``armature.platform.checkpoints``'
+  checkpoint-then-log (``save_checkpoint`` / ``restore_checkpoint`` are re-exported from there).
 
 The DDPO job's helpers (prompt lists, all-gather, progress line) are imported, not copied.
 """
@@ -27,12 +27,11 @@ import torch
 from omegaconf import DictConfig
 
 from armature.jobs.ddpo import _all_gather, _all_reduce_mean, _param_grad_norm, _print_progress, _prompt_list
+from armature.platform.checkpoints import commit_epoch, restore_checkpoint, save_checkpoint
 
 __all__ = ["run_online", "epoch_plan", "sample_and_score", "save_checkpoint", "restore_checkpoint",
            "EpochPlan", "_all_gather", "_all_reduce_mean", "_param_grad_norm", "_print_progress", "_prompt_list"]
 
-STATE_FILE = "armature_state.json"
-EXTRA_FILE = "armature_extra.safetensors"
 
 
 # ============================================================================ driver
@@ -161,57 +160,13 @@ def sample_and_score(plan: EpochPlan, samplers: list, rewards: list, batch_size:
     return traj, reward, components, image_refs, timings
 
 
-# ============================================================================ checkpoints
-def save_checkpoint(engine, state: dict, epoch: int, unlogged: list, rank: int,
-                    extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Report a Ray Train checkpoint: every rank's DeepSpeed shard, rank 0's JSON state (epoch,
-    unlogged metrics, ``state``) and ``extra`` tensors."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
-        if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({"epoch": epoch, "unlogged": unlogged, **state}))
-            if extra:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in extra.items()}, Path(tmp) / EXTRA_FILE)
-        ray.train.report(unlogged[-1][1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def restore_checkpoint(engine, logger) -> tuple[int, dict, dict[str, torch.Tensor] | None]:
-    """``(epoch to start from, JSON state, extra tensors)``; (0, {}, None) without a checkpoint.
-    Logs the checkpoint's metrics that had not reached MLflow."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, {}, None
-    with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False)
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-        extra = None
-        if (Path(directory) / EXTRA_FILE).is_file():
-            from safetensors.torch import load_file
-
-            extra = load_file(Path(directory) / EXTRA_FILE)
-    if logger is not None:
-        logged = logger.last_step("epoch")
-        for step, values in state["unlogged"]:
-            if step > logged:
-                logger.log_metrics(values, step=step)
-        print(f"[armature] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
-    return state["epoch"] + 1, state, extra
-
-
+# ============================================================================ epochs
 def finish_epoch(engine, logger, c: dict, epoch: int, metrics: dict, unlogged: list, rank: int,
                  image_refs: list, state: dict | None = None, extra_fn=None) -> list:
     """Print, checkpoint (every ``trainer.checkpoint_every`` epochs) and log an epoch's metrics;
     metrics reach MLflow only once their checkpoint is registered. Returns the unlogged list."""
     import ray
-    import ray.train
 
-    unlogged.append((epoch, metrics))
     if logger is not None:
         every = c["tracking"]["log_images_every"]
         if every and epoch % every == 0:
@@ -219,15 +174,8 @@ def finish_epoch(engine, logger, c: dict, epoch: int, metrics: dict, unlogged: l
             logger.log_images(images[: c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
         _print_progress(epoch, c["algo"]["num_epochs"], metrics)
     last = epoch + 1 == c["algo"]["num_epochs"]
-    if last or (epoch + 1) % c["trainer"]["checkpoint_every"] == 0:
-        save_checkpoint(engine, state or {}, epoch, unlogged, rank, extra_fn() if extra_fn else None)
-        ray.train.get_all_reported_checkpoints()
-        if logger is not None:
-            for step, values in unlogged:
-                logger.log_metrics(values, step=step)
-        return []
-    ray.train.report(metrics)
-    return unlogged
+    checkpoint = last or (epoch + 1) % c["trainer"]["checkpoint_every"] == 0
+    return commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint, state, extra_fn)
 
 
 def save_final(policy, logger, c: dict) -> None:
