@@ -19,6 +19,7 @@ JOBS = {"ddpo": "armature.jobs.ddpo", "dpo": "armature.jobs.dpo", "asap_dpo": "a
 JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
 JOBS.update({"alignprop": "armature.jobs.alignprop", "draft": "armature.jobs.alignprop", "refl": "armature.jobs.alignprop"})
 JOBS.update({"online_dpo": "armature.jobs.online_dpo"})
+JOBS["eval"] = "armature.jobs.evaluate"
 JOBS["bon"] = "armature.jobs.bon"  # Best-of-N selection, no training: `armature train algo=bon`
 JOBS["hps_prefix"] = "armature.jobs.hps_prefix"
 JOBS.update({"reward_model": "armature.jobs.reward_model", "reward_eval": "armature.jobs.reward_eval"})
@@ -55,10 +56,22 @@ def cmd_train(args) -> int:
     job = importlib.import_module(JOBS[cfg.algo.name])
     metrics = job.run(cfg)
     if metrics:
-        result = (f"held-out implicit accuracy {metrics['heldout_implicit_acc']:.3f}" if "heldout_implicit_acc" in metrics
-                  else f"reward {metrics.get('reward_mean', float('nan')):+.4f}")
+        if "heldout_implicit_acc" in metrics:
+            result = f"held-out implicit accuracy {metrics['heldout_implicit_acc']:.3f}"
+        elif "aer" in metrics:
+            result = f"AER {metrics['aer']:.3f}"
+        else:
+            result = f"reward {metrics.get('reward_mean', float('nan')):+.4f}"
         print(f"[armature] done: epoch {int(metrics.get('epoch', -1)) + 1}, {result}", flush=True)
     return 0
+
+
+def cmd_eval(args) -> int:
+    """`armature eval [overrides]`: the evaluation job (algo=eval), judged by the gym's oracle
+    unless a reward= override says otherwise."""
+    defaults = ["algo=eval"] + ([] if any(o.startswith("reward=") for o in args.overrides) else ["reward=gym_oracle"])
+    args.overrides = defaults + list(args.overrides)
+    return cmd_train(args)
 
 
 def cmd_submit(args) -> int:
@@ -160,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.num_epochs=20")
     train.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="AER / RSI of policies on a prompt suite (configs/algo/eval.yaml)")
+    evaluate.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.policies.tuned=<adapter>")
+    evaluate.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    evaluate.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser("serve", help="the image generator on Ray Serve (configs/serve.yaml)")
     serve.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. limits.max_steps=30")

@@ -32,6 +32,11 @@ class PolicySampler:
     def weights_version(self) -> int:
         return self.policy.weights_version
 
+    def load_adapter(self, directory: str) -> bool:
+        """Load a trained adapter (or fine-tuned weights) saved by the learners."""
+        self.policy.load_adapter(directory)
+        return True
+
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.policy.load_trainable_state_dict(state, version=version)
         return version

@@ -384,6 +384,20 @@ class BestOfNConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Anatomy evaluation (armature/jobs/evaluate.py): `armature eval`, AER and RSI per policy."""
+
+    name: str = "eval"
+    suite: str = "gym"  # `gym` (the anatomy gym's pose prompts) or a JSONL / text file of prompts
+    samples_per_prompt: int = 4  # the same seeds for every policy
+    judge: str = "gym_oracle"  # the reward component that judges; an image passes at score >= threshold
+    threshold: float = 0.0  # gym_oracle scores -severity: 0 passes only defect-free figures
+    tie_tolerance: float = 0.0  # judge scores this close are a tie (RSI)
+    # name -> a trained adapter folder (or null: the base model); RSI is against the first
+    policies: dict[str, Optional[str]] = field(default_factory=lambda: {"base": None})
+
+
+@dataclass
 class RewardModelConfig:
     """Reward-model training (armature/jobs/reward_model.py): a CLIP scorer on preference pairs."""
 
@@ -439,7 +453,7 @@ class HPSPrefixConfig:
 
 ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
 ALGO_SCHEMAS.update({"hps_prefix": HPSPrefixConfig})
-ALGO_SCHEMAS.update({"bon": BestOfNConfig})
+ALGO_SCHEMAS.update({"bon": BestOfNConfig, "eval": EvalConfig})
 ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "refl": AlignPropConfig})
 ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
 
@@ -618,6 +632,9 @@ def check(cfg: DictConfig) -> None:
                           f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}")
         if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
             errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
+    if algo is not None and algo.name == "eval" and (algo.samples_per_prompt < 1 or not algo.policies):
+        errors.append(f"algo.samples_per_prompt={algo.samples_per_prompt}, algo.policies={dict(algo.policies)}: "
+                      "need at least one sample per prompt and one policy (name: adapter folder or null)")
     if algo is not None and algo.name == "bon" and (algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1):
         errors.append(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1")
     if algo is not None and algo.name == "hps_prefix":

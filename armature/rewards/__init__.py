@@ -16,6 +16,7 @@ from .clip_score import ClipSimilarity, clip_score, hps_v2, pickscore  # noqa: E
 from .image_reward import ImageReward  # noqa: E402
 from .judge import MLLMJudge  # noqa: E402
 from .learned import learned  # noqa: E402
+from .gym_oracle import GymOracleReward  # noqa: E402
 from .base import require_differentiable  # noqa: E402
 
 __all__ = [

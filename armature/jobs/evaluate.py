@@ -1,0 +1,152 @@
+"""Anatomy evaluation: ``armature eval`` (= ``armature train algo=eval``), no training.
+
+Every policy of ``algo.policies`` (a name -> a trained adapter folder, or null for the base
+model) draws ``algo.samples_per_prompt`` images for every prompt of the suite, with the same
+seeds for every policy, on the sampler actors; the reward actors score them with
+``reward.components``. One component is the **judge** (``algo.judge``): an image passes when
+its score is ``>= algo.threshold``. The others are general-quality rewards, reported as means
+so that a regression in overall quality shows.
+
+Reported per policy (ASAP, seed 001, eqs. 7-8; the math is ``armature/losses/evaluation.py``):
+
+* ``AER``: the share of samples the judge fails, overall and per suite category;
+* ``RSI`` against the first policy: pairwise decisions on the judge's score for the same prompt
+  and seed (higher wins, ``algo.tie_tolerance``), ``(wins + ties) / (losses + ties)``;
+* the mean of every reward component.
+
+The suite (``algo.suite``): ``gym`` (the anatomy gym's pose prompts, a category per pose), or a
+file: JSONL lines ``{"prompt": ..., "category": ...}``, or plain text, one prompt a line.
+Logged to MLflow: metrics, ``eval.md`` / ``eval.json`` and a sample grid per policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from armature.losses.evaluation import anatomical_error_rate, pairwise_decisions, relative_superiority_index
+
+
+def load_suite(suite: str) -> list[tuple[str, str]]:
+    """``[(prompt, category), ...]`` of a suite name or file."""
+    if suite == "gym":
+        from armature.gym.figures import POSES
+
+        return [(prompt, name) for name, (prompt, _, _) in POSES.items()]
+    path = Path(suite)
+    if not path.is_file():
+        raise FileNotFoundError(f"algo.suite={suite!r}: not a file (use `gym` or a JSONL / text file of prompts)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+                rows.append((str(record["prompt"]), str(record.get("category", "all"))))
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"algo.suite={suite}: line {n} is not {{\"prompt\": ..., \"category\": ...}}: {err}")
+        else:
+            rows.append((line, "all"))
+    if not rows:
+        raise ValueError(f"algo.suite={suite}: no prompts in the file")
+    return rows
+
+
+def summarize(judge_scores: dict[str, np.ndarray], categories: list[str], threshold: float,
+              tie_tolerance: float, components: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """One row per policy (``judge_scores[policy]``: ``[P, n]``; the first policy is the baseline)."""
+    names = list(judge_scores)
+    baseline = judge_scores[names[0]]
+    cats = np.asarray(categories)
+    rows = []
+    for name in names:
+        scores = judge_scores[name]
+        passed = scores >= threshold
+        row = {"policy": name, "samples": int(scores.size), "aer": anatomical_error_rate(passed.ravel())}
+        for category in dict.fromkeys(categories):
+            row[f"aer/{category}"] = anatomical_error_rate(passed[cats == category].ravel())
+        if name != names[0]:
+            rsi = relative_superiority_index(pairwise_decisions(scores.ravel(), baseline.ravel(), tie_tolerance))
+            row.update({f"rsi_{k}" if k != "rsi" else "rsi": v for k, v in rsi.items()})
+        for component, values in components[name].items():
+            row[f"mean/{component}"] = float(np.mean(values))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v))
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate every configured policy; returns the last policy's row (metrics)."""
+    import ray
+
+    from armature.actors import start_reward_actors, start_samplers
+    from armature.actors.best_of_n import best_of_n
+    from armature.platform.launch import open_run
+    from armature.platform.tracking import RunLogger
+
+    cluster, reward = cfg.cluster, cfg.reward
+    algo = cfg.algo
+    if algo.judge not in reward.components:
+        raise ValueError(f"algo.judge={algo.judge!r} is not one of reward.components "
+                         f"{sorted(reward.components)}; add it, e.g. reward=gym_oracle")
+    suite = load_suite(algo.suite)
+    prompts = [p for p, _ in suite]
+    categories = [c for _, c in suite]
+    job = open_run(cfg, cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
+    c = job.cfg
+    logger = RunLogger(job.tracking_uri, job.run_id)
+    rewards, judge_scores, components, samplers = [], {}, {}, []
+    try:
+        rewards = start_reward_actors(
+            reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
+            max_restarts=cluster.max_restarts, resources=c["reward"]["resources"], scheduling=cluster.actor_scheduling,
+        )
+        for name, adapter in c["algo"]["policies"].items():
+            samplers = start_samplers(
+                cluster.num_samplers, c["model"], c["sampling"], seed=c["trainer"]["seed"],
+                num_cpus=cluster.sampler_num_cpus, num_gpus=cluster.sampler_num_gpus,
+                max_restarts=cluster.max_restarts, threads=job.threads,
+                resources=c["cluster"]["sampler_resources"], scheduling=cluster.actor_scheduling,
+            )
+            if adapter:
+                ray.get([s.load_adapter.remote(str(adapter)) for s in samplers])
+            n = algo.samples_per_prompt
+            result = best_of_n(samplers, rewards, prompts, n, n, seed=c["trainer"]["seed"],
+                               batch_size=c["sampling"]["batch_size"])
+            judge_scores[name] = result.components.get(algo.judge, result.scores)
+            components[name] = dict(result.components) or {"reward": result.scores}
+            logger.log_images(result.images[:, 0][: c["tracking"]["images_per_grid"]], f"samples/{name}.png")
+            for actor in samplers:
+                ray.kill(actor)
+            samplers = []
+        rows = summarize(judge_scores, categories, algo.threshold, algo.tie_tolerance, components)
+        for step, row in enumerate(rows):
+            logger.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
+                                and math.isfinite(float(v))}, step=step)
+        table = markdown(rows)
+        logger.log_text(table, "eval.md")
+        logger.log_text(json.dumps(rows, indent=1, default=str), "eval.json")
+        logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+        print(f"[armature] judge {algo.judge} (pass: score >= {algo.threshold}), suite {algo.suite}, "
+              f"{len(prompts)} prompts x {algo.samples_per_prompt} samples\n{table}", flush=True)
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    finally:
+        for actor in samplers + rewards:
+            ray.kill(actor)
+    logger.finish("FINISHED")
+    return {"epoch": 0, **{k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}}
