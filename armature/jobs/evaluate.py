@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> dict:
             result = best_of_n(samplers, rewards, prompts, n, n, seed=c["trainer"]["seed"],
                                batch_size=c["sampling"]["batch_size"])
             judge_scores[name] = result.components.get(algo.judge, result.scores)
-            components[name] = dict(result.components) or {"reward": result.scores}
+            components[name] = dict(result.components) or {algo.judge: result.scores}
             logger.log_images(result.images[:, 0][: c["tracking"]["images_per_grid"]], f"samples/{name}.png")
             for actor in samplers:
                 ray.kill(actor)
