@@ -45,3 +45,10 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
 def test_flatten_for_mlflow_params():
     flat = flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}})
     assert flat == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None", "f": "{}"}
+
+
+def test_a_required_value_left_unset_is_named():
+    with pytest.raises(ConfigError, match=r"reward\.components\.aesthetic\.path=\?\?\?: this value is required"):
+        compose("train", ["reward=aesthetic"])
+    cfg = compose("train", ["reward=aesthetic", "reward.components.aesthetic.path=/models/aesthetic"])
+    assert cfg.reward.components.aesthetic.path == "/models/aesthetic"

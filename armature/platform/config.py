@@ -575,7 +575,8 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
 
 def check(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
-    errors = []
+    errors = [f"{key}=???: this value is required; set it on the command line, e.g. {key}=/path/to/model"
+              for key in sorted(OmegaConf.missing_keys(cfg))]
     if cfg.trainer.zero_stage not in (0, 1, 2):
         errors.append(f"trainer.zero_stage={cfg.trainer.zero_stage}: use 0, 1 or 2")
     if cfg.trainer.num_workers < 1:
