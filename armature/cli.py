@@ -6,6 +6,8 @@
     armature serve [overrides]          the image generator on Ray Serve (HTTP)
     armature assets pose                fetch the pose reward's models once (MediaPipe BlazePose)
     armature label serve|annotator|...  human feedback: the labeling page and the preference store
+    armature eval [overrides]           AER / RSI of policies on a prompt suite (no training)
+    armature gym check|pairs            the anatomy gym: oracle agreement, defect pairs
 """
 
 from __future__ import annotations
