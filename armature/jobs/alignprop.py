@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from armature.jobs.ddpo import _all_reduce_mean, _param_grad_norm, _prompt_list
+from armature.jobs.ddpo import _all_reduce_mean, _prompt_list
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.engine import deepspeed_engine, grad_norm
 
 
 def build_reward(c: dict):
@@ -72,7 +73,6 @@ def run(cfg: DictConfig) -> dict:
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     from armature.platform.tracking import RunLogger
@@ -90,22 +90,8 @@ def train_loop(config: dict) -> None:
     policy = build_policy(c["model"], c["sampling"], seed=trainer_cfg["seed"])
     reward = build_reward(c)  # frozen: its weights have requires_grad=False
     micro = algo["batch_size"]
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(
-        params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
-        weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"],
-    )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=policy.unet, model_parameters=params, optimizer=optimizer,
-        config={
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": algo["gradient_accumulation_batches"],
-            "gradient_clipping": algo["max_grad_norm"],
-            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        },
-    )
+    engine, optimizer, params = deepspeed_engine(policy, algo, trainer_cfg, algo["gradient_accumulation_batches"],
+                                                 micro_batch=micro)
     policy.denoiser = engine  # the sampler's UNet calls go through DeepSpeed
 
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
@@ -132,7 +118,7 @@ def train_loop(config: dict) -> None:
             loss = -algo["reward_scale"] * scores.mean()
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            norm = _param_grad_norm(params) if boundary else None
+            norm = grad_norm(params) if boundary else None
             engine.step()
             if boundary:
                 grad_norms.append(engine.get_global_grad_norm() or norm)

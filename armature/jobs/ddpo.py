@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from armature.losses import PerPromptStatTracker, ddpo_loss, normalize_rewards
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.engine import deepspeed_engine, grad_norm
 
 log = logging.getLogger("armature.ddpo")
 
@@ -77,7 +78,6 @@ def run(cfg: DictConfig) -> dict:
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     from armature.platform.tracking import RunLogger
@@ -97,22 +97,9 @@ def train_loop(config: dict) -> None:
     per_worker = algo["samples_per_epoch"] // world
     micro = algo["train_batch_size"]
 
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(
-        params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
-        weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"],
-    )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=policy.unet, model_parameters=params, optimizer=optimizer,
-        config={
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": train_steps * algo["gradient_accumulation_batches"],
-            "gradient_clipping": algo["max_grad_norm"],
-            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        },
-    )
+    # gradients accumulate over every stored step of a micro-batch, and over micro-batches
+    accumulation = train_steps * algo["gradient_accumulation_batches"]
+    engine, optimizer, params = deepspeed_engine(policy, algo, trainer_cfg, accumulation)
     policy.denoiser = engine  # the learner's forward passes go through DeepSpeed
 
     tracker = PerPromptStatTracker(algo["stat_buffer_size"], algo["stat_min_count"])
@@ -179,7 +166,7 @@ def train_loop(config: dict) -> None:
                     )
                     engine.backward(loss)
                     boundary = engine.is_gradient_accumulation_boundary()
-                    norm = _param_grad_norm(params) if boundary else None
+                    norm = grad_norm(params) if boundary else None
                     engine.step()  # DeepSpeed only steps the optimizer at a boundary
                     if boundary:  # ZeRO-2 keeps gradients in its partitions: ask the engine
                         grad_norms.append(engine.get_global_grad_norm() or norm)
@@ -255,12 +242,6 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
-
-
-def _param_grad_norm(params) -> float:
-    """Norm of the accumulated (all-reduced) gradient held on the parameters, before clipping."""
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else float("nan")
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:

@@ -44,6 +44,7 @@ from armature.losses import (
     resize_mask,
     weighted_denoising_error,
 )
+from armature.platform.engine import deepspeed_engine, grad_norm
 
 STATE_FILE = "armature_state.json"
 NATIVE_SIZE = {"sd": 512, "sdxl": 1024}
@@ -96,7 +97,6 @@ def run(cfg: DictConfig) -> dict:
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     from armature.data.stream import collate, quarantine_summary
@@ -118,22 +118,7 @@ def train_loop(config: dict) -> None:
     prediction_type = algo["prediction_type"] or policy.scheduler.config.prediction_type
     micro = algo["train_batch_size"]
 
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(
-        params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
-        weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"],
-    )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=policy.unet, model_parameters=params, optimizer=optimizer,
-        config={
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": algo["gradient_accumulation_batches"],
-            "gradient_clipping": algo["max_grad_norm"],
-            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        },
-    )
+    engine, optimizer, params = deepspeed_engine(policy, algo, trainer_cfg, algo["gradient_accumulation_batches"])
 
     def errors(batch: dict, generator: torch.Generator | None = None, train: bool = True):
         denoiser = engine if train else engine.module
@@ -164,7 +149,7 @@ def train_loop(config: dict) -> None:
             loss, info = loss_fn(errs, batch["tie"].to(policy.device))
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            norm = _param_grad_norm(params) if boundary else None
+            norm = grad_norm(params) if boundary else None
             engine.step()  # DeepSpeed steps the optimizer at a boundary only
             window.append({"loss": loss.item(), **{k: v.item() for k, v in info.items() if k != "num_pairs"}})
             epoch_stats.append(window[-1])
@@ -345,11 +330,6 @@ def _all_reduce_sum(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t)
-
-
-def _param_grad_norm(params) -> float:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else float("nan")
 
 
 def _save_trainable(policy, directory: Path, c: dict) -> None:

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from armature.jobs.ddpo import _all_reduce_mean, _prompt_list
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.engine import deepspeed_engine
 
 
 # ============================================================================ driver
@@ -101,7 +102,6 @@ def run(cfg: DictConfig) -> dict:
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     from armature.platform.tracking import RunLogger
@@ -119,17 +119,7 @@ def train_loop(config: dict) -> None:
     policy = build_policy(c["model"], {**c["sampling"], "guidance_scale": 1.0}, seed=trainer_cfg["seed"])
     reward = load_weighted(c["reward"]["components"])
     micro = algo["train_batch_size"]
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
-                                  weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"])
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=policy.unet, model_parameters=params, optimizer=optimizer,
-        config={"train_micro_batch_size_per_gpu": micro,
-                "gradient_accumulation_steps": algo["gradient_accumulation_batches"],
-                "gradient_clipping": algo["max_grad_norm"],
-                "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
-                "zero_allow_untested_optimizer": True, "steps_per_print": 10**9},
-    )
+    engine, optimizer, params = deepspeed_engine(policy, algo, trainer_cfg, algo["gradient_accumulation_batches"])
     policy.denoiser = engine
 
     # This worker's shard: x0 = the sampled latents, c = the caption embeddings (encoded once).

@@ -31,7 +31,6 @@ from armature.jobs.online import (
     _all_reduce_mean,
     _param_grad_norm,
     _prompt_list,
-    deepspeed_engine,
     epoch_plan,
     finish_epoch,
     restore_checkpoint,
@@ -39,6 +38,7 @@ from armature.jobs.online import (
     sample_and_score,
     save_final,
 )
+from armature.platform.engine import deepspeed_engine
 from armature.losses import ema_update, forward_process, nft_loss, optimality_probability
 
 

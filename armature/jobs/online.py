@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from armature.jobs.ddpo import _all_gather, _all_reduce_mean, _param_grad_norm, _print_progress, _prompt_list
+from armature.jobs.ddpo import _all_gather, _all_reduce_mean, _print_progress, _prompt_list
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint, save_checkpoint
+from armature.platform.engine import grad_norm as _param_grad_norm
 
 __all__ = ["run_online", "epoch_plan", "sample_and_score", "save_checkpoint", "restore_checkpoint",
            "EpochPlan", "_all_gather", "_all_reduce_mean", "_param_grad_norm", "_print_progress", "_prompt_list"]
@@ -186,24 +186,3 @@ def save_final(policy, logger, c: dict) -> None:
         policy.save_trainable(Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"]})
         logger.log_artifacts(Path(tmp) / "adapter", "adapter")
         logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
-
-
-def deepspeed_engine(policy, algo: dict, trainer_cfg: dict, accumulation: int):
-    """Wrap the policy's trainable weights with DeepSpeed (AdamW, clipping, ZeRO stage)."""
-    import deepspeed
-
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
-                                  weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"])
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=policy.unet, model_parameters=params, optimizer=optimizer,
-        config={
-            "train_micro_batch_size_per_gpu": algo["train_batch_size"],
-            "gradient_accumulation_steps": accumulation,
-            "gradient_clipping": algo["max_grad_norm"],
-            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        },
-    )
-    return engine, optimizer, params

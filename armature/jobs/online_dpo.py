@@ -43,13 +43,13 @@ from armature.jobs.dpo import _evaluate, _quarantine_metrics, pair_errors
 from armature.jobs.online import (
     _all_reduce_mean,
     _prompt_list,
-    deepspeed_engine,
     epoch_plan,
     restore_checkpoint,
     sample_and_score,
     save_checkpoint,
     save_final,
 )
+from armature.platform.engine import deepspeed_engine
 from armature.losses import diffusion_dpo_loss, margin_bounded_loss
 
 

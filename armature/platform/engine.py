@@ -1,0 +1,34 @@
+"""The learners' DeepSpeed engine: AdamW over the policy's trainable weights (the LoRA adapter,
+or the whole denoiser when fully fine-tuned), gradient clipping and accumulation, ZeRO stage."""
+
+from __future__ import annotations
+
+import torch
+
+
+def deepspeed_engine(policy, algo: dict, trainer_cfg: dict, accumulation: int, micro_batch: int | None = None):
+    """``(engine, optimizer, params)`` from ``algo.learning_rate``, ``adam_*``, ``max_grad_norm``
+    and ``trainer.zero_stage``; ``micro_batch`` defaults to ``algo.train_batch_size``."""
+    import deepspeed
+
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
+                                  weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"])
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=policy.unet, model_parameters=params, optimizer=optimizer,
+        config={
+            "train_micro_batch_size_per_gpu": micro_batch or algo["train_batch_size"],
+            "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": algo["max_grad_norm"],
+            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        },
+    )
+    return engine, optimizer, params
+
+
+def grad_norm(params) -> float:
+    """Norm of the accumulated (all-reduced) gradient held on the parameters, before clipping."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else float("nan")
