@@ -267,7 +267,8 @@ def test_timeout_504_and_overload_503(server):
             return await asyncio.gather(*(c.post("/v1/images/generations", json=b) for b in bodies))
 
     statuses = [r.status_code for r in asyncio.run(flood())]
-    assert set(statuses) <= {200, 503} and statuses.count(200) >= 8 and statuses.count(503) >= 1, statuses
+    # queued past the deadline on a slow machine, a request may also get 504; nothing else is allowed
+    assert set(statuses) <= {200, 503, 504} and statuses.count(200) >= 8 and statuses.count(503) >= 1, statuses
     refused = next(r for r in asyncio.run(flood()) if r.status_code == 503)
     assert refused.json()["error"]["code"] == "overloaded" and refused.headers["retry-after"] == "1"
     assert client.post("/v1/images/generations", json={"prompt": "x", "seed": 1}).status_code == 200
