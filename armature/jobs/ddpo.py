@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from armature.losses import PerPromptStatTracker, ddpo_loss, normalize_rewards
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.engine import all_reduce_mean as _all_reduce_mean
 from armature.platform.engine import deepspeed_engine, grad_norm
 
 log = logging.getLogger("armature.ddpo")
@@ -231,17 +232,6 @@ def _all_gather(prompts: list[str], rewards: np.ndarray) -> tuple[list[str], np.
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (list(prompts), rewards))
     return [p for ps, _ in gathered for p in ps], np.concatenate([r for _, r in gathered])
-
-
-def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:

@@ -44,6 +44,7 @@ from armature.losses import (
     resize_mask,
     weighted_denoising_error,
 )
+from armature.platform.engine import all_reduce_mean as _all_reduce_mean
 from armature.platform.engine import deepspeed_engine, grad_norm
 
 STATE_FILE = "armature_state.json"
@@ -309,17 +310,6 @@ def _synthetic_pairs(directory: str, data: dict, size: int, seed: int) -> str:
         n = build_pairs(sources, directory, kinds=data["synthetic_kinds"], seed=seed, pad=data["synthetic_pad"])
         print(f"[armature] built {n} synthetic pairs in {directory}", flush=True)
     return directory
-
-
-def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
 def _all_reduce_sum(value: float) -> float:

@@ -32,3 +32,15 @@ def grad_norm(params) -> float:
     """Norm of the accumulated (all-reduced) gradient held on the parameters, before clipping."""
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm().item() if grads else float("nan")
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the Ray Train workers (unchanged with one worker)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
