@@ -234,6 +234,17 @@ class HttpConfig:
 
 
 @dataclass
+class EditsConfig:
+    """``POST /v1/images/edits``: a person rendered into a scene by a SkeleGuide pipeline."""
+
+    pipeline: Optional[str] = None  # a SkeleGuidePipeline folder (save_pretrained); None: no edits route
+    num_steps: int = 8  # steps of each stage when a request does not say
+    max_body_bytes: int = 4_194_304  # edit requests carry images: their own body limit
+    editor: ServeDeploymentConfig = field(default_factory=lambda: ServeDeploymentConfig(
+        max_ongoing_requests=8, max_queued_requests=16))
+
+
+@dataclass
 class ServeConfig:
     app_name: str = "armature"
     route_prefix: str = "/"
@@ -247,6 +258,7 @@ class ServeConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     adapters: ServeAdaptersConfig = field(default_factory=ServeAdaptersConfig)
+    edits: EditsConfig = field(default_factory=EditsConfig)
     # Rewards a request may name for Best-of-N: name -> options (see armature.rewards.available())
     rewards: dict[str, Any] = field(default_factory=lambda: {"compressibility": {}})
     api_key_env: Optional[str] = "ARMATURE_API_KEY"  # bearer token required when this variable is set
@@ -716,6 +728,8 @@ def check_serve(cfg: DictConfig) -> None:
                       f"must be in [1, limits.max_steps={lim.max_steps}]")
     if cfg.sampling.eta < 0:
         errors.append(f"sampling.eta={cfg.sampling.eta}: must be >= 0 (0: deterministic DDIM)")
+    if not 1 <= cfg.edits.num_steps <= lim.max_steps:
+        errors.append(f"edits.num_steps={cfg.edits.num_steps}: must be in [1, limits.max_steps={lim.max_steps}]")
     if batching.max_batch_size < 1 or batching.pass_size < 1 or batching.batch_wait_timeout_s < 0:
         errors.append("batching.max_batch_size and batching.pass_size must be >= 1, batch_wait_timeout_s >= 0")
     for name in ("generator", "ingress"):
