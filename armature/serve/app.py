@@ -9,6 +9,9 @@
   requests, which run in passes of ``batching.pass_size`` images (``generation.py``); requests
   that name a reward are scored, and with ``best_of`` the best of their candidates kept.
 
+* ``Editor`` (only with ``edits.pipeline``) holds a SkeleGuide pipeline for ``POST /v1/images/edits``:
+  a person rendered into a scene from a planned or given pose (``edits.py``).
+
 ``build_app`` is the Serve application builder (``serve run armature.serve.app:build_app``,
 ``import_path`` of a Serve config file; its ``args`` are Hydra overrides of
 ``configs/serve.yaml``); ``run`` is the ``armature serve`` command.
@@ -38,7 +41,7 @@ from armature.serve.generation import ImageJob, PassShape, best_of
 from armature.serve.generation import generate as generate_images
 from armature.serve.routes import MAX_SEED, ApiError, create_api, hash_key
 
-__all__ = ["Generator", "Ingress", "build_app", "build_application", "deployment_options", "run", "serve_config"]
+__all__ = ["Editor", "Generator", "Ingress", "build_app", "build_application", "deployment_options", "run", "serve_config"]
 
 LOCAL_PREFIX = "local:"
 
@@ -232,14 +235,56 @@ class Generator:
         return outputs
 
 
+# ============================================================================ editor
+@serve.deployment
+class Editor:
+    """Replicas holding a ``SkeleGuidePipeline`` (``edits.pipeline``): one edit at a time each."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from armature.policies.skeleguide import SkeleGuidePipeline
+
+        threads = config["edits"]["editor"]["torch_threads"]
+        if threads:
+            torch.set_num_threads(threads)
+        self.pipeline = SkeleGuidePipeline.from_pretrained(config["edits"]["pipeline"])
+        self.num_steps = config["edits"]["num_steps"]
+        self.lock = threading.Lock()
+        self.counts = {"requests": 0, "model_s": 0.0}
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats(self) -> dict:
+        return dict(self.counts)
+
+    async def edit(self, request: dict) -> dict:
+        return await asyncio.to_thread(self._edit, request)
+
+    def _edit(self, request: dict) -> dict:
+        from armature.serve.edits import run_edit
+
+        with self.lock:
+            if request["deadline"] < time.time():  # the caller gave up while this waited
+                raise TimeoutError("the request's deadline passed before it ran")
+            start = time.perf_counter()
+            result = run_edit(self.pipeline, request["scene"], request["prompt"], request["region"],
+                              request["pose"], request["seed"], request["steps"] or self.num_steps)
+            self.counts["model_s"] += time.perf_counter() - start
+            self.counts["requests"] += 1
+        return result
+
+
 # ============================================================================ ingress
 @serve.deployment
 @serve.ingress()
 class Ingress:
     """The HTTP front: limits, auth, adapter names -> versions, errors, PNG encoding."""
 
-    def __init__(self, generator, config: dict, api_key_sha256: str | None = None):
+    def __init__(self, generator, config: dict, api_key_sha256: str | None = None, editor=None):
         self.generator = generator
+        self.editor = editor
         self.config = config
         self.api_key_sha256 = api_key_sha256
         self.versions: dict[str, tuple[float, object]] = {}  # reference -> (expiry, (id, label) or error)
@@ -256,7 +301,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         c = self.config
-        return create_api(self, c["limits"], sorted(c["rewards"]), self.api_key_sha256)
+        return create_api(self, c["limits"], sorted(c["rewards"]), self.api_key_sha256,
+                          edits_max_body_bytes=c["edits"]["max_body_bytes"])
 
     async def ready(self) -> bool:
         try:
@@ -333,6 +379,33 @@ class Ingress:
                 "reward": body.reward, "data": data}
 
 
+    async def edit(self, body) -> dict:
+        from ray.serve.exceptions import BackPressureError
+
+        from armature.serve.edits import check_edit, encode_png
+
+        if self.editor is None:
+            raise ApiError(404, "path", "this server has no edit pipeline: start it with edits.pipeline=<folder>")
+        checked = await asyncio.to_thread(check_edit, body, self.config["limits"])
+        timeout = float(self.config["limits"]["request_timeout_s"])
+        seed = random.randint(0, MAX_SEED) if body.seed is None else body.seed
+        payload = {**checked, "prompt": body.prompt, "seed": seed, "steps": body.steps,
+                   "deadline": time.time() + timeout}
+        response = self.editor.edit.remote(payload)
+        try:
+            result = await asyncio.wait_for(_result(response), timeout=timeout + 1.0)
+        except BackPressureError as err:
+            raise ApiError(503, "editor", f"overloaded, retry later ({err})",
+                           headers={"Retry-After": "1"}, code="overloaded") from err
+        except (asyncio.TimeoutError, TimeoutError) as err:
+            response.cancel()
+            raise ApiError(504, "editor", f"no answer within limits.request_timeout_s={timeout:g}") from err
+        image = await asyncio.to_thread(encode_png, result["image"])
+        layout = None if result["layout"] is None else await asyncio.to_thread(encode_png, result["layout"])
+        return {"created": int(time.time()), "data": [{"b64_json": image, "seed": seed}],
+                "pose": result["pose"], "layout_b64_json": layout}
+
+
 async def _result(response):
     return await response
 
@@ -379,7 +452,12 @@ def build_application(cfg):
     adapters["local"] = {k: str(Path(v).expanduser().resolve()) for k, v in adapters["local"].items()}
     key = os.environ.get(c["api_key_env"]) if c["api_key_env"] else None
     generator = Generator.options(**deployment_options(c["generator"])).bind(c)
-    return Ingress.options(**deployment_options(c["ingress"])).bind(generator, c, hash_key(key) if key else None)
+    editor = None
+    if c["edits"]["pipeline"]:
+        c["edits"]["pipeline"] = str(Path(c["edits"]["pipeline"]).expanduser().resolve())
+        editor = Editor.options(**deployment_options(c["edits"]["editor"])).bind(c)
+    return Ingress.options(**deployment_options(c["ingress"])).bind(generator, c, hash_key(key) if key else None,
+                                                                     editor)
 
 
 def _hydra_value(value) -> str:

@@ -5,6 +5,9 @@
     with GeneratorClient("http://127.0.0.1:8000") as client:   # api_key: ARMATURE_API_KEY
         result = client.generate("a cat", n=2, seed=7, adapter="armature-adapter@prod")
         result.images[0].save("cat.png")
+        edit = client.edit(scene, "a person waving", box=[8, 4, 40, 60])  # scene: PIL image or array
+        pose = edit.pose                                   # keypoint JSON: change a joint, then
+        again = client.edit(scene, "a person waving", box=[8, 4, 40, 60], pose=pose, seed=edit.seed)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-__all__ = ["GeneratorClient", "GeneratorError", "Generation"]
+__all__ = ["GeneratorClient", "GeneratorError", "Generation", "Edit"]
 
 
 class GeneratorError(RuntimeError):
@@ -34,6 +37,31 @@ class Generation:
     scores: list[float | None]
     adapter_version: str | None
     raw: dict = field(repr=False)
+
+
+@dataclass
+class Edit:
+    image: object  # a PIL image
+    pose: dict  # the keypoint JSON the person was rendered from
+    seed: int
+    layout: object | None  # the layout image (PIL), when the server sends it
+    raw: dict = field(repr=False)
+
+
+def _png_b64(image) -> str:
+    """A PIL image, an ``[H, W(, 3)]`` uint8 array or PNG bytes as a base64 PNG."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    else:
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    return base64.b64encode(data).decode()
 
 
 class GeneratorClient:
@@ -73,6 +101,30 @@ class GeneratorClient:
         return Generation(images=images, seeds=[d["seed"] for d in body["data"]],
                           scores=[d.get("score") for d in body["data"]],
                           adapter_version=body.get("adapter_version"), raw=body)
+
+    def edit(self, image, prompt: str, *, box: list[int] | None = None, mask=None, pose: dict | None = None,
+             **params) -> Edit:
+        """``POST /v1/images/edits``: render a person into ``image`` (PIL, uint8 array or PNG bytes)
+        inside ``box`` [x0, y0, x1, y1] or ``mask`` (nonzero: person), from ``pose`` (keypoint
+        JSON) or a pose the model plans; ``params``: seed, steps."""
+        from PIL import Image
+
+        body = {"image": _png_b64(image), "prompt": prompt, **params}
+        if box is not None:
+            body["box"] = [int(v) for v in box]
+        if mask is not None:
+            import numpy as np
+
+            if not isinstance(mask, (bytes, bytearray, Image.Image)):
+                mask = np.asarray(mask).astype(np.uint8) * 255 if np.asarray(mask).dtype == bool else mask
+            body["mask"] = _png_b64(mask)
+        if pose is not None:
+            body["pose"] = pose.to_json() if hasattr(pose, "to_json") else pose
+        answer = self._check(self.http.post("/v1/images/edits", json=body))
+        layout = answer.get("layout_b64_json")
+        return Edit(image=Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))),
+                    pose=answer["pose"], seed=answer["data"][0]["seed"],
+                    layout=Image.open(io.BytesIO(base64.b64decode(layout))) if layout else None, raw=answer)
 
     def adapters(self) -> list[dict]:
         return self._check(self.http.get("/v1/adapters"))["data"]

@@ -1,8 +1,8 @@
 """The HTTP API: request schema with the configured limits, auth, errors. No Ray here.
 
-``create_api`` builds the FastAPI app around a *service* (the ingress deployment) that has three
-coroutines: ``generate(request) -> dict`` (an ``ImagesResponse``), ``adapters() -> list[dict]``
-and ``ready() -> bool``. Every limit is part of the request schema, so a request beyond one is
+``create_api`` builds the FastAPI app around a *service* (the ingress deployment) that has the
+coroutines ``generate(request) -> dict`` (an ``ImagesResponse``), ``edit(request) -> dict`` (an
+``EditResponse``), ``adapters() -> list[dict]`` and ``ready() -> bool``. Every limit is part of the request schema, so a request beyond one is
 answered 422 before the service sees it, and the OpenAPI document states the limits.
 
 Every error answer has the same shape: ``{"error": {"code", "field", "message"}}``.
@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["ApiError", "create_api", "request_model", "hash_key", "ADAPTER_PATTERN", "MAX_SEED"]
+__all__ = ["ApiError", "create_api", "request_model", "edit_request_model", "hash_key", "ADAPTER_PATTERN", "MAX_SEED"]
 
 # name, name/3 or name@alias (MLflow registered model names, restricted to a safe alphabet)
 ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[0-9]{1,9}|@[A-Za-z0-9_-]{1,64})?$"
@@ -74,6 +74,14 @@ class ImagesResponse(BaseModel):
     adapter_version: Optional[str] = Field(None, description="what it resolved to, e.g. name/3")
     reward: Optional[str] = None
     data: list[ImageData]
+
+
+class EditResponse(BaseModel):
+    created: int
+    data: list[ImageData] = Field(description="the edited image (one)")
+    pose: dict[str, Any] = Field(description="the pose the person was rendered from (keypoint JSON): the one "
+                                             "sent, or the one the model planned; edit it and send it back as `pose`")
+    layout_b64_json: Optional[str] = Field(None, description="the layout the image was rendered from, a PNG, base64")
 
 
 class AdapterInfo(BaseModel):
@@ -145,6 +153,39 @@ def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
     return ImageRequest
 
 
+def edit_request_model(limits: dict, max_body_bytes: int) -> type[BaseModel]:
+    """The request schema of ``POST /v1/images/edits`` under ``limits``; images are decoded and
+    the pose parsed after it (``armature.serve.edits.check_edit``)."""
+    lim = dict(limits)
+    side = f"each side in [{lim['min_size']}, {lim['max_size']}], a multiple of {lim['size_multiple']}"
+
+    class EditRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        image: str = Field(min_length=1, max_length=max_body_bytes,
+                           description=f"the scene, a PNG, base64; {side}")
+        prompt: str = Field(min_length=1, max_length=lim["max_prompt_chars"], description="who to put in the scene")
+        box: Optional[list[int]] = Field(None, min_length=4, max_length=4,
+                                         description="the person region [x0, y0, x1, y1] in pixels (x1, y1 excluded)")
+        mask: Optional[str] = Field(None, min_length=1, max_length=max_body_bytes,
+                                    description="the person region as a PNG of the image's size (nonzero: person), "
+                                                "base64; instead of `box`")
+        pose: Optional[dict[str, Any]] = Field(
+            None, description='the pose to render (keypoint JSON: {"format": "coco17", "width": W, "height": H, '
+                              '"people": [{"keypoints": {"nose": [x, y, v], ...}}]}); default: the model plans one')
+        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: random")
+        steps: Optional[int] = Field(None, ge=1, le=lim["max_steps"], description="denoising steps of each stage")
+
+        @field_validator("mask")
+        @classmethod
+        def _one_region(cls, value, info: ValidationInfo):
+            if value is not None and info.data.get("box") is not None:
+                raise ValueError("give the person region as `box` or as `mask`, not both")
+            return value
+
+    return EditRequest
+
+
 # --------------------------------------------------------------------------- app
 def _field(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
@@ -152,9 +193,12 @@ def _field(loc) -> str:
 
 
 def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: Optional[str] = None,
-               title: str = "Armature generator") -> FastAPI:
-    """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``."""
+               title: str = "Armature generator", edits_max_body_bytes: Optional[int] = None) -> FastAPI:
+    """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``.
+    ``edits_max_body_bytes``: the body limit of ``/v1/images/edits`` (default ``limits.max_body_bytes``)."""
     ImageRequest = request_model(limits, rewards)  # noqa: N806
+    edits_body = int(edits_max_body_bytes or limits["max_body_bytes"])
+    EditRequest = edit_request_model(limits, edits_body)  # noqa: N806
     app = FastAPI(title=title, version="1", description="Text-to-image generation with per-request adapters.")
     lim_body = int(limits["max_body_bytes"])
     statuses = (401, 411, 413, 422, 503) if api_key_sha256 else (411, 413, 422, 503)
@@ -195,8 +239,9 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
         length = request.headers.get("content-length")
         if length is None and "transfer-encoding" in request.headers:
             return error_response(411, "length_required", "body", "send the body with a Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > lim_body):
-            return error_response(413, "too_large", "body", f"request bodies are limited to {lim_body} bytes")
+        limit = edits_body if request.url.path.endswith("/v1/images/edits") else lim_body
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return error_response(413, "too_large", "body", f"request bodies are limited to {limit} bytes")
         return await call_next(request)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, dependencies=v1,
@@ -204,6 +249,13 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
     async def generations(body: ImageRequest) -> dict:
         """Generate images; with `best_of`, the n best of that many candidates by `reward`."""
         return await service.generate(body)
+
+    @app.post("/v1/images/edits", response_model=EditResponse, dependencies=v1,
+              responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}})
+    async def edits(body: EditRequest) -> dict:
+        """Render a person into the scene: from the `pose` given, or from one the model plans first;
+        outside the person region (`box` or `mask`) the scene is kept pixel for pixel."""
+        return await service.edit(body)
 
     @app.get("/v1/adapters", response_model=AdaptersResponse, dependencies=v1, responses=errors)
     async def adapters() -> dict:
