@@ -9,16 +9,23 @@ All three embed the image and the prompt with a (fine-tuned) CLIP and compare th
   with OpenAI's CLIP (default ``openai/clip-vit-large-patch14``).
 * ``hps_v2`` (Wu et al., 2023, HPS v2): a CLIP ViT-H/14 fine-tuned on human choices; the
   score is ``cos`` itself (HPS v1, seed 004, fine-tunes ViT-L/14 the same way and reports
-  ``100 * cos``: set ``scale: 100``). HPS v2's released weights are an open_clip
-  checkpoint: give ``path`` a folder with them converted to transformers' ``CLIPModel``
-  layout (``save_pretrained``); there is no official transformers copy to default to.
+  ``100 * cos``: set ``scale: 100``). HPS v2's released weights are open_clip checkpoints with
+  no official transformers copy: download ``HPS_v2.1_compressed.pt`` (or v2.0's
+  ``HPS_v2_compressed.pt``) from the hub repo ``xswu/HPSv2``, e.g.
+  ``huggingface-cli download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir /models/hps``, and set
+  ``path: /models/hps/HPS_v2.1_compressed.pt``; the tokenizer and preprocessing come from
+  ``processor`` (default for such a file: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, HPS's base
+  model, also to be in the hub cache when offline). Nothing is downloaded by this code.
 * ``pickscore`` (Kirstain et al., 2023, Pick-a-Pic): ``exp(logit_scale) * cos`` with the
   fine-tuned ``yuvalkirstain/PickScore_v1`` and the processor of
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``.
 
-``path`` is a hub id or a local folder (``CLIPModel.save_pretrained`` plus tokenizer and
-``preprocessor_config.json``); ``processor`` optionally names another folder or id for the
-tokenizer and preprocessing. The image side is preprocessed in torch (bicubic resize,
+``path`` is a hub id, a local folder (``CLIPModel.save_pretrained`` plus tokenizer and
+``preprocessor_config.json``) or a local open_clip checkpoint file (``.pt``/``.bin``/``.safetensors``,
+recognised by its keys and renamed into ``CLIPModel`` by
+:func:`armature.rewards.convert.open_clip_to_transformers`, every key checked); ``processor``
+optionally names another folder or id for the tokenizer and preprocessing (required in effect
+for a checkpoint file, which holds neither). The image side is preprocessed in torch (bicubic resize,
 centre crop, normalise), so :meth:`ClipSimilarity.score_tensor` is differentiable.
 """
 
@@ -36,6 +43,9 @@ from .base import DifferentiableReward
 from .registry import register
 
 __all__ = ["ClipSimilarity", "clip_score", "hps_v2", "pickscore", "read_image_preprocessing", "build_tiny_clip"]
+
+# HPS v2's base model (open_clip ViT-H-14 laion2B-s32B-b79K): the tokenizer and preprocessing of its checkpoints
+HPS_V2_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 def _config_file(source: str, filename: str) -> str | None:
@@ -88,16 +98,25 @@ class ClipSimilarity(DifferentiableReward):
         from transformers import AutoTokenizer, CLIPModel
 
         path = os.fspath(path)
+        checkpoint_file = os.path.isfile(path)
+        if checkpoint_file and not processor:
+            raise ValueError(f"reward {name!r}: path={path!r} is a checkpoint file, which holds no tokenizer or "
+                             "preprocessing: set `processor` to a hub id or folder (HPS v2: "
+                             f"{HPS_V2_PROCESSOR})")
         processor = os.fspath(processor) if processor else path
         self.name = name
         self.device = torch.device(device)
         try:
-            self.model = CLIPModel.from_pretrained(path)
             self.tokenizer = AutoTokenizer.from_pretrained(processor)
+            if checkpoint_file:
+                self.model = _clip_from_checkpoint(path, self.tokenizer, name)
+            else:
+                self.model = CLIPModel.from_pretrained(path)
         except OSError as err:
             raise FileNotFoundError(
                 f"reward {name!r}: could not load a CLIP model from path={path!r} (processor={processor!r}): "
-                f"expected a hub id or a folder written by CLIPModel.save_pretrained with its tokenizer; {err}"
+                "expected a hub id, a folder written by CLIPModel.save_pretrained with its tokenizer, or an "
+                f"open_clip checkpoint file with `processor` naming the tokenizer; {err}"
             ) from err
         self.model.to(self.device, torch.float32).eval().requires_grad_(False)
         if scale == "logit_scale":
@@ -130,6 +149,23 @@ class ClipSimilarity(DifferentiableReward):
         return self.scale * cos
 
 
+def _clip_from_checkpoint(path: str, tokenizer, name: str):
+    """``CLIPModel`` from an open_clip checkpoint file; the text config takes the tokenizer's
+    special ids (CLIPModel pools the text at the first ``eos_token_id``)."""
+    from .convert import CheckpointMismatchError, is_open_clip_state_dict, load_open_clip_as_transformers, read_checkpoint
+
+    state_dict = read_checkpoint(path)
+    if not is_open_clip_state_dict(state_dict):
+        shown = ", ".join(list(state_dict)[:8])
+        raise CheckpointMismatchError(
+            f"reward {name!r}: {path!r} is not an open_clip CLIP checkpoint (its first keys: {shown}); "
+            "a transformers model goes in a folder (CLIPModel.save_pretrained)",
+            absent=[k for k in ("visual.conv1.weight", "token_embedding.weight") if k not in state_dict])
+    special = {key: getattr(tokenizer, key) for key in ("eos_token_id", "bos_token_id", "pad_token_id")
+               if getattr(tokenizer, key, None) is not None}
+    return load_open_clip_as_transformers(state_dict, **special)
+
+
 def _features(out) -> torch.Tensor:
     """``get_*_features`` returns a tensor in transformers 4, a model output in some 5.x versions."""
     if isinstance(out, torch.Tensor):
@@ -146,7 +182,15 @@ def clip_score(path: str = "openai/clip-vit-large-patch14", processor: str | Non
 
 @register("hps_v2")
 def hps_v2(path: str, processor: str | None = None, scale: float = 1.0, device: str = "cpu") -> ClipSimilarity:
-    """HPS v2: cosine similarity of a human-preference fine-tuned CLIP (``scale: 100`` for HPS v1's scale)."""
+    """HPS v2: cosine similarity of a human-preference fine-tuned CLIP (``scale: 100`` for HPS v1's scale).
+
+    ``path``: the released open_clip checkpoint ``HPS_v2.1_compressed.pt`` (or ``HPS_v2_compressed.pt``)
+    downloaded from the hub repo ``xswu/HPSv2`` (converted to ``CLIPModel`` on load; its tokenizer and
+    preprocessing are ``processor``'s, default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``), or a
+    transformers ``CLIPModel`` folder / hub id.
+    """
+    if processor is None and os.path.isfile(os.fspath(path)):
+        processor = HPS_V2_PROCESSOR
     return ClipSimilarity(path, processor, scale=scale, device=device, name="hps_v2")
 
 
