@@ -152,7 +152,12 @@ class ClipSimilarity(DifferentiableReward):
 def _clip_from_checkpoint(path: str, tokenizer, name: str):
     """``CLIPModel`` from an open_clip checkpoint file; the text config takes the tokenizer's
     special ids (CLIPModel pools the text at the first ``eos_token_id``)."""
-    from .convert import CheckpointMismatchError, is_open_clip_state_dict, load_open_clip_as_transformers, read_checkpoint
+    from .convert import (
+        CheckpointMismatchError,
+        is_open_clip_state_dict,
+        load_open_clip_as_transformers,
+        read_checkpoint,
+    )
 
     state_dict = read_checkpoint(path)
     if not is_open_clip_state_dict(state_dict):
