@@ -382,7 +382,7 @@ class Ingress:
     async def edit(self, body) -> dict:
         from ray.serve.exceptions import BackPressureError
 
-        from armature.serve.edits import check_edit, encode_png
+        from armature.serve.edits import EditError, check_edit, encode_png
 
         if self.editor is None:
             raise ApiError(404, "path", "this server has no edit pipeline: start it with edits.pipeline=<folder>")
@@ -397,6 +397,8 @@ class Ingress:
         except BackPressureError as err:
             raise ApiError(503, "editor", f"overloaded, retry later ({err})",
                            headers={"Retry-After": "1"}, code="overloaded") from err
+        except EditError as err:
+            raise ApiError(422, err.field, str(err.args[0] if err.args else err)) from err
         except (asyncio.TimeoutError, TimeoutError) as err:
             response.cancel()
             raise ApiError(504, "editor", f"no answer within limits.request_timeout_s={timeout:g}") from err

@@ -22,7 +22,15 @@ import numpy as np
 
 from armature.serve.routes import ApiError
 
-__all__ = ["check_edit", "run_edit", "decode_png", "encode_png", "pose_error_field"]
+__all__ = ["EditError", "check_edit", "run_edit", "decode_png", "encode_png", "pose_error_field"]
+
+
+class EditError(ValueError):
+    """A request the pipeline cannot take (e.g. an image size it cannot render): 422 on ``field``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 _PATH = re.compile(r"^[A-Za-z_][\w.\[\]]*$")
 
@@ -114,6 +122,12 @@ def run_edit(pipeline, scene: np.ndarray, prompt: str, region: np.ndarray | None
     the pose used as keypoint JSON). Outside ``region`` the image is the scene, pixel for pixel."""
     from armature.skeleton import Skeleton
 
+    check_size = getattr(pipeline, "_check_size", None)
+    if check_size is not None:
+        try:
+            check_size(*scene.shape[:2])
+        except ValueError as err:
+            raise EditError("image", f"image: {err}") from None
     out = pipeline([scene], [prompt], person_mask=None if region is None else [region],
                    poses=None if pose is None else [pose], seed=seed, num_steps=num_steps)
     image = np.asarray(out.images[0], dtype=np.uint8)
