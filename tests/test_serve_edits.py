@@ -156,3 +156,102 @@ def test_pose_error_fields():
     assert pose_error_field("width: expected a positive integer") == "pose.width"
     assert pose_error_field("people[2].keypoints.left_hip: missing; ...") == "pose.people[2].keypoints.left_hip"
     assert pose_error_field("something odd happened") == "pose"
+
+
+# --------------------------------------------------------------------------- on Serve, over HTTP
+EDIT_SIZE = 64  # the tiny SkeleGuide model's size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    """One Serve application with the tiny SkeleGuide pipeline (2 steps a stage) as its editor."""
+    import torch
+    from ray import serve
+
+    from armature.platform.config import compose
+    from armature.policies.skeleguide import SkeleGuidePipeline
+    from armature.serve.app import build_application
+
+    tmp = tmp_path_factory.mktemp("edits")
+    SkeleGuidePipeline.build({"num_steps": 2}).save_pretrained(tmp / "skeleguide")
+    cfg = compose("serve", [
+        f"tracking.local_dir={tmp / 'track'}", f"adapters.cache_dir={tmp / 'cache'}", "api_key_env=null",
+        "sampling.num_steps=2", "generator.torch_threads=1", "generator.num_cpus=0.5",
+        f"edits.pipeline={tmp / 'skeleguide'}", "edits.num_steps=2", "edits.editor.torch_threads=1",
+        "limits.max_steps=4", "limits.request_timeout_s=60",
+    ])
+    threads = torch.get_num_threads()
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_application(cfg), name="edits", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield {"client": client, "base": base}
+    serve.delete("edits")
+    serve.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def triple():
+    from armature.skeleton.scenes import triples
+
+    return triples(1, seed=5)[0]
+
+
+def _edited(skeleton: Skeleton) -> Skeleton:
+    """The user's edit: the left wrist moved 4 px up (and the pose shifted on whole pixels)."""
+    array = skeleton.array.copy()
+    array[0, COCO17.index("left_wrist"), 1] = max(0.0, array[0, COCO17.index("left_wrist"), 1] - 4)
+    return Skeleton(skeleton.width, skeleton.height, array)
+
+
+@pytest.mark.slow
+def test_planned_then_edited_pose_round_trip(server, triple):
+    """Plan a pose, edit it, send it back: it comes back as the pose used, the layout the image was
+    rendered from parses to it, and outside the person box the scene is unchanged."""
+    from armature.serve.client import GeneratorClient
+    from armature.skeleton import canonical, parse_layout
+
+    box = [16, 4, 48, 62]
+    outside = np.ones((EDIT_SIZE, EDIT_SIZE), bool)
+    outside[4:62, 16:48] = False
+    with GeneratorClient(server["base"], api_key="") as client:
+        planned = client.edit(triple.scene, triple.prompt, box=box, seed=3)
+        assert Skeleton.from_json(planned.pose).width == EDIT_SIZE  # the model's plan, as keypoint JSON
+        assert np.array_equal(np.asarray(planned.image.convert("RGB"))[outside], triple.scene[outside])
+
+        edited = _edited(triple.skeleton)
+        again = client.edit(triple.scene, triple.prompt, box=box, pose=edited.to_json(), seed=3)
+    assert again.pose == edited.to_json()  # the pose used is the edited one
+    layout = np.asarray(again.layout.convert("RGB"))
+    assert parse_layout(layout, triple.scene).equals(canonical(edited))
+    image = np.asarray(again.image.convert("RGB"))
+    assert image.shape == triple.scene.shape
+    assert np.array_equal(image[outside], triple.scene[outside])
+
+
+@pytest.mark.slow
+def test_mask_region_keeps_the_background_and_bad_poses_get_422(server, triple):
+    client = server["client"]
+    body = {"image": png(triple.scene), "prompt": triple.prompt, "seed": 1,
+            "mask": png(triple.person_mask.astype(np.uint8) * 255), "pose": triple.skeleton.to_json()}
+    answer = client.post("/v1/images/edits", json=body)
+    assert answer.status_code == 200, answer.text
+    image = unpng(answer.json()["data"][0]["b64_json"])
+    assert np.array_equal(image[~triple.person_mask], triple.scene[~triple.person_mask])
+    assert answer.json()["data"][0]["seed"] == 1
+
+    bad = triple.skeleton.to_json()
+    bad["people"][0]["keypoints"]["right_knee"] = [12.0, "low", 1.0]
+    refused = client.post("/v1/images/edits", json={**body, "pose": bad})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["field"] == "pose.people[0].keypoints.right_knee"
+    not_json = client.post("/v1/images/edits", json={**body, "pose": "nose at the top"})
+    assert not_json.status_code == 422 and not_json.json()["error"]["field"] == "pose"
