@@ -17,6 +17,7 @@ from .image_reward import ImageReward  # noqa: E402
 from .judge import MLLMJudge  # noqa: E402
 from .learned import learned  # noqa: E402
 from .gym_oracle import GymOracleReward  # noqa: E402
+from .skeleton import PoseAdherence, SkeletonReward  # noqa: E402
 from .base import require_differentiable  # noqa: E402
 
 __all__ = [

@@ -81,7 +81,8 @@ class Skeleton:
         width, height = size
         people = obj.get("people")
         if not isinstance(people, list):
-            raise ValueError(f"people: expected a list of {{\"keypoints\": {{...}}}} objects, got {type(people).__name__}")
+            raise ValueError("people: expected a list of {\"keypoints\": {...}} objects, "
+                             f"got {type(people).__name__}")
         array = np.zeros((len(people), len(COCO17), 3))
         for p, person in enumerate(people):
             where = f"people[{p}]"

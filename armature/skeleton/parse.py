@@ -9,25 +9,31 @@ covered, in which case the candidate nearest the piece's middle is taken (counte
 ``ambiguous``). A mark covered completely (a joint on the same pixel as a later one) leaves no
 pixels: that joint comes back absent -- the one way the round trip loses information.
 
-**Tolerant pass** (generated, noisy layouts; only pixels the exact pass did not explain, of a
-channel spread ``max - min >= MIN_SPREAD`` = 64: black, greys and the gym's muted scenes are
-skipped, and with the ``scene`` given, only pixels that differ from it). Every
-pixel goes to its nearest palette colour (joints and limbs); a pixel within ``colour_radius``
-(RGB distance) of a joint colour votes for that joint with weight ``1 - distance / radius``. Each
-8-connected piece of a joint's votes is a candidate mark: position = weighted centroid, visibility
-= ``min(1, total weight / mark area)``; pieces below ``min_confidence`` are dropped. A joint with
-no mark gets ``[0, 0, 0]``.
+**Tolerant pass** (generated, noisy layouts; only pixels the exact pass did not explain and,
+when the ``scene`` is given, that differ from it by more than ``scene_threshold``). Mixing a
+colour with black or grey (blur, a VAE, JPEG) keeps its hue, so a pixel is read by hue: one of
+chroma (max - min channel) >= ``JOINT_CHROMA`` = 192 -- above every limb colour's 153 -- whose hue
+lies within ``hue_radius`` (10 degrees; joint hues are 21 apart) of joint ``j``'s hue votes for ``j``
+with weight ``(1 - hue offset / hue_radius) * chroma / 255``. The votes of a joint, grown by a
+pixel so that pieces split by noise rejoin, form candidate marks: position = weighted centroid,
+visibility = ``min(1, total weight / (half the mark's area))``; marks below ``min_confidence``
+are dropped. A joint with no mark gets ``[0, 0, 0]``.
 
-**People.** Marks are grouped by the connected pieces of "ink" (pixels of any palette colour:
-limbs link a person's marks). There are at least as many people as the most marks of one joint,
+**People.** Marks are grouped by the connected pieces of "ink" (pixels of any palette colour,
+plus, for the tolerant pass, any pixel of chroma >= ``INK_CHROMA`` = 48, grown by a pixel: limbs
+link a person's marks). There are at least as many people as the most marks of one joint,
 ``N``. Pieces are taken largest first; each joins the nearest person already formed that has none
 of its joints, unless it lies farther than that person's size (the diagonal of its joints' box)
-and fewer than ``N`` people exist, or no such person exists: then it starts a new person (so with
-no joint drawn twice, everything is one person). A person formed only by tolerant marks with fewer than 3 joints is dropped when
-another person exists (noise). People come back ordered left to right (mean x of their joints,
-see :func:`canonical`). Limits: people must not touch (at least one pixel between their
-drawings), and a person whose drawing falls apart into pieces (e.g. both ears and both shoulders
-absent) is put back together only when the pieces lie near each other.
+and fewer than ``N`` people exist, or no such person exists: then it starts a new person. So
+with no joint drawn twice everything is one person, whatever falls apart. A person formed only
+by tolerant marks with fewer than 3 joints is dropped when another person exists (noise). People
+come back ordered left to right (mean x of their joints, see :func:`canonical`).
+
+**Limits.** People must not touch (at least one pixel between their drawings); with several
+people, a piece of one person that lies apart from it (e.g. a wrist whose elbow is absent) joins
+the nearest person lacking that joint. A mark covered completely is lost (above). The tolerant
+pass needs the colours at full resolution: JPEG's 4:2:0 chroma subsampling at 64x64 loses about
+half the joints (PNG or 4:4:4 JPEG lose none).
 
 numpy and scipy only.
 """
@@ -41,7 +47,20 @@ from .keypoints import COCO17, Skeleton
 from .render import JOINT_COLOURS, PALETTE, mark_radius
 
 _EIGHT = np.ones((3, 3), dtype=bool)
-MIN_SPREAD = 64  # the tolerant pass looks only at pixels this saturated (max - min channel)
+JOINT_VALUE = 200  # tolerant pass: a joint's pixel is at least this bright (max channel; limbs: 153) ...
+JOINT_CHROMA = 96  # ... and this saturated (max - min channel) ...
+INK_CHROMA = 48  # ... and any drawn pixel at least this (the gym's scenes stay below 45)
+
+
+def _hue(image: np.ndarray) -> np.ndarray:
+    """``[H, W]`` hue in degrees [0, 360) (HSV's; 0 for greys)."""
+    rgb = image.astype(np.float64)
+    high, low = rgb.max(-1), rgb.min(-1)
+    chroma = np.where(high > low, high - low, 1.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.where(high == r, (g - b) / chroma % 6.0,
+                   np.where(high == g, (b - r) / chroma + 2.0, (r - g) / chroma + 4.0))
+    return np.where(high > low, 60.0 * hue, 0.0) % 360.0
 
 
 def _codes(image: np.ndarray) -> np.ndarray:
@@ -54,6 +73,7 @@ _PALETTE_CODES = _codes(PALETTE[None])[0]
 _PALETTE_ORDER = np.argsort(_PALETTE_CODES)
 _PALETTE_SORTED = _PALETTE_CODES[_PALETTE_ORDER]
 _JOINT_CODES = _PALETTE_CODES[:len(COCO17)]
+_JOINT_HUES = _hue(JOINT_COLOURS[None])[0]
 
 
 def _as_image(image, what: str = "image") -> np.ndarray:
@@ -99,8 +119,8 @@ def _solve_centre(piece: np.ndarray, covered: np.ndarray, dont_care: np.ndarray,
     return found
 
 
-def parse_layout(image, scene=None, *, colour_radius: float = 30.0, ink_radius: float = 40.0,
-                 scene_threshold: float = 24.0, min_confidence: float = 0.25, details: bool = False):
+def parse_layout(image, scene=None, *, hue_radius: float = 10.0, scene_threshold: float = 24.0,
+                 min_confidence: float = 0.25, details: bool = False):
     """The :class:`Skeleton` drawn in a layout ``image`` (``[H, W, 3]`` array or PIL image).
 
     ``scene`` (optional, same size): the picture the layout was drawn over; pixels equal to it
@@ -153,24 +173,25 @@ def parse_layout(image, scene=None, *, colour_radius: float = 30.0, ink_radius: 
             covered[max(cy - r, 0):cy + r + 1, max(cx - r, 0):cx + r + 1] = True
 
     # ---------------------------------------------------------------- tolerant pass
-    spread = image.max(-1).astype(np.int16) - image.min(-1)
-    candidate = ~explained & (spread >= MIN_SPREAD) & (difference > (scene_threshold if scene is not None else -1))
+    chroma = image.max(-1).astype(np.int16) - image.min(-1)
+    candidate = ~explained & (chroma >= INK_CHROMA) & (difference > (scene_threshold if scene is not None else -1))
     if candidate.any():
-        distance = np.linalg.norm(pixels[..., None, :].astype(np.float32) - PALETTE[None, None].astype(np.float32),
-                                  axis=-1)
-        nearest, nearest_distance = distance.argmin(-1), distance.min(-1)
-        ink |= candidate & (nearest_distance < ink_radius)
-        area = float((2 * r + 1) ** 2)
+        ink |= ndimage.binary_dilation(candidate, _EIGHT)  # bridges a blurred limb's gaps
+        hue = _hue(image)
+        offset = np.abs((hue[..., None] - _JOINT_HUES + 180.0) % 360.0 - 180.0)  # [H, W, 17] degrees
+        nearest, nearest_offset = offset.argmin(-1), offset.min(-1)
+        strong = candidate & (chroma >= JOINT_CHROMA) & (image.max(-1) >= JOINT_VALUE) & (nearest_offset < hue_radius)
+        weight = np.where(strong, (1.0 - nearest_offset / hue_radius) * chroma / 255.0, 0.0)
+        full = 0.5 * (2 * r + 1) ** 2
         for j in range(len(COCO17)):
-            votes = candidate & (nearest == j) & (nearest_distance < colour_radius)
+            votes = strong & (nearest == j)
             if not votes.any():
                 continue
-            weight = np.where(votes, 1.0 - nearest_distance / colour_radius, 0.0)
-            pieces, n = ndimage.label(votes, _EIGHT)
+            pieces, n = ndimage.label(ndimage.binary_dilation(votes, _EIGHT), _EIGHT)  # noise-split marks rejoin
             for k in range(1, n + 1):
-                ys, xs = np.nonzero(pieces == k)
+                ys, xs = np.nonzero((pieces == k) & votes)
                 w = weight[ys, xs]
-                v = min(1.0, float(w.sum()) / area)
+                v = min(1.0, float(w.sum()) / full)
                 if v < min_confidence:
                     continue
                 x, y = float((xs * w).sum() / w.sum()), float((ys * w).sum() / w.sum())
