@@ -5,16 +5,29 @@ each, BlazePose finds the person; a body region (the box around some of its land
 padded) is broken by each degradation of :mod:`armature.data.synthetic` (duplicate, warp,
 remove, mirror, shift). A pair counts as won when the intact photo scores higher.
 
-Two region sets: ``limbs`` (whole arms and legs; the set the default weights were chosen
-on) and ``held-out`` (forearm + hand, upper arm, shin + foot, thigh, head; other padding,
-other seeds), reported separately. Needs ``armature assets pose``.
+Region sets, reported separately:
 
-    python benchmarks/pose_pairs.py [--per-term]
+* ``limbs``: whole arms and legs, pad 0.05, seeds 0, 1 (the set the term weights were first
+  chosen on; a tuning set);
+* ``dev``: a development set defined before any of the scorer's second round of changes
+  (hands, elbows, knees, feet, the shoulder and hip girdles, the flanks; pads 0.04 and 0.07,
+  seeds 3, 4); changes are chosen on ``limbs`` and ``dev`` only;
+* ``held-out``: forearm + hand, upper arm, shin + foot, thigh, head; pad 0.03, seed 2 (the
+  original 70-pair held-out set);
+* ``held-out-wide``: the same held-out regions at pads 0.03 and 0.06, seeds 2, 6, 7.
+
+In ``dev`` and ``held-out-wide`` a degraded image identical to one already in the set (e.g.
+``remove`` does not depend on the seed) is counted once. The regions come from the landmarks
+of a plain :class:`BlazePose` (threshold 0.3, refine 0), so the pairs do not depend on the scorer's
+settings. Needs ``armature assets pose``.
+
+    python benchmarks/pose_pairs.py [--sets limbs,dev,held-out,held-out-wide] [--per-term]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 import numpy as np
 
@@ -26,7 +39,14 @@ HELD_OUT_REGIONS = {"left_forearm": [13, 15, 17, 19, 21], "right_forearm": [14, 
                     "left_upper_arm": [11, 13], "right_upper_arm": [12, 14],
                     "left_shin": [25, 27, 29, 31], "right_shin": [26, 28, 30, 32],
                     "left_thigh": [23, 25], "right_thigh": [24, 26], "head": list(range(11))}
-REGION_SETS = {"limbs": (LIMB_REGIONS, 0.05, (0, 1)), "held-out": (HELD_OUT_REGIONS, 0.03, (2,))}
+DEV_REGIONS = {"left_hand": [15, 17, 19, 21], "right_hand": [16, 18, 20, 22], "left_elbow": [13], "right_elbow": [14],
+               "left_knee": [25], "right_knee": [26], "left_foot": [27, 29, 31], "right_foot": [28, 30, 32],
+               "shoulders": [11, 12], "hips": [23, 24], "left_flank": [11, 23], "right_flank": [12, 24]}
+# name -> (regions, paddings, seeds, count identical degraded images once)
+REGION_SETS = {"limbs": (LIMB_REGIONS, (0.05,), (0, 1), False),
+               "dev": (DEV_REGIONS, (0.04, 0.07), (3, 4), True),
+               "held-out": (HELD_OUT_REGIONS, (0.03,), (2,), False),
+               "held-out-wide": (HELD_OUT_REGIONS, (0.03, 0.06), (2, 6, 7), True)}
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -39,26 +59,44 @@ def photos() -> dict[str, np.ndarray]:
     return out
 
 
-def degraded_pairs(images: dict, landmarks: dict, regions: dict, pad: float, seeds, min_visibility: float = 0.5):
-    """Yield ``(photo, region, kind, seed, degraded image)`` for every region with landmarks that are
-    visible and inside the photo (BlazePose also places the body parts a photo cuts off, e.g. the
+def degraded_pairs(images: dict, landmarks: dict, regions: dict, pads, seeds, dedupe: bool = False,
+                   min_visibility: float = 0.5):
+    """Yield ``(photo, region, pad, kind, seed, degraded image)`` for every region with landmarks that
+    are visible and inside the photo (BlazePose also places the body parts a photo cuts off, e.g. the
     astronaut's legs below its lower edge: a box around those would break something else)."""
+    pads = (pads,) if isinstance(pads, (int, float)) else tuple(pads)
     for name, image in images.items():
         h, w = image.shape[:2]
+        seen = set()
         for region, indices in regions.items():
             points = landmarks[name][indices][:, :3]  # x, y, visibility
             inside = (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
             points = points[inside]
-            try:
-                box = keypoint_box(points, image.shape[:2], pad=pad, min_confidence=min_visibility)
-            except ValueError:  # no landmark of the region is visible: nothing to break
-                continue
-            mask = box_mask(image.shape[:2], box)
-            for kind in DEGRADATIONS:
-                for seed in seeds:
-                    degraded = degrade(image, mask, kind, np.random.default_rng(seed))
-                    if not np.array_equal(degraded, image):
-                        yield name, region, kind, seed, degraded
+            for pad in pads:
+                try:
+                    box = keypoint_box(points, image.shape[:2], pad=pad, min_confidence=min_visibility)
+                except ValueError:  # no landmark of the region is visible: nothing to break
+                    continue
+                mask = box_mask(image.shape[:2], box)
+                for kind in DEGRADATIONS:
+                    for seed in seeds:
+                        degraded = degrade(image, mask, kind, np.random.default_rng(seed))
+                        if np.array_equal(degraded, image):
+                            continue
+                        if dedupe:
+                            key = hashlib.sha1(degraded.tobytes()).hexdigest()
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                        yield name, region, pad, kind, seed, degraded
+
+
+def region_landmarks(images: dict, cache_dir=None) -> dict:
+    """The landmarks the regions are cut around: a plain BlazePose's (independent of the scorer's settings)."""
+    from armature.rewards.pose import BlazePose
+
+    estimator = BlazePose(cache_dir, min_detection_score=0.3)  # the reward's default threshold
+    return {name: estimator(image).landmarks for name, image in images.items()}
 
 
 def evaluate(reward, region_set: str = "limbs", max_pairs: int | None = None) -> list[dict]:
@@ -67,12 +105,12 @@ def evaluate(reward, region_set: str = "limbs", max_pairs: int | None = None) ->
 
     images = photos()
     intact = {name: reward.details([Image.fromarray(image)])[0] for name, image in images.items()}
-    landmarks = {name: reward.estimator(image).landmarks for name, image in images.items()}
-    regions, pad, seeds = REGION_SETS[region_set]
+    landmarks = region_landmarks(images, getattr(reward, "cache_dir", None))
+    regions, pads, seeds, dedupe = REGION_SETS[region_set]
     records = []
-    for name, region, kind, seed, degraded in degraded_pairs(images, landmarks, regions, pad, seeds):
+    for name, region, pad, kind, seed, degraded in degraded_pairs(images, landmarks, regions, pads, seeds, dedupe):
         terms = reward.details([Image.fromarray(degraded)])[0]
-        records.append({"photo": name, "region": region, "kind": kind, "seed": seed,
+        records.append({"photo": name, "region": region, "pad": pad, "kind": kind, "seed": seed,
                         "intact": intact[name], "degraded": terms})
         if max_pairs and len(records) >= max_pairs:
             break
@@ -87,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-term", action="store_true", help="also the win rate of each term alone")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--sets", default="limbs,dev", help=f"comma-separated region sets of {sorted(REGION_SETS)}")
     args = parser.parse_args()
     from armature.rewards import load
 
@@ -98,7 +137,7 @@ def main() -> None:
     print("| region set | pairs | intact photo scores higher |")
     print("| --- | --- | --- |")
     all_records = {}
-    for region_set in REGION_SETS:
+    for region_set in args.sets.split(","):
         records = all_records[region_set] = evaluate(reward, region_set)
         print(f"| {region_set} | {len(records)} | {win_rate(records):.1%} |", flush=True)
     if args.per_term:
@@ -110,7 +149,7 @@ def main() -> None:
         for region_set, records in all_records.items():
             for r in records:
                 if r["intact"]["reward"] <= r["degraded"]["reward"]:
-                    print(f"lost ({region_set}): {r['photo']} {r['region']} {r['kind']} seed {r['seed']}: "
+                    print(f"lost ({region_set}): {r['photo']} {r['region']} pad {r['pad']} {r['kind']} seed {r['seed']}: "
                           f"{r['intact']['reward']:.4f} <= {r['degraded']['reward']:.4f}")
 
 

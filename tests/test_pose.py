@@ -169,7 +169,7 @@ def test_intact_photos_beat_locally_degraded_copies(pose_assets):
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from pose_pairs import REGION_SETS, evaluate, win_rate
 
-    REGION_SETS["one-seed"] = (REGION_SETS["limbs"][0], REGION_SETS["limbs"][1], (0,))
+    REGION_SETS["one-seed"] = (REGION_SETS["limbs"][0], REGION_SETS["limbs"][1], (0,), False)
     records = evaluate(load("pose"), "one-seed")
     assert len(records) >= 30
     assert win_rate(records) >= 0.9, [(r["photo"], r["region"], r["kind"]) for r in records
