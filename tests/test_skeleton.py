@@ -359,3 +359,28 @@ def test_pose_adherence_on_gym_images(tmp_path):
         by_prompt(images[:1], ["unknown prompt"])
     with pytest.raises(ValueError, match="method must be"):
         load("pose_adherence", method="openpose")
+
+
+def test_pose_adherence_on_a_photo_with_blazepose():
+    from armature.rewards.assets import MissingAssetsError, require_pose_files
+    from armature.skeleton import from_photo
+
+    try:
+        require_pose_files()
+    except MissingAssetsError:
+        pytest.skip("BlazePose models not cached (`armature assets pose`)")
+    from skimage import data
+
+    photo = data.astronaut()
+    plan = from_photo(photo)
+    plan.array[plan.array[..., 2] < 0.5] = 0.0  # plan only what is clearly seen (the hands and legs are not)
+    reward = load("pose_adherence", method="auto")  # 512x512: BlazePose
+    start = time.perf_counter()
+    (score,) = reward([Image.fromarray(photo)], ["an astronaut"], plans=[plan])
+    print(f"\npose_adherence reward (BlazePose, 512x512, first call: loads the models): "
+          f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    assert score == pytest.approx(1.0)
+    moved = plan.array.copy()
+    moved[0, :, 1] = np.clip(moved[0, :, 1] + 60, 0, 511)  # 60 px lower: > 0.1 * the plan's size
+    (score,) = reward([Image.fromarray(photo)], [""], plans=[Skeleton(512, 512, moved)])
+    assert score < 0.2
