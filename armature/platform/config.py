@@ -528,6 +528,35 @@ def _check_online_dpo(cfg: DictConfig, algo: DictConfig) -> list[str]:
 
 
 ALGO_SCHEMAS.update({"online_dpo": OnlineDPOConfig})
+
+@dataclass
+class SkeleGuideConfig:
+    """SkeleGuide's three training phases (armature/jobs/skeleguide.py): `algo=skeleguide model=tiny_skeleguide`."""
+
+    name: str = "skeleguide"
+    phase1_steps: int = 30  # reasoning loss alone (eq. 4), skeletal adapter
+    phase2_steps: int = 30  # joint: lambda_reason * L_reason + lambda_render * L_render, renderer on M_hat
+    phase3_steps: int = 30  # rendering loss alone on ground-truth layouts, appearance adapter
+    steps_per_epoch: int = 10  # optimizer steps between checkpoints; an epoch never spans two phases
+    train_batch_size: int = 4  # triples per step on one worker
+    learning_rate: float = 3e-3  # the paper: 1e-4 on FLUX.1-dev (the tiny random model needs more)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lambda_reason: float = 0.5
+    lambda_render: float = 1.0
+    layout_estimate: str = "noise"  # noise: eq. 6, M_0 + v_hat(M_0, t=0) | shared: M_t + (1 - t) v_hat at L_reason's t
+    lora_targets: str = "qkv"  # qkv: eq. 3 (condition tokens' Q/K/V) | all: every attention projection
+    guidance_scale: float = 2.5  # guidance-distilled models only (FLUX.1-Kontext-dev)
+    triples: Optional[str] = None  # Parquet of triples (armature.skeleton.scenes.write_triples); None: gym, on the fly
+    pose: Optional[str] = None  # gym triples of one pose class only
+    heldout_triples: int = 8  # fixed triples and noise: held-out losses every epoch, sample grids at phase ends
+    sample_steps: int = 8  # Euler steps of each stage in the sample grids (and the saved pipeline's default)
+
+
+ALGO_SCHEMAS.update({"skeleguide": SkeleGuideConfig})
 ALGO_SCHEMAS.update({"reward_model": RewardModelConfig, "reward_eval": RewardEvalConfig})
 
 

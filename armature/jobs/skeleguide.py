@@ -1,0 +1,337 @@
+"""SkeleGuide's three-phase training (Wu et al., sec. 3.4) on Ray Train + DeepSpeed.
+
+One flow DiT (``armature.policies.skeleguide.SkeleGuidePipeline``) with a skeletal adapter
+(scene + prompt -> scene-aware layout M) and an appearance adapter (layout + prompt -> the person
+in the scene), trained on human-in-place triples (scene, layout, target) in three phases:
+
+1. **reasoning** (``algo.phase1_steps``): L_reason alone (eq. 4), flow matching of the skeletal
+   branch toward the encoded ground-truth layout M; only the skeletal adapter trains.
+2. **joint** (``algo.phase2_steps``): lambda_reason * L_reason + lambda_render * L_render (0.5, 1).
+   The renderer is conditioned on the layout predicted online, M_hat (eq. 6), and L_render's
+   gradient flows through M_hat into the skeletal adapter. ``algo.layout_estimate=noise`` is
+   eq. 6 as written: M_hat = M_0 + v_hat(M_0, t = 0), one more skeletal call from the noise M_0
+   that L_reason also starts from; ``shared`` reuses L_reason's call, M_hat = M_t + (1 - t) v_hat.
+   Both adapters train.
+3. **rendering** (``algo.phase3_steps``): L_render alone, conditioned on the ground-truth M; only
+   the appearance adapter trains (the skeletal one is frozen: no gradient, and the optimizer's
+   state cannot move it, see ``_freeze``).
+
+The math is ``armature.losses.skeleguide``. The triples are the anatomy gym's, drawn on the fly
+per (seed, step, worker), or read from a Parquet file (``algo.triples``,
+``armature.skeleton.scenes.write_triples``).
+
+Read top to bottom: ``run`` (the driver) checks the config, connects to Ray, opens the MLflow run
+and hands ``TorchTrainer`` the learner loop; ``train_loop`` (each Ray Train worker) builds the
+pipeline, wraps both adapters' LoRA weights with DeepSpeed, restores the last checkpoint if there
+is one, then runs the phases' epochs (``algo.steps_per_epoch`` optimizer steps each; an epoch
+never spans two phases). Every step's loss terms are MLflow metrics (``step/*``, at the global
+step); every epoch adds held-out losses on fixed triples and noise, ``steps_per_s`` and a
+checkpoint; every phase end adds a sample grid (``samples/phase<N>.png``: scene, ground-truth
+layout, planned layout, target, rendered from the ground-truth layout, rendered from the plan).
+Metrics reach MLflow only once their checkpoint is registered, so a rerun with the same
+``tracking.run_name`` resumes after a kill without logging a step twice. At the end rank 0 saves
+the pipeline (both adapters, ``SkeleGuidePipeline.save_pretrained``) as the run's ``adapter``
+artifact, which ``platform.launch.fit`` registers (as ``armature-skeleguide`` unless
+``tracking.registered_model`` names another), and, on local storage, to ``<run folder>/pipeline``
+for ``armature serve edits.pipeline=...``.
+
+    python -m armature.jobs.skeleguide algo=skeleguide model=tiny_skeleguide [overrides]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from armature.losses.skeleguide import flow_interpolate, joint_loss, one_step_layout, reasoning_loss, rendering_loss
+from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.engine import all_reduce_mean, deepspeed_engine, grad_norm
+
+PHASE_ADAPTERS = {1: ("skeletal",), 2: ("skeletal", "appearance"), 3: ("appearance",)}
+DEFAULT_REGISTERED = "armature-adapter"  # the platform default: a UNet adapter name, not ours
+REGISTERED_NAME = "armature-skeleguide"
+FAMILIES = ("tiny_skeleguide", "flux_kontext")
+
+
+# ============================================================================ driver
+def run(cfg: DictConfig) -> dict:
+    """Run the three phases as configured; returns the last epoch's metrics."""
+    from ray.train.torch import TorchTrainer
+
+    from armature.platform.launch import fit, open_run, trainer_kwargs
+
+    check(cfg)
+    job = open_run(cfg, cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
+    if job.cfg["tracking"].get("registered_model") == DEFAULT_REGISTERED:
+        job.cfg["tracking"]["registered_model"] = REGISTERED_NAME  # a pipeline folder, not a UNet adapter
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": job.cfg, "run_id": job.run_id, "tracking_uri": job.tracking_uri,
+                           "threads": job.threads, "run_dir": job.run_dir},
+        **trainer_kwargs(job),
+    )
+    return fit(trainer, job)
+
+
+def check(cfg: DictConfig) -> None:
+    """What the schema cannot say, before Ray starts; ConfigError naming the key."""
+    from armature.platform.config import ConfigError
+
+    algo, model, errors = cfg.algo, cfg.model, []
+    if model.family not in FAMILIES:
+        errors.append(f"model.family={model.family}: SkeleGuide runs on a FLUX-Kontext-style DiT; use "
+                      "model=tiny_skeleguide, or model.family=flux_kontext model.pretrained=<hub id or folder>")
+    elif model.family == "flux_kontext" and not model.pretrained:
+        errors.append("model.pretrained is unset: flux_kontext loads e.g. black-forest-labs/FLUX.1-Kontext-dev")
+    if min(algo.phase1_steps, algo.phase2_steps, algo.phase3_steps) < 0 or algo.steps_per_epoch < 1:
+        errors.append("algo.phase{1,2,3}_steps must be >= 0 and algo.steps_per_epoch >= 1")
+    if algo.layout_estimate not in ("noise", "shared"):
+        errors.append(f"algo.layout_estimate={algo.layout_estimate}: use noise (eq. 6 at t = 0) or shared")
+    if algo.lora_targets not in ("qkv", "all"):
+        errors.append(f"algo.lora_targets={algo.lora_targets}: use qkv (eq. 3) or all")
+    if algo.train_batch_size < 1 or algo.heldout_triples < 1 or algo.sample_steps < 1:
+        errors.append("algo.train_batch_size, algo.heldout_triples and algo.sample_steps must be >= 1")
+    if not model.lora.enabled:
+        errors.append("model.lora.enabled=false: SkeleGuide trains its two LoRA adapters; set it true")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def pipeline_params(c: dict):
+    """``SkeleGuideParams`` from the job's ``model`` and ``algo`` sections."""
+    from dataclasses import fields
+
+    from armature.policies.skeleguide import SkeleGuideParams, TinyKontextConfig
+
+    model, algo = c["model"], c["algo"]
+    names = {f.name for f in fields(TinyKontextConfig)}
+    device = model.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SkeleGuideParams(
+        pretrained=model["pretrained"] if model["family"] == "flux_kontext" else None,
+        revision=model.get("revision"), variant=model.get("variant"), dtype=model.get("dtype", "float32"),
+        device=device, tiny=TinyKontextConfig(**{k: v for k, v in (model.get("tiny") or {}).items() if k in names}),
+        lora_rank=model["lora"]["rank"], lora_alpha=model["lora"]["alpha"], lora_targets=algo["lora_targets"],
+        lora_seed=c["trainer"]["seed"], guidance_scale=algo["guidance_scale"], num_steps=algo["sample_steps"],
+    )
+
+
+def epoch_plan(algo: dict) -> list[tuple[int, int, int]]:
+    """``(phase, first global step, steps)`` of every epoch, phases in order."""
+    plan, step = [], 0
+    for phase in (1, 2, 3):
+        total = algo[f"phase{phase}_steps"]
+        for first in range(0, total, algo["steps_per_epoch"]):
+            steps = min(algo["steps_per_epoch"], total - first)
+            plan.append((phase, step, steps))
+            step += steps
+    return plan
+
+
+# ============================================================================ learner
+def train_loop(config: dict) -> None:
+    import ray.train
+
+    from armature.platform.tracking import RunLogger
+    from armature.policies.skeleguide import ADAPTERS, SkeleGuidePipeline
+
+    c = config["cfg"]
+    algo, trainer_cfg = c["algo"], c["trainer"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(trainer_cfg["seed"] + rank)
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+
+    pipe = SkeleGuidePipeline.build(pipeline_params(c))
+    pipe.set_trainable(ADAPTERS)  # one optimizer over both adapters; each phase freezes what it does not train
+    engine, optimizer, params = deepspeed_engine(pipe, algo, trainer_cfg, accumulation=1)
+    pipe.denoiser = engine
+
+    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    _, state, _ = restore_checkpoint(engine, None)  # relogging below: our MLflow step is the global step
+    start_epoch = state.get("job_epoch", -1) + 1
+    if state and logger is not None:
+        logged = logger.last_step("epoch")
+        for step, values in state["unlogged"]:
+            if step > logged:
+                logger.log_metrics(values, step=step)
+        print(f"[armature] resumed from the checkpoint of epoch {state['job_epoch']}", flush=True)
+
+    source = _triple_source(algo, trainer_cfg["seed"])
+    heldout = _heldout_batch(pipe, source, algo, trainer_cfg["seed"])
+    plan = epoch_plan(algo)
+    unlogged: list[tuple[int, dict]] = []
+    for epoch in range(start_epoch, len(plan)):
+        phase, first, steps = plan[epoch]
+        _freeze(pipe, phase)
+        t_epoch = time.perf_counter()
+        window = []
+        for step in range(first, first + steps):
+            batch = _batch(pipe, source(step, rank, algo["train_batch_size"]))
+            generator = torch.Generator().manual_seed(trainer_cfg["seed"] * 1_000_003 + step * 101 + rank)
+            loss, terms = phase_loss(pipe, batch, phase, algo, generator)
+            engine.backward(loss)
+            norm = grad_norm(params)
+            engine.step()
+            _freeze(pipe, phase)  # frozen adapters keep no gradient for the next step
+            terms = all_reduce_mean({"loss": loss.item(), **terms})
+            terms.update(grad_norm=engine.get_global_grad_norm() or norm, phase=phase)
+            unlogged.append((step, {f"step/{k}": v for k, v in terms.items()}))
+            window.append(terms)
+        elapsed = time.perf_counter() - t_epoch
+        last_step = first + steps - 1
+        metrics = {
+            "epoch": epoch, "phase": phase,
+            **{k: float(np.mean([w[k] for w in window])) for k in window[0] if k not in ("phase", "grad_norm")},
+            **heldout_losses(pipe, heldout, phase),
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "steps_per_s": steps / elapsed, "epoch_time_s": elapsed,
+        }
+        phase_end = epoch + 1 == len(plan) or plan[epoch + 1][0] != phase
+        if logger is not None:
+            print(f"[armature] skeleguide epoch {epoch + 1}/{len(plan)} phase {phase}  loss {metrics['loss']:.4f}  "
+                  f"held-out reason {metrics['heldout_reason_loss']:.4f} render {metrics['heldout_render_loss']:.4f}  "
+                  f"{metrics['steps_per_s']:.2f} steps/s", flush=True)
+            if phase_end and c["tracking"]["log_images_every"]:
+                logger.log_images(sample_grid(pipe, heldout, algo["sample_steps"], c["tracking"]["images_per_grid"]),
+                                  f"samples/phase{phase}_epoch_{epoch:04d}.png")
+        unlogged = commit_epoch(engine, logger, last_step, metrics, unlogged, rank, checkpoint=True,
+                                state={"job_epoch": epoch, "phase": phase})
+
+    if logger is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe.save_pretrained(Path(tmp) / "adapter")
+            logger.log_artifacts(Path(tmp) / "adapter", "adapter")
+            logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+        if "://" not in config["run_dir"]:
+            path = pipe.save_pretrained(Path(config["run_dir"]) / "pipeline")
+            print(f"[armature] SkeleGuide pipeline saved to {path}", flush=True)
+
+
+# ============================================================================ the losses of a phase
+def phase_loss(pipe, batch: dict, phase: int, algo: dict, generator: torch.Generator):
+    """``(loss, {term: value})`` of one micro-batch in ``phase`` (1, 2 or 3)."""
+    scene, layout, target, text, size = batch["scene"], batch["layout"], batch["target"], batch["text"], batch["size"]
+    b = layout.shape[0]
+    terms = {}
+    if phase in (1, 2):
+        m0 = torch.randn(layout.shape, generator=generator).to(layout)
+        t = torch.rand(b, generator=generator).to(layout)
+        v_hat = pipe.flow("skeletal", flow_interpolate(m0, layout, t), t, scene, text, size)
+        reason = reasoning_loss(v_hat, m0, layout)
+        terms["reason_loss"] = reason.item()
+        if phase == 1:
+            return reason, terms
+        if algo["layout_estimate"] == "noise":  # eq. 6: from the noise M_0 at t = 0
+            condition = one_step_layout(m0, pipe.flow("skeletal", m0, 0.0, scene, text, size), 0.0)
+        else:
+            condition = one_step_layout(flow_interpolate(m0, layout, t), v_hat, t)
+        terms["layout_error"] = (condition.detach() - layout).pow(2).mean().item()  # M_hat vs M
+    else:
+        condition = layout  # phase 3: the ground-truth layout
+    z0 = torch.randn(target.shape, generator=generator).to(target)
+    s = torch.rand(b, generator=generator).to(target)
+    u = pipe.flow("appearance", flow_interpolate(z0, target, s), s, condition, text, size)
+    render = rendering_loss(u, z0, target)
+    terms["render_loss"] = render.item()
+    if phase == 3:
+        return render, terms
+    return joint_loss(reason, render, algo["lambda_reason"], algo["lambda_render"]), terms
+
+
+def _freeze(pipe, phase: int) -> None:
+    """Only the phase's adapters require gradients; the others' gradients are dropped, so AdamW
+    (which skips parameters without one) cannot move them with momentum from an earlier phase."""
+    pipe.set_trainable(PHASE_ADAPTERS[phase])
+    for adapter in {"skeletal", "appearance"} - set(PHASE_ADAPTERS[phase]):
+        for p in pipe.adapter_parameters(adapter):
+            p.grad = None
+
+
+# ============================================================================ data
+def _triple_source(algo: dict, seed: int):
+    """``source(step, rank, n)``: the triples of one step, the same on a rerun."""
+    from armature.skeleton.scenes import read_triples, sample_triple
+
+    stored = read_triples(algo["triples"]) if algo["triples"] else None
+
+    def source(step: int, rank: int, n: int) -> list:
+        rng = np.random.default_rng([seed, step, rank])
+        if stored is not None:
+            return [stored[i] for i in rng.integers(len(stored), size=n)]
+        return [sample_triple(rng, algo["pose"]) for _ in range(n)]
+
+    return source
+
+
+def _batch(pipe, triples: list) -> dict:
+    """Encoded latents (the VAE is frozen) and prompt embeddings of a list of triples."""
+    scenes = np.stack([t.scene for t in triples])
+    return {
+        "scene": pipe.encode_images(scenes), "layout": pipe.encode_images([t.layout for t in triples]),
+        "target": pipe.encode_images([t.target for t in triples]), "text": pipe.encode_prompts([t.prompt for t in triples]),
+        "size": scenes.shape[1:3], "triples": triples,
+    }
+
+
+def _heldout_batch(pipe, source, algo: dict, seed: int) -> dict:
+    """Fixed triples (drawn apart from the training ones) and fixed noise and times."""
+    triples = source(2**31 - 1, 10_000, algo["heldout_triples"])  # a step no run reaches
+    batch = _batch(pipe, triples)
+    g = torch.Generator().manual_seed(seed + 4242)
+    shape = batch["layout"].shape
+    batch["noise"] = [torch.randn(shape, generator=g).to(batch["layout"]) for _ in range(2)]
+    batch["times"] = [torch.linspace(0.05, 0.95, shape[0]).to(batch["layout"]) for _ in range(2)]
+    return batch
+
+
+@torch.no_grad()
+def heldout_losses(pipe, batch: dict, phase: int) -> dict:
+    """L_reason and L_render (on the ground-truth layout) on the held-out triples, same noise every epoch."""
+    (m0, z0), (t, s) = batch["noise"], batch["times"]
+    scene, layout, target, text, size = batch["scene"], batch["layout"], batch["target"], batch["text"], batch["size"]
+    v = pipe.flow("skeletal", flow_interpolate(m0, layout, t), t, scene, text, size)
+    u = pipe.flow("appearance", flow_interpolate(z0, target, s), s, layout, text, size)
+    return {"heldout_reason_loss": reasoning_loss(v, m0, layout).item(),
+            "heldout_render_loss": rendering_loss(u, z0, target).item()}
+
+
+@torch.no_grad()
+def sample_grid(pipe, batch: dict, num_steps: int, limit: int) -> np.ndarray:
+    """One picture ``[1, H', W', 3]``: a row per held-out triple (at most ``limit // 6 + 1``) of scene,
+    ground-truth layout, planned layout, target, rendered from the ground truth, rendered from the plan."""
+    from armature.platform.tracking import image_grid
+
+    triples = batch["triples"][: max(1, math.ceil(limit / 6))]
+    scenes = np.stack([t.scene for t in triples])
+    prompts = [t.prompt for t in triples]
+    truth = np.stack([t.layout for t in triples])
+    masks = [t.person_mask for t in triples]
+    planned = pipe.plan(scenes, prompts, seed=0, num_steps=num_steps)
+    from_truth = pipe.render(scenes, truth, prompts, masks, seed=0, num_steps=num_steps)
+    from_plan = pipe.render(scenes, planned, prompts, masks, seed=0, num_steps=num_steps)
+    rows = np.stack([scenes, truth, planned, np.stack([t.target for t in triples]), from_truth, from_plan], 1)
+    return image_grid(rows.reshape(-1, *rows.shape[2:]), columns=6)[None]
+
+
+if __name__ == "__main__":  # until `armature train` dispatches algo=skeleguide
+    import sys
+
+    from armature.platform.config import ConfigError, compose
+
+    try:
+        composed = compose("train", ["algo=skeleguide", "model=tiny_skeleguide", *sys.argv[1:]])
+    except ConfigError as err:
+        sys.exit(f"armature: {err}")
+    result = run(composed)
+    print(f"[armature] done: epoch {int(result.get('epoch', -1)) + 1}, held-out reason "
+          f"{result.get('heldout_reason_loss', float('nan')):.4f} render {result.get('heldout_render_loss', float('nan')):.4f}",
+          flush=True)
