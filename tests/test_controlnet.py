@@ -164,3 +164,64 @@ def test_agrees_with_the_diffusers_controlnet_pipeline(trained):
                       guidance_scale=3.0, eta=0.0, generator=gens(11), output_type="np", height=32, width=32).images
     diff = np.abs(ours.astype(int) - np.round(theirs * 255).astype(int))
     assert diff.max() <= 1, diff.max()
+
+
+def tiny_sdxl_pipeline():
+    """A tiny random SDXL pipeline (two CLIP text encoders, text-time embeddings), as the SDXL
+    family loads it: no download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from armature.policies.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(32)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=32, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                            norm_num_groups=8, sample_size=32)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tok,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=tok, unet=unet,
+            scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_controlnet_zero_init_and_conditioning():
+    from armature.policies.controlnet import ControlNetPolicy, build_controlnet
+    from armature.policies.diffusion import DiffusionPolicy
+
+    pipe = tiny_sdxl_pipeline()
+    plain = DiffusionPolicy(pipe, "sdxl", SamplingParams(**SAMPLING))
+    p = ControlNetPolicy(pipe, "sdxl", build_controlnet(pipe.unet, pipe.vae_scale_factor), SamplingParams(**SAMPLING))
+    ours = p.rollout(PROMPTS, gens(4), layouts=layouts(1))
+    assert ours.cond["time_ids"].shape == (2, 2, 6) and ours.cond["controlnet_cond"].shape == (2, 2, 3, 32, 32)
+    assert np.array_equal(ours.images, plain.rollout(PROMPTS, gens(4)).images)  # zero residuals
+    with torch.no_grad():  # as if trained: the residual convolutions are no longer zero
+        for name, q in p.controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                q.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    a = p.render(PROMPTS, layouts(1), seed=2, deterministic=True)
+    assert not np.array_equal(a, p.render(PROMPTS, layouts(2), seed=2, deterministic=True))
+    # the same as diffusers' SDXL ControlNet pipeline (no guidance: its empty negative prompt is zeros)
+    p.sampling.guidance_scale = 1.0
+    a = p.render(PROMPTS, layouts(1), seed=2, deterministic=True)
+    from PIL import Image
+
+    with torch.no_grad():
+        theirs = p.diffusers_pipeline()(PROMPTS, image=[Image.fromarray(x) for x in layouts(1)], height=32, width=32,
+                                        num_inference_steps=STEPS, guidance_scale=1.0, eta=0.0, generator=gens(2),
+                                        output_type="np").images
+    assert np.abs(a.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
