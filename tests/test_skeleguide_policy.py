@@ -178,3 +178,17 @@ def test_save_and_load_round_trip(tmp_path):
                                   pipe(scenes, ["a person"], seed=3, num_steps=2).images)
     with pytest.raises(FileNotFoundError, match="skeleguide.json"):
         SkeleGuidePipeline.from_pretrained(tmp_path)
+
+
+def test_a_trained_vae_folder_replaces_the_random_one(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "policy" / "vae")  # a pipeline folder's layout
+    pipe = SkeleGuidePipeline.build(SkeleGuideParams(vae=str(tmp_path / "policy")))
+    assert pipe.vae_scale_factor == 2 and pipe.vae.config.scaling_factor == 0.5
+    torch.testing.assert_close(pipe.vae.state_dict()["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"])
+    layouts = pipe.plan(_scenes(1), ["a person"], seed=0, num_steps=1)
+    assert layouts.shape == (1, SIZE, SIZE, 3)

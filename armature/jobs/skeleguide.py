@@ -111,7 +111,8 @@ def pipeline_params(c: dict):
     from armature.policies.skeleguide import SkeleGuideParams, TinyKontextConfig
 
     model, algo = c["model"], c["algo"]
-    names = {f.name for f in fields(TinyKontextConfig)}
+    # the tiny VAE's shape is SkeleGuide's own (3 levels: 8 x 8 tokens at 64 px), or algo.tiny_vae's
+    names = {f.name for f in fields(TinyKontextConfig)} - {"vae_channels", "latent_channels"}
     device = model.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,6 +122,7 @@ def pipeline_params(c: dict):
         device=device, tiny=TinyKontextConfig(**{k: v for k, v in (model.get("tiny") or {}).items() if k in names}),
         lora_rank=model["lora"]["rank"], lora_alpha=model["lora"]["alpha"], lora_targets=algo["lora_targets"],
         lora_seed=c["trainer"]["seed"], guidance_scale=algo["guidance_scale"], num_steps=algo["sample_steps"],
+        vae=algo["tiny_vae"] if model["family"] == "tiny_skeleguide" else None,
     )
 
 

@@ -33,6 +33,9 @@ real weights (``params.pretrained``: a hub id such as ``black-forest-labs/FLUX.1
 folder in diffusers format) through the same code; ``save_pretrained`` / ``from_pretrained`` keep
 the config and both adapters (the base is rebuilt from the tiny config or reloaded from
 ``pretrained``).
+
+The tiny model's VAE is random unless ``params.vae`` names a trained one: it then encodes and
+decodes without meaning (the losses still fall, the pictures are noise).
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ class SkeleGuideParams:
     dtype: str = "float32"
     device: str = "cpu"
     tiny: TinyKontextConfig = field(default_factory=TinyKontextConfig)
+    # tiny model only: a trained AutoencoderKL (a diffusers pipeline folder with vae/, e.g. the gym
+    # base policy's, or a VAE folder) in place of the random one, so images decode to pictures
+    vae: str | None = None
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: str = "qkv"  # qkv (eq. 3: condition tokens' Q/K/V) | all (every projection, every token)
@@ -114,7 +120,16 @@ class SkeleGuideOutput:
     poses: list[dict]  # keypoint JSON (armature.skeleton) of each layout
 
 
-def _build_tiny(cfg: TinyKontextConfig):
+def _load_vae(path: str, dtype: torch.dtype):
+    """A trained ``AutoencoderKL``: a diffusers pipeline folder (its ``vae/``) or the VAE's own folder."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    return AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae" / "config.json").is_file() else folder,
+                                         torch_dtype=dtype)
+
+
+def _build_tiny(cfg: TinyKontextConfig, vae_path: str | None = None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
     from armature.policies.tiny import _tiny_clip, _tiny_t5, build_char_tokenizer
@@ -129,14 +144,17 @@ def _build_tiny(cfg: TinyKontextConfig):
         torch.manual_seed(cfg.seed)
         clip = _tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, False)
         t5 = _tiny_t5(t5_tokenizer, 2 * cfg.text_hidden, 1)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(cfg.vae_channels),
-            latent_channels=cfg.latent_channels, norm_num_groups=8, sample_size=cfg.image_size,
-            scaling_factor=1.0, shift_factor=0.0,
-        )
+        if vae_path:
+            vae = _load_vae(vae_path, torch.float32)
+        else:
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(cfg.vae_channels),
+                latent_channels=cfg.latent_channels, norm_num_groups=8, sample_size=cfg.image_size,
+                scaling_factor=1.0, shift_factor=0.0,
+            )
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=4 * cfg.latent_channels, num_layers=max(1, cfg.transformer_layers // 2),
+            patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=max(1, cfg.transformer_layers // 2),
             num_single_layers=max(1, cfg.transformer_layers - cfg.transformer_layers // 2),
             attention_head_dim=cfg.head_dim, num_attention_heads=cfg.transformer_heads,
             joint_attention_dim=2 * cfg.text_hidden, pooled_projection_dim=cfg.text_hidden,
@@ -216,7 +234,7 @@ class SkeleGuidePipeline:
             pipe = FluxKontextPipeline.from_pretrained(params.pretrained, torch_dtype=dtype,
                                                        revision=params.revision, variant=params.variant)
         else:
-            pipe = _build_tiny(params.tiny)
+            pipe = _build_tiny(params.tiny, params.vae)
             if dtype != torch.float32:
                 pipe = pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
