@@ -192,3 +192,22 @@ def test_a_trained_vae_folder_replaces_the_random_one(tmp_path):
     torch.testing.assert_close(pipe.vae.state_dict()["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"])
     layouts = pipe.plan(_scenes(1), ["a person"], seed=0, num_steps=1)
     assert layouts.shape == (1, SIZE, SIZE, 3)
+
+
+def test_real_weights_load_through_the_same_code_from_a_diffusers_folder(tmp_path):
+    """``pretrained`` takes a hub id or a folder (FluxKontextPipeline.from_pretrained); a saved tiny
+    pipeline stands in for black-forest-labs/FLUX.1-Kontext-dev (nothing is downloaded)."""
+    from armature.policies.skeleguide import TinyKontextConfig, build_tiny_kontext
+
+    build_tiny_kontext(TinyKontextConfig()).save_pretrained(tmp_path / "kontext")
+    tiny = SkeleGuidePipeline.build()
+    loaded = SkeleGuidePipeline.build(SkeleGuideParams(pretrained=str(tmp_path / "kontext")))
+    assert type(loaded.pipe).__name__ == "FluxKontextPipeline"
+    x, cond, text = _inputs(tiny)
+    torch.testing.assert_close(loaded.flow("skeletal", x, 0.4, cond, text, (SIZE, SIZE)),
+                               tiny.flow("skeletal", x, 0.4, cond, text, (SIZE, SIZE)), rtol=1e-5, atol=1e-5)
+    _randomise_adapters(loaded, seed=7)
+    loaded.save_pretrained(tmp_path / "sg")  # the folder records the base's path, not its weights
+    again = SkeleGuidePipeline.from_pretrained(tmp_path / "sg")
+    torch.testing.assert_close(again.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)),
+                               loaded.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)), rtol=0, atol=0)

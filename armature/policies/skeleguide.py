@@ -52,7 +52,8 @@ import torch
 
 from armature.losses.skeleguide import flow_interpolate
 
-__all__ = ["ADAPTERS", "LORA_TARGETS", "SkeleGuideParams", "SkeleGuideOutput", "SkeleGuidePipeline"]
+__all__ = ["ADAPTERS", "LORA_TARGETS", "SkeleGuideParams", "SkeleGuideOutput", "SkeleGuidePipeline", "TinyKontextConfig",
+           "build_tiny_kontext"]
 
 ADAPTERS = ("skeletal", "appearance")
 LORA_TARGETS = {
@@ -129,7 +130,8 @@ def _load_vae(path: str, dtype: torch.dtype):
                                          torch_dtype=dtype)
 
 
-def _build_tiny(cfg: TinyKontextConfig, vae_path: str | None = None):
+def build_tiny_kontext(cfg: TinyKontextConfig, vae_path: str | None = None):
+    """A random (per ``cfg.seed``) ``FluxKontextPipeline`` of tiny real diffusers / transformers parts."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
     from armature.policies.tiny import _tiny_clip, _tiny_t5, build_char_tokenizer
@@ -234,7 +236,7 @@ class SkeleGuidePipeline:
             pipe = FluxKontextPipeline.from_pretrained(params.pretrained, torch_dtype=dtype,
                                                        revision=params.revision, variant=params.variant)
         else:
-            pipe = _build_tiny(params.tiny, params.vae)
+            pipe = build_tiny_kontext(params.tiny, params.vae)
             if dtype != torch.float32:
                 pipe = pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
