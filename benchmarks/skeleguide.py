@@ -15,10 +15,11 @@ reconstruct images at all.
 
 a. **text-to-image**: the appearance adapter, flow matching (eq. 5) from the prompt alone to the
    target image (the condition tokens are a blank image: no scene, no layout).
-b. **reason-then-render**: the paper's three phases (``--phases`` shares of the budget): the
-   reasoning loss (eq. 4) on the skeletal adapter; the joint loss (0.5 reasoning + 1 rendering,
-   the renderer conditioned on the one-step layout M_hat, eq. 6); the rendering loss on the
-   ground-truth layouts. Losses: ``armature.losses.skeleguide``.
+b. **reason-then-render**: the paper's three phases (``--phases`` shares of the budget), each
+   step the training job's own ``armature.jobs.skeleguide.phase_loss`` (run here in-process, no
+   Ray, as ``benchmarks/learners.py`` does): the reasoning loss (eq. 4) on the skeletal adapter;
+   the joint loss (0.5 reasoning + 1 rendering, the renderer conditioned on the one-step layout
+   M_hat from the noise, eq. 6); the rendering loss on the ground-truth layouts.
 c. **reason-then-render + RL**: (b)'s schedule on ``1 - --rl-share`` of the budget, then
    DiffusionNFT (``armature.losses.nft``) on stage 1 for the rest: each step plans ``--group``
    layouts per scene, scores them with the ``skeleton`` reward (joint angles, bone ratios,
@@ -62,14 +63,7 @@ from PIL import Image
 
 from armature.gym.oracle import AnatomyOracle
 from armature.losses.nft import nft_loss, optimality_probability
-from armature.losses.skeleguide import (
-    flow_interpolate,
-    flow_target,
-    joint_loss,
-    one_step_layout,
-    reasoning_loss,
-    rendering_loss,
-)
+from armature.losses.skeleguide import flow_interpolate, flow_target, rendering_loss
 from armature.policies.skeleguide import SkeleGuidePipeline
 from armature.skeleton.scenes import triples
 
@@ -100,37 +94,27 @@ class Encoded:
         return {k: v[idx] for k, v in self.text.items()}
 
 
-def build(args, vae: dict | None = None) -> SkeleGuidePipeline:
-    """A fresh pipeline (the same random weights every time), with the pretrained VAE ``vae``."""
+def build(args, vae: str | None = None) -> SkeleGuidePipeline:
+    """A fresh pipeline (the same random weights every time) with the trained VAE folder ``vae``."""
     tiny = {"vae_channels": list(args.vae_channels), "latent_channels": args.latent_channels}
-    pipe = SkeleGuidePipeline.build({"lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank),
-                                     "lora_targets": args.lora_targets, "num_steps": args.steps, "tiny": tiny})
-    if vae is not None:
-        pipe.vae.load_state_dict(vae["state"])
-        pipe.vae.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
-    return pipe
+    return SkeleGuidePipeline.build({"lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank),
+                                     "lora_targets": args.lora_targets, "num_steps": args.steps, "tiny": tiny,
+                                     "vae": vae})
 
 
-def pretrain_vae(pipe, items, args) -> dict:
-    """The shared autoencoder: the tiny VAE trained on the training triples' images (L1 + MSE,
-    a tiny KL term), its latents then scaled to unit variance (SD's 0.18215, measured). A random
-    VAE does not reconstruct images at all (about 11 dB), so without this no policy could draw a
-    figure; it is the same for every policy and not part of the compared budget. Cached in
-    ``--vae-cache`` when given."""
-    from diffusers import AutoencoderKL
-
-    cache = args.vae_cache
-    if cache and os.path.isfile(os.path.join(cache, "config.json")):
-        loaded = AutoencoderKL.from_pretrained(cache)
-        return {"state": loaded.state_dict(), "scaling_factor": loaded.config.scaling_factor,
-                "shift_factor": loaded.config.shift_factor}
+def pretrain_vae(items, args, folder: str) -> str:
+    """The shared autoencoder, when ``--vae`` names none: the tiny model's VAE trained on the
+    training triples' images (L1 + MSE, a tiny KL term), its latents then scaled to unit variance
+    (as SD's 0.18215, measured), saved to ``folder``. A random VAE does not reconstruct images
+    at all (about 11 dB), so without one no policy could draw a figure; it is the same for every
+    policy and not part of the compared budget."""
     images = np.concatenate([np.stack([getattr(t, k) for t in items]) for k in ("target", "scene", "layout")])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = pipe.vae
+    vae = build(args).vae
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
     g = torch.Generator().manual_seed(args.seed)
-    for i in range(args.vae_steps):
+    for _ in range(args.vae_steps):
         x = pixels[torch.randint(len(pixels), (args.vae_batch,), generator=g)]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
@@ -142,24 +126,19 @@ def pretrain_vae(pipe, items, args) -> dict:
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mode() for i in range(0, len(pixels), 64)])
     vae.register_to_config(scaling_factor=float(1 / latents.std()), shift_factor=float(latents.mean()))
-    if cache:
-        vae.save_pretrained(cache)
-    return {"state": vae.state_dict(), "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": vae.config.shift_factor}
+    vae.save_pretrained(folder)
+    return folder
 
 
 class Draws:
-    """The minibatches, noise and times every method sees at optimizer step i (same seeds)."""
+    """The minibatch and the noise generator of optimizer step i: the same for every method."""
 
     def __init__(self, data: Encoded, args):
         self.data, self.batch, self.seed = data, args.batch, args.seed
 
-    def __call__(self, step: int):
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Generator]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + step)
-        idx = torch.randint(len(self.data), (self.batch,), generator=g)
-        shape = self.data.layout[idx].shape
-        return idx, (torch.randn(shape, generator=g), torch.rand(self.batch, generator=g),
-                     torch.randn(shape, generator=g), torch.rand(self.batch, generator=g))
+        return torch.randint(len(self.data), (self.batch,), generator=g), g
 
 
 # ----------------------------------------------------------------------------- training
@@ -176,39 +155,34 @@ def train_t2i(pipe, data: Encoded, draws: Draws, steps: int, args) -> None:
     params = pipe.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=args.lr)
     for i in range(steps):
-        idx, (_, _, noise, t) = draws(i)
+        idx, g = draws(i)
         z = data.target[idx]
+        noise, t = torch.randn(z.shape, generator=g), torch.rand(len(idx), generator=g)
         blank = data.blank.expand(len(idx), -1, -1)
         v = pipe.flow("appearance", flow_interpolate(noise, z, t), t, blank, data.text_of(idx), data.size)
         _step(opt, params, rendering_loss(v, noise, z))
 
 
 def train_phases(pipe, data: Encoded, draws: Draws, steps: int, args) -> None:
-    """The paper's three phases on ``steps`` optimizer steps, split by ``args.phases``."""
+    """The paper's three phases on ``steps`` optimizer steps split by ``args.phases``; each step is
+    the training job's own ``phase_loss`` (``armature.jobs.skeleguide``, eq. 6 from the noise)."""
+    from armature.jobs.skeleguide import PHASE_ADAPTERS, phase_loss
+
+    algo = {"layout_estimate": "noise", "lambda_reason": 0.5, "lambda_render": 1.0}
     shares = np.asarray(args.phases, dtype=float)
     ends = np.round(np.cumsum(shares / shares.sum()) * steps).astype(int)
-    phase_of = lambda i: int(np.searchsorted(ends, i, side="right"))  # noqa: E731
     current, opt, params = None, None, None
     for i in range(steps):
-        phase = phase_of(i)
-        if phase != current:  # each phase trains its own adapters with a fresh optimizer
+        phase = int(np.searchsorted(ends, i, side="right")) + 1
+        if phase != current:  # each phase trains its own adapters, with a fresh optimizer
             current = phase
-            pipe.set_trainable([["skeletal"], ["skeletal", "appearance"], ["appearance"]][phase])
+            pipe.set_trainable(PHASE_ADAPTERS[phase])
             params = pipe.trainable_parameters()
             opt = torch.optim.AdamW(params, lr=args.lr)
-        idx, (m_noise, tm, z_noise, tz) = draws(i)
-        text, scene, layout, target = data.text_of(idx), data.scene[idx], data.layout[idx], data.target[idx]
-        if phase in (0, 1):
-            m_t = flow_interpolate(m_noise, layout, tm)
-            v_m = pipe.flow("skeletal", m_t, tm, scene, text, data.size)
-            reason = reasoning_loss(v_m, m_noise, layout)
-        if phase == 0:
-            loss = reason
-        else:
-            cond = one_step_layout(m_t, v_m, tm) if phase == 1 else layout  # M_hat online (eq. 6) / ground truth
-            v_z = pipe.flow("appearance", flow_interpolate(z_noise, target, tz), tz, cond, text, data.size)
-            render = rendering_loss(v_z, z_noise, target)
-            loss = joint_loss(reason, render) if phase == 1 else render
+        idx, g = draws(i)
+        batch = {"scene": data.scene[idx], "layout": data.layout[idx], "target": data.target[idx],
+                 "text": data.text_of(idx), "size": data.size}
+        loss, _ = phase_loss(pipe, batch, phase, algo, g)
         _step(opt, params, loss)
 
 
@@ -323,9 +297,12 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=300, help="shared VAE pretraining steps (not in the budget)")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32])
-    parser.add_argument("--latent-channels", type=int, default=4)
-    parser.add_argument("--vae-cache", default=None, help="a folder: load the pretrained VAE from it, or save it there")
+    parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32], help="of a pretrained VAE")
+    parser.add_argument("--latent-channels", type=int, default=4, help="of a pretrained VAE")
+    parser.add_argument("--vae", default=None,
+                        help="a trained AutoencoderKL folder (or a pipeline folder with vae/, e.g. the gym base "
+                             "policy); default: pretrain one (--vae-steps) first")
+    parser.add_argument("--vae-cache", default=None, help="where to save the pretrained VAE (default: a temp folder)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -343,10 +320,11 @@ def main() -> None:
     start = time.perf_counter()
     train_items = triples(args.train, seed=args.seed)
     evalset = triples(args.eval, seed=args.seed + 1_000_000)
-    cached = bool(args.vae_cache) and os.path.isfile(os.path.join(args.vae_cache, "config.json"))
-    vae = pretrain_vae(build(args), train_items, args)
-    print(f"[skeleguide] VAE {'loaded from ' + args.vae_cache if cached else f'pretrained, {args.vae_steps} steps,'} "
-          f"in {time.perf_counter() - start:.1f} s", flush=True)
+    vae = args.vae
+    if vae is None:
+        vae = pretrain_vae(train_items, args, args.vae_cache or tempfile.mkdtemp(prefix="skeleguide_vae_"))
+        print(f"[skeleguide] VAE pretrained, {args.vae_steps} steps, in {time.perf_counter() - start:.1f} s "
+              f"(saved to {vae}: pass --vae {vae} to reuse it)", flush=True)
     start = time.perf_counter()
     first = build(args, vae)
     train = Encoded(first, train_items)
