@@ -7,6 +7,7 @@ SkeleGuide pipeline saved to a folder, called over HTTP.
 
 import base64
 import io
+import json
 import socket
 
 import httpx
@@ -102,6 +103,7 @@ REFUSED = [
     ({"pose": _bad_pose(lambda p: p.update(people="everyone"))}, "pose.people"),
     ({"pose": _bad_pose(lambda p: p.update(colour="red"))}, "pose"),
     ({"pose": standing(size=64)}, "pose.width"),
+    ({"pose": _bad_pose(lambda p: p.update(width=float("inf")))}, "pose"),
     ({"image": "not base64!"}, "image"),
     ({"image": base64.b64encode(b"GIF89a....").decode()}, "image"),
     ({"image": png(scene(size=72))}, "image"),
@@ -123,7 +125,8 @@ REFUSED = [
 def test_edit_requests_are_refused_naming_the_field(api, change, field):
     client, service = api
     body = {"image": png(scene()), "prompt": "a person standing", **change}
-    response = client.post("/v1/images/edits", json=body)
+    response = client.post("/v1/images/edits", content=json.dumps(body),  # json.dumps writes Infinity
+                           headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["field"] == field, error

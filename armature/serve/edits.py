@@ -103,7 +103,7 @@ def check_edit(body, lim: dict) -> dict:
     if body.pose is not None:
         try:
             pose = Skeleton.from_json(body.pose)
-        except ValueError as err:
+        except (ValueError, TypeError, OverflowError) as err:  # e.g. "width": Infinity overflows int()
             message = str(err)
             raise ApiError(422, pose_error_field(message), message if message.startswith("pose") else
                            f"pose.{message}") from None
