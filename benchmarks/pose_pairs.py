@@ -14,14 +14,19 @@ Region sets, reported separately:
   seeds 3, 4); changes are chosen on ``limbs`` and ``dev`` only;
 * ``held-out``: forearm + hand, upper arm, shin + foot, thigh, head; pad 0.03, seed 2 (the
   original 70-pair held-out set);
-* ``held-out-wide``: the same held-out regions at pads 0.03 and 0.06, seeds 2, 6, 7.
+* ``held-out-wide``: the same held-out regions at pads 0.03 and 0.06, seeds 2, 6, 7;
+* ``background`` (a control, not a target): the same degradations on 8 square boxes per photo
+  (50 to 110 pixels, seed 123) that stay 40 pixels clear of every landmark of the person. A
+  scorer that measures the body should be near 50 % here (nothing about the person changed);
+  a rate far above 50 % means the intact photo merely sits high in the estimator's noise
+  (any change to the image lowers its score), which inflates the body rates as well.
 
 In ``dev`` and ``held-out-wide`` a degraded image identical to one already in the set (e.g.
 ``remove`` does not depend on the seed) is counted once. The regions come from the landmarks
 of a plain :class:`BlazePose` (threshold 0.3, refine 0), so the pairs do not depend on the scorer's
 settings. Needs ``armature assets pose``.
 
-    python benchmarks/pose_pairs.py [--sets limbs,dev,held-out,held-out-wide] [--per-term]
+    python benchmarks/pose_pairs.py [--sets limbs,dev,background,held-out,held-out-wide] [--per-term]
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ DEV_REGIONS = {"left_hand": [15, 17, 19, 21], "right_hand": [16, 18, 20, 22], "l
 REGION_SETS = {"limbs": (LIMB_REGIONS, (0.05,), (0, 1), False),
                "dev": (DEV_REGIONS, (0.04, 0.07), (3, 4), True),
                "held-out": (HELD_OUT_REGIONS, (0.03,), (2,), False),
-               "held-out-wide": (HELD_OUT_REGIONS, (0.03, 0.06), (2, 6, 7), True)}
+               "held-out-wide": (HELD_OUT_REGIONS, (0.03, 0.06), (2, 6, 7), True),
+               "background": ("background", (), (0,), False)}
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -91,6 +97,31 @@ def degraded_pairs(images: dict, landmarks: dict, regions: dict, pads, seeds, de
                         yield name, region, pad, kind, seed, degraded
 
 
+def background_pairs(images: dict, landmarks: dict, boxes: int = 8, seed: int = 123, margin: float = 40.0,
+                     min_visibility: float = 0.3):
+    """Yield ``(photo, "bg<i>", 0, kind, i, degraded image)``: each degradation on ``boxes`` square boxes
+    per photo (50 to 110 pixels) clear of the person (the box around its landmarks inside the photo
+    with visibility >= ``min_visibility``, grown by ``margin`` pixels)."""
+    rng = np.random.default_rng(seed)
+    for name, image in images.items():
+        h, w = image.shape[:2]
+        p = landmarks[name][:33]
+        p = p[(p[:, 2] > min_visibility) & (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)]
+        (x0, y0), (x1, y1) = p[:, :2].min(0) - margin, p[:, :2].max(0) + margin
+        found = []
+        while len(found) < boxes:
+            side = int(rng.integers(50, 110))
+            bx, by = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+            if bx + side < x0 or bx > x1 or by + side < y0 or by > y1:
+                found.append((bx, by, bx + side, by + side))
+        for i, box in enumerate(found):
+            mask = box_mask(image.shape[:2], box)
+            for kind in DEGRADATIONS:
+                degraded = degrade(image, mask, kind, np.random.default_rng(i))
+                if not np.array_equal(degraded, image):
+                    yield name, f"bg{i}", 0.0, kind, i, degraded
+
+
 def region_landmarks(images: dict, cache_dir=None) -> dict:
     """The landmarks the regions are cut around: a plain BlazePose's (independent of the scorer's settings)."""
     from armature.rewards.pose import BlazePose
@@ -108,7 +139,9 @@ def evaluate(reward, region_set: str = "limbs", max_pairs: int | None = None) ->
     landmarks = region_landmarks(images, getattr(reward, "cache_dir", None))
     regions, pads, seeds, dedupe = REGION_SETS[region_set]
     records = []
-    for name, region, pad, kind, seed, degraded in degraded_pairs(images, landmarks, regions, pads, seeds, dedupe):
+    pairs = (background_pairs(images, landmarks) if regions == "background"
+             else degraded_pairs(images, landmarks, regions, pads, seeds, dedupe))
+    for name, region, pad, kind, seed, degraded in pairs:
         terms = reward.details([Image.fromarray(degraded)])[0]
         records.append({"photo": name, "region": region, "pad": pad, "kind": kind, "seed": seed,
                         "intact": intact[name], "degraded": terms})
@@ -125,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-term", action="store_true", help="also the win rate of each term alone")
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--sets", default="limbs,dev", help=f"comma-separated region sets of {sorted(REGION_SETS)}")
+    parser.add_argument("--sets", default="limbs,dev,background", help=f"comma-separated region sets of {sorted(REGION_SETS)}")
     args = parser.parse_args()
     from armature.rewards import load
 

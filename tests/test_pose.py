@@ -138,6 +138,45 @@ def test_bad_weights_are_named(tmp_path):
         load("pose", cache_dir=str(tmp_path), weights={"elbows": 1.0})
 
 
+def _benchmark():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import pose_pairs
+
+    return pose_pairs
+
+
+def test_benchmark_background_control_leaves_the_person_alone():
+    pose_pairs = _benchmark()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 300, 3)).astype(np.uint8)
+    landmarks = np.zeros((33, 4))
+    landmarks[:, :2] = rng.uniform(100, 160, (33, 2))  # the "person" within [100, 160]^2
+    landmarks[:, 2] = 1.0
+    pairs = list(pose_pairs.background_pairs({"p": image}, {"p": landmarks}, boxes=4, margin=10))
+    assert len(pairs) >= 4 * 4  # mirror of a random patch, warp, remove, shift, duplicate all change it
+    person = (slice(90, 170), slice(90, 170))  # the landmarks' box grown by the 10-pixel margin
+    for _, region, _, kind, _, degraded in pairs:
+        assert np.array_equal(degraded[person], image[person]), (region, kind)
+        assert not np.array_equal(degraded, image)
+
+
+def test_benchmark_counts_identical_degradations_once():
+    pose_pairs = _benchmark()
+    image = np.random.default_rng(1).integers(0, 256, (120, 120, 3)).astype(np.uint8)
+    landmarks = np.zeros((33, 4))
+    landmarks[:, :2], landmarks[:, 2] = 60.0, 1.0
+    args = ({"p": image}, {"p": landmarks}, {"r": [0, 1]}, (0.1,), (0, 1, 2))
+    every = list(pose_pairs.degraded_pairs(*args, dedupe=False))
+    once = list(pose_pairs.degraded_pairs(*args, dedupe=True))
+    assert sum(kind == "remove" for *_, kind, _, _ in every) == 3  # "remove" ignores the seed
+    assert sum(kind == "remove" for *_, kind, _, _ in once) == 1
+    keys = [d.tobytes() for *_, d in once]
+    assert len(keys) == len(set(keys)) and len(once) < len(every)
+
+
 # ----------------------------------------------------------------------------- the real models
 def _photo(name: str) -> np.ndarray:
     from skimage import data
