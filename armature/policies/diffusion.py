@@ -556,6 +556,10 @@ def load_policy(
             pipe = pipe.to(dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         return DiffusionPolicy(pipe, "sd", sampling, device)
+    if family == "gym":  # the anatomy gym's pretrained tiny SD (armature gym pretrain)
+        from armature.gym.base_policy import policy_path
+
+        family, pretrained = "sd", pretrained or str(policy_path())
     if not pretrained:
         raise ValueError(f"model.family={family} needs model.pretrained (a hub id or a local path)")
     if family == "sd":
@@ -567,7 +571,7 @@ def load_policy(
     elif family == "flux":
         from diffusers import FluxPipeline as Pipeline
     else:
-        raise ValueError(f"model.family={family!r}: expected one of tiny, tiny_flow, {', '.join(FAMILIES)}")
+        raise ValueError(f"model.family={family!r}: expected one of tiny, tiny_flow, gym, {', '.join(FAMILIES)}")
     kwargs = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -583,8 +587,9 @@ def _tiny_config(tiny: dict, family: str = "tiny") -> TinySDConfig | TinyFlowCon
     kind = TinyFlowConfig if family == "tiny_flow" else TinySDConfig
     names = {f.name for f in fields(kind)}
     tiny = {k: v for k, v in dict(tiny).items() if k in names}
-    if "unet_channels" in tiny:
-        tiny["unet_channels"] = tuple(tiny["unet_channels"])
+    for key in ("unet_channels", "vae_channels"):
+        if key in tiny:
+            tiny[key] = tuple(tiny[key])
     return kind(**tiny)
 
 

@@ -25,8 +25,10 @@ __all__ = [
 @dataclass
 class TinySDConfig:
     seed: int = 0
-    image_size: int = 32  # pixels; latents are image_size // 2 (one VAE downsampling)
+    image_size: int = 32  # pixels; latents are image_size // 2 ** (len(vae_channels) - 1)
     unet_channels: tuple[int, ...] = (32, 64)
+    vae_channels: tuple[int, ...] = (16, 32)  # one VAE level per entry, a downsampling between two
+    latent_channels: int = 4
     text_hidden: int = 32
     text_layers: int = 2
     max_prompt_tokens: int = 32
@@ -84,10 +86,11 @@ def build_tiny_sd_pipeline(config: TinySDConfig | None = None):
             )
         )
         channels = tuple(cfg.unet_channels)
+        vae_levels = len(cfg.vae_channels)
         unet = UNet2DConditionModel(
-            sample_size=cfg.image_size // 2,
-            in_channels=4,
-            out_channels=4,
+            sample_size=cfg.image_size // 2 ** (vae_levels - 1),
+            in_channels=cfg.latent_channels,
+            out_channels=cfg.latent_channels,
             block_out_channels=channels,
             layers_per_block=1,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
@@ -99,10 +102,10 @@ def build_tiny_sd_pipeline(config: TinySDConfig | None = None):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * vae_levels,
+            up_block_types=("UpDecoderBlock2D",) * vae_levels,
+            block_out_channels=tuple(cfg.vae_channels),
+            latent_channels=cfg.latent_channels,
             norm_num_groups=8,
             sample_size=cfg.image_size,
         )
