@@ -7,7 +7,8 @@
     armature assets pose                fetch the pose reward's models once (MediaPipe BlazePose)
     armature label serve|annotator|...  human feedback: the labeling page and the preference store
     armature eval [overrides]           AER / RSI of policies on a prompt suite (no training)
-    armature gym check|pairs            the anatomy gym: oracle agreement, defect pairs
+    armature gym check|pairs|pretrain|bench  the anatomy gym: oracle agreement, defect pairs,
+                                        the base policy, learners + Best-of-N against the oracle
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ JOBS.update({"online_dpo": "armature.jobs.online_dpo"})
 JOBS["eval"] = "armature.jobs.evaluate"
 JOBS["bon"] = "armature.jobs.bon"  # Best-of-N selection, no training: `armature train algo=bon`
 JOBS["hps_prefix"] = "armature.jobs.hps_prefix"
+JOBS["skeleguide"] = "armature.jobs.skeleguide"  # reason-then-render, three phases (SkeleGuide)
 JOBS.update({"reward_model": "armature.jobs.reward_model", "reward_eval": "armature.jobs.reward_eval"})
 
 EPILOG = """examples:
@@ -146,6 +148,28 @@ def cmd_assets(args) -> int:
 def cmd_gym(args) -> int:
     from armature.gym import agreement, pairs
 
+    if args.action == "pretrain":
+        from armature.gym.base_policy import cache_path
+        from armature.jobs.gym_pretrain import PretrainConfig, pretrain
+
+        cfg = PretrainConfig(seed=args.seed, threads=args.threads)
+        if args.minutes:
+            cfg.time_budget_s = 60.0 * args.minutes
+        stats = pretrain(cfg, args.out or cache_path(), log=lambda m: print(f"[armature] {m}", flush=True))
+        return 0 if stats else 1
+    if args.action == "bench":
+        from armature.jobs.gym_bench import BenchConfig, run
+
+        cfg = BenchConfig(out=args.out or "gym-bench", seed=args.seed, overrides=list(args.overrides))
+        if args.n:
+            cfg.pairs = args.n
+        if args.samples:
+            cfg.samples_per_prompt = args.samples
+        run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
+        return 0
+    if args.overrides:
+        print(f"armature: gym {args.action} takes no Hydra overrides (got {args.overrides})", file=sys.stderr)
+        return 2
     if args.action == "check":
         result = agreement(args.intact, args.per_kind, seed=args.seed)
         rates = ", ".join(f"{k} {v:.4f}" for k, v in result["by_kind"].items())
@@ -159,7 +183,7 @@ def cmd_gym(args) -> int:
         return 2
     from armature.data.pairs import write_pairs
 
-    n = write_pairs(pairs(args.n, seed=args.seed), f"{args.out}/gym_pairs.parquet")
+    n = write_pairs(pairs(args.n or 600, seed=args.seed), f"{args.out}/gym_pairs.parquet")
     print(f"[armature] {n} gym pairs in {args.out}/gym_pairs.parquet")
     return 0
 
@@ -211,13 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_assets)
 
     gym = sub.add_parser("gym", help="the anatomy gym: check the oracle, build defect pairs")
-    gym.add_argument("action", choices=["check", "pairs"],
-                     help="check: the oracle's agreement with ground truth; pairs: write injector pairs")
+    gym.add_argument("action", choices=["check", "pairs", "pretrain", "bench"],
+                     help="check: the oracle's agreement with ground truth; pairs: write injector pairs; "
+                          "pretrain: train the base policy; bench: learners and Best-of-N against the oracle")
+    gym.add_argument("overrides", nargs="*", help="bench: Hydra overrides for every stage, e.g. tracking=server")
     gym.add_argument("--intact", type=int, default=1000, help="check: intact figures")
     gym.add_argument("--per-kind", type=int, default=300, help="check: broken figures per defect kind")
-    gym.add_argument("--n", type=int, default=600, help="pairs: how many")
-    gym.add_argument("--out", help="pairs: output folder")
+    gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 800)")
+    gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
+    gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")
     gym.add_argument("--seed", type=int, default=0)
+    gym.add_argument("--minutes", type=float, default=0.0, help="pretrain: wall-time budget (default 30)")
+    gym.add_argument("--threads", type=int, default=0, help="pretrain: torch threads (default: torch's)")
     gym.set_defaults(func=cmd_gym)
 
     from armature.feedback.commands import add_parser as add_label_parser  # armature label serve|annotator|...

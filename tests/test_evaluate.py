@@ -79,6 +79,25 @@ def test_summary_rows():
     assert markdown(rows).splitlines()[0].startswith("| policy | samples | aer |")
 
 
+def test_best_of_n_selection_by_hand():
+    """2 prompts x 2 groups of 3 candidates; N=2 picks in each group the better of the first two by
+    the selector, N=3 the best of three; every component follows the pick."""
+    from armature.jobs.evaluate import select_best_of
+
+    sel = np.array([[0.1, 0.5, 0.9, 0.3, 0.2, 0.1], [0.0, 0.0, 1.0, 0.7, 0.8, 0.6]])
+    judge = np.arange(12, dtype=float).reshape(2, 6)
+    one = select_best_of({"s": sel, "j": judge}, "s", samples=2, n=1)
+    two = select_best_of({"s": sel, "j": judge}, "s", samples=2, n=2)
+    three = select_best_of({"s": sel, "j": judge}, "s", samples=2, n=3)
+    assert one["j"].tolist() == [[0, 3], [6, 9]]  # each group's first candidate
+    assert two["j"].tolist() == [[1, 3], [6, 10]]  # ties keep the first (argmax)
+    assert three["j"].tolist() == [[2, 3], [8, 10]]
+    assert three["s"].tolist() == [[0.9, 0.3], [1.0, 0.8]]
+    rows = summarize({"x": np.array([[0.0, -3.0, -1.0]])}, ["c"], threshold=0.0, tie_tolerance=0.0,
+                     components={"x": {}}, severe_at=-3.0)
+    assert rows[0]["severe_rate"] == pytest.approx(1 / 3) and rows[0]["aer"] == pytest.approx(2 / 3)
+
+
 def test_eval_job_two_policies(ray_cluster, tmp_path):
     """Two policies on one suite: the same base model twice ties everywhere (RSI 1, equal AER);
     a perturbed adapter is compared on every (prompt, seed)."""
@@ -99,6 +118,7 @@ def test_eval_job_two_policies(ray_cluster, tmp_path):
     suite.write_text("\n".join(json.dumps({"prompt": f"a person {i}", "category": "ab"[i % 2]}) for i in range(4)))
     cfg = compose("train", [
         "algo=eval", "reward=gym_oracle", "+reward.components.brightness={weight: 0.0}",
+        "+reward.components.colorfulness={weight: 0.0}", "algo.best_of=[1,2]", "algo.selector=colorfulness",
         "algo.judge=brightness", "algo.threshold=0.5", f"algo.suite={suite}", "algo.samples_per_prompt=2",
         "+algo.policies.same=null", f"+algo.policies.tuned={adapter}",
         "sampling.num_steps=3", "sampling.batch_size=8", "model.tiny.image_size=16",
@@ -110,7 +130,11 @@ def test_eval_job_two_policies(ray_cluster, tmp_path):
     client = MlflowClient(info["tracking_uri"])
     client.download_artifacts(info["mlflow_run_id"], "eval.json", str(tmp_path))
     rows = {r["policy"]: r for r in json.loads((tmp_path / "eval.json").read_text())}
-    assert list(rows) == ["base", "same", "tuned"] and all(r["samples"] == 8 for r in rows.values())
+    assert list(rows) == ["base", "base+bon2", "same", "same+bon2", "tuned", "tuned+bon2"]
+    assert all(r["samples"] == 8 for r in rows.values())
+    for name in ("base", "tuned"):  # the best of two by the selector, on the same draws
+        assert rows[f"{name}+bon2"]["mean/colorfulness"] > rows[name]["mean/colorfulness"]
+        assert rows[f"{name}+bon2"]["sample_s"] == pytest.approx(2 * rows[name]["sample_s"])
     assert rows["same"]["rsi_ties"] == 8 and rows["same"]["rsi"] == 1.0
     assert rows["same"]["aer"] == rows["base"]["aer"] and rows["same"]["aer/a"] == rows["base"]["aer/a"]
     assert rows["tuned"]["rsi_wins"] + rows["tuned"]["rsi_ties"] + rows["tuned"]["rsi_losses"] == 8

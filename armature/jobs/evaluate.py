@@ -12,7 +12,14 @@ Reported per policy (ASAP, seed 001, eqs. 7-8; the math is ``armature/losses/eva
 * ``AER``: the share of samples the judge fails, overall and per suite category;
 * ``RSI`` against the first policy: pairwise decisions on the judge's score for the same prompt
   and seed (higher wins, ``algo.tie_tolerance``), ``(wins + ties) / (losses + ties)``;
-* the mean of every reward component.
+* the mean of every reward component;
+* ``severe_rate`` (with ``algo.severe_at``): the share of samples the judge scores at or below it;
+* ``sample_s``: seconds of sampling and scoring per kept image.
+
+Best-of-N (``algo.best_of: [1, 4, 8]``, ``algo.selector``): each policy draws
+``samples_per_prompt * max(N)`` candidates per prompt once; for every N the row ``<policy>+bonN``
+keeps, in each group of candidates, the best of its first N by the selector reward (which must
+not be the judge), so N = 1 is the plain policy and larger N reuse the same draws.
 
 The suite (``algo.suite``): ``gym`` (the anatomy gym's pose prompts, a category per pose), or a
 file: JSONL lines ``{"prompt": ..., "category": ...}``, or plain text, one prompt a line.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +66,18 @@ def load_suite(suite: str) -> list[tuple[str, str]]:
     return rows
 
 
+def select_best_of(components: dict[str, np.ndarray], selector: str, samples: int, n: int) -> dict[str, np.ndarray]:
+    """Best-of-``n`` from a pool of ``samples * N`` candidates per prompt (``[P, samples * N]``,
+    candidate ``s * N + i`` the i-th of group s): in each group, the one of the first ``n``
+    that ``selector`` scores highest. Returns every component at the kept candidates, ``[P, samples]``."""
+    pool = {k: v.reshape(v.shape[0], samples, -1) for k, v in components.items()}
+    pick = pool[selector][:, :, :n].argmax(-1)[..., None]  # [P, samples, 1]
+    return {k: np.take_along_axis(v, pick, axis=-1)[..., 0] for k, v in pool.items()}
+
+
 def summarize(judge_scores: dict[str, np.ndarray], categories: list[str], threshold: float,
-              tie_tolerance: float, components: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+              tie_tolerance: float, components: dict[str, dict[str, np.ndarray]],
+              severe_at: float | None = None) -> list[dict]:
     """One row per policy (``judge_scores[policy]``: ``[P, n]``; the first policy is the baseline)."""
     names = list(judge_scores)
     baseline = judge_scores[names[0]]
@@ -69,6 +87,8 @@ def summarize(judge_scores: dict[str, np.ndarray], categories: list[str], thresh
         scores = judge_scores[name]
         passed = scores >= threshold
         row = {"policy": name, "samples": int(scores.size), "aer": anatomical_error_rate(passed.ravel())}
+        if severe_at is not None:
+            row["severe_rate"] = float(np.mean(scores <= severe_at))
         for category in dict.fromkeys(categories):
             row[f"aer/{category}"] = anatomical_error_rate(passed[cats == category].ravel())
         if name != names[0]:
@@ -108,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
     job = open_run(cfg, cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
     c = job.cfg
     logger = RunLogger(job.tracking_uri, job.run_id)
-    rewards, judge_scores, components, samplers = [], {}, {}, []
+    rewards, judge_scores, components, samplers, seconds = [], {}, {}, [], {}
     try:
         rewards = start_reward_actors(
             reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
@@ -123,16 +143,24 @@ def run(cfg: DictConfig) -> dict:
             )
             if adapter:
                 ray.get([s.load_adapter.remote(str(adapter)) for s in samplers])
-            n = algo.samples_per_prompt
+            n = algo.samples_per_prompt * max(algo.best_of)  # the candidate pool; N = 1 is each group's first
+            start = time.perf_counter()
             result = best_of_n(samplers, rewards, prompts, n, n, seed=c["trainer"]["seed"],
                                batch_size=c["sampling"]["batch_size"])
-            judge_scores[name] = result.components.get(algo.judge, result.scores)
-            components[name] = dict(result.components) or {algo.judge: result.scores}
+            pool = dict(result.components) or {algo.judge: result.scores}
+            per_candidate_s = (time.perf_counter() - start) / n / len(prompts)
+            for best in sorted(set(algo.best_of)):
+                row_name = name if best == 1 else f"{name}+bon{best}"
+                kept = select_best_of(pool, algo.selector or algo.judge, algo.samples_per_prompt, best)
+                judge_scores[row_name], components[row_name] = kept[algo.judge], kept
+                seconds[row_name] = per_candidate_s * best
             logger.log_images(result.images[:, 0][: c["tracking"]["images_per_grid"]], f"samples/{name}.png")
             for actor in samplers:
                 ray.kill(actor)
             samplers = []
-        rows = summarize(judge_scores, categories, algo.threshold, algo.tie_tolerance, components)
+        rows = summarize(judge_scores, categories, algo.threshold, algo.tie_tolerance, components, algo.severe_at)
+        for row in rows:
+            row["sample_s"] = seconds[row["policy"]]  # sampling (and scoring) seconds per kept image
         for step, row in enumerate(rows):
             logger.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
                                 and math.isfinite(float(v))}, step=step)

@@ -38,6 +38,8 @@ class TinyModelConfig:
     seed: int = 0
     image_size: int = 32
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
+    vae_channels: list[int] = field(default_factory=lambda: [16, 32])
+    latent_channels: int = 4
     text_hidden: int = 32
     text_layers: int = 2
     max_prompt_tokens: int = 32
@@ -60,7 +62,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "tiny"  # tiny | tiny_flow | sd (SD 1.5 family) | sdxl | sd3 (SD 3.x) | flux
+    family: str = "tiny"  # tiny | tiny_flow | gym (armature gym pretrain) | sd (SD 1.5 family) | sdxl | sd3 | flux
     pretrained: Optional[str] = None  # hub id or local path (family sd / sdxl)
     revision: Optional[str] = None
     variant: Optional[str] = None
@@ -405,8 +407,13 @@ class EvalConfig:
     judge: str = "gym_oracle"  # the reward component that judges; an image passes at score >= threshold
     threshold: float = 0.0  # gym_oracle scores -severity: 0 passes only defect-free figures
     tie_tolerance: float = 0.0  # judge scores this close are a tie (RSI)
+    severe_at: Optional[float] = None  # a judge score <= this counts as severe (gym_oracle: -3)
     # name -> a trained adapter folder (or null: the base model); RSI is against the first
     policies: dict[str, Optional[str]] = field(default_factory=lambda: {"base": None})
+    # Best-of-N rows: for each N > 1, every policy also keeps the best of N candidates by the
+    # reward component `selector` (never the judge, or the selection would be the answer)
+    best_of: list[int] = field(default_factory=lambda: [1])
+    selector: Optional[str] = None
 
 
 @dataclass
@@ -678,6 +685,12 @@ def check(cfg: DictConfig) -> None:
     if algo is not None and algo.name == "eval" and (algo.samples_per_prompt < 1 or not algo.policies):
         errors.append(f"algo.samples_per_prompt={algo.samples_per_prompt}, algo.policies={dict(algo.policies)}: "
                       "need at least one sample per prompt and one policy (name: adapter folder or null)")
+    if algo is not None and algo.name == "eval":
+        if not algo.best_of or min(algo.best_of) < 1:
+            errors.append(f"algo.best_of={list(algo.best_of)}: a list of N >= 1, e.g. [1, 4, 8]")
+        elif max(algo.best_of) > 1 and (not algo.selector or algo.selector == algo.judge):
+            errors.append(f"algo.best_of={list(algo.best_of)} needs algo.selector: a reward component other than "
+                          f"the judge ({algo.judge}) to rank the candidates, e.g. algo.selector=learned")
     if algo is not None and algo.name == "bon" and (algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1):
         errors.append(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1")
     if algo is not None and algo.name == "hps_prefix":
