@@ -10,8 +10,9 @@ minibatch order, time draws and sampling seeds, and the same number of optimizer
 (``--budget``, batch ``--batch``, AdamW at ``--lr``). Only LoRA weights train, as in the paper;
 the transformer itself stays random (there is no pretrained tiny Kontext model). The tiny VAE is
 first trained as an autoencoder on the training images, once, shared by all three and outside the
-budget (``--vae-steps``; ``--vae-cache DIR`` keeps it for the next run): a random VAE does not
-reconstruct images at all.
+budget: the gym base policy's VAE (``armature gym pretrain``) when there is one, else one
+pretrained here (``--vae-steps``, the gym recipe's shape; ``--vae-cache DIR`` keeps it, ``--vae DIR``
+reuses it): a random VAE does not reconstruct images at all.
 
 a. **text-to-image**: the appearance adapter, flow matching (eq. 5) from the prompt alone to the
    target image (the condition tokens are a blank image: no scene, no layout).
@@ -113,6 +114,7 @@ def pretrain_vae(items, args, folder: str) -> str:
     vae = build(args).vae
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / max(args.vae_steps, 1))  # linear to 0
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.vae_steps):
         x = pixels[torch.randint(len(pixels), (args.vae_batch,), generator=g)]
@@ -122,6 +124,7 @@ def pretrain_vae(items, args, folder: str) -> str:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
     vae.requires_grad_(False).eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mode() for i in range(0, len(pixels), 64)])
@@ -294,14 +297,14 @@ def main() -> None:
     parser.add_argument("--nft-beta", type=float, default=1.0)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-targets", default="qkv", choices=["qkv", "all"])
-    parser.add_argument("--vae-steps", type=int, default=300, help="shared VAE pretraining steps (not in the budget)")
+    parser.add_argument("--vae-steps", type=int, default=400, help="shared VAE pretraining steps (not in the budget)")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32], help="of a pretrained VAE")
-    parser.add_argument("--latent-channels", type=int, default=4, help="of a pretrained VAE")
-    parser.add_argument("--vae", default=None,
-                        help="a trained AutoencoderKL folder (or a pipeline folder with vae/, e.g. the gym base "
-                             "policy); default: pretrain one (--vae-steps) first")
+    parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64], help="of a pretrained VAE")
+    parser.add_argument("--latent-channels", type=int, default=8, help="of a pretrained VAE")
+    parser.add_argument("--vae", default="auto",
+                        help="a trained AutoencoderKL folder (or a pipeline folder with vae/); auto: the gym base "
+                             "policy's (armature gym pretrain) if there is one, else pretrain one (--vae-steps)")
     parser.add_argument("--vae-cache", default=None, help="where to save the pretrained VAE (default: a temp folder)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
@@ -321,6 +324,14 @@ def main() -> None:
     train_items = triples(args.train, seed=args.seed)
     evalset = triples(args.eval, seed=args.seed + 1_000_000)
     vae = args.vae
+    if vae == "auto":  # the gym base policy's VAE (`armature gym pretrain`), when there is one
+        try:
+            from armature.gym.base_policy import policy_path
+
+            vae = str(policy_path())
+            print(f"[skeleguide] VAE of the gym base policy {vae}", flush=True)
+        except (ImportError, FileNotFoundError):
+            vae = None
     if vae is None:
         vae = pretrain_vae(train_items, args, args.vae_cache or tempfile.mkdtemp(prefix="skeleguide_vae_"))
         print(f"[skeleguide] VAE pretrained, {args.vae_steps} steps, in {time.perf_counter() - start:.1f} s "
