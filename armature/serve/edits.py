@@ -136,6 +136,6 @@ def run_edit(pipeline, scene: np.ndarray, prompt: str, region: np.ndarray | None
     if region is not None:  # the background is the caller's: keep it exactly
         image = np.where(region[..., None], image, scene)
     used = pose if pose is not None else out.poses[0]  # a given pose is the one rendered from
-    used = used.to_json() if isinstance(used, Skeleton) else Skeleton.from_json(used).to_json()
+    used = used.to_json() if isinstance(used, Skeleton) else dict(used)
     layout = None if out.layouts is None else np.asarray(out.layouts[0], dtype=np.uint8)
     return {"image": image, "layout": layout, "pose": used}
