@@ -153,7 +153,7 @@ def _step(opt, params, loss) -> float:
     return float(loss.detach())
 
 
-def train_t2i(pipe, data: Encoded, draws: Draws, steps: int, args) -> None:
+def train_t2i(pipe, data: Encoded, draws: Draws, steps: int, args, losses: list) -> None:
     pipe.set_trainable(["appearance"])
     params = pipe.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=args.lr)
@@ -163,10 +163,10 @@ def train_t2i(pipe, data: Encoded, draws: Draws, steps: int, args) -> None:
         noise, t = torch.randn(z.shape, generator=g), torch.rand(len(idx), generator=g)
         blank = data.blank.expand(len(idx), -1, -1)
         v = pipe.flow("appearance", flow_interpolate(noise, z, t), t, blank, data.text_of(idx), data.size)
-        _step(opt, params, rendering_loss(v, noise, z))
+        losses.append(_step(opt, params, rendering_loss(v, noise, z)))
 
 
-def train_phases(pipe, data: Encoded, draws: Draws, steps: int, args) -> None:
+def train_phases(pipe, data: Encoded, draws: Draws, steps: int, args, losses: list) -> None:
     """The paper's three phases on ``steps`` optimizer steps split by ``args.phases``; each step is
     the training job's own ``phase_loss`` (``armature.jobs.skeleguide``, eq. 6 from the noise)."""
     from armature.jobs.skeleguide import PHASE_ADAPTERS, phase_loss
@@ -186,7 +186,7 @@ def train_phases(pipe, data: Encoded, draws: Draws, steps: int, args) -> None:
         batch = {"scene": data.scene[idx], "layout": data.layout[idx], "target": data.target[idx],
                  "text": data.text_of(idx), "size": data.size}
         loss, _ = phase_loss(pipe, batch, phase, algo, g)
-        _step(opt, params, loss)
+        losses.append(_step(opt, params, loss))
 
 
 def train_rl(pipe, data: Encoded, steps: int, args, reward, log: list) -> None:
@@ -355,23 +355,25 @@ def main() -> None:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         rl_log: list[float] = []
+        losses: list[float] = []
         if method == "t2i":
-            train_t2i(pipe, train, draws, args.budget, args)
+            train_t2i(pipe, train, draws, args.budget, args, losses)
         elif method == "rtr":
-            train_phases(pipe, train, draws, args.budget, args)
+            train_phases(pipe, train, draws, args.budget, args, losses)
         else:
             rl_steps = int(round(args.rl_share * args.budget))
-            train_phases(pipe, train, draws, args.budget - rl_steps, args)
+            train_phases(pipe, train, draws, args.budget - rl_steps, args, losses)
             train_rl(pipe, train, rl_steps, args, skeleton_reward, rl_log)
         trained = time.perf_counter() - t0
         images, layouts = sample(method, pipe, eval_data, args)
         wall = time.perf_counter() - t0
         result = metrics(images, layouts, evalset, clip, skeleton_reward)
         rows.append((METHODS[method], result, wall))
-        extra = ""
+        k = max(1, len(losses) // 10)
+        extra = f"; flow-matching loss, first/last {k} steps: {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f}"
         if rl_log:
             k = max(1, len(rl_log) // 4)
-            extra = f"; RL plan reward first/last {k} steps {np.mean(rl_log[:k]):.3f} -> {np.mean(rl_log[-k:]):.3f}"
+            extra += f"; RL plan reward, first/last {k} steps: {np.mean(rl_log[:k]):.3f} -> {np.mean(rl_log[-k:]):.3f}"
         print(f"[skeleguide] {METHODS[method]}: trained in {trained:.1f} s, sampled in {wall - trained:.1f} s{extra}",
               flush=True)
     print()
