@@ -182,7 +182,13 @@ def vae_encode(vae, pixels):
 
     with torch.no_grad():
         x = pixels.to(vae.device, vae.dtype).permute(0, 3, 1, 2) / 127.5 - 1.0
-        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        return encode_mean(vae, x) * vae.config.scaling_factor
+
+
+def encode_mean(vae, x):
+    """The latent of ``x`` (in [-1, 1]): an AutoencoderKL's posterior mean, an AutoencoderTiny's latents."""
+    encoded = vae.encode(x)
+    return encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
 
 
 class LatentEncoder:

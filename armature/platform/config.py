@@ -40,6 +40,7 @@ class TinyModelConfig:
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
     vae_channels: list[int] = field(default_factory=lambda: [16, 32])
     latent_channels: int = 4
+    vae_kind: str = "kl"  # or taesd (AutoencoderTiny)
     text_hidden: int = 32
     text_layers: int = 2
     max_prompt_tokens: int = 32

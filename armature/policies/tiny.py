@@ -29,6 +29,9 @@ class TinySDConfig:
     unet_channels: tuple[int, ...] = (32, 64)
     vae_channels: tuple[int, ...] = (16, 32)  # one VAE level per entry, a downsampling between two
     latent_channels: int = 4
+    # kl: AutoencoderKL (SD's VAE); taesd: AutoencoderTiny, no normalisation layers, so flat
+    # colours survive the round trip (what the anatomy gym's policy uses)
+    vae_kind: str = "kl"
     text_hidden: int = 32
     text_layers: int = 2
     max_prompt_tokens: int = 32
@@ -99,16 +102,33 @@ def build_tiny_sd_pipeline(config: TinySDConfig | None = None):
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * vae_levels,
-            up_block_types=("UpDecoderBlock2D",) * vae_levels,
-            block_out_channels=tuple(cfg.vae_channels),
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=8,
-            sample_size=cfg.image_size,
-        )
+        if cfg.vae_kind == "taesd":
+            from diffusers import AutoencoderTiny
+
+            if len(set(cfg.vae_channels)) != 1:
+                raise ValueError(f"tiny.vae_channels={list(cfg.vae_channels)}: vae_kind=taesd needs one width "
+                                 "for every level, e.g. [32, 32]")
+
+            vae = AutoencoderTiny(
+                encoder_block_out_channels=tuple(cfg.vae_channels),
+                decoder_block_out_channels=tuple(cfg.vae_channels),
+                num_encoder_blocks=(1,) + (2,) * (vae_levels - 1),
+                num_decoder_blocks=(2,) * (vae_levels - 1) + (1,),
+                latent_channels=cfg.latent_channels,
+            )
+        elif cfg.vae_kind == "kl":
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * vae_levels,
+                up_block_types=("UpDecoderBlock2D",) * vae_levels,
+                block_out_channels=tuple(cfg.vae_channels),
+                latent_channels=cfg.latent_channels,
+                norm_num_groups=8,
+                sample_size=cfg.image_size,
+            )
+        else:
+            raise ValueError(f"tiny.vae_kind={cfg.vae_kind!r}: use kl or taesd")
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
