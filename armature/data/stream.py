@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import zlib
 from pathlib import Path
@@ -166,10 +167,21 @@ def load_vae(model: dict):
 
         vae = build_tiny_sd_pipeline(_tiny_config(model.get("tiny") or {})).vae
     else:
-        from diffusers import AutoencoderKL
+        import diffusers
 
-        vae = AutoencoderKL.from_pretrained(
-            model["pretrained"], subfolder="vae", revision=model.get("revision"),
+        pretrained = model.get("pretrained")
+        if model["family"] == "gym":
+            from armature.gym.base_policy import policy_path
+
+            pretrained = pretrained or str(policy_path())
+        # the class the folder was saved with (AutoencoderKL for SD, AutoencoderTiny for the gym)
+        kind = "AutoencoderKL"
+        index = os.path.join(str(pretrained), "model_index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                kind = json.load(f).get("vae", [None, kind])[1]
+        vae = getattr(diffusers, kind).from_pretrained(
+            pretrained, subfolder="vae", revision=model.get("revision"),
             variant=model.get("variant"), torch_dtype=torch.float32,
         )
     return vae.requires_grad_(False).eval()

@@ -294,6 +294,10 @@ def _quarantine_metrics(summary: dict[str, int]) -> dict[str, int]:
 def _native_size(model: dict) -> int:
     if model.get("family", "tiny") == "tiny":
         return (model.get("tiny") or {}).get("image_size", 32)
+    if model["family"] == "gym":
+        from armature.gym.figures import SIZE
+
+        return SIZE
     return NATIVE_SIZE[model["family"]]
 
 
