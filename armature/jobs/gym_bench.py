@@ -53,7 +53,7 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log) -> tuple[dict
     # One local Ray serves every stage, sized for the largest (DDPO's learner, samplers and reward
     # actors): logical CPUs, the stages take turns on the cores. A cluster address overrides it.
     base = [f"trainer.storage_path={out / 'ray'}", f"tracking.run_name=bench-{name}", f"trainer.seed={cfg.seed}",
-            "cluster.num_cpus=8"]
+            "cluster.num_cpus=8", "sampling.num_steps=20", "sampling.guidance_scale=1.0"]  # as pretrain measures
     job_cfg = compose("train", base + overrides + list(cfg.overrides))
     log(f"stage {name}: {' '.join(overrides)}")
     start = time.perf_counter()
