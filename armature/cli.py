@@ -171,9 +171,15 @@ def cmd_gym(args) -> int:
         print(f"armature: gym {args.action} takes no Hydra overrides (got {args.overrides})", file=sys.stderr)
         return 2
     if args.action == "check":
-        result = agreement(args.intact, args.per_kind, seed=args.seed)
+        transform, what = None, "figures"
+        if args.roundtrip:
+            from armature.gym.base_policy import policy_path
+            from armature.jobs.gym_pretrain import load_round_trip
+
+            transform, what = load_round_trip(policy_path()), "figures after a round trip through the gym VAE"
+        result = agreement(args.intact, args.per_kind, seed=args.seed, transform=transform)
         rates = ", ".join(f"{k} {v:.4f}" for k, v in result["by_kind"].items())
-        print(f"[armature] oracle vs ground truth on {result['figures']} figures: "
+        print(f"[armature] oracle vs ground truth on {result['figures']} {what}: "
               f"{result['agreement']:.4f} ({rates})")
         for mistake in result["mistakes"][:10]:
             print(f"  truth {mistake['truth']} found {mistake['found']}")
@@ -241,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     gym.add_argument("overrides", nargs="*", help="bench: Hydra overrides for every stage, e.g. tracking=server")
     gym.add_argument("--intact", type=int, default=1000, help="check: intact figures")
     gym.add_argument("--per-kind", type=int, default=300, help="check: broken figures per defect kind")
+    gym.add_argument("--roundtrip", action="store_true",
+                     help="check: judge the figures after an encode-decode round trip through the base policy's VAE")
     gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 800)")
     gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
     gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")

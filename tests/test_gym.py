@@ -64,6 +64,29 @@ def test_severity_follows_the_worst_defect():
     assert oracle(no_hand).defects == [("missing", "hand")] and oracle(no_hand).severity == 2
 
 
+def test_oracle_forgives_a_blurred_seam_but_not_a_detached_part():
+    """A decoder blurs the seam between two parts into a colour that is neither: parts within
+    ATTACH_GAP pixels (chessboard distance) of each other are still joined; the detached injector
+    leaves wider gaps."""
+    from scipy import ndimage
+
+    from armature.gym.figures import ATTACH_GAP
+
+    rng = np.random.default_rng(8)
+    image = render(sample_figure(rng, "standing"))
+    shin = (image == PALETTE["shin"]).all(-1)
+    foot = (image == PALETTE["foot"]).all(-1)
+    seam = foot & ndimage.binary_dilation(shin, np.ones((3, 3)), iterations=ATTACH_GAP - 1)
+    assert seam.any() and (foot & ~seam).sum() >= 8  # the foot now starts ATTACH_GAP px from the shin
+    cut = image.copy()
+    cut[seam] = (128, 128, 128)  # a grey no part is near
+    assert AnatomyOracle()(cut).defects == []
+    assert ("detached", "foot") in AnatomyOracle(attach_gap=1)(cut).defects  # stricter: detached
+    for _ in range(4):  # every injected detachment is wider than the gap
+        _, broken = sample_defective(rng, "detached")
+        assert AnatomyOracle()(render(broken)).defects == sorted(set(broken.defects))
+
+
 def test_oracle_agrees_with_ground_truth():
     """Intact and broken figures of every kind; the closing note's figure comes from
     ``armature gym check`` on a few thousand."""

@@ -31,6 +31,7 @@ from armature.gym.figures import (
     Figure,
     Part,
     build_parts,
+    is_apart,
     is_attached,
     is_clean,
     render,
@@ -142,7 +143,7 @@ def inject(figure: Figure, kind: str, rng: np.random.Generator, max_tries: int =
         raise ValueError(f"unknown defect kind {kind!r}; choose one of {', '.join(KINDS)}")
     for _ in range(max_tries):
         parts, defects = INJECTORS[kind](figure, rng)
-        if is_clean(parts) and is_attached(parts):
+        if is_clean(parts) and is_attached(parts) and is_apart(parts):
             return with_parts(figure, parts, defects)
     raise RuntimeError(f"could not inject {kind!r} cleanly in {max_tries} tries")
 
@@ -193,18 +194,23 @@ def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None) -> dic
     }
 
 
-def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None) -> dict:
+def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transform=None) -> dict:
     """Render ``n_intact`` intact figures and ``n_per_kind`` broken ones of every kind; the share
-    on which the oracle's defects (kind and part) and severity equal the ground truth."""
+    on which the oracle's defects (kind and part) and severity equal the ground truth.
+    ``transform`` (``[N, H, W, 3]`` uint8 -> same) alters the drawings first, e.g. an autoencoder's
+    round trip, to see how the oracle reads images that went through a generator's decoder."""
     from armature.gym.oracle import AnatomyOracle
 
     oracle = oracle or AnatomyOracle()
     rng = np.random.default_rng(seed)
     cases = [None] * n_intact + [k for k in KINDS for _ in range(n_per_kind)]
+    figures = [sample_defective(rng, kind)[1] if kind else sample_figure(rng) for kind in cases]
+    images = np.stack([render(f) for f in figures]) if figures else np.zeros((0, 64, 64, 3), np.uint8)
+    if transform is not None and len(images):
+        images = transform(images)
     right, by_kind, mistakes = 0, {}, []
-    for kind in cases:
-        intact, broken = sample_defective(rng, kind) if kind else (None, sample_figure(rng))
-        verdict = oracle(render(broken))
+    for kind, broken, image in zip(cases, figures, images):
+        verdict = oracle(image)
         truth = sorted(set(broken.defects))
         ok = verdict.defects == truth and verdict.severity == severity(truth)
         right += ok

@@ -41,6 +41,9 @@ TYPES = list(PALETTE)
 PARENT = {"head": "torso", "upper_arm": "torso", "forearm": "upper_arm", "hand": "forearm",
           "thigh": "torso", "shin": "thigh", "foot": "shin"}
 EXPECTED_COUNT = {t: (1 if t in ("head", "torso") else 2) for t in TYPES}
+# parts this close (px, chessboard distance) count as joined: the oracle's tolerance for the blurred
+# seam a generated image draws between two parts (ATTACH_GAP - 1 pixels of neither colour)
+ATTACH_GAP = 2
 WIDTH = {"upper_arm": 3, "forearm": 3, "thigh": 4, "shin": 4, "foot": 3}  # stroke widths (px)
 
 # intact ranges, degrees (see the module docstring for the conventions)
@@ -279,6 +282,19 @@ def is_attached(parts: list[Part]) -> bool:
         grown = _dilate(mask)
         if not any(q.type == parent and (q.side is None or q.side == part.side) and (grown & m).any()
                    for q, m in zip(parts, masks)):
+            return False
+    return True
+
+
+def is_apart(parts: list[Part], gap: int = ATTACH_GAP) -> bool:
+    """True when every part tagged ``detached`` is more than ``gap`` pixels from every part of its
+    parent's type, so the oracle, which forgives a gap that small, still sees it detached."""
+    masks = [part_mask(p) for p in parts]
+    for part, mask in zip(parts, masks):
+        if "detached" not in part.tag:
+            continue
+        grown = ndimage.binary_dilation(mask, np.ones((2 * gap + 1,) * 2, bool))
+        if any(q.type == PARENT[part.type] and (grown & m).any() for q, m in zip(parts, masks)):
             return False
     return True
 

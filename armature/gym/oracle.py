@@ -5,8 +5,12 @@
 2. **Count** each part type's connected regions (8-connected, at least ``min_area`` pixels)
    against a body's: one head and torso, two of every limb part. Too few: ``missing``; too many:
    ``extra``.
-3. **Attach**: every region must touch a region of its parent type (hand → forearm → upper arm →
-   torso, foot → shin → thigh → torso, head → torso); one that does not is ``detached``.
+3. **Attach**: every region must come within ``attach_gap`` pixels of a region of its parent type
+   (hand → forearm → upper arm → torso, foot → shin → thigh → torso, head → torso); one that does
+   not is ``detached``. The gap tolerance (:data:`~armature.gym.figures.ATTACH_GAP`, 2 px) is
+   there for generated images: a decoder blurs the seam between two parts into a colour that is
+   neither, which reads as background. The renderer draws joined parts touching, and the
+   ``detached`` injector moves a part further than the gap from every part of its parent's type.
 4. **Joints**, per side, where the limb's parts are all present once and attached: each bone's
    axis (principal component of its pixels), oriented from the parent's end; the elbow's bend is
    the upper arm's angle minus the forearm's, the knee's the shin's minus the thigh's (in the
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from armature.gym.figures import EXPECTED_COUNT, PALETTE, PARENT, TYPES
+from armature.gym.figures import ATTACH_GAP, EXPECTED_COUNT, PALETTE, PARENT, TYPES
 
 MAJOR = ("head", "torso", "upper_arm", "forearm", "thigh", "shin")
 SEVERITY_NAMES = ("none", "minor", "moderate", "severe")
@@ -79,8 +83,9 @@ class Region:
 
 class AnatomyOracle:
     def __init__(self, colour_radius: float = 70.0, min_area: int = 4, reversed_below: float = -25.0,
-                 overbent_above: dict | None = None, proportion_factor: float = 1.5):
+                 overbent_above: dict | None = None, proportion_factor: float = 1.5, attach_gap: int = ATTACH_GAP):
         self.colour_radius = colour_radius
+        self._near = np.ones((2 * attach_gap + 1,) * 2, bool)  # grows a mask by attach_gap pixels
         self.min_area = min_area
         self.reversed_below = reversed_below
         self.overbent_above = overbent_above or {"elbow": 122.0, "knee": 112.0}
@@ -124,7 +129,7 @@ class AnatomyOracle:
         for type_, parent in PARENT.items():
             for region in regions[type_]:
                 touches = bool(regions[parent]) and any(
-                    (ndimage.binary_dilation(region.mask, np.ones((3, 3))) & p.mask).any() for p in regions[parent])
+                    (ndimage.binary_dilation(region.mask, self._near) & p.mask).any() for p in regions[parent])
                 attached[id(region)] = touches
                 if not touches:
                     defects.add(("detached", type_))
@@ -154,7 +159,7 @@ class AnatomyOracle:
             # the upper bone's end nearer the torso is its root
             a, b, up_len = up.axis_ends()
             root, end = (a, b) if _distance(a, torso_pixels) <= _distance(b, torso_pixels) else (b, a)
-            low = next((r for r in lows if (ndimage.binary_dilation(r.mask, np.ones((3, 3))) & up.mask).any()), None)
+            low = next((r for r in lows if (ndimage.binary_dilation(r.mask, self._near) & up.mask).any()), None)
             if low is None:
                 continue
             c, d, low_len = low.axis_ends()

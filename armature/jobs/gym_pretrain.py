@@ -187,18 +187,33 @@ def train_unet(pipe, latents: torch.Tensor, prompt_ids: np.ndarray, embeddings: 
 
 
 @torch.no_grad()
+def round_trip(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``[N, H, W, 3]`` uint8 figures through the VAE's encoder and decoder (the latent mean)."""
+    from armature.data.stream import encode_mean
+
+    out = []
+    for i in range(0, len(images), batch):
+        recon = vae.decode(encode_mean(vae, _to_pixels(images[i:i + batch]))).sample
+        out.append(((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def load_round_trip(policy_path: str | Path):
+    """The ``transform`` for :func:`armature.gym.agreement`: a round trip through a saved policy's VAE."""
+    from diffusers import AutoencoderTiny
+
+    vae = AutoencoderTiny.from_pretrained(Path(policy_path) / "vae").float().eval()
+    return lambda images: round_trip(vae, images)
+
+
 def reconstruction_pass_rate(vae, seed: int, n: int = 100) -> float:
     """The share of intact figures the oracle still passes after an encode-decode round trip:
     the ceiling of what the policy can draw through this VAE."""
     from armature.gym.oracle import AnatomyOracle
 
     images, _, _ = render_dataset(n, 0.0, seed)
-    from armature.data.stream import encode_mean
-
-    recon = vae.decode(encode_mean(vae, _to_pixels(images))).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     oracle = AnatomyOracle()
-    return float(np.mean([oracle(image).ok for image in recon]))
+    return float(np.mean([oracle(image).ok for image in round_trip(vae, images)]))
 
 
 def measure(policy_path: str | Path, per_prompt: int, num_steps: int, eta: float, seed: int = 1234) -> dict:
