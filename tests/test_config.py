@@ -42,6 +42,15 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert "num_epochs: 3" in capsys.readouterr().out
 
 
+def test_cli_takes_overrides_on_both_sides_of_a_flag(capsys):
+    assert main(["train", "algo.num_epochs=4", "--cfg", "algo.train_batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "num_epochs: 4" in out and "train_batch_size: 2" in out
+    with pytest.raises(SystemExit):  # an unknown flag is still an error
+        main(["train", "--cfg", "--no-such-flag"])
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
 def test_flatten_for_mlflow_params():
     flat = flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}})
     assert flat == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None", "f": "{}"}
