@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.jobs.dpo import _evaluate, _quarantine_metrics, pair_errors
+from armature.jobs.dpo import _evaluate, _native_size, _quarantine_metrics, pair_errors
 from armature.jobs.online import (
     _all_reduce_mean,
     _prompt_list,
@@ -146,7 +146,7 @@ def train_loop(config: dict) -> None:
     work = Path(config["work_dir"])
     quarantine = data["quarantine_path"] or str(work / "quarantine")
     prompts = _prompt_list(c["prompts"])
-    size = data["image_size"] or (c["model"].get("tiny") or {}).get("image_size", 32)
+    size = data["image_size"] or _native_size(c["model"])  # the size the samplers draw at
     for rnd in range(start_round, algo["num_rounds"]):
         t_round = time.perf_counter()
         engine.module.eval()
