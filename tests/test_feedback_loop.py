@@ -114,6 +114,8 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
     heldout, train = history("heldout_pairs"), history("train_pairs")
     assert heldout == sorted(heldout) and train == sorted(train) and train[-1] > train[0]  # labels accumulate
     assert all(b > 0 for b in history("train_batches"))
+    probe = history("probe_pairs")  # the first round's held-out pairs: the same set every round
+    assert len(probe) == 3 and len(set(probe)) == 1 and probe[0] == heldout[0]
     # two annotators, 10 % flips and 5 % ties each: expected agreement ~0.76; 16 to 48 pairs
     assert all(0.5 < a < 1.0 for a in history("annotators_agreement"))
 

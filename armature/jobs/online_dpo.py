@@ -25,7 +25,8 @@ loop. Each round (``train_loop``; the store work happens on rank 0):
      job's ``pair_errors`` and loss, imported) over the training pairs so far.
   6. **Measure and log** an MLflow step per round: label counts, inter-annotator agreement
      (percent and Fleiss' kappa), the learner's loss, and its held-out implicit accuracy
-     against the annotators' labels (the DPO job's ``_evaluate``); checkpoint (a rerun resumes
+     against the annotators' labels (the DPO job's ``_evaluate``): on every held-out pair so
+     far (``heldout_*``) and on the first round's alone (``probe_*``, a fixed set); checkpoint (a rerun resumes
      at the next round; the store keeps every pair and label).
 """
 
@@ -198,6 +199,12 @@ def train_loop(config: dict) -> None:
         # ---- 6. held-out implicit accuracy against the annotators; log; checkpoint -----------
         if rank == 0:
             metrics.update(_evaluate(heldout_ds, errors, loss_fn, engine, algo, seed))
+            # The held-out set grows each round with pairs from the moving policy; the first
+            # round's held-out pairs stay fixed, a probe that compares round with round.
+            probe = heldout_ds.filter(lambda row: str(row["pair_id"]).startswith("r0000-"))
+            metrics.update({k.replace("heldout_", "probe_"): v
+                            for k, v in _evaluate(probe, errors, loss_fn, engine, algo, seed).items()})
+            metrics["probe_pairs"] = probe.count()
             metrics["train_pairs"], metrics["heldout_pairs"] = train_ds.count(), heldout_ds.count()
             from armature.data.stream import quarantine_summary
 
@@ -290,6 +297,8 @@ def _collate():
 def _print_round(rnd: int, total: int, m: dict) -> None:
     heldout = (f"  held-out acc {m['heldout_implicit_acc']:.3f} (by pair {m['heldout_pair_acc']:.3f})"
                if "heldout_implicit_acc" in m else "")
+    if "probe_implicit_acc" in m:
+        heldout += f", round-1 probe {m['probe_implicit_acc']:.3f}"
     agreement = m.get("annotators_agreement", float("nan"))
     print(f"[armature] round {rnd + 1}/{total}  pairs +{m.get('pairs_new', 0)}  labels +{m.get('labels_new', 0)} "
           f"(total {m.get('store_labels', 0)}, agreement {agreement:.2f})  loss {m.get('loss', float('nan')):.4f}"
