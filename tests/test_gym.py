@@ -87,6 +87,12 @@ def test_oracle_forgives_a_blurred_seam_but_not_a_detached_part():
         assert AnatomyOracle()(render(broken)).defects == sorted(set(broken.defects))
 
 
+def test_agreement_judges_the_transformed_drawings():
+    assert agreement(n_intact=6, n_per_kind=1, seed=3, transform=lambda images: images.copy())["agreement"] == 1.0
+    blank = agreement(n_intact=6, n_per_kind=1, seed=3, transform=lambda images: np.full_like(images, 128))
+    assert blank["agreement"] == 0.0 and all(("missing", "torso") in m["found"] for m in blank["mistakes"])
+
+
 def test_oracle_agrees_with_ground_truth():
     """Intact and broken figures of every kind; the closing note's figure comes from
     ``armature gym check`` on a few thousand."""

@@ -147,3 +147,15 @@ def test_synthetic_builder_as_a_ray_data_job(ray_cluster, tmp_path):
         mask = decode_image(pair["mask"], "L") > 0
         np.testing.assert_array_equal(w, sources[i]["image"])
         assert not ((w != l).any(-1) & ~mask).any() and (w != l).any()
+
+
+def test_load_vae_takes_the_class_the_folder_was_saved_with(tmp_path):
+    from armature.data.stream import load_vae
+    from armature.gym.base_policy import SHIPPED
+
+    assert type(load_vae({"family": "gym", "pretrained": str(SHIPPED)})).__name__ == "AutoencoderTiny"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model_index.json").write_text('{"vae": ["diffusers", "NotAVae"]}')
+    with pytest.raises(ValueError, match="model.pretrained=.*NotAVae"):
+        load_vae({"family": "sd15", "pretrained": str(bad)})

@@ -179,7 +179,12 @@ def load_vae(model: dict):
         index = os.path.join(str(pretrained), "model_index.json")
         if os.path.isfile(index):
             with open(index) as f:
-                kind = json.load(f).get("vae", [None, kind])[1]
+                entry = json.load(f).get("vae") or [None, kind]
+            kind = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+            if kind not in ("AutoencoderKL", "AutoencoderTiny"):
+                raise ValueError(f"model.pretrained={pretrained}: model_index.json names the vae {entry!r}; "
+                                 "the DPO jobs encode with AutoencoderKL or AutoencoderTiny (fix the folder, "
+                                 "or point model.pretrained at a diffusers pipeline saved with save_pretrained)")
         vae = getattr(diffusers, kind).from_pretrained(
             pretrained, subfolder="vae", revision=model.get("revision"),
             variant=model.get("variant"), torch_dtype=torch.float32,

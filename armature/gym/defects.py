@@ -28,6 +28,7 @@ import numpy as np
 
 from armature.gym.figures import (
     PARENT,
+    SIZE,
     Figure,
     Part,
     build_parts,
@@ -205,7 +206,7 @@ def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transf
     rng = np.random.default_rng(seed)
     cases = [None] * n_intact + [k for k in KINDS for _ in range(n_per_kind)]
     figures = [sample_defective(rng, kind)[1] if kind else sample_figure(rng) for kind in cases]
-    images = np.stack([render(f) for f in figures]) if figures else np.zeros((0, 64, 64, 3), np.uint8)
+    images = np.stack([render(f) for f in figures]) if figures else np.zeros((0, SIZE, SIZE, 3), np.uint8)
     if transform is not None and len(images):
         images = transform(images)
     right, by_kind, mistakes = 0, {}, []
