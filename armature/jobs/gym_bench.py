@@ -88,12 +88,13 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     learned = f"+reward.components.learned={{weight: 1.0, path: {scorer}}}"
     seconds, policies = {"base": 0.0}, {"base": None}
     # DDPO trains a LoRA at the DDPO paper's learning rate: the tiny models' full fine-tuning at
-    # 1e-3 drove the learned reward from +0.35 to -12 in one epoch on the gym policy.
+    # 1e-3 collapsed the learned reward in one epoch on the gym policy (an earlier bench run).
     # ASAP's margin tau is on the scale of the localized gap: with alpha = 10 a masked residual
     # counts 121 times, and the gym's pairs differ only inside their masks, so the paper's 0.01
     # (FLUX latents, masks over a small share of a 1024 px image) asks for no preference at all
-    # here (held-out implicit accuracy fell to 0.24 with it); 1.0 is about 121 x the unweighted
-    # gap Diffusion-DPO reaches on these pairs (0.012).
+    # here (held-out implicit accuracy fell below chance with it in an earlier bench run); 1.0
+    # (held-out 0.889 in the README's bench) is about 121 x the unweighted
+    # gap Diffusion-DPO reaches on these pairs (0.015 there).
     recipes = {
         "ddpo": ["algo=ddpo", "model=gym_lora", "algo.learning_rate=3e-4", "reward=gym_oracle",
                  "reward.components.gym_oracle.weight=0.0", learned, f"prompts.file={prompts}",
