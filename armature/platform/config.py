@@ -64,6 +64,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     family: str = "tiny"  # tiny | tiny_flow | gym (armature gym pretrain) | sd (SD 1.5 family) | sdxl | sd3 | flux
+    #   | skeleguide_stage (one SkeleGuide adapter as an RL policy)
     pretrained: Optional[str] = None  # hub id or local path (family sd / sdxl)
     revision: Optional[str] = None
     variant: Optional[str] = None
@@ -71,6 +72,12 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # family skeleguide_stage only (armature.policies.skeleguide_policy): which SkeleGuide adapter
+    # trains (skeletal | appearance), where each sample's condition comes from (gym | a folder of
+    # images), and the pipeline's SkeleGuideParams when model.pretrained is unset
+    stage: str = "skeletal"
+    conditions: str = "gym"
+    skeleguide: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -706,6 +713,9 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
+FLOW_MODEL_FAMILIES = ("tiny_flow", "sd3", "flux", "skeleguide_stage")
+
+
 def _check_group_learner(cfg: DictConfig, algo: DictConfig) -> list[str]:
     """GRPO and DiffusionNFT: group sizes, batch divisibility, window and NFT settings."""
     errors = []
@@ -734,12 +744,12 @@ def _check_group_learner(cfg: DictConfig, algo: DictConfig) -> list[str]:
             errors.append("algo.sde_window_stride must be >= 0 and algo.sde_window_shift_every >= 1")
         if algo.beta < 0 or algo.clip_range < 0:
             errors.append(f"algo.beta={algo.beta} and algo.clip_range={algo.clip_range} must be >= 0")
-        if cfg.model.family in ("tiny_flow", "sd3", "flux") and cfg.sampling.noise_level <= 0:
+        if cfg.model.family in FLOW_MODEL_FAMILIES and cfg.sampling.noise_level <= 0:
             errors.append(f"sampling.noise_level={cfg.sampling.noise_level}: GRPO needs SDE steps, set it > 0")
     if algo.name == "nft":
-        if cfg.model.family not in ("tiny_flow", "sd3", "flux"):
+        if cfg.model.family not in FLOW_MODEL_FAMILIES:
             errors.append(f"model.family={cfg.model.family}: DiffusionNFT trains flow-matching models; "
-                          "use model=tiny_flow (or family sd3 / flux)")
+                          "use model=tiny_flow (or family sd3 / flux, or model=skeleguide_stage)")
         if algo.sampler not in ("ode", "sde"):
             errors.append(f"algo.sampler={algo.sampler}: use ode or sde")
         if algo.reward_norm not in ("group", "global"):

@@ -244,6 +244,11 @@ class DiffusionPolicy:
             "time_ids": time_ids,
         }
 
+    def conditioning(self, prompts: list[str], generator=None) -> dict[str, torch.Tensor]:
+        """What a rollout conditions on (recorded in the trajectory): the prompts' encodings here;
+        a conditioned policy adds its condition tokens, drawn from each sample's generator."""
+        return self.encode(prompts)
+
     def _unet_kwargs(self, cond: dict[str, torch.Tensor], guided: bool) -> dict:
         def branch(v):  # [B, 2, ...] -> [2B, ...] (uncond first) or [B, ...]
             return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
@@ -350,7 +355,7 @@ class DiffusionPolicy:
         s = self.sampling
         num_steps = num_steps or s.num_steps
         self.set_timesteps(num_steps)
-        cond = self.encode(prompts)
+        cond = self.conditioning(prompts, generator)
         shape = self.latent_shape
         batch = len(prompts)
         latents = self._noise(batch, shape, generator) * getattr(self.scheduler, "init_noise_sigma", 1.0)
@@ -599,11 +604,15 @@ def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
     Every process that builds a policy from the same config (learners, sampler actors, the
     serving replicas) gets the same weights, LoRA initialisation included.
     """
+    sampling = dict(sampling)
+    sampling.pop("batch_size", None)
+    if model.get("family") == "skeleguide_stage":  # one SkeleGuide stage (armature.policies.skeleguide_policy)
+        from armature.policies.skeleguide_policy import build_stage_policy
+
+        return build_stage_policy(model, SamplingParams(**sampling), seed=seed)
     device = model.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampling = dict(sampling)
-    sampling.pop("batch_size", None)
     policy = load_policy(
         family=model.get("family", "tiny"),
         pretrained=model.get("pretrained"),
