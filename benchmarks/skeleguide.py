@@ -10,9 +10,10 @@ minibatch order, time draws and sampling seeds, and the same number of optimizer
 (``--budget``, batch ``--batch``, AdamW at ``--lr``). Only LoRA weights train, as in the paper;
 the transformer itself stays random (there is no pretrained tiny Kontext model). The tiny VAE is
 first trained as an autoencoder on the training images, once, shared by all three and outside the
-budget: the gym base policy's VAE (``armature gym pretrain``) when there is one, else one
-pretrained here (``--vae-steps``, the gym recipe's shape; ``--vae-cache DIR`` keeps it, ``--vae DIR``
-reuses it): a random VAE does not reconstruct images at all.
+budget: the gym base policy's VAE (``armature gym pretrain``) when it is an ``AutoencoderKL`` (the
+current recipe makes an ``AutoencoderTiny``, which the tiny Kontext model does not take), else one
+pretrained here (``--vae-steps``; ``--vae-cache DIR`` keeps it, ``--vae DIR`` reuses it): a random
+VAE does not reconstruct images at all.
 
 a. **text-to-image**: the appearance adapter, flow matching (eq. 5) from the prompt alone to the
    target image (the condition tokens are a blank image: no scene, no layout).
@@ -325,11 +326,20 @@ def main() -> None:
     evalset = triples(args.eval, seed=args.seed + 1_000_000)
     vae = args.vae
     if vae == "auto":  # the gym base policy's VAE (`armature gym pretrain`), when there is one
+        import json
+        from pathlib import Path
+
         try:
             from armature.gym.base_policy import policy_path
 
             vae = str(policy_path())
-            print(f"[skeleguide] VAE of the gym base policy {vae}", flush=True)
+            kind = json.loads((Path(vae) / "vae" / "config.json").read_text()).get("_class_name")
+            if kind != "AutoencoderKL":  # the gym recipe's AutoencoderTiny has no posterior to sample
+                print(f"[skeleguide] the gym base policy's VAE is a {kind}, SkeleGuide's tiny model takes an "
+                      "AutoencoderKL: pretraining one", flush=True)
+                vae = None
+            else:
+                print(f"[skeleguide] VAE of the gym base policy {vae}", flush=True)
         except (ImportError, FileNotFoundError):
             vae = None
     if vae is None:

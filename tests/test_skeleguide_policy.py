@@ -194,6 +194,15 @@ def test_a_trained_vae_folder_replaces_the_random_one(tmp_path):
     assert layouts.shape == (1, SIZE, SIZE, 3)
 
 
+def test_a_vae_of_another_class_is_refused_by_name(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
+                    num_decoder_blocks=(1,), latent_channels=4, upsampling_scaling_factor=1).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="AutoencoderTiny.*AutoencoderKL"):
+        SkeleGuidePipeline.build(SkeleGuideParams(vae=str(tmp_path)))
+
+
 def test_real_weights_load_through_the_same_code_from_a_diffusers_folder(tmp_path):
     """``pretrained`` takes a hub id or a folder (FluxKontextPipeline.from_pretrained); a saved tiny
     pipeline stands in for black-forest-labs/FLUX.1-Kontext-dev (nothing is downloaded)."""

@@ -1,9 +1,9 @@
 """Articulated 2-D human figures drawn from joint angles, with their ground truth.
 
 A figure is 14 parts: head, torso, and per side an upper arm, forearm, hand, thigh, shin and
-foot. Every part *type* has its own saturated colour (:data:`PALETTE`; left and right share
-it), backgrounds are muted, so a figure's anatomy can be read back from the pixels exactly
-(:mod:`armature.gym.oracle`).
+foot. Every part *type* has its own colour, a corner of the RGB cube (:data:`PALETTE`; left and
+right share it), backgrounds are muted mid-tones, so a figure's anatomy can be read back from the
+pixels exactly (:mod:`armature.gym.oracle`).
 
 Angles, in degrees, are measured per limb in its side's frame: 0 points straight down the
 body, positive turns outward (away from the midline). A limb's first bone has an absolute
@@ -26,16 +26,18 @@ from scipy import ndimage
 
 SIZE = 64
 
-# part type -> RGB; pairwise distance >= 127, every background colour >= 100 away from each
+# part type -> RGB: the corners of the colour cube, so every pair is >= 255 apart and a part drawn
+# faintly (blended toward a grey background) stays nearest its own colour; every background colour
+# >= 100 away from each
 PALETTE: dict[str, tuple[int, int, int]] = {
     "head": (255, 255, 0),
-    "torso": (230, 0, 0),
-    "upper_arm": (0, 200, 0),
+    "torso": (255, 0, 0),
+    "upper_arm": (0, 255, 0),
     "forearm": (0, 0, 255),
     "hand": (255, 0, 255),
     "thigh": (0, 255, 255),
-    "shin": (255, 128, 0),
-    "foot": (128, 0, 255),
+    "shin": (255, 255, 255),
+    "foot": (0, 0, 0),
 }
 TYPES = list(PALETTE)
 PARENT = {"head": "torso", "upper_arm": "torso", "forearm": "upper_arm", "hand": "forearm",
@@ -44,7 +46,9 @@ EXPECTED_COUNT = {t: (1 if t in ("head", "torso") else 2) for t in TYPES}
 # parts this close (px, chessboard distance) count as joined: the oracle's tolerance for the blurred
 # seam a generated image draws between two parts (ATTACH_GAP - 1 pixels of neither colour)
 ATTACH_GAP = 2
-WIDTH = {"upper_arm": 3, "forearm": 3, "thigh": 4, "shin": 4, "foot": 3}  # stroke widths (px)
+# stroke widths (px): 4 everywhere; 3 px arms and feet were drawn broken or missing by the
+# base policy (32x32 latents: 1.5 latent pixels across)
+WIDTH = {"upper_arm": 4, "forearm": 4, "thigh": 4, "shin": 4, "foot": 4}
 
 # intact ranges, degrees (see the module docstring for the conventions)
 LIMITS = {"shoulder": (10.0, 165.0), "elbow": (0.0, 100.0), "hip": (3.0, 60.0), "knee": (0.0, 90.0)}

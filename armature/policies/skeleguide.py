@@ -126,8 +126,15 @@ def _load_vae(path: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
     folder = Path(path)
-    return AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae" / "config.json").is_file() else folder,
-                                         torch_dtype=dtype)
+    folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"tiny_vae={path!r}: no readable VAE config.json there ({err})") from None
+    if kind != "AutoencoderKL":
+        raise ValueError(f"tiny_vae={path!r} holds a {kind}; SkeleGuide's tiny model takes an AutoencoderKL "
+                         "(benchmarks/skeleguide.py --vae-cache DIR trains one)")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
 
 
 def build_tiny_kontext(cfg: TinyKontextConfig, vae_path: str | None = None):
