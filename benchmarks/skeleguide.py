@@ -308,6 +308,8 @@ def main() -> None:
                              "policy's (armature gym pretrain) if there is one, else pretrain one (--vae-steps)")
     parser.add_argument("--vae-cache", default=None, help="where to save the pretrained VAE (default: a temp folder)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--save", default=None,
+                        help="save each trained pipeline to SAVE/<method> (keep the VAE with --vae-cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -375,6 +377,8 @@ def main() -> None:
             train_phases(pipe, train, draws, args.budget - rl_steps, args, losses)
             train_rl(pipe, train, rl_steps, args, skeleton_reward, rl_log)
         trained = time.perf_counter() - t0
+        if args.save:  # e.g. for RL through the learners: model=skeleguide_stage model.pretrained=<save>/rtr
+            pipe.save_pretrained(os.path.join(args.save, method))
         images, layouts = sample(method, pipe, eval_data, args)
         wall = time.perf_counter() - t0
         result = metrics(images, layouts, evalset, clip, skeleton_reward)

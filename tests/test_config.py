@@ -61,3 +61,15 @@ def test_a_required_value_left_unset_is_named():
         compose("train", ["reward=aesthetic"])
     cfg = compose("train", ["reward=aesthetic", "reward.components.aesthetic.path=/models/aesthetic"])
     assert cfg.reward.components.aesthetic.path == "/models/aesthetic"
+
+
+def test_a_relative_prompt_file_becomes_absolute_for_the_ray_workers(tmp_path, monkeypatch):
+    import os
+
+    from armature.platform.config import compose
+
+    (tmp_path / "p.txt").write_text("a person standing\n")
+    monkeypatch.chdir(tmp_path)
+    assert compose("train", ["prompts.file=p.txt"]).prompts.file == str(tmp_path / "p.txt")
+    assert compose("train", ["prompts.file=missing.txt"]).prompts.file == "missing.txt"  # the job names it
+    assert os.path.isabs(compose("train", [f"prompts.file={tmp_path / 'p.txt'}"]).prompts.file)

@@ -627,6 +627,10 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         cfg.algo = algo
         OmegaConf.set_struct(cfg, True)
     check_serve(cfg) if "generator" in cfg else check(cfg)
+    prompt_file = cfg.get("prompts", {}).get("file") if "prompts" in cfg else None
+    if prompt_file and not os.path.isabs(prompt_file) and os.path.isfile(prompt_file):
+        # relative to where the command ran: Ray workers run elsewhere, so they get the absolute path
+        OmegaConf.update(cfg, "prompts.file", os.path.abspath(prompt_file), force_add=False)
     return cfg
 
 
