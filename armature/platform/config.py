@@ -569,7 +569,8 @@ class SkeleGuideConfig:
     pose: Optional[str] = None  # gym triples of one pose class only
     heldout_triples: int = 8  # fixed triples and noise: held-out losses every epoch, sample grids at phase ends
     sample_steps: int = 8  # Euler steps of each stage in the sample grids (and the saved pipeline's default)
-    tiny_vae: Optional[str] = None  # model=tiny_skeleguide: a trained AutoencoderKL folder (benchmarks/skeleguide.py --vae-cache makes one)
+    # model=tiny_skeleguide: a trained AutoencoderKL folder (benchmarks/skeleguide.py --vae-cache makes one)
+    tiny_vae: Optional[str] = None
 
 
 ALGO_SCHEMAS.update({"skeleguide": SkeleGuideConfig})

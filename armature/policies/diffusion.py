@@ -99,6 +99,12 @@ class Trajectory:
         )
 
 
+def guidance_branch(v: torch.Tensor, guided: bool) -> torch.Tensor:
+    """A recorded conditioning tensor ``[B, 2, ...]`` (unconditional, conditional) as the network's
+    input: ``[2B, ...]``, unconditional first, under classifier-free guidance; else ``[B, ...]``."""
+    return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
+
+
 class DiffusionPolicy:
     """A latent diffusion model as a stochastic policy: DDIM-sampled UNets (SD 1.5 family, SDXL,
     the tiny built-in one) or SDE-sampled rectified flows (SD 3.x, FLUX, the tiny flow model).
@@ -250,8 +256,8 @@ class DiffusionPolicy:
         return self.encode(prompts)
 
     def _unet_kwargs(self, cond: dict[str, torch.Tensor], guided: bool) -> dict:
-        def branch(v):  # [B, 2, ...] -> [2B, ...] (uncond first) or [B, ...]
-            return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
+        def branch(v):
+            return guidance_branch(v, guided)
 
         kwargs = {"encoder_hidden_states": branch(cond["encoder_hidden_states"])}
         if "text_embeds" in cond:
@@ -262,8 +268,8 @@ class DiffusionPolicy:
         return kwargs
 
     def _flow_forward(self, cond, model_in, t_in, guided: bool) -> torch.Tensor:
-        def branch(v):  # [B, 2, ...] -> [2B, ...] (uncond first) or [B, ...]
-            return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
+        def branch(v):
+            return guidance_branch(v, guided)
 
         kwargs = {"encoder_hidden_states": branch(cond["encoder_hidden_states"]),
                   "pooled_projections": branch(cond["pooled_projections"])}

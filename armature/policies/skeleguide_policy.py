@@ -39,7 +39,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from armature.policies.diffusion import ADAPTER_CONFIG, DiffusionPolicy, LoraParams, SamplingParams
+from armature.policies.diffusion import ADAPTER_CONFIG, DiffusionPolicy, LoraParams, SamplingParams, guidance_branch
 from armature.policies.skeleguide import ADAPTER_FILE, ADAPTERS, LORA_TARGETS, SkeleGuideParams, SkeleGuidePipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -115,13 +115,11 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         return cond
 
     def _flow_forward(self, cond, model_in, t_in, guided: bool) -> torch.Tensor:
-        def branch(v):  # [B, 2, ...] -> [2B, ...] (uncond first) or [B, ...]
-            return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
-
-        text = {"encoder_hidden_states": branch(cond["encoder_hidden_states"]),
-                "pooled_projections": branch(cond["pooled_projections"])}
+        text = {"encoder_hidden_states": guidance_branch(cond["encoder_hidden_states"], guided),
+                "pooled_projections": guidance_branch(cond["pooled_projections"], guided)}
         sigma = torch.as_tensor(t_in, device=self.device).float() / 1000  # the scheduler's timesteps are 1000 sigma
-        velocity = self.sg.flow(self.stage, model_in, 1 - sigma, branch(cond["condition"]), text, self.image_size)
+        condition = guidance_branch(cond["condition"], guided)
+        velocity = self.sg.flow(self.stage, model_in, 1 - sigma, condition, text, self.image_size)
         return -velocity  # SkeleGuide's velocity is data - noise; diffusers' flow step takes noise - data
 
     # ------------------------------------------------------------------ saved adapters
@@ -171,4 +169,5 @@ def build_stage_policy(model: dict, sampling: SamplingParams, seed: int = 0) -> 
         params.setdefault("lora_seed", seed)
         params["device"] = device
         pipeline = SkeleGuidePipeline.build(SkeleGuideParams.from_dict(params))
-    return SkeleGuideStagePolicy(pipeline, model.get("stage", "skeletal"), sampling, str(model.get("conditions", "gym")))
+    stage, conditions = model.get("stage", "skeletal"), str(model.get("conditions", "gym"))
+    return SkeleGuideStagePolicy(pipeline, stage, sampling, conditions)
