@@ -119,6 +119,9 @@ def test_a_folder_of_scenes_is_picked_by_seed(tmp_path):
     policy = _policy(f"model.conditions={tmp_path}")
     picked = policy.condition_image("a person", 4)  # 4 % 3 -> scene1
     assert picked.shape == (64, 64, 3) and tuple(picked[0, 0]) == (30, 200, 30)
+    (tmp_path / "scene3.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="model.conditions: .*scene3.png is not a readable image"):
+        _policy(f"model.conditions={tmp_path}").condition_image("a person", 3)
 
 
 @pytest.mark.slow

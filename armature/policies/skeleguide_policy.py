@@ -89,7 +89,12 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         """The condition of one sample (uint8 ``[H, W, 3]``): a scene for stage 1, a layout for stage 2."""
         h, w = self.image_size
         if self._files is not None:
-            image = PIL.Image.open(self._files[seed % len(self._files)]).convert("RGB")
+            path = self._files[seed % len(self._files)]
+            try:
+                image = PIL.Image.open(path).convert("RGB")
+            except OSError as err:
+                raise ValueError(f"model.conditions: {path} is not a readable image ({err}); "
+                                 "remove or replace it") from None
             return np.asarray(image.resize((w, h), PIL.Image.BICUBIC))
         from armature.gym.figures import POSES, SIZE
         from armature.skeleton.scenes import sample_triple
