@@ -165,6 +165,10 @@ def cmd_gym(args) -> int:
             cfg.pairs = args.n
         if args.samples:
             cfg.samples_per_prompt = args.samples
+        if args.drawn:
+            cfg.pair_domain = "drawn"
+        if args.learners is not None:
+            cfg.learners = [name for name in args.learners.split(",") if name]
         run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
         return 0
     if args.overrides:
@@ -189,7 +193,13 @@ def cmd_gym(args) -> int:
         return 2
     from armature.data.pairs import write_pairs
 
-    n = write_pairs(pairs(args.n or 600, seed=args.seed), f"{args.out}/gym_pairs.parquet")
+    transform = None
+    if args.roundtrip:
+        from armature.gym.base_policy import policy_path
+        from armature.jobs.gym_pretrain import load_round_trip
+
+        transform = load_round_trip(policy_path())
+    n = write_pairs(pairs(args.n or 600, seed=args.seed, transform=transform), f"{args.out}/gym_pairs.parquet")
     print(f"[armature] {n} gym pairs in {args.out}/gym_pairs.parquet")
     return 0
 
@@ -248,8 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     gym.add_argument("--intact", type=int, default=1000, help="check: intact figures")
     gym.add_argument("--per-kind", type=int, default=300, help="check: broken figures per defect kind")
     gym.add_argument("--roundtrip", action="store_true",
-                     help="check: judge the figures after an encode-decode round trip through the base policy's VAE")
-    gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 800)")
+                     help="check: judge the figures after an encode-decode round trip through the base policy's "
+                          "VAE; pairs: store both images after that round trip")
+    gym.add_argument("--learners", default=None,
+                     help="bench: comma-separated learners to train (default ddpo,dpo,asap_dpo; '' for none)")
+    gym.add_argument("--drawn", action="store_true",
+                     help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)")
+    gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 4000)")
     gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
     gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")
     gym.add_argument("--seed", type=int, default=0)

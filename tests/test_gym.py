@@ -113,3 +113,24 @@ def test_pairs_are_valid_records_that_differ_only_inside_the_mask():
         assert (good != bad).any() and not (good != bad)[~mask].any()
         assert record["severity_w"] == 0 and record["severity_l"] >= 1
         assert record["source"] == f"gym:{kind}" and record["prompt"] == intact.prompt
+
+
+def test_pairs_take_a_transform_and_cross_figures():
+    """``transform`` changes what is stored (the mask stays the drawings' difference); a crossed
+    pair sets the next figure's intact drawing against this figure's broken one."""
+    from armature.gym import pairs
+
+    plain = pairs(12, seed=5)
+    inverted = pairs(12, seed=5, transform=lambda images: 255 - images)
+    for a, b in zip(plain, inverted):
+        assert a["mask"] == b["mask"] and a["pair_id"] == b["pair_id"]
+        np.testing.assert_array_equal(decode_image(b["image_w"]), 255 - decode_image(a["image_w"]))
+        np.testing.assert_array_equal(decode_image(b["image_l"]), 255 - decode_image(a["image_l"]))
+    crossed = pairs(12, seed=5, crossed=1.0)
+    for i, record in enumerate(crossed):  # the same broken figures, the next one's intact drawing
+        assert record["image_l"] == plain[i]["image_l"] and record["severity_l"] == plain[i]["severity_l"]
+        assert record["image_w"] == plain[(i + 1) % 12]["image_w"] and record["prompt"] == plain[(i + 1) % 12]["prompt"]
+        assert check_record(record)[0] is None
+    half = pairs(200, seed=5, crossed=0.5)
+    same = sum(r["image_w"] == p["image_w"] for r, p in zip(half, pairs(200, seed=5)))
+    assert 60 < same < 140

@@ -175,18 +175,22 @@ def difference_mask(a: np.ndarray, b: np.ndarray, grow: int = 2) -> np.ndarray:
     return changed.astype(np.uint8) * 255
 
 
-def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None) -> dict:
+def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
+              images: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """A preference-pair record (``armature.data.pairs`` format): the intact figure preferred,
-    the region mask where the two differ, the severities of both."""
+    the region mask where the two drawings differ, the severities of both. ``images`` replaces
+    the drawings stored (e.g. the same two after a generator's decoder); the mask stays the
+    drawings' difference."""
     from armature.data.pairs import encode_image
 
     good, bad = render(intact), render(broken)
+    stored = images if images is not None else (good, bad)
     kinds = sorted({k for k, _ in broken.defects})
     return {
         "pair_id": pair_id or hashlib.sha1(good.tobytes() + bad.tobytes()).hexdigest()[:16],
         "prompt": intact.prompt,
-        "image_w": encode_image(good),
-        "image_l": encode_image(bad),
+        "image_w": encode_image(stored[0]),
+        "image_l": encode_image(stored[1]),
         "label": "w",
         "mask": encode_image(difference_mask(good, bad)),
         "severity_w": 0,
@@ -224,11 +228,22 @@ def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transf
             "by_kind": {k: h / t for k, (h, t) in by_kind.items()}, "mistakes": mistakes}
 
 
-def pairs(n: int, seed: int = 0) -> list[dict]:
-    """``n`` preference pairs (intact preferred over one injected defect, kinds in turn)."""
+def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0) -> list[dict]:
+    """``n`` preference pairs (intact preferred over one injected defect, kinds in turn).
+
+    ``transform`` (``[N, H, W, 3]`` uint8 -> same), e.g. a round trip through the policy's VAE,
+    puts both images of every pair in the domain of a generator's decoded samples. A share
+    ``crossed`` of the pairs sets an intact figure against another figure's broken copy: pairs of
+    one figure teach a scorer what a defect changes, crossed ones to rank different figures, as
+    Best-of-N and RL ask of it."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        intact, broken = sample_defective(rng, KINDS[i % len(KINDS)])
-        out.append(make_pair(intact, broken, pair_id=f"gym-{seed}-{i}"))
-    return out
+    figures = [sample_defective(rng, KINDS[i % len(KINDS)]) for i in range(n)]
+    cross = rng.random(n) < crossed
+    figures = [(figures[(i + 1) % n][0] if cross[i] else intact, broken) for i, (intact, broken) in enumerate(figures)]
+    images = [None] * n
+    if transform is not None and n:
+        good = transform(np.stack([render(intact) for intact, _ in figures]))
+        bad = transform(np.stack([render(broken) for _, broken in figures]))
+        images = list(zip(good, bad))
+    return [make_pair(intact, broken, pair_id=f"gym-{seed}-{i}", images=images[i])
+            for i, (intact, broken) in enumerate(figures)]

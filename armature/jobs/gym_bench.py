@@ -4,8 +4,13 @@ One command, fixed prompts (the gym's nine pose prompts) and fixed seeds, every 
 by the exact oracle. The learned reward never sees the oracle: it is trained only on injector
 pairs (an intact figure preferred to the same figure with one defect).
 
-1. ``pairs``: ``bench.pairs`` injector pairs (:func:`armature.gym.pairs`) in the pair format.
-2. ``reward``: the reward-model job (``algo=reward_model``) on them: the ``learned`` reward.
+1. ``pairs``: ``bench.pairs`` injector pairs (:func:`armature.gym.pairs`) in the pair format,
+   both images sent through the base policy's VAE (``decoded``, the default) so that they look
+   like the policy's samples, or as drawn (``drawn``); half of them crossed (an intact figure
+   against another figure's broken copy), so the reward learns to rank different figures.
+2. ``reward``: the reward-model job (``algo=reward_model``) on them: the ``learned`` reward, a
+   prompt-free convolutional scorer (``bench.reward_backbone``; ``tiny`` is the tiny CLIP, which
+   ranked the policy's samples no better than chance).
 3. ``ddpo``: DDPO on the base policy (``model=gym``) against the learned reward.
 4. ``dpo`` / ``asap``: Diffusion-DPO and ASAP's localized, margin-bounded DPO on the pairs
    (``model=gym_lora``).
@@ -26,16 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH_PROMPTS = "gym_prompts.txt"
+LEARNERS = ("ddpo", "dpo", "asap_dpo")
 
 
 @dataclass
 class BenchConfig:
     out: str = "gym-bench"
-    pairs: int = 800
+    pairs: int = 4000
+    pair_domain: str = "decoded"  # "decoded": through the base policy's VAE; "drawn": as rendered
+    crossed: float = 0.5  # share of pairs that set one figure against another figure's broken copy
+    reward_backbone: str = "conv"  # algo.backbone of the reward-model job
     seed: int = 0
     samples_per_prompt: int = 16  # per policy and prompt: 9 prompts -> 144 judged figures a row
     best_of: list[int] = field(default_factory=lambda: [1, 4, 8])
-    reward_epochs: int = 6
+    reward_epochs: int = 5
     ddpo_epochs: int = 8
     dpo_epochs: int = 4
     learners: list[str] = field(default_factory=lambda: ["ddpo", "dpo", "asap_dpo"])
@@ -74,16 +83,32 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     from armature.gym import pairs as injector_pairs
     from armature.gym.figures import POSES
 
+    unknown = [name for name in cfg.learners if name not in LEARNERS]
+    if unknown:  # before any stage runs
+        raise ValueError(f"bench.learners: {unknown} not among {', '.join(LEARNERS)}")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS
     prompts.write_text("\n".join(prompt for prompt, _, _ in POSES.values()) + "\n")
     start = time.perf_counter()
-    n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed), str(out / "pairs" / "gym_pairs.parquet"))
-    log(f"{n} injector pairs in {time.perf_counter() - start:.0f} s")
+    if cfg.pair_domain not in ("decoded", "drawn"):
+        raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
+    transform = None
+    if cfg.pair_domain == "decoded":
+        from armature.gym.base_policy import policy_path
+        from armature.jobs.gym_pretrain import load_round_trip
 
-    _, reward_s, reward_dir = _stage(cfg, "reward", [
-        "algo=reward_model", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={cfg.reward_epochs}"], log)
+        transform = load_round_trip(policy_path())
+    n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed, transform=transform, crossed=cfg.crossed),
+                    str(out / "pairs" / "gym_pairs.parquet"))
+    log(f"{n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
+
+    reward_recipe = ["algo=reward_model", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={cfg.reward_epochs}",
+                     f"algo.backbone={cfg.reward_backbone}"]
+    if cfg.reward_backbone == "conv":  # from scratch, at the figures' own 64 px
+        reward_recipe += ["data.image_size=64", "algo.learning_rate=1e-3", "algo.weight_decay=1e-4",
+                          "algo.train_batch_size=32"]
+    _, reward_s, reward_dir = _stage(cfg, "reward", reward_recipe, log)
     scorer = reward_dir / "scorer"
     learned = f"+reward.components.learned={{weight: 1.0, path: {scorer}}}"
     seconds, policies = {"base": 0.0}, {"base": None}
@@ -104,8 +129,6 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                      f"algo.num_epochs={cfg.dpo_epochs}"],
     }
     for name in cfg.learners:
-        if name not in recipes:
-            raise ValueError(f"bench.learners: {name!r} is not one of {', '.join(recipes)}")
         _, seconds[name], run_dir = _stage(cfg, name, recipes[name], log)
         policies[name] = str(_artifact(run_dir, "adapter", out / "adapters" / name))
 

@@ -14,6 +14,9 @@ split by a hash of ``pair_id``). Losses (:mod:`armature.losses.reward_model`):
 * ``algo.loss=listwise``: HPS's cross-entropy over a choice set -- the pairs of a batch that
   share a prompt and a preferred image form one set ``{chosen, rejected_1, ...}`` of at most
   ``algo.max_choices`` images (ties are left out);
+* ``algo.backbone=conv`` trains a small convolutional image scorer instead
+  (:class:`~armature.rewards.conv_scorer.ConvScorer`, ``algo.conv_widths``, from scratch at
+  ``data.image_size``), which reads the image alone: an anatomy scorer for drawn figures.
 * ``algo.severity_weight > 0`` adds the ordinal severity head (BACON's levels 0-3 from the
   pairs' ``severity_w`` / ``severity_l``): ``P(severity >= k) = sigma(theta_k - s)``.
 
@@ -89,7 +92,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": c, "run_id": job.run_id, "tracking_uri": job.tracking_uri, "threads": job.threads,
-                           "backbone": backbone, "run_dir": job.run_dir, "counts": counts},
+                           "backbone": backbone, "run_dir": job.run_dir, "counts": counts, "image_size": size},
         datasets={"train": train_ds, "heldout": heldout_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         **trainer_kwargs(job),
@@ -122,7 +125,10 @@ def prepare_with_severity(batch, size: int, quarantine_dir: str, keep_ties: bool
 
 
 def _prepare_backbone(algo: dict, directory: str, size: int, seed: int) -> str:
-    """A folder the scorer loads from: the configured hub id / folder, or a tiny random CLIP."""
+    """A folder the scorer loads from: the configured hub id / folder, or a tiny random CLIP
+    (``conv``: no folder, the convolutional scorer starts from random weights)."""
+    if algo["backbone"] == "conv":
+        return "conv"
     if algo["backbone"] != "tiny":
         return algo["backbone"]
     from armature.policies.tiny import build_char_tokenizer
@@ -169,21 +175,32 @@ def _synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: in
 
 # ============================================================================ learner
 class Scorer(torch.nn.Module):
-    """``exp(logit_scale) * cos`` of a CLIP (via the ``learned`` reward's own code) + ordinal thresholds."""
+    """``exp(logit_scale) * cos`` of a CLIP (via the ``learned`` reward's own code), or the
+    convolutional scorer (``backbone="conv"``), + ordinal thresholds."""
 
-    def __init__(self, backbone: str, processor: str | None, device: str = "cpu"):
+    def __init__(self, backbone: str, processor: str | None, device: str = "cpu",
+                 conv_widths=(32, 64, 64, 128), image_size: int = 64):
         super().__init__()
-        from armature.rewards.clip_score import ClipSimilarity
+        self.clip = None
+        if backbone == "conv":
+            from armature.rewards.conv_scorer import ConvNet, ConvScorer
 
-        self.reward = ClipSimilarity(backbone, processor, scale=1.0, device=device, name="learned")
-        self.clip = self.reward.model  # registered as a submodule: state_dict, parameters
-        self.clip.vision_model.requires_grad_(True)
-        self.clip.visual_projection.requires_grad_(True)
-        self.clip.logit_scale.requires_grad_(True)
+            self.reward = ConvScorer(ConvNet(conv_widths), image_size, device=device)
+            self.conv = self.reward.net.requires_grad_(True)  # a submodule: state_dict, parameters
+        else:
+            from armature.rewards.clip_score import ClipSimilarity
+
+            self.reward = ClipSimilarity(backbone, processor, scale=1.0, device=device, name="learned")
+            self.clip = self.reward.model
+            self.clip.vision_model.requires_grad_(True)
+            self.clip.visual_projection.requires_grad_(True)
+            self.clip.logit_scale.requires_grad_(True)
         self.raw_thresholds = torch.nn.Parameter(torch.tensor([-1.0, 0.0, 0.0]))  # 3 cuts: 4 levels
 
     def forward(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         images = pixels.permute(0, 3, 1, 2).float() / 255.0
+        if self.clip is None:
+            return self.conv(self.reward.pixels(images))
         cos = (self.reward.image_embeds(images) * self.reward.text_embeds(prompts)).sum(-1)
         return self.clip.logit_scale.exp() * cos
 
@@ -245,7 +262,8 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(trainer_cfg["seed"] + rank)
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
-    scorer = Scorer(config["backbone"], algo["processor"]).train()
+    scorer = Scorer(config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths") or (32, 64, 64, 128),
+                    image_size=config["image_size"]).train()
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], weight_decay=algo["weight_decay"])
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -280,7 +298,7 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             stats.append({"loss": loss.item(), **info})
         metrics = {"epoch": epoch, **{k: float(np.nanmean([s.get(k, np.nan) for s in stats])) for k in stats[0]},
-                   "logit_scale": float(scorer.clip.logit_scale.exp())}
+                   **({"logit_scale": float(scorer.clip.logit_scale.exp())} if scorer.clip is not None else {})}
         if rank == 0:
             metrics.update(evaluate(scorer, ray.train.get_dataset_shard("heldout"), algo["train_batch_size"]))
             metrics.update(config["counts"])
@@ -336,7 +354,16 @@ def evaluate(scorer: Scorer, shard, batch_size: int) -> dict:
 
 
 def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: dict) -> Path:
-    """The ``learned`` reward's folder: ``clip/`` (model, tokenizer, preprocessing) + ``scorer.json``."""
+    """The ``learned`` reward's folder: ``clip/`` (model, tokenizer, preprocessing) + ``scorer.json``,
+    or ``conv.safetensors`` + ``scorer.json`` for the convolutional scorer."""
+    thresholds = scorer.thresholds().tolist() if algo["severity_weight"] > 0 else []
+    if scorer.clip is None:
+        scorer.reward.save(str(folder))
+        (folder / "scorer.json").write_text(json.dumps({
+            "kind": "conv", "thresholds": thresholds, "loss": algo["loss"], "image_size": scorer.reward.image_size,
+            "widths": [m.out_channels for m in scorer.conv.modules() if isinstance(m, torch.nn.Conv2d)][1::2]},
+            indent=2))
+        return folder
     clip_dir = folder / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
     scorer.clip.save_pretrained(clip_dir)
@@ -351,7 +378,6 @@ def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: dict) -> Path
             "size": {"shortest_edge": size} if isinstance(size, int) else {"height": size[0], "width": size[1]},
             "do_center_crop": crop is not None, "crop_size": {"height": crop[0], "width": crop[1]} if crop else None,
             "image_mean": list(mean), "image_std": list(std)}))
-    thresholds = scorer.thresholds().tolist() if algo["severity_weight"] > 0 else []
     (folder / "scorer.json").write_text(json.dumps({"kind": "clip_similarity", "thresholds": thresholds,
                                                      "loss": algo["loss"], "backbone": backbone}, indent=2))
     return folder

@@ -437,7 +437,8 @@ class RewardModelConfig:
     loss: str = "bradley_terry"  # bradley_terry (ties at target 0.5) or listwise (HPS: one chosen among n)
     max_choices: int = 4  # listwise: the most images in a choice set (pairs sharing prompt and chosen image)
     severity_weight: float = 0.0  # > 0: ordinal severity head (BACON's 4 levels) on the same score
-    backbone: str = "tiny"  # tiny (a small random CLIP built from config) or a CLIPModel hub id / folder
+    backbone: str = "tiny"  # tiny (a small random CLIP built from config), a CLIPModel hub id / folder, or conv
+    conv_widths: list[int] = field(default_factory=lambda: [32, 64, 64, 128])  # backbone=conv: block channels
     processor: Optional[str] = None  # tokenizer + preprocessing source (default: the backbone)
     synthetic_choices: int = 3  # synthetic data: degraded copies per drawing (choice sets of up to this + 1)
     synthetic_tie_fraction: float = 0.1  # synthetic data: share of drawings that also give a tie pair

@@ -7,7 +7,9 @@ The job writes a scorer folder (in its run folder and as the MLflow artifact ``s
       scorer.json     {"kind": "clip_similarity", "thresholds": [...] (ordinal head, may be empty), ...}
 
 The score is HPS/PickScore's ``exp(logit_scale) * cos(e_I, e_T)`` of the fine-tuned CLIP, so the
-learned reward is a :class:`~armature.rewards.clip_score.ClipSimilarity` (differentiable).
+learned reward is a :class:`~armature.rewards.clip_score.ClipSimilarity` (differentiable). A scorer
+trained with ``algo.backbone=conv`` (``"kind": "conv"``) is a prompt-free
+:class:`~armature.rewards.conv_scorer.ConvScorer` instead (differentiable too).
 ``path`` is the folder, or an MLflow artifact URI (``runs:/<run id>/scorer``, ``models:/...``).
 """
 
@@ -36,13 +38,21 @@ def resolve_scorer(path: str, tracking_uri: str | None = None) -> str:
 
 
 @register("learned")
-def learned(path: str, device: str = "cpu", tracking_uri: str | None = None) -> ClipSimilarity:
-    """The trained scorer in ``path``: ``exp(logit_scale) * cos`` of its fine-tuned CLIP."""
+def learned(path: str, device: str = "cpu", tracking_uri: str | None = None):
+    """The trained scorer in ``path``: ``exp(logit_scale) * cos`` of its fine-tuned CLIP, or its
+    convolutional image scorer."""
     path = resolve_scorer(path, tracking_uri)
     with open(os.path.join(path, SCORER_FILE)) as f:
         meta = json.load(f)
+    if meta.get("kind") == "conv":
+        from .conv_scorer import ConvScorer
+
+        reward = ConvScorer.load(path, meta, device=device)
+        reward.severity_thresholds = list(meta.get("thresholds", []))
+        return reward
     if meta.get("kind") != "clip_similarity":
-        raise ValueError(f"learned reward: {path}/{SCORER_FILE} has kind {meta.get('kind')!r}; expected 'clip_similarity'")
+        raise ValueError(f"learned reward: {path}/{SCORER_FILE} has kind {meta.get('kind')!r}; "
+                         "expected 'clip_similarity' or 'conv'")
     reward = ClipSimilarity(os.path.join(path, "clip"), scale="logit_scale", device=device, name="learned")
     reward.severity_thresholds = list(meta.get("thresholds", []))
     return reward
