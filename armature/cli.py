@@ -167,6 +167,10 @@ def cmd_gym(args) -> int:
             cfg.samples_per_prompt = args.samples
         if args.drawn:
             cfg.pair_domain = "drawn"
+        if args.reward_backbone:
+            cfg.reward_backbone = args.reward_backbone
+        if args.crossed is not None:
+            cfg.crossed = args.crossed
         if args.learners is not None:
             cfg.learners = [name for name in args.learners.split(",") if name]
         run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
@@ -262,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "VAE; pairs: store both images after that round trip")
     gym.add_argument("--learners", default=None,
                      help="bench: comma-separated learners to train (default ddpo,dpo,asap_dpo; '' for none)")
+    gym.add_argument("--reward-backbone", default=None,
+                     help="bench: the learned reward's algo.backbone (default conv; tiny: the tiny CLIP)")
+    gym.add_argument("--crossed", type=float, default=None,
+                     help="bench: share of pairs crossed between figures (default 0.5)")
     gym.add_argument("--drawn", action="store_true",
                      help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)")
     gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 4000)")

@@ -134,3 +134,13 @@ def test_pairs_take_a_transform_and_cross_figures():
     half = pairs(200, seed=5, crossed=0.5)
     same = sum(r["image_w"] == p["image_w"] for r, p in zip(half, pairs(200, seed=5)))
     assert 60 < same < 140
+
+
+def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
+    from armature.jobs.gym_bench import BenchConfig, run
+
+    with pytest.raises(ValueError, match="bench.learners"):
+        run(BenchConfig(out=str(tmp_path / "b"), learners=["ddpo", "ppo"]))
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="bench.pair_domain"):
+        run(BenchConfig(out=str(tmp_path / "c"), pairs=2, pair_domain="pixels"))

@@ -86,13 +86,13 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     unknown = [name for name in cfg.learners if name not in LEARNERS]
     if unknown:  # before any stage runs
         raise ValueError(f"bench.learners: {unknown} not among {', '.join(LEARNERS)}")
+    if cfg.pair_domain not in ("decoded", "drawn"):
+        raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS
     prompts.write_text("\n".join(prompt for prompt, _, _ in POSES.values()) + "\n")
     start = time.perf_counter()
-    if cfg.pair_domain not in ("decoded", "drawn"):
-        raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
     transform = None
     if cfg.pair_domain == "decoded":
         from armature.gym.base_policy import policy_path
