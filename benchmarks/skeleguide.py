@@ -9,11 +9,12 @@ same transformer, VAE, text encoders, LoRA rank and targets), the same gym tripl
 minibatch order, time draws and sampling seeds, and the same number of optimizer steps
 (``--budget``, batch ``--batch``, AdamW at ``--lr``). Only LoRA weights train, as in the paper;
 the transformer itself stays random (there is no pretrained tiny Kontext model). The tiny VAE is
-first trained as an autoencoder on the training images, once, shared by all three and outside the
-budget: the gym base policy's VAE (``armature gym pretrain``) when it is an ``AutoencoderKL`` (the
-current recipe makes an ``AutoencoderTiny``, which the tiny Kontext model does not take), else one
-pretrained here (``--vae-steps``; ``--vae-cache DIR`` keeps it, ``--vae DIR`` reuses it): a random
-VAE does not reconstruct images at all.
+trained as an autoencoder, once, shared by all three and outside the budget: the gym base policy's
+(``armature gym pretrain``: an ``AutoencoderTiny``, which keeps the figures' flat colours), or, with
+``--vae pretrain`` or when there is none, an ``AutoencoderKL`` pretrained here on the training
+images (``--vae-steps``; ``--vae-cache DIR`` keeps it, ``--vae DIR`` reuses it; at this size it
+loses the flat colours: the ceiling row below is then all severe). A random VAE does not
+reconstruct images at all.
 
 a. **text-to-image**: the appearance adapter, flow matching (eq. 5) from the prompt alone to the
    target image (the condition tokens are a blank image: no scene, no layout).
@@ -304,8 +305,9 @@ def main() -> None:
     parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64], help="of a pretrained VAE")
     parser.add_argument("--latent-channels", type=int, default=8, help="of a pretrained VAE")
     parser.add_argument("--vae", default="auto",
-                        help="a trained AutoencoderKL folder (or a pipeline folder with vae/); auto: the gym base "
-                             "policy's (armature gym pretrain) if there is one, else pretrain one (--vae-steps)")
+                        help="a trained AutoencoderKL / AutoencoderTiny folder (or a pipeline folder with vae/); auto: "
+                             "the gym base policy's (armature gym pretrain) if there is one, else pretrain an "
+                             "AutoencoderKL (--vae-steps); pretrain: always that")
     parser.add_argument("--vae-cache", default=None, help="where to save the pretrained VAE (default: a temp folder)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--save", default=None,
@@ -328,22 +330,15 @@ def main() -> None:
     evalset = triples(args.eval, seed=args.seed + 1_000_000)
     vae = args.vae
     if vae == "auto":  # the gym base policy's VAE (`armature gym pretrain`), when there is one
-        import json
-        from pathlib import Path
-
         try:
             from armature.gym.base_policy import policy_path
 
             vae = str(policy_path())
-            kind = json.loads((Path(vae) / "vae" / "config.json").read_text()).get("_class_name")
-            if kind != "AutoencoderKL":  # the gym recipe's AutoencoderTiny has no posterior to sample
-                print(f"[skeleguide] the gym base policy's VAE is a {kind}, SkeleGuide's tiny model takes an "
-                      "AutoencoderKL: pretraining one", flush=True)
-                vae = None
-            else:
-                print(f"[skeleguide] VAE of the gym base policy {vae}", flush=True)
+            print(f"[skeleguide] VAE of the gym base policy {vae}", flush=True)
         except (ImportError, FileNotFoundError):
             vae = None
+    if vae == "pretrain":
+        vae = None
     if vae is None:
         vae = pretrain_vae(train_items, args, args.vae_cache or tempfile.mkdtemp(prefix="skeleguide_vae_"))
         print(f"[skeleguide] VAE pretrained, {args.vae_steps} steps, in {time.perf_counter() - start:.1f} s "

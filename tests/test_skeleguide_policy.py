@@ -194,12 +194,28 @@ def test_a_trained_vae_folder_replaces_the_random_one(tmp_path):
     assert layouts.shape == (1, SIZE, SIZE, 3)
 
 
-def test_a_vae_of_another_class_is_refused_by_name(tmp_path):
-    from diffusers import AutoencoderTiny
+def test_the_gym_autoencoder_tiny_round_trips_as_the_gym_policy_does(tmp_path):
+    """The gym base policy's AutoencoderTiny (it keeps the figures' flat colours) encodes and
+    decodes through the pipeline exactly as through the gym's own round trip."""
+    import json
+    import shutil
+    from pathlib import Path
 
-    AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
-                    num_decoder_blocks=(1,), latent_channels=4, upsampling_scaling_factor=1).save_pretrained(tmp_path / "vae")
-    with pytest.raises(ValueError, match="AutoencoderTiny.*AutoencoderKL"):
+    from armature.gym.base_policy import policy_path
+    from armature.jobs.gym_pretrain import load_round_trip
+
+    pipe = SkeleGuidePipeline.build(SkeleGuideParams(vae=str(policy_path())))
+    assert type(pipe.vae).__name__ == "AutoencoderTiny" and pipe.vae_scale_factor == 2
+    images = _scenes(2)
+    np.testing.assert_allclose(pipe.decode(pipe.encode_images(images), SIZE, SIZE).astype(int),
+                               load_round_trip(policy_path())(np.stack(images)).astype(int), atol=1)
+    shutil.copytree(Path(policy_path()) / "vae", tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "block_out_channels"}))
+    with pytest.raises(ValueError, match="block_out_channels"):
+        SkeleGuidePipeline.build(SkeleGuideParams(vae=str(tmp_path)))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
+    with pytest.raises(ValueError, match="VQModel.*AutoencoderKL or an AutoencoderTiny"):
         SkeleGuidePipeline.build(SkeleGuideParams(vae=str(tmp_path)))
 
 

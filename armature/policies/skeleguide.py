@@ -122,18 +122,25 @@ class SkeleGuideOutput:
 
 
 def _load_vae(path: str, dtype: torch.dtype):
-    """A trained ``AutoencoderKL``: a diffusers pipeline folder (its ``vae/``) or the VAE's own folder."""
-    from diffusers import AutoencoderKL
+    """A trained ``AutoencoderKL`` or ``AutoencoderTiny`` (the gym base policy's, which keeps the
+    figures' flat colours): a diffusers pipeline folder (its ``vae/``) or the VAE's own folder."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
 
     folder = Path(path)
     folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
     try:
-        kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"tiny_vae={path!r}: no readable VAE config.json there ({err})") from None
+    kind = config.get("_class_name")
+    if kind == "AutoencoderTiny":
+        if "block_out_channels" not in config:  # FLUX's vae_scale_factor reads it: one entry a level
+            raise ValueError(f"tiny_vae={path!r}: the AutoencoderTiny config has no block_out_channels (one entry "
+                             "per resolution level; `armature gym pretrain` writes it)")
+        return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
     if kind != "AutoencoderKL":
-        raise ValueError(f"tiny_vae={path!r} holds a {kind}; SkeleGuide's tiny model takes an AutoencoderKL "
-                         "(benchmarks/skeleguide.py --vae-cache DIR trains one)")
+        raise ValueError(f"tiny_vae={path!r} holds a {kind}; SkeleGuide's tiny model takes an AutoencoderKL or an "
+                         "AutoencoderTiny (the gym base policy's; benchmarks/skeleguide.py --vae-cache DIR trains a KL)")
     return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
 
 
@@ -324,6 +331,10 @@ class SkeleGuidePipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    @property
+    def _shift(self) -> float:
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
+
     def _check_size(self, height: int, width: int) -> None:
         step = 2 * self.vae_scale_factor
         if height % step or width % step:
@@ -337,15 +348,16 @@ class SkeleGuidePipeline:
         _, height, width, _ = array.shape
         self._check_size(height, width)
         pixels = torch.from_numpy(array).to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 127.5 - 1
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        latents = (latents - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+        encoded = self.vae.encode(pixels)  # AutoencoderKL: a posterior (its mode); AutoencoderTiny: latents
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        latents = (latents - self._shift) * self.vae.config.scaling_factor
         b, c, h, w = latents.shape
         return self.pipe._pack_latents(latents, b, c, h, w).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, packed: torch.Tensor, height: int, width: int) -> np.ndarray:
         latents = self.pipe._unpack_latents(packed, height, width, self.vae_scale_factor)
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._shift
         images = (self.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
         return (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
