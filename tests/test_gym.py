@@ -131,6 +131,8 @@ def test_pairs_take_a_transform_and_cross_figures():
         assert record["image_l"] == plain[i]["image_l"] and record["severity_l"] == plain[i]["severity_l"]
         assert record["image_w"] == plain[(i + 1) % 12]["image_w"] and record["prompt"] == plain[(i + 1) % 12]["prompt"]
         assert check_record(record)[0] is None
+    with pytest.raises(ValueError, match="crossed=1.5"):
+        pairs(2, crossed=1.5)
     half = pairs(200, seed=5, crossed=0.5)
     same = sum(r["image_w"] == p["image_w"] for r, p in zip(half, pairs(200, seed=5)))
     assert 60 < same < 140
@@ -144,3 +146,6 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
     assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="bench.pair_domain"):
         run(BenchConfig(out=str(tmp_path / "c"), pairs=2, pair_domain="pixels"))
+    with pytest.raises(ValueError, match="bench.crossed"):
+        run(BenchConfig(out=str(tmp_path / "d"), pairs=2, crossed=-0.1))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

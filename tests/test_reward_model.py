@@ -150,6 +150,8 @@ def test_reward_eval_job_logs_a_table(ray_cluster, tmp_path, tiny_backbone):
 def test_conv_scorer_is_the_learned_reward_and_differentiable(tmp_path):
     """``algo.backbone=conv``: the saved folder loads as the ``learned`` reward with the same
     scores; prompts do not matter; gradients reach the pixels."""
+    import json
+
     from PIL import Image
 
     from armature.jobs.reward_model import Scorer, batch_loss, save_scorer
@@ -164,6 +166,7 @@ def test_conv_scorer_is_the_learned_reward_and_differentiable(tmp_path):
     assert loss.item() == pytest.approx(bradley_terry_loss(s_w, s_l, batch["tie"]).item(), rel=1e-5)
     folder = save_scorer(scorer, tmp_path / "scorer", "conv", {"processor": None, "severity_weight": 0.0,
                                                                "loss": "bradley_terry"})
+    assert json.loads((folder / "scorer.json").read_text())["widths"] == [8, 16]
     reward = load("learned", path=str(folder))
     pixels = batch["pixels_w"][3:5]
     got = reward([Image.fromarray(p.numpy()) for p in pixels], ["a dog", "a cat"])

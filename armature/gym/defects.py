@@ -236,6 +236,8 @@ def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0) -> list[d
     ``crossed`` of the pairs sets an intact figure against another figure's broken copy: pairs of
     one figure teach a scorer what a defect changes, crossed ones to rank different figures, as
     Best-of-N and RL ask of it."""
+    if not 0.0 <= crossed <= 1.0:
+        raise ValueError(f"crossed={crossed}: a share of the pairs, between 0 and 1 (0: every pair one figure)")
     rng = np.random.default_rng(seed)
     figures = [sample_defective(rng, KINDS[i % len(KINDS)]) for i in range(n)]
     cross = rng.random(n) < crossed

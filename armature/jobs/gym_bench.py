@@ -88,6 +88,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         raise ValueError(f"bench.learners: {unknown} not among {', '.join(LEARNERS)}")
     if cfg.pair_domain not in ("decoded", "drawn"):
         raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
+    if not 0.0 <= cfg.crossed <= 1.0:
+        raise ValueError(f"bench.crossed={cfg.crossed} (--crossed): a share of the pairs, between 0 and 1")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS

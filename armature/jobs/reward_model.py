@@ -179,13 +179,13 @@ class Scorer(torch.nn.Module):
     convolutional scorer (``backbone="conv"``), + ordinal thresholds."""
 
     def __init__(self, backbone: str, processor: str | None, device: str = "cpu",
-                 conv_widths=(32, 64, 64, 128), image_size: int = 64):
+                 conv_widths=None, image_size: int = 64):
         super().__init__()
         self.clip = None
         if backbone == "conv":
-            from armature.rewards.conv_scorer import ConvNet, ConvScorer
+            from armature.rewards.conv_scorer import DEFAULT_WIDTHS, ConvNet, ConvScorer
 
-            self.reward = ConvScorer(ConvNet(conv_widths), image_size, device=device)
+            self.reward = ConvScorer(ConvNet(conv_widths or DEFAULT_WIDTHS), image_size, device=device)
             self.conv = self.reward.net.requires_grad_(True)  # a submodule: state_dict, parameters
         else:
             from armature.rewards.clip_score import ClipSimilarity
@@ -262,7 +262,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(trainer_cfg["seed"] + rank)
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
-    scorer = Scorer(config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths") or (32, 64, 64, 128),
+    scorer = Scorer(config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths"),
                     image_size=config["image_size"]).train()
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], weight_decay=algo["weight_decay"])
@@ -358,11 +358,7 @@ def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: dict) -> Path
     or ``conv.safetensors`` + ``scorer.json`` for the convolutional scorer."""
     thresholds = scorer.thresholds().tolist() if algo["severity_weight"] > 0 else []
     if scorer.clip is None:
-        scorer.reward.save(str(folder))
-        (folder / "scorer.json").write_text(json.dumps({
-            "kind": "conv", "thresholds": thresholds, "loss": algo["loss"], "image_size": scorer.reward.image_size,
-            "widths": [m.out_channels for m in scorer.conv.modules() if isinstance(m, torch.nn.Conv2d)][1::2]},
-            indent=2))
+        scorer.reward.save(str(folder), thresholds=thresholds, loss=algo["loss"])
         return folder
     clip_dir = folder / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)

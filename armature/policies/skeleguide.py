@@ -90,7 +90,7 @@ class SkeleGuideParams:
     dtype: str = "float32"
     device: str = "cpu"
     tiny: TinyKontextConfig = field(default_factory=TinyKontextConfig)
-    # tiny model only: a trained AutoencoderKL (a diffusers pipeline folder with vae/, e.g. the gym
+    # tiny model only: a trained AutoencoderKL or AutoencoderTiny (a diffusers pipeline folder with vae/, e.g. the gym
     # base policy's, or a VAE folder) in place of the random one, so images decode to pictures
     vae: str | None = None
     lora_rank: int = 8

@@ -25,6 +25,8 @@ from torch import nn
 from .base import DifferentiableReward
 
 WEIGHTS_FILE = "conv.safetensors"
+SCORER_FILE = "scorer.json"
+DEFAULT_WIDTHS = (32, 64, 64, 128)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -35,11 +37,12 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class ConvNet(nn.Module):
     """Blocks of two 3x3 convolutions, 2x max-pooling between them, global average, one linear."""
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 64, 128)):
+    def __init__(self, widths: Sequence[int] = DEFAULT_WIDTHS):
         super().__init__()
         if not widths or any(int(w) % 8 for w in widths):
             raise ValueError(f"algo.conv_widths={list(widths)}: give one or more channel counts, each a multiple of 8 "
                              "(GroupNorm of 8 groups)")
+        self.widths = [int(w) for w in widths]
         layers, cin = [], 3
         for i, w in enumerate(widths):
             if i:
@@ -74,11 +77,16 @@ class ConvScorer(DifferentiableReward):
         self._check_tensor(images, prompts)
         return self.net(self.pixels(images))
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str, **meta) -> None:
+        """``conv.safetensors`` + ``scorer.json`` (kind, image size, widths and ``meta``)."""
+        import json
+
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, os.path.join(folder, WEIGHTS_FILE))
+        with open(os.path.join(folder, SCORER_FILE), "w") as f:
+            json.dump({"kind": "conv", "image_size": self.image_size, "widths": self.net.widths, **meta}, f, indent=2)
 
     @classmethod
     def load(cls, folder: str, meta: dict, device: str = "cpu", name: str = "learned") -> ConvScorer:
@@ -89,6 +97,6 @@ class ConvScorer(DifferentiableReward):
             raise FileNotFoundError(f"learned reward: {folder!r} says kind 'conv' but has no {WEIGHTS_FILE}; "
                                     "give the scorer/ folder an `armature train algo=reward_model algo.backbone=conv` "
                                     "run wrote")
-        net = ConvNet(meta.get("widths", (32, 64, 64, 128)))
+        net = ConvNet(meta.get("widths", DEFAULT_WIDTHS))
         net.load_state_dict(load_file(weights))
         return cls(net, meta.get("image_size", 64), device=device, name=name)

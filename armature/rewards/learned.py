@@ -48,11 +48,10 @@ def learned(path: str, device: str = "cpu", tracking_uri: str | None = None):
         from .conv_scorer import ConvScorer
 
         reward = ConvScorer.load(path, meta, device=device)
-        reward.severity_thresholds = list(meta.get("thresholds", []))
-        return reward
-    if meta.get("kind") != "clip_similarity":
+    elif meta.get("kind") == "clip_similarity":
+        reward = ClipSimilarity(os.path.join(path, "clip"), scale="logit_scale", device=device, name="learned")
+    else:
         raise ValueError(f"learned reward: {path}/{SCORER_FILE} has kind {meta.get('kind')!r}; "
                          "expected 'clip_similarity' or 'conv'")
-    reward = ClipSimilarity(os.path.join(path, "clip"), scale="logit_scale", device=device, name="learned")
     reward.severity_thresholds = list(meta.get("thresholds", []))
     return reward
