@@ -70,7 +70,7 @@ def test_online_dpo_config_and_errors():
     assert JOBS["online_dpo"] == "armature.jobs.online_dpo"
     for bad, key in (("algo.prefilter_keep=0", "algo.prefilter_keep"), ("algo.annotator=crowd", "algo.annotator"),
                      ("algo.labels_per_pair=3", "algo.labels_per_pair"), ("algo.annotator_noise=2", "annotator_noise"),
-                     ("data.heldout_fraction=0", "data.heldout_fraction")):
+                     ("data.heldout_fraction=0", "data.heldout_fraction"), ("algo.probe_pairs=-1", "algo.probe_pairs")):
         with pytest.raises(ConfigError, match=key):
             compose("train", ["algo=online_dpo", bad])
 
@@ -88,7 +88,7 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
     command = [
         sys.executable, "-m", "armature.cli", "train", "algo=online_dpo", "model=tiny_lora", "reward=brightness",
         "algo.num_rounds=3", "algo.pairs_per_round=16", "algo.epochs_per_round=2", "algo.train_batch_size=4",
-        "algo.learning_rate=1e-3", "algo.heldout_draws=4", "sampling.num_steps=2", "reward.num_cpus=0.5",
+        "algo.learning_rate=1e-3", "algo.heldout_draws=4", "algo.probe_pairs=6", "sampling.num_steps=2", "reward.num_cpus=0.5",
         "tracking.registered_model=null", f"trainer.storage_path={tmp_path / 'ray'}",
         f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=online",
     ]
@@ -107,20 +107,22 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
     accuracy = history("heldout_implicit_acc")
     print("held-out implicit accuracy by round:", accuracy, "by pair:", history("heldout_pair_acc"),
           "held-out pairs:", history("heldout_pairs"), "agreement:", history("annotators_agreement"))
-    assert history("store_labels") == [32, 64, 96]  # 16 pairs a round, 2 annotators each
+    assert "[armature] probe: 6 base-policy pairs, 12 labels" in out  # labeled before round 1
+    assert history("store_labels") == [44, 76, 108]  # the probe's 12, then 16 pairs a round, 2 annotators each
     assert history("labels_new") == [32, 32, 32] and history("pairs_new") == [16, 16, 16]
     assert history("policy_version") == [1, 2, 3]
     assert len(accuracy) == 3 and all(0 <= a <= 1 for a in accuracy)
     heldout, train = history("heldout_pairs"), history("train_pairs")
     assert heldout == sorted(heldout) and train == sorted(train) and train[-1] > train[0]  # labels accumulate
     assert all(b > 0 for b in history("train_batches"))
-    probe = history("probe_pairs")  # the first round's held-out pairs: the same set every round
-    assert len(probe) == 3 and len(set(probe)) == 1 and probe[0] == heldout[0]
+    probe = history("probe_pairs")  # the base policy's pairs: the same set every round, never trained on
+    assert len(probe) == 3 and len(set(probe)) == 1 and 0 < probe[0] <= 6
     # two annotators, 10 % flips and 5 % ties each: expected agreement ~0.76; 16 to 48 pairs
     assert all(0.5 < a < 1.0 for a in history("annotators_agreement"))
 
     store = PreferenceStore(tmp_path / "ray" / "online" / "feedback.db")
-    assert store.counts()["pairs"] == 48 and sorted(store.counts_by_round()) == [0, 1, 2]
-    assert {store.pair(pid)["policy_version"] for pid in store.decisions()} == {1, 2, 3}
+    assert store.counts()["pairs"] == 54 and sorted(store.counts_by_round()) == [-1, 0, 1, 2]
+    assert {store.pair(pid)["policy_version"] for pid in store.decisions()} == {0, 1, 2, 3}
     exported = read_pairs(tmp_path / "ray" / "online" / "labels" / "round_0002.parquet")
-    assert exported.num_rows == 48 and set(exported["label"].to_pylist()) <= {"w", "l", "tie"}
+    assert exported.num_rows == 54 and set(exported["label"].to_pylist()) <= {"w", "l", "tie"}
+    assert sum(pid.startswith("probe-") for pid in exported["pair_id"].to_pylist()) == 6

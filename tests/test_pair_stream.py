@@ -125,6 +125,8 @@ def test_index_folder_and_held_out_split(ray_cluster, tmp_path):
     assert row["pixels_w"].shape == (16, 16, 3) and not row["has_mask"] and row["mask"].sum() == 0
     heldout = {r["pair_id"] for r in ds.take_all() if r["heldout"]}
     assert heldout == {f"id{i}" for i in range(12) if stream.is_heldout(f"id{i}", 0.3)}
+    # a probe pair (the online loop's fixed evaluation set) is held out whatever the fraction
+    assert stream.is_heldout("probe-00003", 0.0) and stream.is_heldout("probe-00003", 0.3)
     assert 0 < len(heldout) < 12
 
 

@@ -100,8 +100,14 @@ def _quarantine(batch: pa.Table, rows: list[int], reasons: list[str], directory:
     pq.write_table(table, f"{directory.rstrip('/')}/part-{name}.parquet")
 
 
+PROBE_PREFIX = "probe-"
+
+
 def is_heldout(pair_id: str, fraction: float) -> bool:
-    """Whether a pair is in the held-out split: a stable hash of its id, not a random draw."""
+    """Whether a pair is in the held-out split: a stable hash of its id, not a random draw.
+    A pair whose id starts with ``probe-`` is always held out (a fixed evaluation set)."""
+    if str(pair_id).startswith(PROBE_PREFIX):
+        return True
     return fraction > 0 and zlib.crc32(str(pair_id).encode()) % 10_000 < fraction * 10_000
 
 

@@ -26,7 +26,9 @@ loop. Each round (``train_loop``; the store work happens on rank 0):
   6. **Measure and log** an MLflow step per round: label counts, inter-annotator agreement
      (percent and Fleiss' kappa), the learner's loss, and its held-out implicit accuracy
      against the annotators' labels (the DPO job's ``_evaluate``): on every held-out pair so
-     far (``heldout_*``) and on the first round's alone (``probe_*``, a fixed set); checkpoint (a rerun resumes
+     far (``heldout_*``) and on a fixed probe (``probe_*``: with ``probe_pairs`` > 0, that many
+     base-policy pairs labeled before round 1 and never trained on; else round 1's held-out
+     pairs); checkpoint (a rerun resumes
      at the next round; the store keeps every pair and label).
 """
 
@@ -148,6 +150,16 @@ def train_loop(config: dict) -> None:
     quarantine = data["quarantine_path"] or str(work / "quarantine")
     prompts = _prompt_list(c["prompts"])
     size = data["image_size"] or _native_size(c["model"])  # the size the samplers draw at
+    if rank == 0 and algo["probe_pairs"] and start_round == 0:
+        # ---- 0. the fixed probe: base-policy pairs, labeled first, held out for good ------------
+        t_probe = time.perf_counter()
+        engine.module.eval()
+        probe_info = _sample_into_store(store, -1, prompts, config["samplers"], config["rewards"],
+                                        [ray.put(policy.trainable_state_dict())], c, seed, probe=True)
+        probe_info.update(_collect_labels(store, annotators, {**algo, "min_labels_per_round": 0,
+                                                              "pairs_per_round": probe_info["pairs_new"]}, -1))
+        print(f"[armature] probe: {probe_info['pairs_new']} base-policy pairs, {probe_info['labels_new']} labels, "
+              f"{time.perf_counter() - t_probe:.1f}s", flush=True)
     for rnd in range(start_round, algo["num_rounds"]):
         t_round = time.perf_counter()
         engine.module.eval()
@@ -198,14 +210,18 @@ def train_loop(config: dict) -> None:
 
         # ---- 6. held-out implicit accuracy against the annotators; log; checkpoint -----------
         if rank == 0:
-            metrics.update(_evaluate(heldout_ds, errors, loss_fn, engine, algo, seed))
-            # The held-out set grows each round with pairs from the moving policy; the first
-            # round's held-out pairs stay fixed, a probe that compares round with round.
-            probe = heldout_ds.filter(lambda row: str(row["pair_id"]).startswith("r0000-"))
+            probe_prefix = "probe-" if algo["probe_pairs"] else "r0000-"
+            rounds_ds = (heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith("probe-"))
+                         if algo["probe_pairs"] else heldout_ds)
+            metrics.update(_evaluate(rounds_ds, errors, loss_fn, engine, algo, seed))
+            # The held-out set grows each round with pairs from the moving policy; the probe
+            # stays fixed and compares round with round: algo.probe_pairs pairs of the base
+            # policy, labeled before round 1, or else the first round's held-out pairs.
+            probe = heldout_ds.filter(lambda row: str(row["pair_id"]).startswith(probe_prefix))
             metrics.update({k.replace("heldout_", "probe_"): v
                             for k, v in _evaluate(probe, errors, loss_fn, engine, algo, seed).items()})
             metrics["probe_pairs"] = probe.count()
-            metrics["train_pairs"], metrics["heldout_pairs"] = train_ds.count(), heldout_ds.count()
+            metrics["train_pairs"], metrics["heldout_pairs"] = train_ds.count(), rounds_ds.count()
             from armature.data.stream import quarantine_summary
 
             metrics.update(_quarantine_metrics(quarantine_summary(quarantine)))
@@ -231,25 +247,32 @@ def _simulated_annotators(algo: dict, seed: int) -> list:
 
 
 def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewards: list, weights, c: dict,
-                       seed: int) -> dict:
+                       seed: int, probe: bool = False) -> dict:
     """Sample the round's pairs and store the most uncertain ``prefilter_keep`` of them. A
-    resumed round whose pairs are already stored samples nothing."""
+    resumed round whose pairs are already stored samples nothing.
+
+    ``probe``: instead, the fixed probe: ``algo.probe_pairs`` pairs from the base policy (every
+    one kept), stored as round -1 with ids ``probe-NNNNN``, which the pair stream always holds out."""
     import ray
 
+    from armature.data.stream import PROBE_PREFIX
     from armature.feedback.simulated import uncertainty
 
     algo = c["algo"]
     stored = store.counts_by_round().get(rnd, 0)
     if stored:
         return {"pairs_new": 0, "pairs_sampled": 0}
-    n_sampled = int(np.ceil(algo["pairs_per_round"] / algo["prefilter_keep"]))
-    plan = epoch_plan(prompts, seed, rnd, n_sampled, 2, rank=0, world=1)  # 2 images per prompt slot
+    wanted = algo["probe_pairs"] if probe else algo["pairs_per_round"]
+    n_sampled = wanted if probe else int(np.ceil(wanted / algo["prefilter_keep"]))
+    # 2 images per prompt slot; the probe draws its slots and seeds apart from every round's
+    plan = epoch_plan(prompts, seed + 104_729 if probe else seed, max(rnd, 0), n_sampled, 2, rank=0, world=1)
     _, scores, _, image_refs, timings = sample_and_score(plan, samplers, rewards, c["sampling"]["batch_size"],
                                                          weights, rnd + 1, 0, 1)
     images = np.concatenate([ray.get(ref) for ref in image_refs])
     unsure = uncertainty(scores[0::2], scores[1::2])
-    keep = np.argsort(-unsure, kind="stable")[: algo["pairs_per_round"]]
-    store.add_pairs({"pair_id": f"r{rnd:04d}-{k:05d}", "prompt": plan.prompts[2 * k],
+    keep = np.argsort(-unsure, kind="stable")[:wanted]
+    prefix = PROBE_PREFIX if probe else f"r{rnd:04d}-"
+    store.add_pairs({"pair_id": f"{prefix}{k:05d}", "prompt": plan.prompts[2 * k],
                      "image_a": images[2 * k], "image_b": images[2 * k + 1], "policy_version": rnd + 1,
                      "round": rnd, "priority": float(unsure[k]), "source": f"online:v{rnd + 1}"}
                     for k in sorted(keep.tolist()))
@@ -298,7 +321,7 @@ def _print_round(rnd: int, total: int, m: dict) -> None:
     heldout = (f"  held-out acc {m['heldout_implicit_acc']:.3f} (by pair {m['heldout_pair_acc']:.3f})"
                if "heldout_implicit_acc" in m else "")
     if "probe_implicit_acc" in m:
-        heldout += f", round-1 probe {m['probe_implicit_acc']:.3f}"
+        heldout += f", probe {m['probe_implicit_acc']:.3f} (by pair {m['probe_pair_acc']:.3f}, {m['probe_pairs']} pairs)"
     agreement = m.get("annotators_agreement", float("nan"))
     print(f"[armature] round {rnd + 1}/{total}  pairs +{m.get('pairs_new', 0)}  labels +{m.get('labels_new', 0)} "
           f"(total {m.get('store_labels', 0)}, agreement {agreement:.2f})  loss {m.get('loss', float('nan')):.4f}"

@@ -517,12 +517,16 @@ class OnlineDPOConfig:
     tau: Optional[float] = None
     prediction_type: Optional[str] = None
     heldout_draws: int = 4
+    probe_pairs: int = 0  # >0: a fixed probe of that many pairs from the base policy, labeled first, never trained on
 
 
 def _check_online_dpo(cfg: DictConfig, algo: DictConfig) -> list[str]:
     errors = []
     if algo.num_rounds < 1 or algo.pairs_per_round < 1 or algo.epochs_per_round < 1:
         errors.append("algo.num_rounds, algo.pairs_per_round and algo.epochs_per_round must be >= 1")
+    if algo.probe_pairs < 0:
+        errors.append(f"algo.probe_pairs={algo.probe_pairs}: use 0 (the first round's held-out pairs are the probe) "
+                      "or a number of pairs for a fixed probe, e.g. 96")
     if not 0 < algo.prefilter_keep <= 1:
         errors.append(f"algo.prefilter_keep={algo.prefilter_keep}: must be in (0, 1] (1 keeps every pair)")
     if algo.annotator not in ("simulated", "human"):
