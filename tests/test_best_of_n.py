@@ -103,7 +103,7 @@ def test_bon_job_logs_kept_and_rejected_and_writes_pairs(ray_cluster, tmp_path):
     from armature.platform.config import compose
 
     cfg = compose("train", [
-        "algo=bon", "reward=brightness", "algo.n=4", "algo.k=1", "algo.log_prompts=1",
+        "algo=bon", "model=tiny", "reward=brightness", "prompts.file=null", "algo.n=4", "algo.k=1", "algo.log_prompts=1",
         f"algo.pairs_path={tmp_path / 'pairs.parquet'}", "sampling.num_steps=3", "sampling.batch_size=8",
         "model.tiny.image_size=16", "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.5", "cluster.torch_threads=1",
         f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=bon",

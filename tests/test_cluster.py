@@ -87,7 +87,7 @@ def test_submitted_job_spreads_over_two_nodes(multinode, tmp_path):
         time.sleep(2)
 
     overrides = [
-        "algo.num_epochs=2", "algo.samples_per_epoch=8", "algo.train_batch_size=4",
+        "model=tiny", "reward=compressibility", "prompts.file=null", "algo.learning_rate=1e-3", "algo.num_epochs=2", "algo.samples_per_epoch=8", "algo.train_batch_size=4",
         "algo.stat_min_count=4", "algo.stat_buffer_size=8", "sampling.num_steps=2", "sampling.batch_size=2",
         "trainer.num_workers=2", "trainer.placement_strategy=SPREAD", "trainer.cpus_per_worker=0.5",
         "cluster.num_samplers=2", "cluster.sampler_num_cpus=0.5", "cluster.actor_scheduling=SPREAD",

@@ -1,5 +1,7 @@
 """Hydra composition against the schema: good configs compose, bad ones name the key."""
 
+import os
+
 import pytest
 
 from armature.cli import main
@@ -7,9 +9,11 @@ from armature.platform.config import ConfigError, compose, flatten
 
 
 def test_default_composes_with_groups():
-    cfg = compose("train", [])
-    assert cfg.algo.name == "ddpo" and cfg.model.family == "tiny"
-    assert set(cfg.reward.components) == {"compressibility"}
+    cfg = compose("train", [])  # the anatomy gym's job: DDPO on the gym policy vs the learned anatomy reward
+    assert cfg.algo.name == "ddpo" and cfg.model.family == "gym" and cfg.model.lora.enabled
+    assert dict(cfg.reward.components) == {"gym_anatomy": {"weight": 1.0}, "gym_oracle": {"weight": 0.0}}
+    # the pose prompts ship with the package: found from any working folder
+    assert cfg.prompts.file.endswith("suites/gym_poses.txt") and os.path.isfile(cfg.prompts.file)
     cfg = compose("train", ["model=sd15", "reward=incompressibility", "trainer.num_workers=2"])
     assert cfg.model.family == "sd" and cfg.model.pretrained and cfg.model.lora.enabled
     assert cfg.trainer.num_workers == 2
@@ -64,12 +68,16 @@ def test_a_required_value_left_unset_is_named():
 
 
 def test_a_relative_prompt_file_becomes_absolute_for_the_ray_workers(tmp_path, monkeypatch):
-    import os
-
-    from armature.platform.config import compose
+    from armature.platform.config import config_dir
 
     (tmp_path / "p.txt").write_text("a person standing\n")
     monkeypatch.chdir(tmp_path)
     assert compose("train", ["prompts.file=p.txt"]).prompts.file == str(tmp_path / "p.txt")
     assert compose("train", ["prompts.file=missing.txt"]).prompts.file == "missing.txt"  # the job names it
     assert os.path.isabs(compose("train", [f"prompts.file={tmp_path / 'p.txt'}"]).prompts.file)
+    # not in the working folder: the packaged configs' suites (the default's pose prompts)
+    assert compose("train", ["prompts.file=suites/gym_poses.txt"]).prompts.file == os.path.join(
+        config_dir(), "suites", "gym_poses.txt")
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "gym_poses.txt").write_text("my own poses\n")  # the working folder's comes first
+    assert compose("train", ["prompts.file=suites/gym_poses.txt"]).prompts.file == str(tmp_path / "suites" / "gym_poses.txt")

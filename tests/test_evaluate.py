@@ -117,7 +117,7 @@ def test_eval_job_two_policies(ray_cluster, tmp_path):
     suite = tmp_path / "suite.jsonl"
     suite.write_text("\n".join(json.dumps({"prompt": f"a person {i}", "category": "ab"[i % 2]}) for i in range(4)))
     cfg = compose("train", [
-        "algo=eval", "reward=gym_oracle", "+reward.components.brightness={weight: 0.0}",
+        "algo=eval", "model=tiny", "reward=gym_oracle", "+reward.components.brightness={weight: 0.0}",
         "+reward.components.colorfulness={weight: 0.0}", "algo.best_of=[1,2]", "algo.selector=colorfulness",
         "algo.judge=brightness", "algo.threshold=0.5", f"algo.suite={suite}", "algo.samples_per_prompt=2",
         "+algo.policies.same=null", f"+algo.policies.tuned={adapter}",

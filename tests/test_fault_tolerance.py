@@ -31,7 +31,7 @@ def _registered(snapshot):
 def test_worker_and_reward_actor_killed_mid_run(ray_cluster, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
     cmd = [
-        sys.executable, "-m", "armature.cli", "train",
+        sys.executable, "-m", "armature.cli", "train", "model=tiny", "reward=compressibility", "prompts.file=null", "algo.learning_rate=1e-3",
         f"algo.num_epochs={EPOCHS}", "algo.samples_per_epoch=16", "algo.train_batch_size=4",
         "algo.stat_min_count=4", "algo.stat_buffer_size=8", "sampling.num_steps=3", "sampling.batch_size=2",
         "trainer.num_workers=2", "trainer.max_failures=3", "trainer.cpus_per_worker=1",

@@ -25,10 +25,11 @@ def test_trained_adapter_is_served_by_name(ray_cluster, tmp_path):
     from armature.serve.app import build_application
     from armature.serve.generation import ImageJob, PassShape, generate
 
-    # 1. A short DDPO job (the default tiny model: a full fine-tune, saved as unet.safetensors).
+    # 1. A short DDPO job (the tiny model: a full fine-tune, saved as unet.safetensors).
     track = tmp_path / "track"
     command = [
-        sys.executable, "-m", "armature.cli", "train", "algo.num_epochs=1", "algo.samples_per_epoch=8",
+        sys.executable, "-m", "armature.cli", "train", "model=tiny", "reward=compressibility",
+        "prompts.file=null", "algo.num_epochs=1", "algo.samples_per_epoch=8",
         "algo.train_batch_size=4", "algo.stat_min_count=2", "sampling.num_steps=3", "sampling.batch_size=4",
         "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.25", "algo.learning_rate=0.01",
         f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={track}", "tracking.run_name=serve-e2e",

@@ -17,7 +17,7 @@ EPOCHS = 3
 
 def _command(tmp: Path) -> list[str]:
     return [
-        sys.executable, "-m", "armature.cli", "train",
+        sys.executable, "-m", "armature.cli", "train", "model=tiny", "reward=compressibility", "prompts.file=null", "algo.learning_rate=1e-3",
         f"algo.num_epochs={EPOCHS}", "algo.samples_per_epoch=16", "algo.train_batch_size=4",
         "algo.gradient_accumulation_batches=2", "algo.stat_min_count=4", "algo.stat_buffer_size=8",
         "sampling.num_steps=3", "sampling.batch_size=4",

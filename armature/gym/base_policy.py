@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "policy"
+SHIPPED_SCORER = Path(__file__).parent / "anatomy_scorer"  # the learned anatomy reward (provenance.json)
 
 
 def cache_path() -> Path:

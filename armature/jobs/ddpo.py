@@ -184,7 +184,7 @@ def train_loop(config: dict) -> None:
             "samples": len(all_rewards),  # every rollout of the epoch, none lost
             "reward_mean": float(np.mean(all_rewards)),
             "reward_std": float(np.std(all_rewards)),
-            **{f"reward_{k}_mean": float(np.mean(v)) for k, v in components.items()},
+            **component_metrics(components),
             **means,
             "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else float("nan"),
             "learning_rate": optimizer.param_groups[0]["lr"],
@@ -234,11 +234,25 @@ def _all_gather(prompts: list[str], rewards: np.ndarray) -> tuple[list[str], np.
     return [p for ps, _ in gathered for p in ps], np.concatenate([r for _, r in gathered])
 
 
+def component_metrics(components: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each reward component's mean over the epoch's rollouts (``reward_<name>_mean``) and, for
+    the gym oracle (a weight-0 monitor in ``reward=gym_anatomy``), the share of rollouts with a
+    severe anatomical error (``reward_gym_oracle_severe_rate``)."""
+    from armature.rewards.gym_oracle import SEVERE_SCORE
+
+    metrics = {f"reward_{k}_mean": float(np.mean(v)) for k, v in components.items()}
+    if "gym_oracle" in components:
+        metrics["reward_gym_oracle_severe_rate"] = float(np.mean(np.asarray(components["gym_oracle"]) <= SEVERE_SCORE))
+    return metrics
+
+
 def _print_progress(epoch: int, total: int, m: dict) -> None:
     done = epoch + 1
     bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
     print(
         f"[armature] [{bar}] epoch {done}/{total}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}"
-        f"  kl {m['approx_kl']:.2e}  clip {m['clipfrac']:.2f}  {m['epoch_time_s']:.1f}s",
+        + (f"  oracle severe-error rate {m['reward_gym_oracle_severe_rate']:.3f}"
+           f" (mean severity {-m['reward_gym_oracle_mean']:.2f})" if "reward_gym_oracle_severe_rate" in m else "")
+        + f"  kl {m['approx_kl']:.2e}  clip {m['clipfrac']:.2f}  {m['epoch_time_s']:.1f}s",
         flush=True,
     )

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from armature.jobs.ddpo import component_metrics
 from armature.jobs.online import (
     _all_gather,
     _all_reduce_mean,
@@ -155,7 +156,7 @@ def train_loop(config: dict) -> None:
             "reward_mean": float(np.mean(all_rewards)),
             "reward_std": float(np.std(all_rewards)),
             "reward_group_std": float(group_std),
-            **{f"reward_{k}_mean": float(np.mean(v)) for k, v in components.items()},
+            **component_metrics(components),
             **means,
             "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else float("nan"),
             "learning_rate": optimizer.param_groups[0]["lr"],

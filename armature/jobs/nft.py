@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from armature.jobs.ddpo import component_metrics
 from armature.jobs.online import (
     _all_gather,
     _all_reduce_mean,
@@ -151,7 +152,7 @@ def train_loop(config: dict) -> None:
             "reward_mean": float(np.mean(all_rewards)),
             "reward_std": float(np.std(all_rewards)),
             "optimality_mean": float(np.mean(all_r)),
-            **{f"reward_{k}_mean": float(np.mean(v)) for k, v in components.items()},
+            **component_metrics(components),
             **means,
             "approx_kl": means["policy_shift"],  # for the progress line: how far v_theta is from v_old
             "clipfrac": 0.0,

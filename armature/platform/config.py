@@ -634,9 +634,13 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         OmegaConf.set_struct(cfg, True)
     check_serve(cfg) if "generator" in cfg else check(cfg)
     prompt_file = cfg.get("prompts", {}).get("file") if "prompts" in cfg else None
-    if prompt_file and not os.path.isabs(prompt_file) and os.path.isfile(prompt_file):
-        # relative to where the command ran: Ray workers run elsewhere, so they get the absolute path
-        OmegaConf.update(cfg, "prompts.file", os.path.abspath(prompt_file), force_add=False)
+    if prompt_file and not os.path.isabs(prompt_file):
+        # relative to where the command ran, else to the packaged configs (suites/gym_poses.txt):
+        # Ray workers run elsewhere, so they get the absolute path
+        for candidate in (os.path.abspath(prompt_file), os.path.join(config_dir(), prompt_file)):
+            if os.path.isfile(candidate):
+                OmegaConf.update(cfg, "prompts.file", os.path.abspath(candidate), force_add=False)
+                break
     return cfg
 
 

@@ -18,6 +18,9 @@ from .base import Reward
 from .registry import register
 
 
+SEVERE_SCORE = -3.0  # the oracle's score of a severe error (severity 3)
+
+
 @register("gym_oracle")
 class GymOracleReward(Reward):
     name = "gym_oracle"

@@ -55,3 +55,17 @@ def learned(path: str, device: str = "cpu", tracking_uri: str | None = None):
                          "expected 'clip_similarity' or 'conv'")
     reward.severity_thresholds = list(meta.get("thresholds", []))
     return reward
+
+
+@register("gym_anatomy")
+def gym_anatomy(path: str | None = None, device: str = "cpu", tracking_uri: str | None = None):
+    """The anatomy gym's learned anatomy reward: by default the convolutional scorer shipped in
+    ``armature/gym/anatomy_scorer`` (trained on injector pairs alone, it never saw the oracle;
+    ``provenance.json`` there has the command that made it); ``path``: a scorer folder of your
+    own from ``armature train algo=reward_model`` (or its MLflow URI)."""
+    from armature.gym.base_policy import SHIPPED_SCORER
+
+    reward = learned(path or str(SHIPPED_SCORER), device=device, tracking_uri=tracking_uri)
+    reward.name = "gym_anatomy"
+    return reward
+
