@@ -14,6 +14,11 @@ Read top to bottom:
      steps and micro-batches, for ``num_inner_epochs`` passes;
   4. logs the epoch to MLflow (rank 0) and reports a checkpoint to Ray Train.
 
+After the last epoch (``algo.final_eval_per_prompt`` > 0) every prompt is sampled with fixed
+seeds twice, with the weights before training and after, the same noise for both, and every
+reward component scores both sets (``final_before_*`` / ``final_after_*``): a paired comparison
+that does not hang on which prompts an epoch happened to draw.
+
 A rerun with the same ``tracking.run_name`` resumes from the last checkpoint and keeps
 logging into the same MLflow run.
 """
@@ -93,6 +98,8 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(config["threads"])
 
     policy = build_policy(c["model"], c["sampling"], seed=trainer_cfg["seed"])
+    before = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}  # the final evaluation's
+              if algo["final_eval_per_prompt"] else None)
     num_steps = c["sampling"]["num_steps"]
     train_steps = max(1, int(num_steps * algo["timestep_fraction"]))
     per_worker = algo["samples_per_epoch"] // world
@@ -205,6 +212,10 @@ def train_loop(config: dict) -> None:
         unlogged = commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint,
                                 state={"tracker": tracker.state_dict()})
 
+    if logger is not None and algo["final_eval_per_prompt"]:
+        final = _before_and_after(prompts, samplers, rewards, c, before, policy.trainable_state_dict())
+        logger.log_metrics(final, step=algo["num_epochs"])
+        _print_before_and_after(final, len(prompts), algo["final_eval_per_prompt"])
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:
             policy.save_trainable(Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"]})
@@ -213,6 +224,51 @@ def train_loop(config: dict) -> None:
 
 
 # ============================================================================ helpers
+def fixed_seed_plan(prompts: list[str], per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
+    """Every prompt ``per_prompt`` times, each sample with its own seed from (seed, prompt
+    index, repeat): the same samples whichever run, actor or batch draws them."""
+    plan, seeds = [], []
+    for i, prompt in enumerate(prompts):
+        for j in range(per_prompt):
+            plan.append(prompt)
+            seeds.append(int(np.random.SeedSequence([seed, 7_333, i, j]).generate_state(1)[0] >> 1))
+    return plan, seeds
+
+
+def _before_and_after(prompts, samplers, rewards, c: dict, before: dict, after: dict) -> dict:
+    """The fixed-seed plan sampled with the weights ``before`` and ``after`` training, scored by
+    every reward component: ``final_{before,after}_reward_mean`` and each component's metrics."""
+    import ray
+
+    plan, seeds = fixed_seed_plan(prompts, c["algo"]["final_eval_per_prompt"], c["trainer"]["seed"])
+    size = c["sampling"]["batch_size"]
+    metrics = {"final_samples": len(plan)}
+    # versions no epoch uses, so that every sampler loads these weights
+    for name, state, version in (("before", before, -1), ("after", after, c["algo"]["num_epochs"] + 1)):
+        weights = [ray.put(state)]
+        scores = []
+        for b, start in enumerate(range(0, len(plan), size)):
+            _, images = samplers[b % len(samplers)].rollout.remote(plan[start:start + size], seeds[start:start + size],
+                                                                   weights, version)
+            scores.append(rewards[b % len(rewards)].score.remote(images, plan[start:start + size]))
+        scores = ray.get(scores)
+        reward = np.concatenate([s["reward"] for s in scores])
+        components = {k: np.concatenate([s[k] for s in scores]) for k in scores[0] if k != "reward"}
+        metrics[f"final_{name}_reward_mean"] = float(np.mean(reward))
+        metrics.update({f"final_{name}_{k}": v for k, v in component_metrics(components).items()})
+    return metrics
+
+
+def _print_before_and_after(m: dict, n_prompts: int, per_prompt: int) -> None:
+    line = (f"[armature] fixed seeds ({n_prompts} prompts x {per_prompt}), before -> after training: "
+            f"reward {m['final_before_reward_mean']:+.4f} -> {m['final_after_reward_mean']:+.4f}")
+    if "final_before_reward_gym_oracle_severe_rate" in m:
+        line += (f"; oracle severe-error rate {m['final_before_reward_gym_oracle_severe_rate']:.3f} -> "
+                 f"{m['final_after_reward_gym_oracle_severe_rate']:.3f}, mean severity "
+                 f"{-m['final_before_reward_gym_oracle_mean']:.2f} -> {-m['final_after_reward_gym_oracle_mean']:.2f}")
+    print(line, flush=True)
+
+
 def _prompt_list(prompt_cfg: dict) -> list[str]:
     if prompt_cfg.get("file"):
         lines = Path(prompt_cfg["file"]).read_text().splitlines()

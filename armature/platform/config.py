@@ -294,6 +294,9 @@ class DDPOConfig:
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 32
     stat_min_count: int = 16
+    # after training: every prompt x this many fixed seeds, sampled with the weights before and
+    # after training (the same noise), scored by every reward component (0: off)
+    final_eval_per_prompt: int = 0
 
 
 @dataclass
