@@ -7,8 +7,11 @@ Three policies on the same tiny random FLUX-Kontext-style backbone (``SkeleGuide
 same transformer, VAE, text encoders, LoRA rank and targets), the same gym triples
 (``armature.skeleton.scenes.triples``: prompt, scene, layout, target, person mask), the same
 minibatch order, time draws and sampling seeds, and the same number of optimizer steps
-(``--budget``, batch ``--batch``, AdamW at ``--lr``). Only LoRA weights train, as in the paper;
-the transformer itself stays random (there is no pretrained tiny Kontext model). The tiny VAE is
+(``--budget``, batch ``--batch``, AdamW at ``--lr``). Only LoRA weights train, as in the paper.
+The backbone is random, unless ``--backbone-steps`` pretrains it first (full fine-tuning on text
+to image and scene + text to image, no layouts: a tiny stand-in for FLUX Kontext's pretraining;
+``--transformer-layers/-heads``, ``--head-dim`` size it), once, shared by all three and outside
+the budget. The tiny VAE is
 trained as an autoencoder, once, shared by all three and outside the budget: the gym base policy's
 (``armature gym pretrain``: an ``AutoencoderTiny``, which keeps the figures' flat colours), or, with
 ``--vae pretrain`` or when there is none, an ``AutoencoderKL`` pretrained here on the training
@@ -97,12 +100,52 @@ class Encoded:
         return {k: v[idx] for k, v in self.text.items()}
 
 
-def build(args, vae: str | None = None) -> SkeleGuidePipeline:
-    """A fresh pipeline (the same random weights every time) with the trained VAE folder ``vae``."""
-    tiny = {"vae_channels": list(args.vae_channels), "latent_channels": args.latent_channels}
-    return SkeleGuidePipeline.build({"lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank),
+def build(args, vae: str | None = None, backbone: dict | None = None) -> SkeleGuidePipeline:
+    """A fresh pipeline (the same random weights every time) with the trained VAE folder ``vae``
+    and, when given, the pretrained transformer weights ``backbone`` (LoRA adapters fresh)."""
+    tiny = {"vae_channels": list(args.vae_channels), "latent_channels": args.latent_channels,
+            "transformer_layers": args.transformer_layers, "transformer_heads": args.transformer_heads,
+            "head_dim": args.head_dim}
+    pipe = SkeleGuidePipeline.build({"lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank),
                                      "lora_targets": args.lora_targets, "num_steps": args.steps, "tiny": tiny,
                                      "vae": vae})
+    if backbone is not None:
+        missing, unexpected = pipe.transformer.load_state_dict(backbone, strict=False)
+        assert not unexpected and all(".lora_" in k for k in missing), (unexpected, missing)
+    return pipe
+
+
+def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
+    """The shared backbone, when ``--backbone-steps`` > 0: the transformer's own weights (not
+    the LoRA adapters) fully trained, Kontext-style, on the two generic tasks of an image editor
+    and generator: text to image (a blank condition) and scene + text to image (the person
+    inserted, no layout given), alternating step by step, flow matching (eq. 5). The counterpart
+    of FLUX Kontext's pretraining for this tiny model: nothing here teaches layouts, which is
+    what the compared methods add; the same for every policy and not part of the budget. Both
+    adapters' LoRA B start at zero, so they add nothing while the base trains. Returns the
+    transformer's non-LoRA state dict."""
+    base = [p for n, p in pipe.transformer.named_parameters() if ".lora_" not in n]
+    pipe.set_trainable([])
+    for p in base:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(base, lr=args.backbone_lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / max(args.backbone_steps, 1))
+    losses = []
+    for i in range(args.backbone_steps):
+        g = torch.Generator().manual_seed(args.seed * 31_337 + 2_000_000 + i)
+        idx = torch.randint(len(data), (args.backbone_batch,), generator=g)
+        z = data.target[idx]
+        cond = data.blank.expand(len(idx), -1, -1) if i % 2 == 0 else data.scene[idx]
+        noise, t = torch.randn(z.shape, generator=g), torch.rand(len(idx), generator=g)
+        v = pipe.flow("appearance", flow_interpolate(noise, z, t), t, cond, data.text_of(idx), data.size)
+        losses.append(_step(opt, base, rendering_loss(v, noise, z)))
+        decay.step()
+        if (i + 1) % max(1, args.backbone_steps // 10) == 0:
+            k = max(1, args.backbone_steps // 10)
+            print(f"[skeleguide] backbone step {i + 1}/{args.backbone_steps}: loss {np.mean(losses[-k:]):.4f}", flush=True)
+    for p in base:
+        p.requires_grad_(False)
+    return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items() if ".lora_" not in k}
 
 
 def pretrain_vae(items, args, folder: str) -> str:
@@ -270,7 +313,10 @@ def metrics(images: np.ndarray, layouts, evalset, clip, skeleton_reward) -> dict
 def table(rows: list[tuple[str, dict, float | None]], args, n_eval: int) -> str:
     lines = [f"SkeleGuide gym benchmark: {args.budget} optimizer steps of batch {args.batch} per policy, "
              f"{args.train} training triples, {n_eval} evaluation triples, {args.steps} sampling steps a stage, "
-             f"LoRA {args.lora_targets} rank {args.lora_rank}",
+             f"LoRA {args.lora_targets} rank {args.lora_rank}; transformer {args.transformer_layers} layers x "
+             f"{args.transformer_heads} heads x {args.head_dim}, "
+             + (f"backbone pretrained {args.backbone_steps} steps of {args.backbone_batch}" if args.backbone_steps
+                else "random backbone"),
              "",
              "| policy | severe-error rate | any-error rate | background PSNR (dB) | background SSIM | "
              "CLIP score (tiny random CLIP) | plan skeleton reward | wall time (s) |",
@@ -309,6 +355,13 @@ def main() -> None:
                              "the gym base policy's (armature gym pretrain) if there is one, else pretrain an "
                              "AutoencoderKL (--vae-steps); pretrain: always that")
     parser.add_argument("--vae-cache", default=None, help="where to save the pretrained VAE (default: a temp folder)")
+    parser.add_argument("--transformer-layers", type=int, default=2, help="of the tiny transformer")
+    parser.add_argument("--transformer-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=8)
+    parser.add_argument("--backbone-steps", type=int, default=0,
+                        help="shared backbone pretraining, full fine-tuning (not in the budget); 0: a random backbone")
+    parser.add_argument("--backbone-batch", type=int, default=16)
+    parser.add_argument("--backbone-lr", type=float, default=1e-3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--save", default=None,
                         help="save each trained pipeline to SAVE/<method> (keep the VAE with --vae-cache)")
@@ -350,6 +403,12 @@ def main() -> None:
     print(f"[skeleguide] {len(train)} + {len(evalset)} triples encoded in {time.perf_counter() - start:.1f} s",
           flush=True)
     draws = Draws(train, args)
+    backbone = None
+    if args.backbone_steps:
+        t0 = time.perf_counter()
+        backbone = pretrain_backbone(first, train, args)
+        print(f"[skeleguide] backbone pretrained, {args.backbone_steps} steps of {args.backbone_batch}, in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
 
     targets = np.stack([t.target for t in evalset])
     layouts = np.stack([t.layout for t in evalset])
@@ -358,7 +417,7 @@ def main() -> None:
     rows = [("ground truth (the targets)", metrics(targets, layouts, evalset, clip, skeleton_reward), None),
             ("the targets through the VAE (ceiling)", metrics(roundtrip, None, evalset, clip, skeleton_reward), None)]
     for method in args.methods:
-        pipe = first if method == args.methods[0] else build(args, vae)  # identical weights: same seeds
+        pipe = first if method == args.methods[0] else build(args, vae, backbone)  # identical weights: same seeds
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         rl_log: list[float] = []

@@ -115,7 +115,9 @@ def test_clicks_and_keys_store_the_right_winner(tmp_path, server, browser):
 
     labels = {lab["pair_id"]: lab["decision"] for lab in PreferenceStore(db).labels()}
     assert labels == wanted
-    assert set(labels.values()) == {"w", "l", "tie"}
+    # which of w / l the six left-right choices give depends on the shuffle (all one of them:
+    # p = 2 / 2^6), so only the ties are certain
+    assert list(labels.values()).count("tie") == 2 and set(labels.values()) <= {"w", "l", "tie"}
 
 
 def test_token_form_and_severity_keys(tmp_path, server, browser):

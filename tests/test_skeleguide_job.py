@@ -32,7 +32,7 @@ def test_config_is_checked_before_ray_starts():
     from armature.jobs.skeleguide import check
 
     with pytest.raises(ConfigError, match="model.family=tiny: SkeleGuide runs on a FLUX-Kontext-style DiT"):
-        check(compose("train", ["algo=skeleguide"]))
+        check(compose("train", ["algo=skeleguide", "model=tiny"]))
     with pytest.raises(ConfigError, match="algo.layout_estimate=middle"):
         check(_cfg("algo.layout_estimate=middle"))
     with pytest.raises(ConfigError, match="model.pretrained is unset"):
