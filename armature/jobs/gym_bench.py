@@ -125,7 +125,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     recipes = {
         "ddpo": ["algo=ddpo", "model=gym_lora", "algo.learning_rate=3e-4", "reward=gym_oracle",
                  "reward.components.gym_oracle.weight=0.0", learned, f"prompts.file={prompts}",
-                 f"algo.num_epochs={cfg.ddpo_epochs}"],
+                 f"algo.num_epochs={cfg.ddpo_epochs}", "algo.final_eval_per_prompt=0"],  # the eval stage judges
         "dpo": ["algo=dpo", "model=gym_lora", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={cfg.dpo_epochs}"],
         "asap_dpo": ["algo=asap_dpo", "model=gym_lora", "algo.tau=1.0", f"data.pairs={out / 'pairs'}",
                      f"algo.num_epochs={cfg.dpo_epochs}"],
