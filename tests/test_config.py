@@ -31,6 +31,7 @@ def test_default_composes_with_groups():
         (["algo.samples_per_epoch=30", "trainer.num_workers=4"], "algo.samples_per_epoch"),
         (["algo.train_batch_size=5"], "algo.train_batch_size"),
         (["sampling.eta=0"], "sampling.eta"),
+        (["algo.final_eval_per_prompt=-1"], "algo.final_eval_per_prompt"),
     ],
 )
 def test_bad_config_names_the_key(override, named):

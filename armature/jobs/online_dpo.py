@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from armature.data.stream import PROBE_PREFIX
 from armature.jobs.dpo import _evaluate, _native_size, _quarantine_metrics, pair_errors
 from armature.jobs.online import (
     _all_reduce_mean,
@@ -156,8 +157,8 @@ def train_loop(config: dict) -> None:
         engine.module.eval()
         probe_info = _sample_into_store(store, -1, prompts, config["samplers"], config["rewards"],
                                         [ray.put(policy.trainable_state_dict())], c, seed, probe=True)
-        probe_info.update(_collect_labels(store, annotators, {**algo, "min_labels_per_round": 0,
-                                                              "pairs_per_round": probe_info["pairs_new"]}, -1))
+        probe_info.update(_collect_labels(store, annotators, algo, -1,
+                                          wanted=probe_info["pairs_new"] * algo["labels_per_pair"]))
         print(f"[armature] probe: {probe_info['pairs_new']} base-policy pairs, {probe_info['labels_new']} labels, "
               f"{time.perf_counter() - t_probe:.1f}s", flush=True)
     for rnd in range(start_round, algo["num_rounds"]):
@@ -210,8 +211,8 @@ def train_loop(config: dict) -> None:
 
         # ---- 6. held-out implicit accuracy against the annotators; log; checkpoint -----------
         if rank == 0:
-            probe_prefix = "probe-" if algo["probe_pairs"] else "r0000-"
-            rounds_ds = (heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith("probe-"))
+            probe_prefix = PROBE_PREFIX if algo["probe_pairs"] else "r0000-"
+            rounds_ds = (heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith(PROBE_PREFIX))
                          if algo["probe_pairs"] else heldout_ds)
             metrics.update(_evaluate(rounds_ds, errors, loss_fn, engine, algo, seed))
             # The held-out set grows each round with pairs from the moving policy; the probe
@@ -255,7 +256,6 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
     one kept), stored as round -1 with ids ``probe-NNNNN``, which the pair stream always holds out."""
     import ray
 
-    from armature.data.stream import PROBE_PREFIX
     from armature.feedback.simulated import uncertainty
 
     algo = c["algo"]
@@ -281,15 +281,16 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
             "sampler_busy_s": timings["sampler_busy_s"]}
 
 
-def _collect_labels(store, annotators: list, algo: dict, rnd: int) -> dict:
-    """Simulated annotators label everything they are served; for people, wait for
-    ``min_labels_per_round`` new labels (or ``label_timeout_s``)."""
+def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int | None = None) -> dict:
+    """Simulated annotators label everything they are served; for people, wait for ``wanted``
+    new labels (default ``min_labels_per_round``, else every new pair's; or ``label_timeout_s``)."""
     before = store.counts()["labels"]
     if annotators:
         for annotator in annotators:
             annotator.label(store)
     else:
-        wanted = algo["min_labels_per_round"] or algo["pairs_per_round"] * algo["labels_per_pair"]
+        if wanted is None:
+            wanted = algo["min_labels_per_round"] or algo["pairs_per_round"] * algo["labels_per_pair"]
         deadline = time.time() + algo["label_timeout_s"]
         last_note = 0.0
         while store.counts()["labels"] - before < wanted and time.time() < deadline:

@@ -688,6 +688,9 @@ def check(cfg: DictConfig) -> None:
             )
         if not 0 < algo.timestep_fraction <= 1:
             errors.append(f"algo.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
+        if algo.final_eval_per_prompt < 0:
+            errors.append(f"algo.final_eval_per_prompt={algo.final_eval_per_prompt}: seeds per prompt of the "
+                          "evaluation after training; use 0 to skip it, e.g. 16")
     if algo is not None and algo.name in ("dpo", "asap_dpo"):
         if algo.beta <= 0 or algo.alpha < 0 or (algo.tau is not None and algo.tau < 0):
             errors.append(f"algo.beta={algo.beta} must be > 0, algo.alpha={algo.alpha} and algo.tau={algo.tau} >= 0")

@@ -68,4 +68,3 @@ def gym_anatomy(path: str | None = None, device: str = "cpu", tracking_uri: str 
     reward = learned(path or str(SHIPPED_SCORER), device=device, tracking_uri=tracking_uri)
     reward.name = "gym_anatomy"
     return reward
-
