@@ -122,14 +122,17 @@ def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
     inserted, no layout given), alternating step by step, flow matching (eq. 5). The counterpart
     of FLUX Kontext's pretraining for this tiny model: nothing here teaches layouts, which is
     what the compared methods add; the same for every policy and not part of the budget. Both
-    adapters' LoRA B start at zero, so they add nothing while the base trains. Returns the
-    transformer's non-LoRA state dict."""
+    adapters' LoRA B start at zero, so they add nothing while the base trains. With
+    ``--backbone-ema`` d > 0 the weights returned are the exponential moving average
+    (``ema = d * ema + (1 - d) * w`` after every step), as the gym base policy's UNet is sampled.
+    Returns the transformer's non-LoRA state dict."""
     base = [p for n, p in pipe.transformer.named_parameters() if ".lora_" not in n]
     pipe.set_trainable([])
     for p in base:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(base, lr=args.backbone_lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / max(args.backbone_steps, 1))
+    ema = [p.detach().clone() for p in base] if args.backbone_ema > 0 else None
     losses = []
     for i in range(args.backbone_steps):
         g = torch.Generator().manual_seed(args.seed * 31_337 + 2_000_000 + i)
@@ -140,9 +143,14 @@ def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
         v = pipe.flow("appearance", flow_interpolate(noise, z, t), t, cond, data.text_of(idx), data.size)
         losses.append(_step(opt, base, rendering_loss(v, noise, z)))
         decay.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in base], 1 - args.backbone_ema)
         if (i + 1) % max(1, args.backbone_steps // 10) == 0:
             k = max(1, args.backbone_steps // 10)
             print(f"[skeleguide] backbone step {i + 1}/{args.backbone_steps}: loss {np.mean(losses[-k:]):.4f}", flush=True)
+    for p, average in zip(base, ema or []):
+        p.data.copy_(average)
     for p in base:
         p.requires_grad_(False)
     return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items() if ".lora_" not in k}
@@ -315,7 +323,8 @@ def table(rows: list[tuple[str, dict, float | None]], args, n_eval: int) -> str:
              f"{args.train} training triples, {n_eval} evaluation triples, {args.steps} sampling steps a stage, "
              f"LoRA {args.lora_targets} rank {args.lora_rank}; transformer {args.transformer_layers} layers x "
              f"{args.transformer_heads} heads x {args.head_dim}, "
-             + (f"backbone pretrained {args.backbone_steps} steps of {args.backbone_batch}" if args.backbone_steps
+             + (f"backbone pretrained {args.backbone_steps} steps of {args.backbone_batch}"
+                + (f", EMA {args.backbone_ema}" if args.backbone_ema else "") if args.backbone_steps
                 else "random backbone"),
              "",
              "| policy | severe-error rate | any-error rate | background PSNR (dB) | background SSIM | "
@@ -362,6 +371,11 @@ def main() -> None:
                         help="shared backbone pretraining, full fine-tuning (not in the budget); 0: a random backbone")
     parser.add_argument("--backbone-batch", type=int, default=16)
     parser.add_argument("--backbone-lr", type=float, default=1e-3)
+    parser.add_argument("--backbone-cache", default=None,
+                        help="a .safetensors file: load the pretrained backbone from it when it exists (the same "
+                             "--backbone-*/--transformer-* flags are yours to keep), else save it there")
+    parser.add_argument("--backbone-ema", type=float, default=0.0,
+                        help="EMA decay of the pretrained backbone's weights (e.g. 0.999); 0: the last weights")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--save", default=None,
                         help="save each trained pipeline to SAVE/<method> (keep the VAE with --vae-cache)")
@@ -404,11 +418,23 @@ def main() -> None:
           flush=True)
     draws = Draws(train, args)
     backbone = None
-    if args.backbone_steps:
+    if args.backbone_steps and args.backbone_cache and os.path.isfile(args.backbone_cache):
+        from safetensors.torch import load_file
+
+        backbone = load_file(args.backbone_cache)  # made by an earlier run with the same backbone flags
+        missing, unexpected = first.transformer.load_state_dict(backbone, strict=False)
+        assert not unexpected and all(".lora_" in k for k in missing), (unexpected, missing)
+        print(f"[skeleguide] backbone loaded from {args.backbone_cache}", flush=True)
+    elif args.backbone_steps:
         t0 = time.perf_counter()
         backbone = pretrain_backbone(first, train, args)
         print(f"[skeleguide] backbone pretrained, {args.backbone_steps} steps of {args.backbone_batch}, in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if args.backbone_cache:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in backbone.items()}, args.backbone_cache)
+            print(f"[skeleguide] backbone saved to {args.backbone_cache} (--backbone-cache reuses it)", flush=True)
 
     targets = np.stack([t.target for t in evalset])
     layouts = np.stack([t.layout for t in evalset])
