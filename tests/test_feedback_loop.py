@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from armature.feedback.simulated import SimulatedAnnotator, uncertainty
+from armature.feedback.simulated import SimulatedAnnotator, select_pairs, uncertainty
 from armature.data.pairs import read_pairs
 from armature.feedback.store import PreferenceStore
 from armature.rewards import load
@@ -61,6 +61,15 @@ def test_uncertainty_is_one_over_one_plus_gap_over_median():
     assert uncertainty(np.zeros(3), np.zeros(3)).tolist() == [1.0, 1.0, 1.0]  # all ties: median 0 -> scale 1
 
 
+def test_select_pairs_keeps_least_or_most_certain_in_sampling_order_on_ties():
+    unsure = np.array([0.2, 0.9, 0.5, 0.9, 1.0, 0.1])
+    assert select_pairs(unsure, 3).tolist() == [4, 1, 3]  # 1.0, then the two 0.9s in sampling order
+    assert select_pairs(unsure, 3, "confident").tolist() == [5, 0, 2]  # 0.1, 0.2, 0.5
+    assert sorted(select_pairs(unsure, 6, "confident").tolist()) == list(range(6))
+    with pytest.raises(ValueError, match="prefilter_order"):
+        select_pairs(unsure, 3, "random")
+
+
 def test_online_dpo_config_and_errors():
     from armature.cli import JOBS
     from armature.platform.config import ConfigError, compose
@@ -70,7 +79,8 @@ def test_online_dpo_config_and_errors():
     assert JOBS["online_dpo"] == "armature.jobs.online_dpo"
     for bad, key in (("algo.prefilter_keep=0", "algo.prefilter_keep"), ("algo.annotator=crowd", "algo.annotator"),
                      ("algo.labels_per_pair=3", "algo.labels_per_pair"), ("algo.annotator_noise=2", "annotator_noise"),
-                     ("data.heldout_fraction=0", "data.heldout_fraction"), ("algo.probe_pairs=-1", "algo.probe_pairs")):
+                     ("data.heldout_fraction=0", "data.heldout_fraction"), ("algo.probe_pairs=-1", "algo.probe_pairs"),
+                     ("algo.prefilter_order=random", "algo.prefilter_order")):
         with pytest.raises(ConfigError, match=key):
             compose("train", ["algo=online_dpo", bad])
 

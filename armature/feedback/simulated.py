@@ -68,3 +68,14 @@ def uncertainty(score_a: np.ndarray, score_b: np.ndarray) -> np.ndarray:
     gap = np.abs(np.asarray(score_a, np.float64) - np.asarray(score_b, np.float64))
     scale = float(np.median(gap)) or 1.0
     return 1.0 / (1.0 + gap / scale)
+
+
+def select_pairs(unsure: np.ndarray, keep: int, order: str = "uncertain") -> np.ndarray:
+    """Indices of the ``keep`` pairs to label, by :func:`uncertainty`: ``uncertain`` takes the
+    pairs the reward is least sure of (active learning: human effort where the reward cannot
+    decide), ``confident`` the clearest gaps (cleaner labels, fewer near-ties). Ties in
+    uncertainty keep sampling order."""
+    if order not in ("uncertain", "confident"):
+        raise ValueError(f"algo.prefilter_order={order!r}: use uncertain or confident")
+    unsure = np.asarray(unsure, np.float64)
+    return np.argsort(-unsure if order == "uncertain" else unsure, kind="stable")[:keep]

@@ -13,7 +13,8 @@ loop. Each round (``train_loop``; the store work happens on rank 0):
   2. **Pre-filter and store:** each pair's reward uncertainty ``1 / (1 + |r_a - r_b| / median)``
      (``armature.feedback.simulated.uncertainty``) is its priority in the store (the labeling
      page serves the most uncertain first); with ``prefilter_keep < 1`` only that share, most
-     uncertain first, is stored at all: human effort goes where the reward is unsure.
+     uncertain first, is stored at all: human effort goes where the reward is unsure
+     (``prefilter_order=confident`` keeps the clearest gaps instead: fewer near-ties to label).
   3. **Label:** ``annotator=simulated``: ``num_annotators`` simulated annotators (the reward
      ``annotator_reward`` with ``annotator_noise`` flips and ``annotator_tie_rate`` ties) label
      through the store like people; ``annotator=human``: wait until people have given
@@ -249,14 +250,15 @@ def _simulated_annotators(algo: dict, seed: int) -> list:
 
 def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewards: list, weights, c: dict,
                        seed: int, probe: bool = False) -> dict:
-    """Sample the round's pairs and store the most uncertain ``prefilter_keep`` of them. A
+    """Sample the round's pairs and store ``prefilter_keep`` of them, the most uncertain first
+    (``prefilter_order=confident``: the clearest first). A
     resumed round whose pairs are already stored samples nothing.
 
     ``probe``: instead, the fixed probe: ``algo.probe_pairs`` pairs from the base policy (every
     one kept), stored as round -1 with ids ``probe-NNNNN``, which the pair stream always holds out."""
     import ray
 
-    from armature.feedback.simulated import uncertainty
+    from armature.feedback.simulated import select_pairs, uncertainty
 
     algo = c["algo"]
     stored = store.counts_by_round().get(rnd, 0)
@@ -270,7 +272,7 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
                                                          weights, rnd + 1, 0, 1)
     images = np.concatenate([ray.get(ref) for ref in image_refs])
     unsure = uncertainty(scores[0::2], scores[1::2])
-    keep = np.argsort(-unsure, kind="stable")[:wanted]
+    keep = select_pairs(unsure, wanted, "uncertain" if probe else algo["prefilter_order"])
     prefix = PROBE_PREFIX if probe else f"r{rnd:04d}-"
     store.add_pairs({"pair_id": f"{prefix}{k:05d}", "prompt": plan.prompts[2 * k],
                      "image_a": images[2 * k], "image_b": images[2 * k + 1], "policy_version": rnd + 1,

@@ -497,6 +497,7 @@ class OnlineDPOConfig:
     num_rounds: int = 4  # sample -> label -> learn -> new weights to the samplers
     pairs_per_round: int = 32  # pairs stored for labeling each round
     prefilter_keep: float = 1.0  # share of sampled pairs kept, the reward's (reward.*) most uncertain first
+    prefilter_order: str = "uncertain"  # which pairs prefilter_keep keeps: uncertain (first) | confident (first)
     store: Optional[str] = None  # preference store: SQLite path or SQLAlchemy URL; None: <run folder>/feedback.db
     annotator: str = "simulated"  # simulated (a reward stands in for people) | human (the labeling page)
     annotator_reward: dict[str, Any] = field(default_factory=lambda: {"brightness": {"weight": 1.0}})
@@ -532,6 +533,9 @@ def _check_online_dpo(cfg: DictConfig, algo: DictConfig) -> list[str]:
                       "or a number of pairs for a fixed probe, e.g. 96")
     if not 0 < algo.prefilter_keep <= 1:
         errors.append(f"algo.prefilter_keep={algo.prefilter_keep}: must be in (0, 1] (1 keeps every pair)")
+    if algo.prefilter_order not in ("uncertain", "confident"):
+        errors.append(f"algo.prefilter_order={algo.prefilter_order}: use uncertain (the pairs the reward is least "
+                      "sure of first) or confident (the clearest gaps first)")
     if algo.annotator not in ("simulated", "human"):
         errors.append(f"algo.annotator={algo.annotator}: use simulated or human")
     if algo.annotator == "simulated" and not algo.annotator_reward:
