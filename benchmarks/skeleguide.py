@@ -458,7 +458,7 @@ def main() -> None:
             train_rl(pipe, train, rl_steps, args, skeleton_reward, rl_log)
         trained = time.perf_counter() - t0
         if args.save:  # e.g. for RL through the learners: model=skeleguide_stage model.pretrained=<save>/rtr
-            pipe.save_pretrained(os.path.join(args.save, method))
+            pipe.save_pretrained(os.path.join(args.save, method), base=backbone is not None)
         images, layouts = sample(method, pipe, eval_data, args)
         wall = time.perf_counter() - t0
         result = metrics(images, layouts, evalset, clip, skeleton_reward)

@@ -180,6 +180,25 @@ def test_save_and_load_round_trip(tmp_path):
         SkeleGuidePipeline.from_pretrained(tmp_path)
 
 
+def test_save_with_base_keeps_a_trained_backbone(tmp_path):
+    """A backbone trained after it was built (the SkeleGuide bench's --backbone-steps) is not what
+    the params rebuild: only ``base=True`` carries it."""
+    pipe = SkeleGuidePipeline.build(SkeleGuideParams(lora_rank=4, lora_alpha=4.0))
+    _randomise_adapters(pipe, seed=5)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if ".lora_" not in name:
+                p.add_(0.05 * torch.randn_like(p))
+    x, cond, text = _inputs(pipe)
+    expected = pipe.flow("appearance", x, 0.2, cond, text, (SIZE, SIZE))
+    pipe.save_pretrained(tmp_path / "adapters_only")
+    pipe.save_pretrained(tmp_path / "with_base", base=True)
+    stale = SkeleGuidePipeline.from_pretrained(tmp_path / "adapters_only")
+    assert not torch.allclose(stale.flow("appearance", x, 0.2, cond, text, (SIZE, SIZE)), expected)
+    loaded = SkeleGuidePipeline.from_pretrained(tmp_path / "with_base")
+    torch.testing.assert_close(loaded.flow("appearance", x, 0.2, cond, text, (SIZE, SIZE)), expected, rtol=0, atol=0)
+
+
 def test_a_trained_vae_folder_replaces_the_random_one(tmp_path):
     from diffusers import AutoencoderKL
 

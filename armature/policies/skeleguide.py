@@ -62,6 +62,7 @@ LORA_TARGETS = {
 }
 CONFIG_FILE = "skeleguide.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+BASE_FILE = "transformer_base.safetensors"  # a fine-tuned backbone's own (non-LoRA) weights, when saved
 
 
 @dataclass
@@ -257,8 +258,11 @@ class SkeleGuidePipeline:
         pipe.to(params.device)
         return cls(pipe, params)
 
-    def save_pretrained(self, directory) -> Path:
-        """``skeleguide.json`` (the params) and ``<adapter>/adapter_model.safetensors`` for both adapters."""
+    def save_pretrained(self, directory, base: bool = False) -> Path:
+        """``skeleguide.json`` (the params) and ``<adapter>/adapter_model.safetensors`` for both adapters.
+        The backbone itself is rebuilt from the params (the tiny seed, or the hub id); ``base=True``
+        also writes its weights (``transformer_base.safetensors``), for a backbone trained after it
+        was built, e.g. by ``benchmarks/skeleguide.py --backbone-steps``."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -269,6 +273,9 @@ class SkeleGuidePipeline:
             (directory / name).mkdir(exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / name / ADAPTER_FILE,
                       metadata={"format": "pt"})
+        if base:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.transformer.state_dict().items()
+                       if ".lora_" not in k}, directory / BASE_FILE, metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps({"params": asdict(self.params), "adapters": list(ADAPTERS)},
                                                         indent=2))
         return directory
@@ -283,6 +290,13 @@ class SkeleGuidePipeline:
         if device is not None:
             params["device"] = device
         pipeline = cls.build(params)
+        if (directory / BASE_FILE).is_file():
+            from safetensors.torch import load_file
+
+            missing, unexpected = pipeline.transformer.load_state_dict(load_file(directory / BASE_FILE), strict=False)
+            if unexpected or any(".lora_" not in k for k in missing):
+                raise KeyError(f"{directory / BASE_FILE} does not fit the transformer these params build: "
+                               f"unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' not in k][:3]}")
         pipeline.load_adapters(directory)
         return pipeline
 
