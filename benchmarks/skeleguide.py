@@ -110,9 +110,26 @@ def build(args, vae: str | None = None, backbone: dict | None = None) -> SkeleGu
                                      "lora_targets": args.lora_targets, "num_steps": args.steps, "tiny": tiny,
                                      "vae": vae})
     if backbone is not None:
-        missing, unexpected = pipe.transformer.load_state_dict(backbone, strict=False)
-        assert not unexpected and all(".lora_" in k for k in missing), (unexpected, missing)
+        load_backbone(pipe.transformer, backbone)
     return pipe
+
+
+def backbone_of(transformer) -> dict:
+    """The transformer's own (non-LoRA) weights under the plain module names: peft's
+    ``.base_layer`` dropped, so the same backbone fits pipelines with any ``--lora-targets``."""
+    return {k.replace(".base_layer", ""): v.detach().clone()
+            for k, v in transformer.state_dict().items() if ".lora_" not in k}
+
+
+def load_backbone(transformer, backbone: dict) -> None:
+    """Load ``backbone`` (plain names, as :func:`backbone_of` gives) into ``transformer``,
+    whatever its LoRA targets; a backbone of other ``--transformer-*`` flags is refused."""
+    names = {k.replace(".base_layer", ""): k for k in transformer.state_dict() if ".lora_" not in k}
+    plain = {k.replace(".base_layer", ""): v for k, v in backbone.items()}  # files of older runs too
+    if set(plain) != set(names):
+        raise KeyError(f"the backbone's weights do not fit this transformer (missing {sorted(set(names) - set(plain))[:3]}, "
+                       f"unexpected {sorted(set(plain) - set(names))[:3]}): pass the --transformer-* flags it was made with")
+    transformer.load_state_dict({names[k]: v for k, v in plain.items()}, strict=False)
 
 
 def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
@@ -153,7 +170,7 @@ def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
         p.data.copy_(average)
     for p in base:
         p.requires_grad_(False)
-    return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items() if ".lora_" not in k}
+    return backbone_of(pipe.transformer)
 
 
 def pretrain_vae(items, args, folder: str) -> str:
@@ -421,9 +438,8 @@ def main() -> None:
     if args.backbone_steps and args.backbone_cache and os.path.isfile(args.backbone_cache):
         from safetensors.torch import load_file
 
-        backbone = load_file(args.backbone_cache)  # made by an earlier run with the same backbone flags
-        missing, unexpected = first.transformer.load_state_dict(backbone, strict=False)
-        assert not unexpected and all(".lora_" in k for k in missing), (unexpected, missing)
+        backbone = load_file(args.backbone_cache)  # made by an earlier run with the same --transformer-* flags
+        load_backbone(first.transformer, backbone)
         print(f"[skeleguide] backbone loaded from {args.backbone_cache}", flush=True)
     elif args.backbone_steps:
         t0 = time.perf_counter()

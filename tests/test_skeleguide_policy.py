@@ -255,3 +255,33 @@ def test_real_weights_load_through_the_same_code_from_a_diffusers_folder(tmp_pat
     again = SkeleGuidePipeline.from_pretrained(tmp_path / "sg")
     torch.testing.assert_close(again.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)),
                                loaded.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)), rtol=0, atol=0)
+
+
+def test_bench_backbone_fits_either_lora_targets():
+    """The SkeleGuide bench's cached backbone (plain names) loads into a pipeline with LoRA on
+    all projections although it was trained under LoRA on Q/K/V only (peft renames the wrapped
+    layers' weights to ``.base_layer``), and a backbone of another size is refused by name."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import skeleguide as bench
+
+    def flags(targets, layers=2):
+        return argparse.Namespace(vae_channels=[16, 32, 64], latent_channels=8, transformer_layers=layers,
+                                  transformer_heads=4, head_dim=8, lora_rank=4, lora_targets=targets, steps=4)
+
+    qkv = bench.build(flags("qkv"))
+    with torch.no_grad():
+        for p in qkv.transformer.parameters():
+            p.normal_()
+    backbone = bench.backbone_of(qkv.transformer)
+    assert not any(".base_layer" in k for k in backbone)
+    older = {k: v for k, v in qkv.transformer.state_dict().items() if ".lora_" not in k}  # an older cache file
+    for given in (backbone, older):
+        loaded = bench.backbone_of(bench.build(flags("all"), backbone=given).transformer)
+        assert loaded.keys() == backbone.keys()
+        assert all(torch.equal(loaded[k], backbone[k]) for k in backbone)
+    with pytest.raises(KeyError, match="--transformer-"):
+        bench.build(flags("all", layers=3), backbone=backbone)
