@@ -142,7 +142,7 @@ def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
     adapters' LoRA B start at zero, so they add nothing while the base trains. With
     ``--backbone-ema`` d > 0 the weights returned are the exponential moving average
     (``ema = d * ema + (1 - d) * w`` after every step), as the gym base policy's UNet is sampled.
-    Returns the transformer's non-LoRA state dict."""
+    Returns the transformer's non-LoRA weights under plain names (:func:`backbone_of`)."""
     base = [p for n, p in pipe.transformer.named_parameters() if ".lora_" not in n]
     pipe.set_trainable([])
     for p in base:
