@@ -1,0 +1,112 @@
+"""How well a learned reward ranks the gym base policy's own samples, and what that caps.
+
+Best-of-N (and RL) can cut the oracle's severe-error rate only as far as the learned reward
+orders the policy's samples the way the oracle does. This samples a pool of ``--per-prompt``
+figures for each gym prompt from the base policy (fixed seeds from ``--seed``, a range apart from
+the ones ``armature gym bench`` evaluates on), judges each with the oracle, scores each with the
+reward, and prints:
+
+* ranking: AUC, the chance that a severe sample scores below a sample without a severe error
+  (0.5: no better than chance; 1: every severe sample ranked last), per prompt and overall;
+* the severe-error rate of Best-of-N for each N under three selectors: the learned reward, a
+  random pick (the base rate) and the oracle itself (the ceiling: the least severe candidate).
+  Each is the exact expectation over all N-subsets of a prompt's pool (no resampling noise):
+  ranked by score, the i-th lowest of m candidates is the pick of C(i-1, N-1) of the C(m, N)
+  subsets.
+
+    python benchmarks/gym_reward_ranking.py --scorer gym-bench/ray/bench-reward/scorer
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from math import comb
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's armature, installed or not
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+
+def best_of_n_expectation(scores: np.ndarray, values: np.ndarray, n: int) -> float:
+    """E[value of the highest-scoring candidate] over the uniformly random n-subsets of a pool
+    (scores assumed distinct; ties are broken by position)."""
+    order = np.argsort(scores, kind="stable")
+    ranked = np.asarray(values, dtype=float)[order]
+    m = len(ranked)
+    if not 1 <= n <= m:
+        raise ValueError(f"n={n}: Best-of-N needs 1 <= N <= the pool's {m} candidates (raise --per-prompt)")
+    return float(sum(ranked[i - 1] * comb(i - 1, n - 1) for i in range(n, m + 1)) / comb(m, n))
+
+
+def auc(scores: np.ndarray, bad: np.ndarray) -> float:
+    """P[score of a bad sample < score of a good one], ties counting half; nan without both kinds."""
+    s_bad, s_good = scores[bad], scores[~bad]
+    if not len(s_bad) or not len(s_good):
+        return float("nan")
+    below = (s_bad[:, None] < s_good[None, :]).mean()
+    return float(below + 0.5 * (s_bad[:, None] == s_good[None, :]).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scorer", required=True, help="a learned reward's scorer/ folder (e.g. the bench's)")
+    parser.add_argument("--per-prompt", type=int, default=64, help="pool size per prompt")
+    parser.add_argument("--seed", type=int, default=50_000)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (the bench's 20, eta 1)")
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from armature.gym.base_policy import policy_path
+    from armature.gym.figures import POSES
+    from armature.gym.oracle import AnatomyOracle
+    from armature.policies.diffusion import SamplingParams, load_policy
+    from armature.rewards import load
+
+    torch.set_num_threads(args.threads)
+    reward = load("learned", path=args.scorer)
+    policy = load_policy("sd", str(policy_path()), SamplingParams(num_steps=args.steps, guidance_scale=1.0, eta=1.0))
+    oracle = AnatomyOracle()
+    start = time.perf_counter()
+    rows = []
+    for k, (prompt, _, _) in enumerate(POSES.values()):
+        severity, score = [], []
+        for b in range(0, args.per_prompt, 32):
+            count = min(32, args.per_prompt - b)
+            gens = [torch.Generator().manual_seed(args.seed + 1000 * k + b + i) for i in range(count)]
+            with torch.no_grad():
+                images = policy.rollout([prompt] * count, gens).images  # [B, H, W, 3] uint8
+                pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+                score += reward.score_tensor(pixels, [prompt] * count).tolist()
+            severity += [oracle(image).severity for image in images]
+        rows.append((prompt, np.array(severity), np.array(score)))
+    seconds = time.perf_counter() - start
+
+    severe = {p: (s == 3).astype(float) for p, s, _ in rows}
+    all_s = np.concatenate([s for _, s, _ in rows])
+    all_r = np.concatenate([r for _, _, r in rows])
+    per_prompt_auc = [auc(r, s == 3) for _, s, r in rows]
+    print(f"{len(all_s)} samples ({args.per_prompt} per prompt, {len(rows)} prompts) in {seconds:.0f} s; "
+          f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}")
+    print(f"AUC (severe below the rest): within prompts {np.nanmean(per_prompt_auc):.3f} "
+          f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {auc(all_r, all_s == 3):.3f}")
+    rng = np.random.default_rng(0)
+    print("\n| N | severe: learned reward | severe: random pick | severe: oracle pick (ceiling) | cut by the reward |")
+    print("|---|---|---|---|---|")
+    for n in args.ns:
+        by_reward = np.mean([best_of_n_expectation(r, severe[p], n) for p, _, r in rows])
+        by_chance = np.mean([severe[p].mean() for p, _, _ in rows])
+        # the oracle prefers the least severe; the jitter only orders candidates of equal severity
+        by_oracle = np.mean([best_of_n_expectation(-s + 1e-3 * rng.random(len(s)), severe[p], n) for p, s, _ in rows])
+        print(f"| {n} | {by_reward:.3f} | {by_chance:.3f} | {by_oracle:.3f} | {by_chance / max(by_reward, 1e-9):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
