@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from math import comb
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's armature, installed or not
@@ -22,15 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from armature.losses.evaluation import best_of_n_expectation  # noqa: E402
+
 NS = (1, 2, 4, 8, 16)
-
-
-def expected_max_of_subset(pool: np.ndarray, n: int) -> float:
-    """E[max] of n candidates drawn without replacement from ``pool``: the i-th smallest value
-    (1-based) is the maximum of C(i-1, n-1) of the C(m, n) subsets."""
-    s = np.sort(pool)
-    m = len(s)
-    return float(sum(s[i - 1] * comb(i - 1, n - 1) for i in range(n, m + 1)) / comb(m, n))
 
 
 def main() -> None:
@@ -64,7 +57,7 @@ def main() -> None:
           "1 sampler + 1 reward actor")
     print(f"{'N':>3} | {'kept mean':>10} | {'kept - single':>13} | {'E[max] (pool of 16)':>19} | {'s / prompt':>10} | cost vs N=1")
     for n, kept, gain, seconds in rows:
-        estimate = np.mean([expected_max_of_subset(p, n) for p in pool])
+        estimate = np.mean([best_of_n_expectation(p, p, n) for p in pool])
         print(f"{n:>3} | {kept:>+10.4f} | {gain:>+13.4f} | {estimate:>+19.4f} | {seconds:>10.3f} | {seconds / rows[0][3]:5.1f}x")
     ray.shutdown()
 

@@ -10,9 +10,8 @@ reward, and prints:
   (0.5: no better than chance; 1: every severe sample ranked last), per prompt and overall;
 * the severe-error rate of Best-of-N for each N under three selectors: the learned reward, a
   random pick (the base rate) and the oracle itself (the ceiling: the least severe candidate).
-  Each is the exact expectation over all N-subsets of a prompt's pool (no resampling noise):
-  ranked by score, the i-th lowest of m candidates is the pick of C(i-1, N-1) of the C(m, N)
-  subsets.
+  Each is the exact expectation over all N-subsets of a prompt's pool (no resampling noise;
+  :func:`armature.losses.evaluation.best_of_n_expectation`).
 
     python benchmarks/gym_reward_ranking.py --scorer gym-bench/ray/bench-reward/scorer
 """
@@ -23,7 +22,6 @@ import argparse
 import os
 import sys
 import time
-from math import comb
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's armature, installed or not
@@ -31,25 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-
-def best_of_n_expectation(scores: np.ndarray, values: np.ndarray, n: int) -> float:
-    """E[value of the highest-scoring candidate] over the uniformly random n-subsets of a pool
-    (scores assumed distinct; ties are broken by position)."""
-    order = np.argsort(scores, kind="stable")
-    ranked = np.asarray(values, dtype=float)[order]
-    m = len(ranked)
-    if not 1 <= n <= m:
-        raise ValueError(f"n={n}: Best-of-N needs 1 <= N <= the pool's {m} candidates (raise --per-prompt)")
-    return float(sum(ranked[i - 1] * comb(i - 1, n - 1) for i in range(n, m + 1)) / comb(m, n))
-
-
-def auc(scores: np.ndarray, bad: np.ndarray) -> float:
-    """P[score of a bad sample < score of a good one], ties counting half; nan without both kinds."""
-    s_bad, s_good = scores[bad], scores[~bad]
-    if not len(s_bad) or not len(s_good):
-        return float("nan")
-    below = (s_bad[:, None] < s_good[None, :]).mean()
-    return float(below + 0.5 * (s_bad[:, None] == s_good[None, :]).mean())
+from armature.losses.evaluation import best_of_n_expectation, ranking_auc  # noqa: E402
 
 
 def main() -> None:
@@ -61,6 +41,12 @@ def main() -> None:
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.per_prompt < 1 or not all(1 <= n <= args.per_prompt for n in args.ns):
+        parser.error(f"--ns {args.ns} with --per-prompt {args.per_prompt}: each N must lie in 1..--per-prompt "
+                     "(the pool Best-of-N draws from); raise --per-prompt or drop the larger N")
+    if ":/" not in args.scorer and not os.path.isfile(os.path.join(args.scorer, "scorer.json")):  # runs:/ URIs resolve later
+        parser.error(f"--scorer {args.scorer}: no scorer.json there; give the scorer/ folder of a reward-model run, "
+                     "e.g. gym-bench/ray/bench-reward/scorer from `armature gym bench`")
 
     import torch
 
@@ -92,11 +78,11 @@ def main() -> None:
     severe = {p: (s == 3).astype(float) for p, s, _ in rows}
     all_s = np.concatenate([s for _, s, _ in rows])
     all_r = np.concatenate([r for _, _, r in rows])
-    per_prompt_auc = [auc(r, s == 3) for _, s, r in rows]
+    per_prompt_auc = [ranking_auc(r, s == 3) for _, s, r in rows]
     print(f"{len(all_s)} samples ({args.per_prompt} per prompt, {len(rows)} prompts) in {seconds:.0f} s; "
           f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}")
     print(f"AUC (severe below the rest): within prompts {np.nanmean(per_prompt_auc):.3f} "
-          f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {auc(all_r, all_s == 3):.3f}")
+          f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {ranking_auc(all_r, all_s == 3):.3f}")
     rng = np.random.default_rng(0)
     print("\n| N | severe: learned reward | severe: random pick | severe: oracle pick (ceiling) | cut by the reward |")
     print("|---|---|---|---|---|")

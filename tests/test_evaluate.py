@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from armature.jobs.evaluate import load_suite, markdown, summarize
-from armature.losses.evaluation import anatomical_error_rate, pairwise_decisions, relative_superiority_index
+from armature.losses.evaluation import (
+    anatomical_error_rate, best_of_n_expectation, pairwise_decisions, ranking_auc, relative_superiority_index,
+)
 
 
 def test_aer_and_rsi_against_counting_by_hand():
@@ -141,3 +143,42 @@ def test_eval_job_two_policies(ray_cluster, tmp_path):
     assert rows["tuned"]["mean/brightness"] != rows["base"]["mean/brightness"]  # the adapter was loaded
     assert rows["base"]["mean/gym_oracle"] == -3.0  # a random model draws no figure: severe
     assert client.get_run(info["mlflow_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
+def test_best_of_n_expectation_matches_every_subset(n):
+    """Against brute force over all n-subsets of a pool of 7: the judged value of the pick, and
+    with values = scores the expected maximum."""
+    import itertools
+
+
+    rng = np.random.default_rng(n)
+    scores, values = rng.normal(size=7), rng.integers(0, 4, size=7).astype(float)
+    subsets = [list(s) for s in itertools.combinations(range(7), n)]
+    assert best_of_n_expectation(scores, values, n) == pytest.approx(np.mean([values[s][np.argmax(scores[s])] for s in subsets]))
+    assert best_of_n_expectation(scores, scores, n) == pytest.approx(np.mean([scores[s].max() for s in subsets]))
+    with pytest.raises(ValueError, match="candidates"):
+        best_of_n_expectation(scores, values, 8)
+
+
+def test_ranking_auc_counts_pairs():
+    scores, bad = np.array([0.1, 0.4, 0.35, 0.8]), np.array([True, False, True, False])
+    assert ranking_auc(scores, bad) == 1.0  # both bad ones below both good ones
+    assert ranking_auc(-scores, bad) == 0.0
+    assert ranking_auc(np.zeros(4), bad) == 0.5  # all ties
+    assert ranking_auc(np.array([0.2, 0.1, 0.5]), np.array([True, False, False])) == 0.5  # 1 of 2 pairs
+    assert np.isnan(ranking_auc(scores, np.zeros(4, dtype=bool)))
+
+
+def test_gym_reward_ranking_refuses_bad_flags_before_sampling(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gym_reward_ranking.py"
+    run = subprocess.run([sys.executable, str(script), "--scorer", str(tmp_path), "--per-prompt", "8"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--per-prompt" in run.stderr and "--ns" in run.stderr
+    run = subprocess.run([sys.executable, str(script), "--scorer", str(tmp_path), "--ns", "1", "4"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--scorer" in run.stderr and "scorer.json" in run.stderr
