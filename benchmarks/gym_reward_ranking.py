@@ -6,6 +6,7 @@ figures for each gym prompt from the base policy (fixed seeds from ``--seed``, a
 the ones ``armature gym bench`` evaluates on), judges each with the oracle, scores each with the
 reward, and prints:
 
+* the oracle's most common defect sets among the severe samples (what the reward must catch);
 * ranking: AUC, the chance that a severe sample scores below a sample without a severe error
   (0.5: no better than chance; 1: every severe sample ranked last), per prompt and overall;
 * the severe-error rate of Best-of-N for each N under three selectors: the learned reward, a
@@ -22,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's armature, installed or not
@@ -61,7 +63,7 @@ def main() -> None:
     policy = load_policy("sd", str(policy_path()), SamplingParams(num_steps=args.steps, guidance_scale=1.0, eta=1.0))
     oracle = AnatomyOracle()
     start = time.perf_counter()
-    rows = []
+    rows, severe_defects = [], Counter()
     for k, (prompt, _, _) in enumerate(POSES.values()):
         severity, score = [], []
         for b in range(0, args.per_prompt, 32):
@@ -71,7 +73,9 @@ def main() -> None:
                 images = policy.rollout([prompt] * count, gens).images  # [B, H, W, 3] uint8
                 pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
                 score += reward.score_tensor(pixels, [prompt] * count).tolist()
-            severity += [oracle(image).severity for image in images]
+            verdicts = [oracle(image) for image in images]
+            severity += [v.severity for v in verdicts]
+            severe_defects.update(", ".join(f"{kind} {part}" for kind, part in v.defects) for v in verdicts if v.severity == 3)
         rows.append((prompt, np.array(severity), np.array(score)))
     seconds = time.perf_counter() - start
 
@@ -83,6 +87,8 @@ def main() -> None:
           f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}")
     print(f"AUC (severe below the rest): within prompts {np.nanmean(per_prompt_auc):.3f} "
           f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {ranking_auc(all_r, all_s == 3):.3f}")
+    print("most common defect sets of the severe samples: " + "; ".join(
+        f"[{found}] {count}" for found, count in severe_defects.most_common(3)))
     rng = np.random.default_rng(0)
     print("\n| N | severe: learned reward | severe: random pick | severe: oracle pick (ceiling) | cut by the reward |")
     print("|---|---|---|---|---|")
