@@ -171,6 +171,8 @@ def cmd_gym(args) -> int:
             cfg.reward_backbone = args.reward_backbone
         if args.crossed is not None:
             cfg.crossed = args.crossed
+        if args.graded is not None:
+            cfg.graded = args.graded
         if args.learners is not None:
             cfg.learners = [name for name in args.learners.split(",") if name]
         run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
@@ -270,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bench: the learned reward's algo.backbone (default conv; tiny: the tiny CLIP)")
     gym.add_argument("--crossed", type=float, default=None,
                      help="bench: share of pairs crossed between figures (default 0.5)")
+    gym.add_argument("--graded", type=float, default=None,
+                     help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)")
     gym.add_argument("--drawn", action="store_true",
                      help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)")
-    gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 4000)")
+    gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 8000)")
     gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
     gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")
     gym.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,9 @@ reward, and prints:
 
 * the oracle's most common defect sets among the severe samples (what the reward must catch);
 * ranking: AUC, the chance that a severe sample scores below a sample without a severe error
-  (0.5: no better than chance; 1: every severe sample ranked last), per prompt and overall;
+  (0.5: no better than chance; 1: every severe sample ranked last), per prompt and overall; the
+  same against intact samples only, and the mean reward at each severity (does the reward know
+  a missing hand from a missing forearm?);
 * the severe-error rate of Best-of-N for each N under three selectors: the learned reward, a
   random pick (the base rate) and the oracle itself (the ceiling: the least severe candidate).
   Each is the exact expectation over all N-subsets of a prompt's pool (no resampling noise;
@@ -87,6 +89,12 @@ def main() -> None:
           f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}")
     print(f"AUC (severe below the rest): within prompts {np.nanmean(per_prompt_auc):.3f} "
           f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {ranking_auc(all_r, all_s == 3):.3f}")
+    # a reward that scores a moderate error (most are a missing hand) as low as a severe one
+    # separates severe from intact and still cannot rank severe below the rest
+    none_or_severe = (all_s == 0) | (all_s == 3)
+    print(f"AUC severe vs intact (severity 0) only: {ranking_auc(all_r[none_or_severe], all_s[none_or_severe] == 3):.3f}; "
+          "mean reward by the oracle's severity: " + ", ".join(
+              f"{level}: {all_r[all_s == level].mean():+.2f} ({np.sum(all_s == level)})" for level in range(4) if np.any(all_s == level)))
     print("most common defect sets of the severe samples: " + "; ".join(
         f"[{found}] {count}" for found, count in severe_defects.most_common(3)))
     rng = np.random.default_rng(0)

@@ -140,6 +140,53 @@ def test_pairs_take_a_transform_and_cross_figures():
     assert 60 < same < 140
 
 
+def test_missing_can_cut_a_limb_off_at_the_elbow_or_knee():
+    """The gym policy's commonest severe error, a forearm gone with its hand, has its own injection:
+    the upper arm stays, and the oracle reads both parts missing, severe."""
+    from armature.gym.defects import inject
+
+    rng = np.random.default_rng(4)
+    cuts = {}
+    for _ in range(80):
+        figure = sample_figure(rng)
+        broken = inject(figure, "missing", rng)
+        kinds = tuple(sorted(part for _, part in broken.defects))
+        if kinds in (("forearm", "hand"), ("foot", "shin")):
+            cuts[kinds] = broken
+            image = render(broken)
+            upper = "upper_arm" if "hand" in kinds else "thigh"
+            assert (image == PALETTE[upper]).all(-1).sum() >= 8  # both upper bones still drawn
+            verdict = AnatomyOracle()(image)
+            assert verdict.defects == sorted(set(broken.defects)) and verdict.severity == 3
+    assert set(cuts) == {("forearm", "hand"), ("foot", "shin")}
+
+
+def test_graded_pairs_set_a_milder_defect_against_a_severe_one_on_the_same_figure():
+    """``graded``: a severe broken figure is set against the same figure (same pose, same
+    background) carrying a milder defect; the severities stored are the injectors' ground truth;
+    graded=0 leaves a seed's pairs exactly as they were."""
+    from armature.gym import pairs
+
+    plain = pairs(40, seed=5, crossed=0.5)
+    assert [r["image_w"] for r in pairs(40, seed=5, crossed=0.5, graded=0.0)] == [r["image_w"] for r in plain]
+    graded = pairs(40, seed=5, crossed=0.5, graded=1.0)
+    severe = [i for i, r in enumerate(plain) if r["severity_l"] == 3]
+    assert len(severe) >= 8
+    for i, (p, g) in enumerate(zip(plain, graded)):
+        assert g["image_l"] == p["image_l"] and check_record(g)[0] is None
+        if i not in severe:
+            assert g["image_w"] == p["image_w"] and g["severity_w"] == 0
+            continue
+        assert g["severity_w"] in (1, 2) and " over " in g["source"], g["source"]
+        good, bad = decode_image(g["image_w"]), decode_image(g["image_l"])
+        corner = np.zeros(good.shape[:2], bool)
+        corner[:3, :3] = True  # figures stay clear of the border: the background shows there
+        assert (good[corner] == bad[corner]).all()  # same figure, same background
+        assert AnatomyOracle()(good).severity == g["severity_w"]
+    with pytest.raises(ValueError, match="graded=1.5"):
+        pairs(2, graded=1.5)
+
+
 def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
     from armature.jobs.gym_bench import BenchConfig, run
 
@@ -150,7 +197,9 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
         run(BenchConfig(out=str(tmp_path / "c"), pairs=2, pair_domain="pixels"))
     with pytest.raises(ValueError, match="bench.crossed"):
         run(BenchConfig(out=str(tmp_path / "d"), pairs=2, crossed=-0.1))
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match="bench.graded"):
+        run(BenchConfig(out=str(tmp_path / "e"), pairs=2, graded=2.0))
+    assert not any((tmp_path / name).exists() for name in "cde")
 
 
 def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():

@@ -6,17 +6,22 @@ Each injector takes an intact :class:`~armature.gym.figures.Figure` and returns 
 
 ==============  ==================================================================
 ``extra``       an extra hand on a forearm, or a whole extra arm or leg off the torso
-``missing``     a hand, a foot, the head, or a whole arm or leg left out
+``missing``     a hand, a foot, the head, a whole arm or leg, or a limb cut off at the elbow
+                or knee (forearm and hand, or shin and foot, gone: the gym policy's commonest
+                severe error)
 ``reversed``    an elbow or a knee bent the wrong way
 ``overbent``    an elbow or a knee bent past its limit
 ``proportion``  one limb bone far too long, or the head far too big or too small
-``detached``    a head, hand, foot, forearm or shin drawn away from its joint
+``detached``    a head, hand, foot, forearm or shin drawn away from its joint, by a gap from
+                just over the oracle's 2 px tolerance up to 8 px
 ==============  ==================================================================
 
 An injection that would draw ambiguously (parts of one colour touching, a part off the canvas)
 is redrawn with other random choices. :func:`make_pair` turns an intact figure and its broken
 copy into a record of the preference-pair format (the intact image preferred) whose mask covers
-exactly where the two images differ.
+exactly where the two images differ; :func:`pairs` can also set a milder defect against a severe
+one on the same figure (graded pairs), so that a scorer learns the severity scale, not only
+intact against broken.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from armature.gym.oracle import severity_of
 
 KINDS = ("extra", "missing", "reversed", "overbent", "proportion", "detached")
 CHAINS = {"arm": ("upper_arm", "forearm", "hand"), "leg": ("thigh", "shin", "foot")}
+CUT_AT = {"forearm": ("forearm", "hand"), "shin": ("shin", "foot")}  # a limb cut off at the elbow / knee
 JOINT_OF = {"elbow": "arm", "knee": "leg"}
 REVERSED = (-75.0, -45.0)
 OVERBENT = {"elbow": (137.0, 150.0), "knee": (127.0, 140.0)}
@@ -83,8 +89,8 @@ def extra(figure: Figure, rng) -> tuple[list[Part], list]:
 
 
 def missing(figure: Figure, rng) -> tuple[list[Part], list]:
-    side, what = _side(rng), ("arm", "leg", "hand", "foot", "head")[rng.integers(5)]
-    types = CHAINS.get(what, (what,))
+    side, what = _side(rng), ("arm", "leg", "hand", "foot", "head", "forearm", "shin")[rng.integers(7)]
+    types = CHAINS.get(what) or CUT_AT.get(what) or (what,)
     parts = [p for p in figure.parts if not (p.type in types and (p.side in (side, None)))]
     return parts, [("missing", t) for t in types]
 
@@ -123,11 +129,12 @@ def detached(figure: Figure, rng) -> tuple[list[Part], list]:
     chosen = [p for p in parts if p.type in moved and p.side in (side, None)]
     anchor = next(p for p in chosen if p.type == root)
     parent = next(p for p in parts if p.type == PARENT[root] and p.side in (side, None))
-    # away from the parent's centre, 4-7 px beyond touching
+    # away from the parent's centre; a step that leaves the gap within the oracle's tolerance is
+    # redrawn (is_apart), so the narrow end is the faint gap at a joint the policy draws
     centre = np.mean(anchor.points, 0)
     away = centre - np.mean(parent.points, 0)
     away = away / max(np.linalg.norm(away), 1e-6)
-    step = away * rng.uniform(5, 8)
+    step = away * rng.uniform(3, 8)
     for p in chosen:
         p.points = [tuple(np.array(q) + step) for q in p.points]
     anchor.tag = "detached"
@@ -165,6 +172,19 @@ def sample_defective(rng: np.random.Generator, kind: str | None = None, pose: st
     raise RuntimeError(f"no figure took a {kind!r} defect in {max_tries} tries")
 
 
+def milder(figure: Figure, rng: np.random.Generator, below: int, max_tries: int = 50) -> Figure | None:
+    """``figure`` (intact) with one defect of severity 1 to ``below - 1`` (ground truth, not the
+    oracle's reading), or None when no injection lands in that range in ``max_tries``."""
+    for _ in range(max_tries):
+        try:
+            broken = inject(figure, KINDS[rng.integers(len(KINDS))], rng)
+        except RuntimeError:
+            continue
+        if 1 <= severity(broken.defects) < below:
+            return broken
+    return None
+
+
 def difference_mask(a: np.ndarray, b: np.ndarray, grow: int = 2) -> np.ndarray:
     """Where two images differ, grown by ``grow`` pixels: ``[H, W]`` uint8 0/255."""
     from scipy import ndimage
@@ -177,10 +197,10 @@ def difference_mask(a: np.ndarray, b: np.ndarray, grow: int = 2) -> np.ndarray:
 
 def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
               images: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """A preference-pair record (``armature.data.pairs`` format): the intact figure preferred,
-    the region mask where the two drawings differ, the severities of both. ``images`` replaces
-    the drawings stored (e.g. the same two after a generator's decoder); the mask stays the
-    drawings' difference."""
+    """A preference-pair record (``armature.data.pairs`` format): the first figure preferred
+    (intact, or in a graded pair a milder defect), the region mask where the two drawings differ,
+    the severities of both. ``images`` replaces the drawings stored (e.g. the same two after a
+    generator's decoder); the mask stays the drawings' difference."""
     from armature.data.pairs import encode_image
 
     good, bad = render(intact), render(broken)
@@ -193,10 +213,16 @@ def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
         "image_l": encode_image(stored[1]),
         "label": "w",
         "mask": encode_image(difference_mask(good, bad)),
-        "severity_w": 0,
+        "severity_w": severity(intact.defects),
         "severity_l": severity(broken.defects),
-        "source": "gym:" + "+".join(kinds),
+        "source": "gym:" + "+".join(kinds) + (" over " + "+".join(sorted({k for k, _ in intact.defects}))
+                                              if intact.defects else ""),
     }
+
+
+def _intact_of(broken: Figure) -> Figure:
+    """The intact figure a broken one was made from (same pose and background)."""
+    return with_parts(broken, build_parts(broken.pose), [])
 
 
 def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transform=None) -> dict:
@@ -228,20 +254,30 @@ def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transf
             "by_kind": {k: h / t for k, (h, t) in by_kind.items()}, "mistakes": mistakes}
 
 
-def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0) -> list[dict]:
+def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0, graded: float = 0.0) -> list[dict]:
     """``n`` preference pairs (intact preferred over one injected defect, kinds in turn).
 
     ``transform`` (``[N, H, W, 3]`` uint8 -> same), e.g. a round trip through the policy's VAE,
     puts both images of every pair in the domain of a generator's decoded samples. A share
     ``crossed`` of the pairs sets an intact figure against another figure's broken copy: pairs of
     one figure teach a scorer what a defect changes, crossed ones to rank different figures, as
-    Best-of-N and RL ask of it."""
-    if not 0.0 <= crossed <= 1.0:
-        raise ValueError(f"crossed={crossed}: a share of the pairs, between 0 and 1 (0: every pair one figure)")
+    Best-of-N and RL ask of it. A share ``graded`` of the pairs whose broken figure is severe
+    (severity 3) prefers, instead of an intact drawing, the same figure with a milder defect
+    (severity 1 or 2): most of a policy's samples carry some defect, and Best-of-N must still
+    rank a missing hand above a missing forearm."""
+    for name, share in (("crossed", crossed), ("graded", graded)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name}={share}: a share of the pairs, between 0 and 1 (0: none)")
     rng = np.random.default_rng(seed)
     figures = [sample_defective(rng, KINDS[i % len(KINDS)]) for i in range(n)]
     cross = rng.random(n) < crossed
     figures = [(figures[(i + 1) % n][0] if cross[i] else intact, broken) for i, (intact, broken) in enumerate(figures)]
+    if graded > 0:  # drawn after the crossing, so graded=0 leaves a seed's pairs as they were
+        grade = rng.random(n) < graded
+        for i, (intact, broken) in enumerate(figures):
+            if grade[i] and severity(broken.defects) == 3:
+                mild = milder(_intact_of(broken), rng, below=3)
+                figures[i] = (mild, broken) if mild is not None else (intact, broken)
     images = [None] * n
     if transform is not None and n:
         good = transform(np.stack([render(intact) for intact, _ in figures]))

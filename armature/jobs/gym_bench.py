@@ -7,7 +7,9 @@ pairs (an intact figure preferred to the same figure with one defect).
 1. ``pairs``: ``bench.pairs`` injector pairs (:func:`armature.gym.pairs`) in the pair format,
    both images sent through the base policy's VAE (``decoded``, the default) so that they look
    like the policy's samples, or as drawn (``drawn``); half of them crossed (an intact figure
-   against another figure's broken copy), so the reward learns to rank different figures.
+   against another figure's broken copy), so the reward learns to rank different figures; and
+   ``bench.graded`` of those with a severe defect set against the same figure with a milder one
+   (graded pairs), so the reward learns the severity scale the oracle judges by.
 2. ``reward``: the reward-model job (``algo=reward_model``) on them: the ``learned`` reward, a
    prompt-free convolutional scorer (``bench.reward_backbone``; ``tiny`` is the tiny CLIP, which
    ranked the policy's samples no better than chance).
@@ -37,14 +39,16 @@ LEARNERS = ("ddpo", "dpo", "asap_dpo")
 @dataclass
 class BenchConfig:
     out: str = "gym-bench"
-    pairs: int = 4000
+    pairs: int = 8000
     pair_domain: str = "decoded"  # "decoded": through the base policy's VAE; "drawn": as rendered
     crossed: float = 0.5  # share of pairs that set one figure against another figure's broken copy
+    graded: float = 0.75  # share of severe pairs whose preferred side is the figure with a milder defect
     reward_backbone: str = "conv"  # algo.backbone of the reward-model job
     seed: int = 0
     samples_per_prompt: int = 16  # per policy and prompt: 9 prompts -> 144 judged figures a row
     best_of: list[int] = field(default_factory=lambda: [1, 4, 8])
-    reward_epochs: int = 5
+    reward_epochs: int = 3
+    reward_conv_widths: list[int] = field(default_factory=lambda: [16, 32, 32, 64])  # backbone=conv
     ddpo_epochs: int = 8
     dpo_epochs: int = 4
     learners: list[str] = field(default_factory=lambda: ["ddpo", "dpo", "asap_dpo"])
@@ -90,6 +94,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
     if not 0.0 <= cfg.crossed <= 1.0:
         raise ValueError(f"bench.crossed={cfg.crossed} (--crossed): a share of the pairs, between 0 and 1")
+    if not 0.0 <= cfg.graded <= 1.0:
+        raise ValueError(f"bench.graded={cfg.graded} (--graded): a share of the severe pairs, between 0 and 1")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS
@@ -101,7 +107,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         from armature.jobs.gym_pretrain import load_round_trip
 
         transform = load_round_trip(policy_path())
-    n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed, transform=transform, crossed=cfg.crossed),
+    n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed, transform=transform, crossed=cfg.crossed,
+                                    graded=cfg.graded),
                     str(out / "pairs" / "gym_pairs.parquet"))
     log(f"{n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
 
@@ -109,7 +116,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                      f"algo.backbone={cfg.reward_backbone}"]
     if cfg.reward_backbone == "conv":  # from scratch, at the figures' own 64 px
         reward_recipe += ["data.image_size=64", "algo.learning_rate=1e-3", "algo.weight_decay=1e-4",
-                          "algo.train_batch_size=32"]
+                          "algo.train_batch_size=32",
+                          f"algo.conv_widths=[{','.join(map(str, cfg.reward_conv_widths))}]"]
     _, reward_s, reward_dir = _stage(cfg, "reward", reward_recipe, log)
     scorer = reward_dir / "scorer"
     learned = f"+reward.components.learned={{weight: 1.0, path: {scorer}}}"
