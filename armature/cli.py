@@ -173,6 +173,8 @@ def cmd_gym(args) -> int:
             cfg.crossed = args.crossed
         if args.graded is not None:
             cfg.graded = args.graded
+        if args.reward_seeds is not None:
+            cfg.reward_seeds = args.reward_seeds
         if args.learners is not None:
             cfg.learners = [name for name in args.learners.split(",") if name]
         run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
@@ -273,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     gym.add_argument("--crossed", type=float, default=None,
                      help="bench: share of pairs crossed between figures (default 0.5)")
     gym.add_argument("--graded", type=float, default=None,
-                     help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)")
+                     help="bench: share of graded pairs, a severe figure against the same figure with a milder "
+                          "defect (default 0.25)")
+    gym.add_argument("--reward-seeds", type=int, default=None,
+                     help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 3)")
     gym.add_argument("--drawn", action="store_true",
                      help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)")
     gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 8000)")

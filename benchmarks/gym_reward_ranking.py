@@ -38,7 +38,8 @@ from armature.losses.evaluation import best_of_n_expectation, ranking_auc  # noq
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scorer", required=True, help="a learned reward's scorer/ folder (e.g. the bench's)")
+    parser.add_argument("--scorer", required=True, nargs="+",
+                        help="a learned reward's scorer/ folder (e.g. the bench's); several: their mean (an ensemble)")
     parser.add_argument("--per-prompt", type=int, default=64, help="pool size per prompt")
     parser.add_argument("--seed", type=int, default=50_000)
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (the bench's 20, eta 1)")
@@ -48,9 +49,10 @@ def main() -> None:
     if args.per_prompt < 1 or not all(1 <= n <= args.per_prompt for n in args.ns):
         parser.error(f"--ns {args.ns} with --per-prompt {args.per_prompt}: each N must lie in 1..--per-prompt "
                      "(the pool Best-of-N draws from); raise --per-prompt or drop the larger N")
-    if ":/" not in args.scorer and not os.path.isfile(os.path.join(args.scorer, "scorer.json")):  # runs:/ URIs resolve later
-        parser.error(f"--scorer {args.scorer}: no scorer.json there; give the scorer/ folder of a reward-model run, "
-                     "e.g. gym-bench/ray/bench-reward/scorer from `armature gym bench`")
+    for scorer in args.scorer:
+        if ":/" not in scorer and not os.path.isfile(os.path.join(scorer, "scorer.json")):  # runs:/ URIs resolve later
+            parser.error(f"--scorer {scorer}: no scorer.json there; give the scorer/ folder of a reward-model run, "
+                         "e.g. gym-bench/ray/bench-reward/scorer from `armature gym bench`")
 
     import torch
 
@@ -61,7 +63,7 @@ def main() -> None:
     from armature.rewards import load
 
     torch.set_num_threads(args.threads)
-    reward = load("learned", path=args.scorer)
+    reward = load("learned", path=args.scorer if len(args.scorer) > 1 else args.scorer[0])
     policy = load_policy("sd", str(policy_path()), SamplingParams(num_steps=args.steps, guidance_scale=1.0, eta=1.0))
     oracle = AnatomyOracle()
     start = time.perf_counter()

@@ -181,3 +181,31 @@ def test_conv_scorer_is_the_learned_reward_and_differentiable(tmp_path):
         load("learned", path=str(folder))
     with pytest.raises(ValueError, match="algo.conv_widths"):
         Scorer("conv", None, conv_widths=(8, 12))
+
+
+def test_a_list_of_scorer_paths_is_the_mean_of_their_scores(tmp_path):
+    """``learned`` with several paths (the gym bench's seed ensemble): each image's score is the
+    mean of what each scorer, loaded alone, gives it; still differentiable; an empty list is refused."""
+    from PIL import Image
+
+    from armature.jobs.reward_model import Scorer, save_scorer
+    from armature.rewards import load
+
+    folders = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        scorer = Scorer("conv", None, conv_widths=(8, 16), image_size=32).eval()
+        folders.append(str(save_scorer(scorer, tmp_path / f"s{seed}", "conv",
+                                       {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"})))
+    pixels = _batch()["pixels_w"]
+    images = [Image.fromarray(p.numpy()) for p in pixels]
+    alone = np.stack([load("learned", path=f)(images, ["x"] * len(images)) for f in folders])
+    ensemble = load("learned", path=folders)
+    assert alone.std(0).min() > 0  # the members disagree, so the mean is a real test
+    np.testing.assert_allclose(ensemble(images, ["x"] * len(images)), alone.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(load("learned", path=folders[:1])(images, ["x"] * len(images)), alone[0], rtol=1e-6)
+    tensor = (pixels.permute(0, 3, 1, 2).float() / 255).requires_grad_(True)
+    ensemble.score_tensor(tensor, ["x"] * len(images)).sum().backward()
+    assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="empty list"):
+        load("learned", path=[])

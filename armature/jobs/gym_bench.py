@@ -7,12 +7,13 @@ pairs (an intact figure preferred to the same figure with one defect).
 1. ``pairs``: ``bench.pairs`` injector pairs (:func:`armature.gym.pairs`) in the pair format,
    both images sent through the base policy's VAE (``decoded``, the default) so that they look
    like the policy's samples, or as drawn (``drawn``); half of them crossed (an intact figure
-   against another figure's broken copy), so the reward learns to rank different figures; and
-   ``bench.graded`` of those with a severe defect set against the same figure with a milder one
-   (graded pairs), so the reward learns the severity scale the oracle judges by.
-2. ``reward``: the reward-model job (``algo=reward_model``) on them: the ``learned`` reward, a
-   prompt-free convolutional scorer (``bench.reward_backbone``; ``tiny`` is the tiny CLIP, which
-   ranked the policy's samples no better than chance).
+   against another figure's broken copy), so the reward learns to rank different figures; and a
+   share ``bench.graded`` of graded pairs (a severe figure against the same figure with a milder
+   defect), so the reward learns the severity scale the oracle judges by.
+2. ``reward``: the reward-model job (``algo=reward_model``) on them, ``bench.reward_seeds`` times
+   from consecutive seeds: the ``learned`` reward is the mean of those prompt-free convolutional
+   scorers (``bench.reward_backbone``; ``tiny`` is the tiny CLIP, which ranked the policy's
+   samples no better than chance).
 3. ``ddpo``: DDPO on the base policy (``model=gym``) against the learned reward.
 4. ``dpo`` / ``asap``: Diffusion-DPO and ASAP's localized, margin-bounded DPO on the pairs
    (``model=gym_lora``).
@@ -42,12 +43,13 @@ class BenchConfig:
     pairs: int = 8000
     pair_domain: str = "decoded"  # "decoded": through the base policy's VAE; "drawn": as rendered
     crossed: float = 0.5  # share of pairs that set one figure against another figure's broken copy
-    graded: float = 0.75  # share of severe pairs whose preferred side is the figure with a milder defect
+    graded: float = 0.25  # share of graded pairs: a severe figure against the same figure with a milder defect
     reward_backbone: str = "conv"  # algo.backbone of the reward-model job
     seed: int = 0
     samples_per_prompt: int = 16  # per policy and prompt: 9 prompts -> 144 judged figures a row
     best_of: list[int] = field(default_factory=lambda: [1, 4, 8])
     reward_epochs: int = 3
+    reward_seeds: int = 3  # scorers trained from seeds seed, seed + 1, ...; the learned reward is their mean
     reward_conv_widths: list[int] = field(default_factory=lambda: [16, 32, 32, 64])  # backbone=conv
     ddpo_epochs: int = 8
     dpo_epochs: int = 4
@@ -55,7 +57,7 @@ class BenchConfig:
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
 
-def _stage(cfg: BenchConfig, name: str, overrides: list[str], log) -> tuple[dict, float, Path]:
+def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | None = None) -> tuple[dict, float, Path]:
     """Compose and run one job; returns its metrics, wall seconds and run folder."""
     import importlib
 
@@ -65,7 +67,7 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log) -> tuple[dict
     out = Path(cfg.out).resolve()
     # One local Ray serves every stage, sized for the largest (DDPO's learner, samplers and reward
     # actors): logical CPUs, the stages take turns on the cores. A cluster address overrides it.
-    base = [f"trainer.storage_path={out / 'ray'}", f"tracking.run_name=bench-{name}", f"trainer.seed={cfg.seed}",
+    base = [f"trainer.storage_path={out / 'ray'}", f"tracking.run_name=bench-{name}", f"trainer.seed={cfg.seed if seed is None else seed}",
             "cluster.num_cpus=8", "sampling.num_steps=20", "sampling.guidance_scale=1.0"]  # as pretrain measures
     job_cfg = compose("train", base + overrides + list(cfg.overrides))
     log(f"stage {name}: {' '.join(overrides)}")
@@ -94,8 +96,10 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
     if not 0.0 <= cfg.crossed <= 1.0:
         raise ValueError(f"bench.crossed={cfg.crossed} (--crossed): a share of the pairs, between 0 and 1")
+    if cfg.reward_seeds < 1:
+        raise ValueError(f"bench.reward_seeds={cfg.reward_seeds} (--reward-seeds): train at least one scorer")
     if not 0.0 <= cfg.graded <= 1.0:
-        raise ValueError(f"bench.graded={cfg.graded} (--graded): a share of the severe pairs, between 0 and 1")
+        raise ValueError(f"bench.graded={cfg.graded} (--graded): a share of the pairs, between 0 and 1")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS
@@ -118,9 +122,15 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         reward_recipe += ["data.image_size=64", "algo.learning_rate=1e-3", "algo.weight_decay=1e-4",
                           "algo.train_batch_size=32",
                           f"algo.conv_widths=[{','.join(map(str, cfg.reward_conv_widths))}]"]
-    _, reward_s, reward_dir = _stage(cfg, "reward", reward_recipe, log)
-    scorer = reward_dir / "scorer"
-    learned = f"+reward.components.learned={{weight: 1.0, path: {scorer}}}"
+    # one scorer per seed; several are averaged (the learned reward's list of paths): the training
+    # seed alone moves a scorer's ranking of the policy's samples by several AUC points
+    scorers, reward_s = [], 0.0
+    for k in range(cfg.reward_seeds):
+        _, took, reward_dir = _stage(cfg, "reward" if k == 0 else f"reward-{k}", reward_recipe, log, seed=cfg.seed + k)
+        scorers.append(str(reward_dir / "scorer"))
+        reward_s += took
+    paths = scorers[0] if len(scorers) == 1 else f"[{', '.join(scorers)}]"
+    learned = f"+reward.components.learned={{weight: 1.0, path: {paths}}}"
     seconds, policies = {"base": 0.0}, {"base": None}
     # DDPO trains a LoRA at the DDPO paper's learning rate: the tiny models' full fine-tuning at
     # 1e-3 collapsed the learned reward in one epoch on the gym policy (an earlier bench run).

@@ -10,14 +10,20 @@ The score is HPS/PickScore's ``exp(logit_scale) * cos(e_I, e_T)`` of the fine-tu
 learned reward is a :class:`~armature.rewards.clip_score.ClipSimilarity` (differentiable). A scorer
 trained with ``algo.backbone=conv`` (``"kind": "conv"``) is a prompt-free
 :class:`~armature.rewards.conv_scorer.ConvScorer` instead (differentiable too).
-``path`` is the folder, or an MLflow artifact URI (``runs:/<run id>/scorer``, ``models:/...``).
+``path`` is the folder, or an MLflow artifact URI (``runs:/<run id>/scorer``, ``models:/...``);
+a list of them is an ensemble whose score is the mean of the members' (e.g. one recipe trained
+from several seeds: ``trainer.seed``), which ranks more steadily than any one member.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
+import torch
+
+from .base import DifferentiableReward
 from .clip_score import ClipSimilarity
 from .registry import register
 
@@ -37,10 +43,30 @@ def resolve_scorer(path: str, tracking_uri: str | None = None) -> str:
     return path
 
 
+class MeanOfScorers(DifferentiableReward):
+    """The mean score of several trained scorers (an ensemble); differentiable like its members."""
+
+    def __init__(self, members: list, name: str = "learned"):
+        self.members, self.name = members, name
+        self.device = members[0].device
+        self.severity_thresholds = []  # members' ordinal heads do not average into one
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        self._check_tensor(images, prompts)
+        return torch.stack([m.score_tensor(images, prompts).to(self.device) for m in self.members]).mean(0)
+
+
 @register("learned")
-def learned(path: str, device: str = "cpu", tracking_uri: str | None = None):
+def learned(path, device: str = "cpu", tracking_uri: str | None = None):
     """The trained scorer in ``path``: ``exp(logit_scale) * cos`` of its fine-tuned CLIP, or its
-    convolutional image scorer."""
+    convolutional image scorer; a list of paths: the mean of their scores."""
+    if not isinstance(path, (str, os.PathLike)):
+        paths = list(path)
+        if not paths:
+            raise ValueError("learned reward: path is an empty list; give a scorer folder or a list of them")
+        if len(paths) == 1:
+            return learned(paths[0], device=device, tracking_uri=tracking_uri)
+        return MeanOfScorers([learned(p, device=device, tracking_uri=tracking_uri) for p in paths])
     path = resolve_scorer(path, tracking_uri)
     with open(os.path.join(path, SCORER_FILE)) as f:
         meta = json.load(f)
