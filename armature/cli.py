@@ -275,8 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     gym.add_argument("--crossed", type=float, default=None,
                      help="bench: share of pairs crossed between figures (default 0.5)")
     gym.add_argument("--graded", type=float, default=None,
-                     help="bench: share of graded pairs, a severe figure against the same figure with a milder "
-                          "defect (default 0.25)")
+                     help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)")
     gym.add_argument("--reward-seeds", type=int, default=None,
                      help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 3)")
     gym.add_argument("--drawn", action="store_true",

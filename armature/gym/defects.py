@@ -47,7 +47,6 @@ from armature.gym.figures import (
 from armature.gym.oracle import severity_of
 
 KINDS = ("extra", "missing", "reversed", "overbent", "proportion", "detached")
-SEVERE_KINDS = ("extra", "missing", "detached")  # the kinds that can make a severe (3) defect
 CHAINS = {"arm": ("upper_arm", "forearm", "hand"), "leg": ("thigh", "shin", "foot")}
 CUT_AT = {"forearm": ("forearm", "hand"), "shin": ("shin", "foot")}  # a limb cut off at the elbow / knee
 JOINT_OF = {"elbow": "arm", "knee": "leg"}
@@ -221,6 +220,11 @@ def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
     }
 
 
+def _intact_of(broken: Figure) -> Figure:
+    """The intact figure a broken one was made from (same pose and background)."""
+    return with_parts(broken, build_parts(broken.pose), [])
+
+
 def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transform=None) -> dict:
     """Render ``n_intact`` intact figures and ``n_per_kind`` broken ones of every kind; the share
     on which the oracle's defects (kind and part) and severity equal the ground truth.
@@ -257,25 +261,23 @@ def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0, graded: f
     puts both images of every pair in the domain of a generator's decoded samples. A share
     ``crossed`` of the pairs sets an intact figure against another figure's broken copy: pairs of
     one figure teach a scorer what a defect changes, crossed ones to rank different figures, as
-    Best-of-N and RL ask of it. A share ``graded`` of the pairs is made instead from severe
-    figures (severity 3, from the injectors that can break a limb, the head or the torso's
-    attachments) each set against the same figure with a milder defect (severity 1 or 2): most
-    of a policy's samples carry some defect, and Best-of-N must still rank a missing hand above a
-    missing forearm."""
+    Best-of-N and RL ask of it. A share ``graded`` of the pairs whose broken figure is severe
+    (severity 3) prefers, instead of an intact drawing, the same figure with a milder defect
+    (severity 1 or 2): most of a policy's samples carry some defect, and Best-of-N must still
+    rank a missing hand above a missing forearm."""
     for name, share in (("crossed", crossed), ("graded", graded)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name}={share}: a share of the pairs, between 0 and 1 (0: none)")
     rng = np.random.default_rng(seed)
-    n_graded = int(round(n * graded))
-    n_plain = n - n_graded
-    figures = [sample_defective(rng, KINDS[i % len(KINDS)]) for i in range(n_plain)]
-    cross = rng.random(n_plain) < crossed
-    figures = [(figures[(i + 1) % n_plain][0] if cross[i] else intact, broken)
-               for i, (intact, broken) in enumerate(figures)]
-    while len(figures) < n:  # graded pairs after the plain ones: graded=0 leaves a seed's pairs as they were
-        intact, broken = sample_defective(rng, SEVERE_KINDS[len(figures) % len(SEVERE_KINDS)])
-        if severity(broken.defects) == 3:
-            figures.append((milder(intact, rng, below=3) or intact, broken))
+    figures = [sample_defective(rng, KINDS[i % len(KINDS)]) for i in range(n)]
+    cross = rng.random(n) < crossed
+    figures = [(figures[(i + 1) % n][0] if cross[i] else intact, broken) for i, (intact, broken) in enumerate(figures)]
+    if graded > 0:  # drawn after the crossing, so graded=0 leaves a seed's pairs as they were
+        grade = rng.random(n) < graded
+        for i, (intact, broken) in enumerate(figures):
+            if grade[i] and severity(broken.defects) == 3:
+                mild = milder(_intact_of(broken), rng, below=3)
+                figures[i] = (mild, broken) if mild is not None else (intact, broken)
     images = [None] * n
     if transform is not None and n:
         good = transform(np.stack([render(intact) for intact, _ in figures]))

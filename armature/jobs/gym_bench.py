@@ -7,9 +7,10 @@ pairs (an intact figure preferred to the same figure with one defect).
 1. ``pairs``: ``bench.pairs`` injector pairs (:func:`armature.gym.pairs`) in the pair format,
    both images sent through the base policy's VAE (``decoded``, the default) so that they look
    like the policy's samples, or as drawn (``drawn``); half of them crossed (an intact figure
-   against another figure's broken copy), so the reward learns to rank different figures; and a
-   share ``bench.graded`` of graded pairs (a severe figure against the same figure with a milder
-   defect), so the reward learns the severity scale the oracle judges by.
+   against another figure's broken copy), so the reward learns to rank different figures; and
+   ``bench.graded`` of those with a severe defect set against the same figure with a milder one
+   (graded pairs, in place, so they stay spread through the file the reward streams), so the
+   reward learns the severity scale the oracle judges by.
 2. ``reward``: the reward-model job (``algo=reward_model``) on them, ``bench.reward_seeds`` times
    from consecutive seeds: the ``learned`` reward is the mean of those prompt-free convolutional
    scorers (``bench.reward_backbone``; ``tiny`` is the tiny CLIP, which ranked the policy's
@@ -43,7 +44,7 @@ class BenchConfig:
     pairs: int = 8000
     pair_domain: str = "decoded"  # "decoded": through the base policy's VAE; "drawn": as rendered
     crossed: float = 0.5  # share of pairs that set one figure against another figure's broken copy
-    graded: float = 0.25  # share of graded pairs: a severe figure against the same figure with a milder defect
+    graded: float = 0.75  # share of severe pairs whose preferred side is the figure with a milder defect
     reward_backbone: str = "conv"  # algo.backbone of the reward-model job
     seed: int = 0
     samples_per_prompt: int = 16  # per policy and prompt: 9 prompts -> 144 judged figures a row
@@ -99,7 +100,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     if cfg.reward_seeds < 1:
         raise ValueError(f"bench.reward_seeds={cfg.reward_seeds} (--reward-seeds): train at least one scorer")
     if not 0.0 <= cfg.graded <= 1.0:
-        raise ValueError(f"bench.graded={cfg.graded} (--graded): a share of the pairs, between 0 and 1")
+        raise ValueError(f"bench.graded={cfg.graded} (--graded): a share of the severe pairs, between 0 and 1")
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS
