@@ -207,7 +207,8 @@ def cmd_gym(args) -> int:
         from armature.jobs.gym_pretrain import load_round_trip
 
         transform = load_round_trip(policy_path())
-    n = write_pairs(pairs(args.n or 600, seed=args.seed, transform=transform), f"{args.out}/gym_pairs.parquet")
+    n = write_pairs(pairs(args.n or 600, seed=args.seed, transform=transform, crossed=args.crossed or 0.0,
+                          graded=args.graded or 0.0), f"{args.out}/gym_pairs.parquet")
     print(f"[armature] {n} gym pairs in {args.out}/gym_pairs.parquet")
     return 0
 
