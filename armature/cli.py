@@ -165,6 +165,12 @@ def cmd_gym(args) -> int:
             cfg.pairs = args.n
         if args.samples:
             cfg.samples_per_prompt = args.samples
+        if args.best_of is not None:
+            try:
+                cfg.best_of = [int(n) for n in args.best_of.split(",") if n]
+            except ValueError:
+                print(f"armature: --best-of {args.best_of!r}: comma-separated integers, e.g. 1,4,8,16", file=sys.stderr)
+                return 2
         if args.drawn:
             cfg.pair_domain = "drawn"
         if args.reward_backbone:
@@ -284,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 8000)")
     gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
     gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")
+    gym.add_argument("--best-of", default=None,
+                     help="bench: comma-separated Best-of-N sizes (default 1,4,8,16; the pool is samples x the largest)")
     gym.add_argument("--seed", type=int, default=0)
     gym.add_argument("--minutes", type=float, default=0.0, help="pretrain: wall-time budget (default 30)")
     gym.add_argument("--threads", type=int, default=0, help="pretrain: torch threads (default: torch's)")

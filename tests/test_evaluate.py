@@ -100,6 +100,24 @@ def test_best_of_n_selection_by_hand():
     assert rows[0]["severe_rate"] == pytest.approx(1 / 3) and rows[0]["aer"] == pytest.approx(2 / 3)
 
 
+def test_pool_expectation_against_every_subset():
+    """Best-of-N over a prompt's whole pool: the mean, over every N-subset of each prompt's
+    candidates, of the judge at the selector's best (and of judge <= severe_at), then over prompts."""
+    from itertools import combinations
+
+    from armature.jobs.evaluate import pool_expectation
+
+    rng = np.random.default_rng(3)
+    sel = rng.normal(size=(3, 7))
+    judge = -rng.integers(0, 4, size=(3, 7)).astype(float)  # minus a severity 0..3
+    for n in (1, 3, 7):
+        picks = [[judge[p][list(c)][np.argmax(sel[p][list(c)])] for c in combinations(range(7), n)] for p in range(3)]
+        got = pool_expectation(sel, judge, n, severe_at=-3.0)
+        assert got["pool/judge"] == pytest.approx(np.mean([np.mean(x) for x in picks]))
+        assert got["pool/severe_rate"] == pytest.approx(np.mean([np.mean(np.array(x) <= -3.0) for x in picks]))
+    assert pool_expectation(sel, judge, 1, -3.0)["pool/severe_rate"] == pytest.approx(np.mean(judge <= -3.0))
+
+
 def test_eval_job_two_policies(ray_cluster, tmp_path):
     """Two policies on one suite: the same base model twice ties everywhere (RSI 1, equal AER);
     a perturbed adapter is compared on every (prompt, seed)."""
@@ -142,6 +160,9 @@ def test_eval_job_two_policies(ray_cluster, tmp_path):
     assert rows["tuned"]["rsi_wins"] + rows["tuned"]["rsi_ties"] + rows["tuned"]["rsi_losses"] == 8
     assert rows["tuned"]["mean/brightness"] != rows["base"]["mean/brightness"]  # the adapter was loaded
     assert rows["base"]["mean/gym_oracle"] == -3.0  # a random model draws no figure: severe
+    for name in rows:  # the pool estimate (its math: test_pool_expectation_against_every_subset) is in every row
+        assert 0.0 < rows[name]["pool/judge"] < 1.0  # a mean brightness
+        assert rows[name]["pool/severe_rate"] == 0.0  # brightness is never <= algo.severe_at (-3)
     assert client.get_run(info["mlflow_run_id"]).info.status == "FINISHED"
 
 

@@ -201,7 +201,9 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
         run(BenchConfig(out=str(tmp_path / "e"), pairs=2, graded=2.0))
     with pytest.raises(ValueError, match="bench.reward_seeds"):
         run(BenchConfig(out=str(tmp_path / "f"), pairs=2, reward_seeds=0))
-    assert not any((tmp_path / name).exists() for name in "cdef")
+    with pytest.raises(ValueError, match="bench.best_of"):
+        run(BenchConfig(out=str(tmp_path / "g"), pairs=2, best_of=[0, 4]))
+    assert not any((tmp_path / name).exists() for name in "cdefg")
 
 
 def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():

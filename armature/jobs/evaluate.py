@@ -19,7 +19,12 @@ Reported per policy (ASAP, seed 001, eqs. 7-8; the math is ``armature/losses/eva
 Best-of-N (``algo.best_of: [1, 4, 8]``, ``algo.selector``): each policy draws
 ``samples_per_prompt * max(N)`` candidates per prompt once; for every N the row ``<policy>+bonN``
 keeps, in each group of candidates, the best of its first N by the selector reward (which must
-not be the judge), so N = 1 is the plain policy and larger N reuse the same draws.
+not be the judge), so N = 1 is the plain policy and larger N reuse the same draws. Each such row also carries the
+pool estimate (``pool/severe_rate``, ``pool/<judge>``, with ``algo.severe_at``): the exact
+expectation, over every N-subset of a prompt's whole pool of candidates, of the judge at the
+selector's pick (``best_of_n_expectation``), averaged over prompts. It measures the same thing
+as the row from every draw instead of one group's first N (for N = 1: the mean over all
+``samples_per_prompt * max(N)`` draws), so it is far steadier than the fixed-seed row.
 
 The suite (``algo.suite``): ``gym`` (the anatomy gym's pose prompts, a category per pose), or a
 file: JSONL lines ``{"prompt": ..., "category": ...}``, or plain text, one prompt a line.
@@ -36,7 +41,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from armature.losses.evaluation import anatomical_error_rate, pairwise_decisions, relative_superiority_index
+from armature.losses.evaluation import (
+    anatomical_error_rate, best_of_n_expectation, pairwise_decisions, relative_superiority_index,
+)
 
 
 def load_suite(suite: str) -> list[tuple[str, str]]:
@@ -73,6 +80,15 @@ def select_best_of(components: dict[str, np.ndarray], selector: str, samples: in
     pool = {k: v.reshape(v.shape[0], samples, -1) for k, v in components.items()}
     pick = pool[selector][:, :, :n].argmax(-1)[..., None]  # [P, samples, 1]
     return {k: np.take_along_axis(v, pick, axis=-1)[..., 0] for k, v in pool.items()}
+
+
+def pool_expectation(selector: np.ndarray, judge: np.ndarray, n: int, severe_at: float) -> dict[str, float]:
+    """Best-of-``n`` over each prompt's whole pool (``[P, M]`` selector and judge scores): the
+    expected judge score and severe share (judge ``<= severe_at``) of the selector's pick, exact
+    over all ``n``-subsets of the M candidates, averaged over prompts."""
+    severe = [best_of_n_expectation(s, j <= severe_at, n) for s, j in zip(selector, judge)]
+    score = [best_of_n_expectation(s, j, n) for s, j in zip(selector, judge)]
+    return {"pool/severe_rate": float(np.mean(severe)), "pool/judge": float(np.mean(score))}
 
 
 def summarize(judge_scores: dict[str, np.ndarray], categories: list[str], threshold: float,
@@ -128,7 +144,7 @@ def run(cfg: DictConfig) -> dict:
     job = open_run(cfg, cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
     c = job.cfg
     logger = RunLogger(job.tracking_uri, job.run_id)
-    rewards, judge_scores, components, samplers, seconds = [], {}, {}, [], {}
+    rewards, judge_scores, components, samplers, seconds, pooled = [], {}, {}, [], {}, {}
     try:
         rewards = start_reward_actors(
             reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
@@ -154,6 +170,9 @@ def run(cfg: DictConfig) -> dict:
                 kept = select_best_of(pool, algo.selector or algo.judge, algo.samples_per_prompt, best)
                 judge_scores[row_name], components[row_name] = kept[algo.judge], kept
                 seconds[row_name] = per_candidate_s * best
+                if algo.severe_at is not None:
+                    pooled[row_name] = pool_expectation(pool[algo.selector or algo.judge], pool[algo.judge],
+                                                        best, algo.severe_at)
             logger.log_images(result.images[:, 0][: c["tracking"]["images_per_grid"]], f"samples/{name}.png")
             for actor in samplers:
                 ray.kill(actor)
@@ -161,6 +180,7 @@ def run(cfg: DictConfig) -> dict:
         rows = summarize(judge_scores, categories, algo.threshold, algo.tie_tolerance, components, algo.severe_at)
         for row in rows:
             row["sample_s"] = seconds[row["policy"]]  # sampling (and scoring) seconds per kept image
+            row.update(pooled.get(row["policy"], {}))
         for step, row in enumerate(rows):
             logger.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
                                 and math.isfinite(float(v))}, step=step)
