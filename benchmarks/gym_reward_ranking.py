@@ -40,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scorer", required=True, nargs="+",
                         help="a learned reward's scorer/ folder (e.g. the bench's); several: their mean (an ensemble)")
-    parser.add_argument("--per-prompt", type=int, default=64, help="pool size per prompt")
+    parser.add_argument("--per-prompt", type=int, default=64,
+                        help="pool size per prompt; for N >= 16 use 256 (from a pool of 64 the best of 16 "
+                             "rests on a few figures a prompt)")
     parser.add_argument("--seed", type=int, default=50_000)
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (the bench's 20, eta 1)")
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16, 32])

@@ -206,6 +206,28 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
     assert not any((tmp_path / name).exists() for name in "cdefg")
 
 
+def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):
+    """`armature gym pairs --graded 1 --crossed 1` reaches pairs(); `gym bench --best-of 4,x`
+    stops with the flag named before any stage writes anything."""
+    import pyarrow.parquet as pq
+
+    from armature.cli import main
+
+    assert main(["gym", "pairs", "--n", "24", "--out", str(tmp_path / "p"), "--graded", "1.0", "--crossed", "1.0"]) == 0
+    table = pq.read_table(next((tmp_path / "p").glob("*.parquet"))).to_pylist()
+    assert len(table) == 24
+    graded = [r for r in table if " over " in r["source"]]
+    assert graded and all(r["severity_w"] in (1, 2) for r in graded)  # every severe pair graded
+    assert main(["gym", "pairs", "--n", "24", "--out", str(tmp_path / "q")]) == 0
+    plain = pq.read_table(next((tmp_path / "q").glob("*.parquet"))).to_pylist()
+    assert not any(" over " in r["source"] for r in plain)  # the defaults: none graded
+    same_background = lambda r: (decode_image(r["image_w"])[:3, :3] == decode_image(r["image_l"])[:3, :3]).all()
+    assert all(same_background(r) for r in plain)  # none crossed: one figure, its broken copy
+    assert not any(same_background(r) for r in table if " over " not in r["source"])  # crossed: two figures
+    assert main(["gym", "bench", "--best-of", "4,x", "--out", str(tmp_path / "b")]) == 2
+    assert "--best-of" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():
     """``reward=gym_anatomy`` (the default job's reward) loads the conv scorer shipped in the
     package, trained on seed-0 injector pairs; on pairs of another seed, through the gym VAE as
