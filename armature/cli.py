@@ -181,6 +181,7 @@ def cmd_gym(args) -> int:
             cfg.graded = args.graded
         if args.reward_seeds is not None:
             cfg.reward_seeds = args.reward_seeds
+        cfg.shared_pairs = args.shared_pairs
         if args.learners is not None:
             cfg.learners = [name for name in args.learners.split(",") if name]
         run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)")
     gym.add_argument("--reward-seeds", type=int, default=None,
                      help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 3)")
+    gym.add_argument("--shared-pairs", action="store_true",
+                     help="bench: train every scorer on one pair set (default: each on its own, drawn from its seed)")
     gym.add_argument("--drawn", action="store_true",
                      help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)")
     gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 8000)")

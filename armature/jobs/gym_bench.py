@@ -12,9 +12,11 @@ pairs (an intact figure preferred to the same figure with one defect).
    (graded pairs, in place, so they stay spread through the file the reward streams), so the
    reward learns the severity scale the oracle judges by.
 2. ``reward``: the reward-model job (``algo=reward_model``) on them, ``bench.reward_seeds`` times
-   from consecutive seeds: the ``learned`` reward is the mean of those prompt-free convolutional
-   scorers (``bench.reward_backbone``; ``tiny`` is the tiny CLIP, which ranked the policy's
-   samples no better than chance).
+   from consecutive seeds, each scorer on its own pair set drawn from its seed (``pairs``,
+   ``pairs-1``, ...; ``bench.shared_pairs``: all on the first): the ``learned`` reward is the
+   mean of those prompt-free convolutional scorers (``bench.reward_backbone``; ``tiny`` is the
+   tiny CLIP, which ranked the policy's samples no better than chance). Scorers trained from
+   several seeds on one pair set make the same mistakes; on separate sets they differ more.
 3. ``ddpo``: DDPO on the base policy (``model=gym``) against the learned reward.
 4. ``dpo`` / ``asap``: Diffusion-DPO and ASAP's localized, margin-bounded DPO on the pairs
    (``model=gym_lora``).
@@ -55,6 +57,7 @@ class BenchConfig:
     best_of: list[int] = field(default_factory=lambda: [1, 4, 8, 16])  # the pool: samples x max(N) a prompt
     reward_epochs: int = 3
     reward_seeds: int = 3  # scorers trained from seeds seed, seed + 1, ...; the learned reward is their mean
+    shared_pairs: bool = False  # True: every scorer on the seed's pair set; False: each on its own
     reward_conv_widths: list[int] = field(default_factory=lambda: [16, 32, 32, 64])  # backbone=conv
     ddpo_epochs: int = 7  # with three scorers, training stays under 15 min on 2 cores (8 epochs: 907 s)
     dpo_epochs: int = 4
@@ -118,12 +121,14 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         from armature.jobs.gym_pretrain import load_round_trip
 
         transform = load_round_trip(policy_path())
-    n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed, transform=transform, crossed=cfg.crossed,
-                                    graded=cfg.graded),
-                    str(out / "pairs" / "gym_pairs.parquet"))
-    log(f"{n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
+    pair_dirs = [out / ("pairs" if k == 0 else f"pairs-{k}") for k in range(1 if cfg.shared_pairs else cfg.reward_seeds)]
+    for k, pair_dir in enumerate(pair_dirs):  # the first also feeds the DPO learners
+        n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed + k, transform=transform, crossed=cfg.crossed,
+                                        graded=cfg.graded),
+                        str(pair_dir / "gym_pairs.parquet"))
+    log(f"{len(pair_dirs)} x {n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
 
-    reward_recipe = ["algo=reward_model", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={cfg.reward_epochs}",
+    reward_recipe = ["algo=reward_model", f"algo.num_epochs={cfg.reward_epochs}",
                      f"algo.backbone={cfg.reward_backbone}"]
     if cfg.reward_backbone == "conv":  # from scratch, at the figures' own 64 px
         reward_recipe += ["data.image_size=64", "algo.learning_rate=1e-3", "algo.weight_decay=1e-4",
@@ -133,7 +138,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     # seed alone moves a scorer's ranking of the policy's samples by several AUC points
     scorers, reward_s = [], 0.0
     for k in range(cfg.reward_seeds):
-        _, took, reward_dir = _stage(cfg, "reward" if k == 0 else f"reward-{k}", reward_recipe, log, seed=cfg.seed + k)
+        _, took, reward_dir = _stage(cfg, "reward" if k == 0 else f"reward-{k}",
+                                     [*reward_recipe, f"data.pairs={pair_dirs[k % len(pair_dirs)]}"], log, seed=cfg.seed + k)
         scorers.append(str(reward_dir / "scorer"))
         reward_s += took
     paths = scorers[0] if len(scorers) == 1 else f"[{', '.join(scorers)}]"
