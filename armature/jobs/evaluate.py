@@ -20,7 +20,7 @@ Best-of-N (``algo.best_of: [1, 4, 8]``, ``algo.selector``): each policy draws
 ``samples_per_prompt * max(N)`` candidates per prompt once; for every N the row ``<policy>+bonN``
 keeps, in each group of candidates, the best of its first N by the selector reward (which must
 not be the judge), so N = 1 is the plain policy and larger N reuse the same draws. Each such row also carries the
-pool estimate (``pool/severe_rate``, ``pool/<judge>``, with ``algo.severe_at``): the exact
+pool estimate (``pool/severe_rate`` and ``pool/judge``, the judge's mean; with ``algo.severe_at``): the exact
 expectation, over every N-subset of a prompt's whole pool of candidates, of the judge at the
 selector's pick (``best_of_n_expectation``), averaged over prompts. It measures the same thing
 as the row from every draw instead of one group's first N (for N = 1: the mean over all
