@@ -206,6 +206,18 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
     assert not any((tmp_path / name).exists() for name in "cdefg")
 
 
+def test_bench_counts_the_reward_training_in_every_row_that_uses_the_reward():
+    from armature.jobs.gym_bench import training_seconds
+
+    seconds, reward_s = {"base": 0.0, "ddpo": 400.0, "dpo": 90.0}, 500.0
+    assert training_seconds("base", seconds, reward_s) == 0.0  # the plain base policy uses no reward
+    assert training_seconds("base+bon16", seconds, reward_s) == 500.0  # Best-of-N ranks by it
+    assert training_seconds("ddpo", seconds, reward_s) == 900.0  # DDPO trains on it
+    assert training_seconds("ddpo+bon4", seconds, reward_s) == 900.0  # counted once, not twice
+    assert training_seconds("dpo", seconds, reward_s) == 90.0  # DPO learns from the pairs alone
+    assert training_seconds("dpo+bon8", seconds, reward_s) == 590.0
+
+
 def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):
     """`armature gym pairs --graded 1 --crossed 1` reaches pairs(); `gym bench --best-of 4,x`
     stops with the flag named before any stage writes anything."""

@@ -179,12 +179,19 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             "pool_severe_rate": row["pool/severe_rate"], "pool_mean_severity": -row["pool/judge"],
             "mean_severity": -row["mean/gym_oracle"], "any_error_rate": row["aer"],
             "learned_reward": row["mean/learned"],
-            "train_s": seconds[policy] + (reward_s if policy == "ddpo" else 0.0),
+            "train_s": training_seconds(row["policy"], seconds, reward_s),
             "sample_s_per_image": row["sample_s"]})
     text = markdown(table, reward_s, cfg.samples_per_prompt * max(cfg.best_of))
     (out / "bench.md").write_text(text)
     log("\n" + text)
     return table
+
+
+def training_seconds(row_policy: str, seconds: dict[str, float], reward_s: float) -> float:
+    """A table row's training time: its learner's, plus the learned reward's (once) wherever the
+    row uses that reward: DDPO trains on it, Best-of-N (``<policy>+bonN``) ranks by it."""
+    policy = row_policy.split("+")[0]
+    return seconds[policy] + (reward_s if policy == "ddpo" or "+bon" in row_policy else 0.0)
 
 
 def markdown(table: list[dict], reward_s: float, pool: int) -> str:
@@ -198,5 +205,6 @@ def markdown(table: list[dict], reward_s: float, pool: int) -> str:
     note = (f"\n(pool): exact expectation of Best-of-N over every N-subset of the {pool} candidates each "
             "policy drew per prompt, averaged over prompts. (picks): the fixed-seed figures, each the best "
             "of its group's first N. The learned reward (trained on injector pairs only, "
-            f"{reward_s:.0f} s, counted in DDPO's training time) ranks Best-of-N; the oracle judges.\n")
+            f"{reward_s:.0f} s, counted in the training time of DDPO and of every Best-of-N row) ranks "
+            "Best-of-N; the oracle judges.\n")
     return head + "\n".join(lines) + "\n" + note
