@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     gym.add_argument("--graded", type=float, default=None,
                      help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)")
     gym.add_argument("--reward-seeds", type=int, default=None,
-                     help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 3)")
+                     help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 5)")
     gym.add_argument("--shared-pairs", action="store_true",
                      help="bench: train every scorer on one pair set (default: each on its own, drawn from its seed)")
     gym.add_argument("--drawn", action="store_true",
