@@ -241,10 +241,10 @@ def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):
 
 
 def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():
-    """``reward=gym_anatomy`` (the default job's reward) loads the conv scorer shipped in the
-    package, trained on seed-0 injector pairs; on pairs of another seed, through the gym VAE as
-    the policy's samples are, it prefers the intact figure far above chance (0.98 held out in
-    its training run)."""
+    """``reward=gym_anatomy`` (the default job's reward) loads the five conv scorers shipped in
+    the package, trained on the injector pairs of seeds 0-4; on pairs of another seed, through
+    the gym VAE as the policy's samples are, their mean prefers the intact figure far above
+    chance (0.98-0.99 held out in their training runs)."""
     import PIL.Image
 
     from armature.gym import pairs
@@ -254,7 +254,7 @@ def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():
 
     assert json.loads((SHIPPED_SCORER / "provenance.json").read_text())["made_by"].startswith("armature gym bench")
     reward = load("gym_anatomy")
-    assert reward.name == "gym_anatomy"
+    assert reward.name == "gym_anatomy" and len(reward.members) == 5
     records = pairs(96, seed=123, transform=load_round_trip(policy_path()), crossed=0.5)
     won = [PIL.Image.fromarray(decode_image(r["image_w"])) for r in records]
     lost = [PIL.Image.fromarray(decode_image(r["image_l"])) for r in records]

@@ -15,6 +15,15 @@ SHIPPED = Path(__file__).parent / "policy"
 SHIPPED_SCORER = Path(__file__).parent / "anatomy_scorer"  # the learned anatomy reward (provenance.json)
 
 
+def shipped_scorers() -> list[str]:
+    """The shipped anatomy reward's members (``anatomy_scorer/seed-*``): its score is their mean."""
+    members = sorted(str(p) for p in SHIPPED_SCORER.glob("seed-*") if (p / "scorer.json").is_file())
+    if not members:
+        raise FileNotFoundError(f"gym_anatomy: no scorer folders seed-* in {SHIPPED_SCORER}; reinstall armature "
+                                "or pass reward.components.gym_anatomy.path=<your scorer folder>")
+    return members
+
+
 def cache_path() -> Path:
     root = os.environ.get("ARMATURE_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "armature") / "gym" / "policy"

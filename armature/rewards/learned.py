@@ -85,12 +85,13 @@ def learned(path, device: str = "cpu", tracking_uri: str | None = None):
 
 @register("gym_anatomy")
 def gym_anatomy(path: str | None = None, device: str = "cpu", tracking_uri: str | None = None):
-    """The anatomy gym's learned anatomy reward: by default the convolutional scorer shipped in
-    ``armature/gym/anatomy_scorer`` (trained on injector pairs alone, it never saw the oracle;
-    ``provenance.json`` there has the command that made it); ``path``: a scorer folder of your
-    own from ``armature train algo=reward_model`` (or its MLflow URI)."""
-    from armature.gym.base_policy import SHIPPED_SCORER
+    """The anatomy gym's learned anatomy reward: by default the mean of the five convolutional
+    scorers shipped in ``armature/gym/anatomy_scorer`` (each trained on its own injector pairs
+    alone, none saw the oracle; ``provenance.json`` there has the command that made them);
+    ``path``: a scorer folder of your own from ``armature train algo=reward_model`` (or its
+    MLflow URI), or a list of them."""
+    from armature.gym.base_policy import shipped_scorers
 
-    reward = learned(path or str(SHIPPED_SCORER), device=device, tracking_uri=tracking_uri)
+    reward = learned(path or shipped_scorers(), device=device, tracking_uri=tracking_uri)
     reward.name = "gym_anatomy"
     return reward
