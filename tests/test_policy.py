@@ -301,3 +301,25 @@ def test_full_finetune_save_and_load(tmp_path):
     after = fresh.rollout(["a cat"], gen(3))
     assert_same_rollout(after, tuned.rollout(["a cat"], gen(3)))
     assert not torch.equal(before.latents, after.latents)
+
+
+def test_an_overlong_prompt_warns_once_not_at_every_batch(policy, caplog):
+    """diffusers notes a truncated prompt at every encode (every sampling batch); the policy drops
+    that notice and warns once per prompt, naming it."""
+    import logging
+
+    notices = []
+    catcher = logging.Handler()
+    catcher.emit = notices.append
+    pipeline_log = logging.getLogger(type(policy.pipe).encode_prompt.__module__)
+    pipeline_log.addHandler(catcher)
+    long = "a person with both arms stretched out wide"  # over the tiny tokenizer's 32 tokens
+    try:
+        with caplog.at_level(logging.WARNING, logger="armature.policies.diffusion"):
+            for _ in range(3):
+                policy.encode([long, "a cat"])
+    finally:
+        pipeline_log.removeHandler(catcher)
+    ours = [r.getMessage() for r in caplog.records if r.name == "armature.policies.diffusion"]
+    assert len(ours) == 1 and repr(long) in ours[0] and "pipe.tokenizer: " in ours[0] and "reads 32" in ours[0]
+    assert not [r for r in notices if "truncated" in str(r.msg)]

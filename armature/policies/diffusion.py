@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +100,21 @@ class Trajectory:
         )
 
 
+log = logging.getLogger(__name__)
+
+# diffusers logs this at every encode of an over-long prompt (every sampling batch); the policy
+# drops it and warns once per prompt instead (``DiffusionPolicy._warn_long_prompts``)
+_TRUNCATION_NOTICE = "The following part of your input was truncated"
+
+
+class _DropTruncationNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TRUNCATION_NOTICE)
+
+
+_DROP_TRUNCATION_NOTICE = _DropTruncationNotice()
+
+
 def guidance_branch(v: torch.Tensor, guided: bool) -> torch.Tensor:
     """A recorded conditioning tensor ``[B, 2, ...]`` (unconditional, conditional) as the network's
     input: ``[2B, ...]``, unconditional first, under classifier-free guidance; else ``[B, ...]``."""
@@ -126,6 +142,8 @@ class DiffusionPolicy:
         self.denoiser = None
         self.lora: LoraParams | None = None
         self.weights_version = 0
+        self._checked_prompts: set[str] = set()
+        logging.getLogger(type(self.pipe).encode_prompt.__module__).addFilter(_DROP_TRUNCATION_NOTICE)
         if self.is_flow:
             self._init_flow(native_size)
             return
@@ -207,6 +225,23 @@ class DiffusionPolicy:
         self.scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
 
     # ------------------------------------------------------------------ conditioning
+    def _warn_long_prompts(self, prompts: list[str]) -> None:
+        """Warn once per prompt that a text encoder cannot read it to its end, naming each such encoder."""
+        names = [n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if getattr(self.pipe, n, None) is not None]
+        for prompt in dict.fromkeys(p for p in prompts if p not in self._checked_prompts):
+            self._checked_prompts.add(prompt)
+            cut = []
+            for name in names:
+                tokenizer = getattr(self.pipe, name)
+                # the flow families' last tokenizer is T5's, cut at model.max_sequence_length
+                limit = self.max_sequence_length if self.is_flow and name == names[-1] else tokenizer.model_max_length
+                n = len(tokenizer(prompt, verbose=False).input_ids)
+                if n > limit:
+                    cut.append(f"pipe.{name}: {n} tokens with its special ones, reads {limit}")
+            if cut:
+                log.warning("prompt %r is longer than its text encoders read (%s); the end is ignored: shorten the "
+                            "prompt to keep all of it", prompt, "; ".join(cut))
+
     @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Prompt conditioning, each value ``[B, 2, ...]`` (unconditional, conditional).
@@ -217,6 +252,7 @@ class DiffusionPolicy:
             negative_prompts = [self.sampling.negative_prompt] * len(prompts)
         negative = list(negative_prompts)
         prompts = list(prompts)
+        self._warn_long_prompts(prompts + negative)
         if self.family == "sd3":
             pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
                 prompts, prompts, prompts, device=self.device, num_images_per_prompt=1,
