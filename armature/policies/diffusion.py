@@ -142,8 +142,7 @@ class DiffusionPolicy:
         self.denoiser = None
         self.lora: LoraParams | None = None
         self.weights_version = 0
-        self._checked_prompts: set[str] = set()
-        logging.getLogger(type(self.pipe).encode_prompt.__module__).addFilter(_DROP_TRUNCATION_NOTICE)
+        self._init_prompt_checks()
         if self.is_flow:
             self._init_flow(native_size)
             return
@@ -225,6 +224,11 @@ class DiffusionPolicy:
         self.scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
 
     # ------------------------------------------------------------------ conditioning
+    def _init_prompt_checks(self) -> None:
+        """Needs ``self.pipe``; a subclass with its own ``__init__`` calls it too."""
+        self._checked_prompts: set[str] = set()
+        logging.getLogger(type(self.pipe).encode_prompt.__module__).addFilter(_DROP_TRUNCATION_NOTICE)
+
     def _warn_long_prompts(self, prompts: list[str]) -> None:
         """Warn once per prompt that a text encoder cannot read it to its end, naming each such encoder."""
         names = [n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if getattr(self.pipe, n, None) is not None]

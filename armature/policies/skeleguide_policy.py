@@ -59,6 +59,7 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         p = pipeline.params
         self.lora = LoraParams(rank=p.lora_rank, alpha=p.lora_alpha, target_modules=LORA_TARGETS[p.lora_targets])
         self.weights_version = 0
+        self._init_prompt_checks()
         self._init_flow(None if p.pretrained else p.tiny.image_size)  # freezes the transformer ...
         pipeline.set_trainable([stage])  # ... so this stage's LoRA is made trainable after it
         pipeline.use_adapter(stage)
