@@ -263,6 +263,16 @@ def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():
     assert accuracy > 0.85, accuracy
 
 
+def test_a_missing_shipped_reward_names_the_folder_and_the_fix(tmp_path, monkeypatch):
+    import armature.gym.base_policy as base_policy
+
+    (tmp_path / "seed-0").mkdir()  # a member folder without its scorer.json does not count
+    monkeypatch.setattr(base_policy, "SHIPPED_SCORER", tmp_path)
+    with pytest.raises(FileNotFoundError, match="reward.components.gym_anatomy.path") as err:
+        base_policy.shipped_scorers()
+    assert str(tmp_path) in str(err.value)
+
+
 def test_component_metrics_report_the_oracle_severe_rate():
     from armature.jobs.ddpo import component_metrics
 

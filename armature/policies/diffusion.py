@@ -112,7 +112,15 @@ class _DropTruncationNotice(logging.Filter):
         return not str(record.msg).startswith(_TRUNCATION_NOTICE)
 
 
-_DROP_TRUNCATION_NOTICE = _DropTruncationNotice()
+@contextlib.contextmanager
+def _without_truncation_notice(pipe):
+    """Drop the notice of ``pipe.encode_prompt``'s module for the duration (only)."""
+    logger, notice = logging.getLogger(type(pipe).encode_prompt.__module__), _DropTruncationNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def guidance_branch(v: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -225,9 +233,9 @@ class DiffusionPolicy:
 
     # ------------------------------------------------------------------ conditioning
     def _init_prompt_checks(self) -> None:
-        """Needs ``self.pipe``; a subclass with its own ``__init__`` calls it too."""
+        """The prompts already checked by ``_warn_long_prompts``; a subclass with its own
+        ``__init__`` calls this too."""
         self._checked_prompts: set[str] = set()
-        logging.getLogger(type(self.pipe).encode_prompt.__module__).addFilter(_DROP_TRUNCATION_NOTICE)
 
     def _warn_long_prompts(self, prompts: list[str]) -> None:
         """Warn once per prompt that a text encoder cannot read it to its end, naming each such encoder."""
@@ -257,6 +265,11 @@ class DiffusionPolicy:
         negative = list(negative_prompts)
         prompts = list(prompts)
         self._warn_long_prompts(prompts + negative)
+        with _without_truncation_notice(self.pipe):
+            return self._encode_prompts(prompts, negative)
+
+    def _encode_prompts(self, prompts: list[str], negative: list[str]) -> dict[str, torch.Tensor]:
+        """``encode`` for each family's pipeline."""
         if self.family == "sd3":
             pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
                 prompts, prompts, prompts, device=self.device, num_images_per_prompt=1,
