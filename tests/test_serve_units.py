@@ -116,6 +116,22 @@ def test_adapter_bank_refuses_what_it_cannot_serve(tmp_path):
         AdapterBank(_policy(), {"family": "tiny", "tiny": {"seed": 0}}).load("other", tmp_path / "other")
 
 
+
+@pytest.mark.parametrize("text, words", [
+    ('{"lora": {"rank": 2,', "not valid JSON"),
+    ("\udcff", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"lora": [2]}', "'lora' must be a JSON object"),
+    ('{"lora": {"rank": 2}, "model": "tiny"}', "'model' must be a JSON object"),
+    ('{"lora": {"rank": 2}, "model": {"tiny": 3}}', "'model.tiny' must be a JSON object"),
+])
+def test_adapter_bank_names_the_adapter_of_a_malformed_config(tmp_path, text, words):
+    folder = _lora_adapter(tmp_path / "broken", 1)
+    (folder / "adapter_config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(AdapterError, match="adapter 'broken': adapter_config.json") as err:
+        AdapterBank(_policy(), BASE).load("broken", folder)
+    assert words in str(err.value)
+
 def test_best_of_keeps_the_best_first():
     assert best_of(np.array([0.1, 0.9, np.nan, 0.9, 0.5]), 3).tolist() == [1, 3, 4]
 
