@@ -1,7 +1,8 @@
 """Slow clients against the Serve generator: /healthz and a generation while N connections stall.
 
 Each stalled connection sends a generation request's headers (``Content-Length: 1000``, no API
-key) and the first bytes of its body, then nothing, as a slowloris attack does. While N of them
+key) and the first bytes of its body, then nothing, as a slowloris attack does (``--stall
+headers``: all but the blank line that ends the headers). While N of them
 are held, the script times ``GET /healthz`` and one authorized generation, each waited on for
 ``--patience`` seconds at most, then closes them and waits for the server to recover.
 
@@ -10,7 +11,7 @@ of ``--before`` (a git revision, default: where this branch left main), without 
 guard, and this checkout's. Each server is ``armature serve`` (the tiny model, one generator
 and one ingress replica, an API key) started in a child process with its own local Ray.
 
-    python benchmarks/slow_clients.py [--counts 0 130 400] [--patience 30] [--before REV]
+    python benchmarks/slow_clients.py [--counts 0 130 400] [--stall body|headers] [--patience 30] [--before REV]
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def start_server(tree: Path, port: int, runs: str, within: float = 600.0) -> sub
     raise RuntimeError(f"the server of {tree} did not start; its output:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def stall(port: int) -> socket.socket:
+def stall(port: int, part: str) -> socket.socket:
+    """A connection that stalls its request's ``body`` (headers sent) or its ``headers`` (some sent)."""
     sock = socket.create_connection(("127.0.0.1", port))
     head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
-    sock.sendall(head.encode() + b'{"prompt": ')
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n")
+    sock.sendall(head.encode() + (b'\r\n{"prompt": ' if part == "body" else b""))
     return sock
 
 
@@ -82,10 +84,10 @@ def timed(call) -> tuple[float, str]:
     return time.perf_counter() - start, outcome
 
 
-def measure(url: str, port: int, count: int, patience: float, settle: float) -> dict:
+def measure(url: str, port: int, count: int, part: str, patience: float, settle: float) -> dict:
     import httpx
 
-    stalled = [stall(port) for _ in range(count)]
+    stalled = [stall(port, part) for _ in range(count)]
     try:
         time.sleep(settle)  # the proxy hands them to the ingress
         with httpx.Client(base_url=url, timeout=patience) as client:
@@ -136,6 +138,8 @@ def show(seconds: float, outcome: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--counts", type=int, nargs="+", default=[0, 130, 400], help="stalled connections")
+    parser.add_argument("--stall", choices=["body", "headers"], default="body",
+                        help="what the stalled connections hold back: the body (headers sent) or the headers' end")
     parser.add_argument("--patience", type=float, default=30.0, help="seconds each timed request is waited on")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between stalling and measuring")
     parser.add_argument("--before", default=None, help="git revision of the 'before' code (default: merge-base "
@@ -160,14 +164,15 @@ def main() -> None:
             try:
                 for count in args.counts:
                     recover(url)
-                    results[code, count] = measure(url, args.port, count, args.patience, args.settle)
+                    results[code, count] = measure(url, args.port, count, args.stall, args.patience, args.settle)
                     print(f"{code:22} N={count:<4} /healthz {show(*results[code, count]['healthz'])}   "
                           f"generation {show(*results[code, count]['generation'])}", flush=True)
             finally:
                 child.send_signal(signal.SIGTERM)
                 child.wait(timeout=120)
 
-    print(f"\nN stalled connections (headers sent, body stalled, no API key); each request waited on "
+    stalled = "headers sent, body stalled" if args.stall == "body" else "headers not finished"
+    print(f"\nN stalled connections ({stalled}, no API key); each request waited on "
           f"for {args.patience:g} s at most")
     codes = list(trees)
     for what in ("healthz", "generation"):

@@ -189,7 +189,6 @@ def edit_request_model(limits: dict, max_body_bytes: int) -> type[BaseModel]:
     return EditRequest
 
 
-
 # --------------------------------------------------------------------------- guard
 class RequestGuard:
     """ASGI middleware that runs before anything reads a request's body.
@@ -202,10 +201,10 @@ class RequestGuard:
     ``/readyz``, which read no body, are answered meanwhile. ``None`` turns a limit off.
     """
 
-    def __init__(self, app, api_key_sha256: Optional[str], body_limits: dict, body_timeout_s: Optional[float],
-                 max_per_client: Optional[int]):
+    def __init__(self, app, api_key_sha256: Optional[str], body_limit: int, route_body_limits: dict,
+                 body_timeout_s: Optional[float], max_per_client: Optional[int]):
         self.app, self.api_key_sha256 = app, api_key_sha256
-        self.body_limits = body_limits  # path suffix -> bytes; "" for every other route
+        self.body_limit, self.route_body_limits = body_limit, route_body_limits  # {path suffix: bytes}
         self.body_timeout_s, self.max_per_client = body_timeout_s, max_per_client
         self.in_flight: dict[str, int] = {}  # client address -> its /v1 requests in this replica
 
@@ -226,11 +225,7 @@ class RequestGuard:
         if api:
             self.in_flight[client] = self.in_flight.get(client, 0) + 1
         try:
-            try:
-                body = await self._read_body(path, headers, receive)
-            except ApiError as err:
-                return await self._refuse(err, headers, scope, receive, send)
-            await self.app(scope, receive if body is None else _replay(body, receive), send)
+            await self._read_then_call(path, headers, scope, receive, send)
         finally:
             if api:
                 self.in_flight[client] -= 1
@@ -241,10 +236,16 @@ class RequestGuard:
         scheme, _, key = headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(hash_key(key.strip()), self.api_key_sha256)
 
+    async def _read_then_call(self, path: str, headers: Headers, scope, receive, send) -> None:
+        try:
+            body = await self._read_body(path, headers, receive)
+        except ApiError as err:
+            return await self._refuse(err, headers, scope, receive, send)
+        await self.app(scope, receive if body is None else _replay(body, receive), send)
+
     async def _read_body(self, path: str, headers: Headers, receive) -> Optional[bytes]:
         """The whole body (None for a request without one), within the time and size limits."""
-        limit = next((n for suffix, n in self.body_limits.items() if suffix and path.endswith(suffix)),
-                     self.body_limits[""])
+        limit = next((n for suffix, n in self.route_body_limits.items() if path.endswith(suffix)), self.body_limit)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise ApiError(413, "body", f"request bodies are limited to {limit} bytes")
@@ -289,6 +290,7 @@ def _replay(body: bytes, receive):
 
     return replay
 
+
 # --------------------------------------------------------------------------- app
 def _field(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
@@ -310,7 +312,7 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
     # The key is checked by RequestGuard, from the headers; the dependency documents it in OpenAPI.
     v1 = [Depends(HTTPBearer(auto_error=False))] if api_key_sha256 else []
     app.add_middleware(RequestGuard, api_key_sha256=api_key_sha256,
-                       body_limits={"": lim_body, "/v1/images/edits": edits_body},
+                       body_limit=lim_body, route_body_limits={"/v1/images/edits": edits_body},
                        body_timeout_s=limits.get("body_timeout_s"),
                        max_per_client=limits.get("max_requests_per_client"))
 
