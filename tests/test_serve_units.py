@@ -116,6 +116,22 @@ def test_adapter_bank_refuses_what_it_cannot_serve(tmp_path):
         AdapterBank(_policy(), {"family": "tiny", "tiny": {"seed": 0}}).load("other", tmp_path / "other")
 
 
+
+@pytest.mark.parametrize("text, words", [
+    ('{"lora": {"rank": 2,', "not valid JSON"),
+    ("\udcff", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"lora": [2]}', "'lora' must be a JSON object"),
+    ('{"lora": {"rank": 2}, "model": "tiny"}', "'model' must be a JSON object"),
+    ('{"lora": {"rank": 2}, "model": {"tiny": 3}}', "'model.tiny' must be a JSON object"),
+])
+def test_adapter_bank_names_the_adapter_of_a_malformed_config(tmp_path, text, words):
+    folder = _lora_adapter(tmp_path / "broken", 1)
+    (folder / "adapter_config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(AdapterError, match="adapter 'broken': adapter_config.json") as err:
+        AdapterBank(_policy(), BASE).load("broken", folder)
+    assert words in str(err.value)
+
 def test_best_of_keeps_the_best_first():
     assert best_of(np.array([0.1, 0.9, np.nan, 0.9, 0.5]), 3).tolist() == [1, 3, 4]
 
@@ -189,8 +205,14 @@ def test_body_size_and_auth(api):
     ok = {"Authorization": "Bearer s3cret"}
     big = client.post("/v1/images/generations", content=b"{" + b" " * 4096 + b"}", headers=ok)
     assert big.status_code == 413 and big.json()["error"]["field"] == "body"
-    chunked = client.post("/v1/images/generations", content=iter([b'{"prompt": "x"}']), headers=ok)
-    assert chunked.status_code == 411 and chunked.json()["error"]["field"] == "body"
+    # A chunked body (no Content-Length) is counted as it arrives: refused past the limit, else served.
+    chunked = client.post("/v1/images/generations", content=iter([b"{", b" " * 4096, b"}"]), headers=ok)
+    assert chunked.status_code == 413 and chunked.json()["error"]["field"] == "body"
+    assert chunked.headers["connection"] == "close"
+    chunked = client.post("/v1/images/generations", content=iter([b'{"prompt": ', b'"x", "seed": 4}']),
+                          headers={**ok, "Content-Type": "application/json"})
+    assert chunked.status_code == 200 and service.calls[-1].seed == 4
+    service.calls.clear()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
         denied = client.post("/v1/images/generations", json={"prompt": "x"}, headers=headers)
         assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"

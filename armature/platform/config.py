@@ -227,6 +227,8 @@ class LimitsConfig:
     max_guidance_scale: float = 20.0
     max_body_bytes: int = 65536
     request_timeout_s: float = 60.0
+    body_timeout_s: Optional[float] = 30.0  # a request's whole body must arrive within this (else 408); None: no limit
+    max_requests_per_client: Optional[int] = 64  # /v1 requests in flight per client address and ingress replica (429)
 
 
 @dataclass
@@ -241,6 +243,7 @@ class ServeAdaptersConfig:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    keep_alive_timeout_s: int = 5  # an idle kept-alive connection is closed after this
 
 
 @dataclass
@@ -801,6 +804,12 @@ def check_serve(cfg: DictConfig) -> None:
             errors.append(f"limits.{key} must be >= 1")
     if lim.request_timeout_s <= 0:
         errors.append("limits.request_timeout_s must be > 0")
+    if lim.body_timeout_s is not None and lim.body_timeout_s <= 0:
+        errors.append("limits.body_timeout_s must be > 0 (null: no limit)")
+    if lim.max_requests_per_client is not None and lim.max_requests_per_client < 1:
+        errors.append("limits.max_requests_per_client must be >= 1 (null: no limit)")
+    if cfg.http.keep_alive_timeout_s < 1:
+        errors.append("http.keep_alive_timeout_s must be >= 1")
     if not 1 <= cfg.sampling.num_steps <= lim.max_steps:
         errors.append(f"sampling.num_steps={cfg.sampling.num_steps}: "
                       f"must be in [1, limits.max_steps={lim.max_steps}]")

@@ -26,10 +26,11 @@ from armature.policies.diffusion import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WE
 __all__ = ["Adapter", "AdapterBank", "AdapterError"]
 
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
 
 
 class AdapterError(ValueError):
-    """An adapter that cannot be served: no safetensors weights, or made for another model."""
+    """An adapter that cannot be served: no safetensors weights, a malformed config, or made for another model."""
 
 
 @dataclass(eq=False)
@@ -84,8 +85,7 @@ class AdapterBank:
     def _inspect(self, adapter_id: str, folder: Path) -> tuple[str, dict]:
         if not folder.is_dir():
             raise AdapterError(f"adapter {adapter_id!r}: no folder {folder}")
-        config_file = folder / ADAPTER_CONFIG
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = self._read_config(adapter_id, folder / ADAPTER_CONFIG)
         if (folder / ADAPTER_WEIGHTS).is_file():
             if "lora" not in config:
                 raise AdapterError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} with a 'lora' section is missing")
@@ -112,6 +112,26 @@ class AdapterBank:
         if trained.get("family") == "tiny" and differ:
             raise AdapterError(f"adapter {adapter_id!r} was trained on another tiny model ({differ[0]} differs)")
         return kind, config
+
+    @staticmethod
+    def _read_config(adapter_id: str, path: Path) -> dict:
+        """``adapter_config.json`` as a mapping ({} when there is none); anything else is an AdapterError."""
+        if not path.is_file():
+            return {}
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
+        try:
+            config = json.loads(path.read_bytes())
+        except ValueError as err:  # not UTF-8, or not JSON
+            raise AdapterError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} is not valid JSON ({err})") from err
+        for key in ("", "lora", "model", "model.tiny"):  # parents first: each .get below is on a dict
+            value = config
+            for part in filter(None, key.split(".")):
+                value = value.get(part) or {}
+            if not isinstance(value, dict):
+                where = f"{ADAPTER_CONFIG}: {key!r}" if key else ADAPTER_CONFIG
+                raise AdapterError(f"adapter {adapter_id!r}: {where} must be a JSON object")
+        return config
 
     def _add_lora(self, adapter_id: str, config: dict, state: dict) -> str:
         from peft import LoraConfig

@@ -41,7 +41,8 @@ from armature.serve.generation import ImageJob, PassShape, best_of
 from armature.serve.generation import generate as generate_images
 from armature.serve.routes import MAX_SEED, ApiError, create_api, hash_key
 
-__all__ = ["Editor", "Generator", "Ingress", "build_app", "build_application", "deployment_options", "run", "serve_config"]
+__all__ = ["Editor", "Generator", "Ingress", "build_app", "build_application", "deployment_options", "http_options",
+           "run", "serve_config"]
 
 LOCAL_PREFIX = "local:"
 
@@ -496,11 +497,26 @@ def build_app(args: dict | None = None):
     return build_application(compose("serve", overrides))
 
 
+PROXY_TIMEOUT_MARGIN_S = 30.0
+
+
+def http_options(cfg) -> dict:
+    """Ray Serve's ``http_options`` (its proxy, one per node, shared by every application).
+
+    Its request timeout is the backstop for what ``RequestGuard`` bounds in the ingress: a body
+    (``limits.body_timeout_s``), then a generation (``limits.request_timeout_s``).
+    """
+    lim = cfg["limits"]
+    timeout = lim["request_timeout_s"] + (lim["body_timeout_s"] or 0.0) + PROXY_TIMEOUT_MARGIN_S
+    return {"host": cfg["http"]["host"], "port": cfg["http"]["port"],
+            "keep_alive_timeout_s": cfg["http"]["keep_alive_timeout_s"], "request_timeout_s": timeout}
+
+
 def serve_config(cfg, overrides: list[str] | None = None) -> dict:
     """A Ray Serve config file (``serve deploy`` / ``serve run``) for this app and overrides."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "http_options": http_options(cfg),
         "applications": [{
             "name": cfg.app_name, "route_prefix": cfg.route_prefix,
             "import_path": "armature.serve.app:build_app",
@@ -519,7 +535,7 @@ def run(cfg, blocking: bool = True) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
     required = c["generator"]["num_cpus"] + c["ingress"]["num_cpus"]
     connect(c["cluster"], required, c["cluster"].get("runtime_env"))
-    serve.start(http_options={"host": c["http"]["host"], "port": c["http"]["port"]})
+    serve.start(http_options=http_options(c))
     serve.run(build_application(cfg), name=c["app_name"], route_prefix=c["route_prefix"])
     url = f"http://{c['http']['host']}:{c['http']['port']}{c['route_prefix'].rstrip('/')}"
     print(f"[armature] serving {c['model']['family']} at {url} (OpenAPI: {url}/docs)", flush=True)

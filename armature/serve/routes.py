@@ -11,6 +11,7 @@ Every error answer has the same shape: ``{"error": {"code", "field", "message"}}
 # No ``from __future__ import annotations``: FastAPI reads the annotations of routes defined in
 # a function, and the request model is a local class.
 
+import asyncio
 import hashlib
 import hmac
 from typing import Any, Literal, Optional
@@ -18,8 +19,9 @@ from typing import Any, Literal, Optional
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = ["ApiError", "create_api", "request_model", "edit_request_model", "hash_key", "ADAPTER_PATTERN", "MAX_SEED"]
@@ -28,7 +30,8 @@ __all__ = ["ApiError", "create_api", "request_model", "edit_request_model", "has
 ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[0-9]{1,9}|@[A-Za-z0-9_-]{1,64})?$"
 MAX_SEED = 2**32 - 1
 CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-         411: "length_required", 413: "too_large", 422: "invalid_request", 503: "unavailable", 504: "timeout"}
+         408: "body_timeout", 413: "too_large", 422: "invalid_request", 429: "too_many_requests",
+         503: "unavailable", 504: "timeout"}
 
 
 class ApiError(Exception):
@@ -186,6 +189,108 @@ def edit_request_model(limits: dict, max_body_bytes: int) -> type[BaseModel]:
     return EditRequest
 
 
+# --------------------------------------------------------------------------- guard
+class RequestGuard:
+    """ASGI middleware that runs before anything reads a request's body.
+
+    On ``/v1`` routes it checks the API key from the headers (401 without reading the body) and
+    caps the requests in flight per client address (429). Every body is then read here, whatever
+    its framing (``Content-Length`` or chunked), within ``body_timeout_s`` (else 408) and up to
+    its route's byte limit (else 413), and handed to the routes whole: a client that stalls its
+    body holds a slot of this replica for ``body_timeout_s`` at most, and ``/healthz`` and
+    ``/readyz``, which read no body, are answered meanwhile. ``None`` turns a limit off.
+    """
+
+    def __init__(self, app, api_key_sha256: Optional[str], body_limit: int, route_body_limits: dict,
+                 body_timeout_s: Optional[float], max_per_client: Optional[int]):
+        self.app, self.api_key_sha256 = app, api_key_sha256
+        self.body_limit, self.route_body_limits = body_limit, route_body_limits  # {path suffix: bytes}
+        self.body_timeout_s, self.max_per_client = body_timeout_s, max_per_client
+        self.in_flight: dict[str, int] = {}  # client address -> its /v1 requests in this replica
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, headers = scope["path"].removeprefix(scope.get("root_path", "")), Headers(scope=scope)
+        api = path.startswith("/v1/")
+        if api and self.api_key_sha256 is not None and not self._authorized(headers):
+            refusal = ApiError(401, "authorization", "missing or wrong API key: send `Authorization: Bearer <key>`",
+                               headers={"WWW-Authenticate": "Bearer"})
+            return await self._refuse(refusal, headers, scope, receive, send)
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        if api and self.max_per_client is not None and self.in_flight.get(client, 0) >= self.max_per_client:
+            refusal = ApiError(429, "client", f"over limits.max_requests_per_client={self.max_per_client} requests "
+                               "of this client in flight: wait for an answer first", headers={"Retry-After": "1"})
+            return await self._refuse(refusal, headers, scope, receive, send)
+        if api:
+            self.in_flight[client] = self.in_flight.get(client, 0) + 1
+        try:
+            await self._read_then_call(path, headers, scope, receive, send)
+        finally:
+            if api:
+                self.in_flight[client] -= 1
+                if not self.in_flight[client]:
+                    del self.in_flight[client]
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(hash_key(key.strip()), self.api_key_sha256)
+
+    async def _read_then_call(self, path: str, headers: Headers, scope, receive, send) -> None:
+        try:
+            body = await self._read_body(path, headers, receive)
+        except ApiError as err:
+            return await self._refuse(err, headers, scope, receive, send)
+        await self.app(scope, receive if body is None else _replay(body, receive), send)
+
+    async def _read_body(self, path: str, headers: Headers, receive) -> Optional[bytes]:
+        """The whole body (None for a request without one), within the time and size limits."""
+        limit = next((n for suffix, n in self.route_body_limits.items() if path.endswith(suffix)), self.body_limit)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise ApiError(413, "body", f"request bodies are limited to {limit} bytes")
+        if length in (None, "0") and "transfer-encoding" not in headers:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = None if self.body_timeout_s is None else loop.time() + self.body_timeout_s
+        chunks, size, more = [], 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), None if deadline is None else deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body", f"the body did not arrive within limits.body_timeout_s="
+                                            f"{self.body_timeout_s:g}") from None
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "body", "the client closed the connection before sending the body")
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise ApiError(413, "body", f"request bodies are limited to {limit} bytes")
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _refuse(err: ApiError, headers: Headers, scope, receive, send) -> None:
+        """Answer ``err``; with a body left unread, also close the connection (it cannot carry another request)."""
+        extra = {"Connection": "close"} if "content-length" in headers or "transfer-encoding" in headers else {}
+        response = error_response(err.status, err.code, err.field, err.message, {**(err.headers or {}), **extra})
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that gives ``body`` whole, then waits on the connection (for a disconnect)."""
+    given = False
+
+    async def replay():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 # --------------------------------------------------------------------------- app
 def _field(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
@@ -195,24 +300,21 @@ def _field(loc) -> str:
 def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: Optional[str] = None,
                title: str = "Armature generator", edits_max_body_bytes: Optional[int] = None) -> FastAPI:
     """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``.
-    ``edits_max_body_bytes``: the body limit of ``/v1/images/edits`` (default ``limits.max_body_bytes``)."""
+    ``edits_max_body_bytes``: the body limit of ``/v1/images/edits`` (default ``limits.max_body_bytes``);
+    ``limits.body_timeout_s`` and ``limits.max_requests_per_client``: see ``RequestGuard``."""
     ImageRequest = request_model(limits, rewards)  # noqa: N806
     edits_body = int(edits_max_body_bytes or limits["max_body_bytes"])
     EditRequest = edit_request_model(limits, edits_body)  # noqa: N806
     app = FastAPI(title=title, version="1", description="Text-to-image generation with per-request adapters.")
     lim_body = int(limits["max_body_bytes"])
-    statuses = (401, 411, 413, 422, 503) if api_key_sha256 else (411, 413, 422, 503)
+    statuses = (401, 408, 413, 422, 429, 503) if api_key_sha256 else (408, 413, 422, 429, 503)
     errors = {s: {"model": ErrorResponse} for s in statuses}  # documented error answers
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorize(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        if api_key_sha256 is None:
-            return
-        if credentials is None or not hmac.compare_digest(hash_key(credentials.credentials), api_key_sha256):
-            raise ApiError(401, "authorization", "missing or wrong API key: send `Authorization: Bearer <key>`",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    v1 = [Depends(authorize)] if api_key_sha256 else []
+    # The key is checked by RequestGuard, from the headers; the dependency documents it in OpenAPI.
+    v1 = [Depends(HTTPBearer(auto_error=False))] if api_key_sha256 else []
+    app.add_middleware(RequestGuard, api_key_sha256=api_key_sha256,
+                       body_limit=lim_body, route_body_limits={"/v1/images/edits": edits_body},
+                       body_timeout_s=limits.get("body_timeout_s"),
+                       max_per_client=limits.get("max_requests_per_client"))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -233,16 +335,6 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
         first = found[0] if found else {"field": "body", "message": "invalid request"}
         return error_response(422, "invalid_request", first["field"], f"{first['field']}: {first['message']}",
                               errors=found)
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):  # before anything reads the body
-        length = request.headers.get("content-length")
-        if length is None and "transfer-encoding" in request.headers:
-            return error_response(411, "length_required", "body", "send the body with a Content-Length")
-        limit = edits_body if request.url.path.endswith("/v1/images/edits") else lim_body
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(413, "too_large", "body", f"request bodies are limited to {limit} bytes")
-        return await call_next(request)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, dependencies=v1,
               responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}})
