@@ -317,13 +317,17 @@ def parquet_files(path: str | os.PathLike) -> list[str]:
         try:
             file_schema = pq.read_schema(name, filesystem=filesystem)
         except Exception as err:
-            raise ValueError(f"{scheme}{name}: not a readable Parquet file ({type(err).__name__}: {_first_line(err)}); "
-                             "it may be truncated: rewrite it or move it out of the dataset") from None
+            raise _unreadable(scheme + name, err) from None
         for field in file_schema:
             problem = column_problem(field.name, field.type)
             if problem:
                 raise ValueError(f"{scheme}{name}: {problem}; fix the file or move it out of the dataset")
     return [scheme + name for name in files]
+
+
+def _unreadable(name: str, err: Exception) -> ValueError:
+    return ValueError(f"{name}: not a readable Parquet file ({type(err).__name__}: {_first_line(err)}); "
+                      "it may be truncated: rewrite it or move it out of the dataset")
 
 
 def parquet_root(path: str | os.PathLike) -> str:
@@ -425,14 +429,13 @@ def read_pairs(path: str | os.PathLike, allow_outside_root: bool = False):
 
     index = index_file(path)
     if index is None:
-        tables = []
+        tables, root = [], parquet_root(path)
         for name in parquet_files(path):
             try:
                 table = pq.read_table(name)
             except Exception as err:
-                raise ValueError(f"{name}: not a readable Parquet file ({type(err).__name__}: {_first_line(err)}); "
-                                 "rewrite it or move it out of the dataset") from None
-            tables.append(normalize_table(table, root=parquet_root(path), allow_outside_root=allow_outside_root))
+                raise _unreadable(name, err) from None
+            tables.append(normalize_table(table, root=root, allow_outside_root=allow_outside_root))
         return pa.concat_tables(tables) if tables else normalize_table(schema().empty_table())
     lines = index.read_text().splitlines()
     fmt = "csv" if index.suffix == ".csv" else "jsonl"
