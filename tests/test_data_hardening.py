@@ -79,6 +79,16 @@ def test_a_144_megapixel_image_is_refused_from_its_header():
     assert check_record({**record, "mask": gray_png(20_000, 20_000, pixels=False)})[0].startswith("image_too_large: mask")
 
 
+def test_only_plain_image_formats_are_decoded():
+    """PIL would open an EPS file (and hand it to Ghostscript to decode): not a pair image."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"
+    reason = check_record({**pairs(1)[0], "image_w": eps})[0]
+    assert reason.startswith("corrupt_image: image_w: UnidentifiedImageError: cannot identify image file")
+    jpeg = encode_image(np.zeros((SIZE, SIZE, 3), np.uint8), format="JPEG")
+    assert check_record({**pairs(1)[0], "image_w": jpeg})[0] is None
+
+
 def test_fit_pair_crops_the_center_square_before_scaling():
     """A 1 x 100,000 strip, red in its middle 1,001 rows and blue elsewhere: its center square is
     one red pixel, so the fitted image is red all over (scaling first would make it 6.4 M rows)."""

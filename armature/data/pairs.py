@@ -82,6 +82,8 @@ REASON_CODES = (
 MAX_FILE_BYTES = 64 * 2**20  # an image file larger than this is not read
 MAX_IMAGE_PIXELS = 40_000_000  # width x height, read from the header before decoding (an 8K frame fits)
 MAX_ASPECT_RATIO = 8  # long side / short side: the center crop keeps at most this share of a strip
+# the formats a pair image may have: PIL knows more, some of which run a program to decode (EPS: Ghostscript)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 OUTSIDE_ROOT_FLAG = "data.allow_outside_root"  # the config flag that lets image paths leave the dataset's folder
 
 
@@ -123,12 +125,13 @@ class ImageSizeError(ValueError):
 
 
 def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
-    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file,
-    and :class:`ImageSizeError` (before decoding) on one over the pixel or aspect-ratio caps."""
+    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file
+    or one not in :data:`IMAGE_FORMATS`, and :class:`ImageSizeError` (before decoding) on one
+    over the pixel or aspect-ratio caps."""
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError as err:
         raise ImageSizeError("image_too_large", _first_line(err)) from None
     with image:
