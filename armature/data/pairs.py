@@ -24,12 +24,21 @@ Written by :func:`write_pairs` as Parquet (images as bytes). :func:`read_pairs` 
 folder of images indexed by ``pairs.jsonl`` or ``pairs.csv`` (the same columns, images as
 paths; one record a line, a CSV's first line naming the columns). :func:`check_record` says
 what is wrong with a record, as ``"<code>: <detail>"`` (codes: :data:`REASON_CODES`).
+
+Reading is bounded, since a pair dataset may come from anyone: an image path must lie inside the
+dataset's folder once symlinks are resolved (``../``, absolute paths elsewhere and URIs are
+refused unless ``data.allow_outside_root``); only regular files of at most
+:data:`MAX_FILE_BYTES` are read; an image's size is checked from its header, before decoding,
+against :data:`MAX_IMAGE_PIXELS` and :data:`MAX_ASPECT_RATIO`. A Parquet file that cannot be read
+(truncated, or a column of the wrong type) is refused as a whole, naming the file and the column.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import posixpath
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,11 +52,15 @@ __all__ = [
     "schema",
     "encode_image",
     "decode_image",
+    "ImageSizeError",
     "load_bytes",
     "write_pairs",
     "read_pairs",
     "index_file",
     "normalize_table",
+    "column_problem",
+    "parquet_files",
+    "parquet_root",
     "parse_index_lines",
     "text_schema",
     "check_record",
@@ -64,7 +77,14 @@ INDEX_FILES = ("pairs.jsonl", "pairs.csv")
 # The first word of every reason check_record gives.
 REASON_CODES = (
     "corrupt_record", "missing_field", "unknown_label", "unreadable_image", "corrupt_image", "mask_size", "severity_range",
+    "path_outside_root", "image_too_large", "image_aspect",
 )
+MAX_FILE_BYTES = 64 * 2**20  # an image file larger than this is not read
+MAX_IMAGE_PIXELS = 40_000_000  # width x height, read from the header before decoding (an 8K frame fits)
+MAX_ASPECT_RATIO = 8  # long side / short side: the center crop keeps at most this share of a strip
+# the formats a pair image may have: PIL knows more, some of which run a program to decode (EPS: Ghostscript)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+OUTSIDE_ROOT_FLAG = "data.allow_outside_root"  # the config flag that lets image paths leave the dataset's folder
 
 
 def schema():
@@ -96,17 +116,41 @@ def encode_image(image: Any, format: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
+class ImageSizeError(ValueError):
+    """An image refused from its header (nothing decoded); ``code`` is its reason code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
-    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file."""
+    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file
+    or one not in :data:`IMAGE_FORMATS`, and :class:`ImageSizeError` (before decoding) on one
+    over the pixel or aspect-ratio caps."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise ImageSizeError("image_too_large", _first_line(err)) from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageSizeError("image_too_large", f"{width}x{height} is {width * height:,} pixels, over the "
+                                                    f"{MAX_IMAGE_PIXELS:,} a pair image may have (read from its header)")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageSizeError("image_aspect", f"{width}x{height}: the long side may be at most "
+                                                 f"{MAX_ASPECT_RATIO} times the short one (read from its header)")
         image.load()  # decodes fully: a truncated file fails here, not later
         return np.array(image.convert(mode))
 
 
-def load_bytes(value: Any, root: str | os.PathLike | None = None) -> bytes:
-    """The bytes of an image column value: bytes as they are, else read from a path or URI."""
+def load_bytes(value: Any, root: str | os.PathLike | None = None, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of an image column value: bytes as they are, else read from a path or URI.
+
+    Only a regular file of at most ``max_bytes`` is read: a FIFO, a device or a directory is
+    refused without being read (a FIFO is opened non-blocking, so it cannot hang the reader)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     value = str(value)
@@ -114,12 +158,39 @@ def load_bytes(value: Any, root: str | os.PathLike | None = None) -> bytes:
         from pyarrow import fs
 
         filesystem, path = fs.FileSystem.from_uri(value)
+        info = filesystem.get_file_info(path)
+        if info.type != fs.FileType.File:
+            raise ValueError(f"{value}: not a regular file ({info.type.name}); only regular files are read")
+        _check_file_size(value, info.size, max_bytes)
         with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    path = Path(value)
-    if not path.is_absolute() and root is not None:
-        path = Path(root) / path
-    return path.read_bytes()
+            data = stream.read(max_bytes + 1)
+    else:
+        path = Path(value)
+        if not path.is_absolute() and root is not None:
+            path = Path(root) / path
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); only regular files are read")
+            _check_file_size(path, info.st_size, max_bytes)
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(max_bytes + 1)
+        finally:
+            os.close(fd)
+    _check_file_size(value, len(data), max_bytes)  # a file that grew while being read
+    return data
+
+
+def _check_file_size(name, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ValueError(f"{name}: {size:,} bytes, over the {max_bytes:,} an image file may have")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 # --------------------------------------------------------------------------- writing
@@ -168,12 +239,17 @@ def index_file(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def normalize_table(table, root: str | os.PathLike | None = None):
+def normalize_table(table, root: str | os.PathLike | None = None, allow_outside_root: bool = False):
     """Every schema column present (absent optional ones as nulls, ids as strings); relative
-    image paths made absolute against ``root`` (the index's folder)."""
+    image paths made absolute against ``root`` (the dataset's folder); plus ``_error``: why a
+    record may not be read (an image path outside ``root``, unless ``allow_outside_root``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    for field in table.schema:
+        problem = column_problem(field.name, field.type)
+        if problem:
+            raise ValueError(problem)
     target = schema()
     for name in COLUMNS:
         if name not in table.column_names:
@@ -182,28 +258,116 @@ def normalize_table(table, root: str | os.PathLike | None = None):
     for name in ("pair_id", "prompt", "label", "source"):
         if table.schema.field(name).type != pa.string():
             table = table.set_column(COLUMNS.index(name), name, pc.cast(table[name], pa.string()))
+    errors = [None] * len(table)
     for name in ("image_w", "image_l", "mask"):
         column = table[name]
         if pa.types.is_null(column.type):
             column = pc.cast(column, pa.binary())
         elif (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) and root is not None:
-            column = pa.array([_absolute(v, root) for v in column.to_pylist()], type=pa.string())
+            paths = column.to_pylist()
+            column = pa.array([_absolute(v, root) for v in paths], type=pa.string())
+            for i, (path, resolved) in enumerate(zip(paths, column.to_pylist())):
+                errors[i] = errors[i] or _path_error(name, path, resolved, root, allow_outside_root)
         table = table.set_column(COLUMNS.index(name), name, column)
-    return table
+    return table.append_column("_error", pa.array(errors, type=pa.string()))
 
 
-def parquet_root(path: str | os.PathLike) -> str | None:
-    """Where relative image paths in a Parquet file (or folder) of pairs start from."""
-    if "://" in str(path):
+def column_problem(name: str, type) -> str | None:
+    """What is wrong with a pair column of this Arrow type (``None``: it can be read)."""
+    import pyarrow as pa
+
+    t = pa.types
+    if name in ("image_w", "image_l", "mask"):
+        ok = t.is_binary(type) or t.is_large_binary(type) or t.is_string(type) or t.is_large_string(type)
+        wanted = "binary (the encoded image) or string (its path)"
+    elif name in ("severity_w", "severity_l"):
+        ok = t.is_integer(type) or t.is_floating(type) or t.is_string(type) or t.is_large_string(type)
+        wanted = "an integer (0, 1, 2 or 3)"
+    elif name in COLUMNS:
+        text = t.is_string(type) or t.is_large_string(type)
+        ok = text or t.is_integer(type) or t.is_floating(type) or (t.is_dictionary(type) and t.is_string(type.value_type))
+        wanted = "one string per pair" + (" (w, l or tie)" if name == "label" else "")
+    else:
         return None
-    path = Path(path)
-    return str(path if path.is_dir() else path.parent)
+    return None if ok or t.is_null(type) else f"column {name!r} is {type}, expected {wanted}"
+
+
+def parquet_files(path: str | os.PathLike) -> list[str]:
+    """The Parquet files of a pair dataset (the file, or a folder's ``*.parquet`` at any depth),
+    each checked from its footer: a file that does not open (truncated, not Parquet) or has a
+    pair column of the wrong type is a ValueError naming the file and the column."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    path = str(path)
+    if "://" in path:
+        filesystem, location = fs.FileSystem.from_uri(path)
+        scheme = path.split("://", 1)[0] + "://"
+    else:
+        filesystem, location, scheme = fs.LocalFileSystem(), os.path.abspath(path), ""
+    info = filesystem.get_file_info(location)
+    if info.type == fs.FileType.Directory:
+        infos = filesystem.get_file_info(fs.FileSelector(location, recursive=True))
+        files = sorted(i.path for i in infos if i.type == fs.FileType.File and i.base_name.endswith(".parquet")
+                       and not i.base_name.startswith((".", "_")))
+    elif info.type == fs.FileType.File:
+        files = [location]
+    elif info.type == fs.FileType.NotFound:
+        raise FileNotFoundError(f"{path}: no such Parquet file or folder (nor a folder with {' or '.join(INDEX_FILES)})")
+    else:
+        raise ValueError(f"{path}: not a regular file or folder; a pair dataset is a Parquet file or folder")
+    for name in files:
+        try:
+            file_schema = pq.read_schema(name, filesystem=filesystem)
+        except Exception as err:
+            raise _unreadable(scheme + name, err) from None
+        for field in file_schema:
+            problem = column_problem(field.name, field.type)
+            if problem:
+                raise ValueError(f"{scheme}{name}: {problem}; fix the file or move it out of the dataset")
+    return [scheme + name for name in files]
+
+
+def _unreadable(name: str, err: Exception) -> ValueError:
+    return ValueError(f"{name}: not a readable Parquet file ({type(err).__name__}: {_first_line(err)}); "
+                      "it may be truncated: rewrite it or move it out of the dataset")
+
+
+def parquet_root(path: str | os.PathLike) -> str:
+    """The dataset's folder: where relative image paths in a Parquet file (or folder) of pairs
+    start from, and where image paths must stay."""
+    path = str(path)
+    if "://" in path:
+        return path.rsplit("/", 1)[0] if path.endswith(".parquet") else path.rstrip("/")
+    return str(Path(path) if Path(path).is_dir() else Path(path).parent)
 
 
 def _absolute(value: str | None, root) -> str | None:
     if not value or "://" in value or os.path.isabs(value):
         return value
+    if "://" in str(root):
+        return f"{str(root).rstrip('/')}/{value}"
     return str(Path(root) / value)
+
+
+def _outside_root(path: str, root: str) -> bool:
+    """Whether an absolute image path (symlinks resolved) or URI lies outside the folder ``root``."""
+    if "://" in path or "://" in root:  # a URI: only one under a remote dataset's own folder
+        if "://" not in path or "://" not in root or path.split("://")[0] != root.split("://")[0]:
+            return True
+        inside = posixpath.normpath(root.split("://", 1)[1]).rstrip("/") + "/"
+        return not posixpath.normpath(path.split("://", 1)[1]).startswith(inside)
+    if "\0" in path:
+        return True
+    base = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), base]) != base
+
+
+def _path_error(key: str, path: str | None, resolved: str | None, root, allow_outside_root: bool) -> str | None:
+    if allow_outside_root or not resolved or not _outside_root(resolved, str(root)):
+        return None
+    return (f"path_outside_root: {key}: {path!r} is outside the dataset's folder {root}; "
+            f"set {OUTSIDE_ROOT_FLAG}=true to read images from elsewhere")
 
 
 def text_schema():
@@ -214,12 +378,14 @@ def text_schema():
     return pa.schema([(name, pa.string()) for name in COLUMNS] + [("_error", pa.string()), ("_raw", pa.string())])
 
 
-def parse_index_lines(lines: Iterable[str], fmt: str, root: str | os.PathLike, header: list[str] | None = None):
+def parse_index_lines(lines: Iterable[str], fmt: str, root: str | os.PathLike, header: list[str] | None = None,
+                      allow_outside_root: bool = False):
     """Records of a ``pairs.jsonl`` (``fmt="jsonl"``) or ``pairs.csv`` (``fmt="csv"``: one record
     a line, ``header`` its first line's fields) as a Table of :func:`text_schema`.
 
     A line that does not parse becomes a record with only ``_error`` and ``_raw`` set, so
-    that one bad line is reported, not fatal. Relative image paths are resolved against root.
+    that one bad line is reported, not fatal. Relative image paths are resolved against root;
+    one that leaves it gets an ``_error`` too (unless ``allow_outside_root``).
     """
     import csv
     import json
@@ -245,7 +411,8 @@ def parse_index_lines(lines: Iterable[str], fmt: str, root: str | os.PathLike, h
                 value = record.get(key)
                 row[key] = None if value is None or value == "" else str(value)
             for key in ("image_w", "image_l", "mask"):
-                row[key] = _absolute(row[key], root)
+                path, row[key] = row[key], _absolute(row[key], root)
+                row["_error"] = row.get("_error") or _path_error(key, path, row[key], root, allow_outside_root)
         except Exception as err:
             row = {**dict.fromkeys(COLUMNS), "_error": f"corrupt_record: {type(err).__name__}: {err}"}
         row["_raw"] = line
@@ -253,20 +420,30 @@ def parse_index_lines(lines: Iterable[str], fmt: str, root: str | os.PathLike, h
     return pa.Table.from_pylist(rows, schema=text_schema())
 
 
-def read_pairs(path: str | os.PathLike):
+def read_pairs(path: str | os.PathLike, allow_outside_root: bool = False):
     """A pyarrow Table of pairs from a Parquet file or folder, or an image folder with an index.
 
-    Records are returned as stored, bad ones included: see :func:`validate_pairs`.
+    Records are returned as stored, bad ones included: see :func:`validate_pairs`. An image
+    path outside the dataset's folder is refused (its record's ``_error``) unless
+    ``allow_outside_root``; a Parquet file that cannot be read is a ValueError naming it.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = index_file(path)
     if index is None:
-        return normalize_table(pq.read_table(str(path)), root=parquet_root(path))
+        tables, root = [], parquet_root(path)
+        for name in parquet_files(path):
+            try:
+                table = pq.read_table(name)
+            except Exception as err:
+                raise _unreadable(name, err) from None
+            tables.append(normalize_table(table, root=root, allow_outside_root=allow_outside_root))
+        return pa.concat_tables(tables) if tables else normalize_table(schema().empty_table())
     lines = index.read_text().splitlines()
     fmt = "csv" if index.suffix == ".csv" else "jsonl"
     header = _csv_header(lines[0]) if fmt == "csv" and lines else None
-    return parse_index_lines(lines, fmt, index.parent, header)
+    return parse_index_lines(lines, fmt, index.parent, header, allow_outside_root)
 
 
 def _csv_header(line: str) -> list[str]:
@@ -320,6 +497,8 @@ def check_record(record: dict, decode: bool = True) -> tuple[str | None, dict | 
             return f"unreadable_image: {key}: {type(err).__name__}: {err}", None
         try:
             decoded[key] = decode_image(data, mode)
+        except ImageSizeError as err:
+            return f"{err.code}: {key}: {err}", None
         except Exception as err:
             return f"corrupt_image: {key}: {type(err).__name__}: {_first_line(err)}", None
     if decoded["mask"] is not None:
@@ -355,19 +534,19 @@ def orient(record: dict) -> dict:
 
 
 def fit_pair(decoded: dict, size: int) -> dict:
-    """Both images (and the mask) scaled so the shorter side is ``size``, then center-cropped
-    to ``size x size``: the same geometry for all three, so the mask stays aligned."""
+    """Both images (and the mask) center-cropped to a square and scaled to ``size x size``: the
+    same geometry for all three, so the mask stays aligned. The crop is taken before scaling
+    (``resize``'s ``box``), so nothing larger than ``size x size`` is ever made."""
     from PIL import Image
 
     def fit(array: np.ndarray, resample) -> np.ndarray:
         h, w = array.shape[:2]
         if (h, w) == (size, size):
             return array
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        image = Image.fromarray(array).resize((nw, nh), resample)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        return np.asarray(image.crop((left, top, left + size, top + size)))
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        box = (left, top, left + side, top + side)
+        return np.asarray(Image.fromarray(array).resize((size, size), resample, box=box))
 
     out = {
         "image_w": fit(decoded["image_w"], Image.BICUBIC),

@@ -36,6 +36,7 @@ from armature.data.pairs import (
     index_file,
     normalize_table,
     orient,
+    parquet_files,
     parquet_root,
     parse_index_lines,
 )
@@ -55,23 +56,27 @@ TIE_DROPPED = "tie_dropped"
 
 
 # --------------------------------------------------------------------------- read
-def read_dataset(path: str | os.PathLike) -> ray.data.Dataset:
+def read_dataset(path: str | os.PathLike, allow_outside_root: bool = False) -> ray.data.Dataset:
     """The raw pair records as a Ray Dataset (nothing decoded or checked yet).
 
-    Parquet is read as stored; an index (``pairs.jsonl`` / ``pairs.csv``) is read as lines and
-    parsed one by one, so a malformed line becomes a record to quarantine, not a failed read.
+    Parquet is read as stored, after every file's footer is checked (a truncated file or a
+    wrong-typed column is a ValueError naming both, before anything runs); an index
+    (``pairs.jsonl`` / ``pairs.csv``) is read as lines and parsed one by one, so a malformed
+    line becomes a record to quarantine, not a failed read. An image path outside the
+    dataset's folder is quarantined too, unless ``allow_outside_root`` (``data.allow_outside_root``).
     """
     index = index_file(path)
     if index is None:
-        return ray.data.read_parquet(str(path)).map_batches(
-            normalize_table, fn_kwargs={"root": parquet_root(path)}, batch_format="pyarrow")
+        return ray.data.read_parquet(parquet_files(path)).map_batches(
+            normalize_table, fn_kwargs={"root": parquet_root(path), "allow_outside_root": allow_outside_root},
+            batch_format="pyarrow")
     fmt = "csv" if index.suffix == ".csv" else "jsonl"
     header = None
     if fmt == "csv":
         with open(index, newline="") as f:
             header = next(csv.reader(f), [])
     return ray.data.read_text(str(index)).map_batches(
-        lambda batch: parse_index_lines(batch["text"].to_pylist(), fmt, str(index.parent), header),
+        lambda batch: parse_index_lines(batch["text"].to_pylist(), fmt, str(index.parent), header, allow_outside_root),
         batch_format="pyarrow",
     )
 
@@ -303,7 +308,7 @@ def build_datasets(data: dict, model: dict, size: int, quarantine_dir: str | os.
                    pairs_path: str | os.PathLike | None = None, threads: int | None = None):
     """The job's pipeline from its ``data`` config section: ``(train, heldout)`` datasets,
     materialized when ``data.materialize`` (then the decode and VAE run once, not per epoch)."""
-    ds = read_dataset(pairs_path or data["pairs"])
+    ds = read_dataset(pairs_path or data["pairs"], allow_outside_root=data["allow_outside_root"])
     ds = prepare(ds, size, quarantine_dir, keep_ties=data["keep_ties"], heldout_fraction=data["heldout_fraction"],
                  batch_size=data["batch_size"], num_cpus=data["decode_num_cpus"])
     if data["cache_latents"]:

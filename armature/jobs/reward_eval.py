@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict:
     synthetic = {"synthetic_choices": 3, "synthetic_tie_fraction": 0.1}
     pairs = data["pairs"] or _synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, synthetic, size,
                                               c["trainer"]["seed"])
-    ds = read_dataset(pairs).map_batches(
+    ds = read_dataset(pairs, allow_outside_root=data["allow_outside_root"]).map_batches(
         prepare_with_severity, batch_format="pyarrow", batch_size=data["batch_size"],
         fn_kwargs={"size": size, "quarantine_dir": data["quarantine_path"] or f"{job.run_dir}/quarantine",
                    "keep_ties": True, "heldout_fraction": 0.0}).materialize()

@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     backbone = _prepare_backbone(algo, f"{job.run_dir}/backbone", size, c["trainer"]["seed"])
     pairs = data["pairs"] or _synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, algo, size, c["trainer"]["seed"])
     quarantine = data["quarantine_path"] or f"{job.run_dir}/quarantine"
-    ds = read_dataset(pairs).repartition(target_num_rows_per_block=data["batch_size"]).map_batches(
+    ds = read_dataset(pairs, allow_outside_root=data["allow_outside_root"]).repartition(target_num_rows_per_block=data["batch_size"]).map_batches(
         prepare_with_severity, batch_format="pyarrow", batch_size=data["batch_size"], num_cpus=data["decode_num_cpus"],
         fn_kwargs={"size": size, "quarantine_dir": quarantine, "keep_ties": data["keep_ties"],
                    "heldout_fraction": data["heldout_fraction"]})

@@ -157,6 +157,7 @@ class DataConfig:
     # None: synthetic pairs (procedural drawings with localized degradations), built in the run folder
     pairs: Optional[str] = None
     keep_ties: bool = False  # False: ties are dropped (and counted); True: trained as 50/50
+    allow_outside_root: bool = False  # image paths may leave the pairs' folder (../, absolute, URIs elsewhere)
     image_size: Optional[int] = None  # None: the model's native size
     heldout_fraction: float = 0.1  # pairs held out (by a hash of pair_id) for the implicit accuracy
     cache_latents: bool = True  # VAE-encode on actors in the pipeline, so the learner never decodes
