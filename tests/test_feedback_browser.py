@@ -94,8 +94,13 @@ def test_clicks_and_keys_store_the_right_winner(tmp_path, server, browser):
     token = seed(db, 8)
     base = server(db)
     page = browser.new_page()
-    page.goto(f"{base}/?token={token}")
+    blocked = []  # what the page's Content-Security-Policy refused: nothing of its own
+    page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
+    page.goto(f"{base}/?token={token}&lang=en")
     page.wait_for_function("document.body.dataset.state === 'ready'")
+    assert page.url == f"{base}/?lang=en"  # the token left the address bar (and history) at once
+    assert page.evaluate("localStorage.getItem('armature-token')") is None
+    assert page.evaluate("sessionStorage.getItem('armature-token')") == token
     # (how, what, choice): buttons and both key sets
     actions = [("click", "#btn-left", "left"), ("click", "#btn-right", "right"), ("click", "#btn-none", "none"),
                ("key", "ArrowLeft", "left"), ("key", "ArrowRight", "right"), ("key", "ArrowDown", "none"),
@@ -111,6 +116,7 @@ def test_clicks_and_keys_store_the_right_winner(tmp_path, server, browser):
     assert page.evaluate("document.body.dataset.state") == "done"
     assert "Labeled 8" in page.text_content("#status")
     assert lefts == {RED, BLUE}  # the page did shuffle (p = 2 / 2^8 of a false failure)
+    assert not blocked, blocked
     page.close()
 
     labels = {lab["pair_id"]: lab["decision"] for lab in PreferenceStore(db).labels()}
@@ -129,6 +135,7 @@ def test_token_form_and_severity_keys(tmp_path, server, browser):
     page.fill("#token", token)
     page.click("#save-token")
     page.wait_for_function("document.body.dataset.state === 'ready'")
+    assert page.evaluate("localStorage.length") == 0 and page.evaluate("sessionStorage.getItem('armature-token')") == token
     pair_id, color = page.evaluate("document.body.dataset.pair"), left_color(page)
     page.keyboard.press("ArrowLeft")  # no severity yet: refused on the page, nothing stored
     assert "severity" in page.text_content("#status")
