@@ -146,6 +146,41 @@ def test_severity_required_when_configured(tmp_path):
 
 
 
+def test_page_headers_url_tokens_and_unasked_severity(tmp_path):
+    """Framing is forbidden on every response, a token in the URL is refused even when valid, and
+    a severity the page did not ask for is refused (nothing stored)."""
+    db = tmp_path / "fb.db"
+    token = seed_store(db, 2)
+    from fastapi.testclient import TestClient
+
+    from armature.feedback.web import create_app
+
+    client = TestClient(create_app(str(db)))
+    for response in (client.get("/"), client.get("/healthz"), client.get("/api/next")):
+        assert response.headers["x-frame-options"] == "DENY"
+        csp = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+        assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'"
+        assert "unsafe-inline" not in response.headers["content-security-policy"]
+    refused = client.get(f"/api/next?token={token}")
+    assert refused.status_code == 400 and "Authorization header" in refused.json()["detail"]
+    refused = client.get(f"/api/next?token={token}", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 400  # not even alongside a good header: the URL has leaked it
+
+    client.headers["Authorization"] = f"Bearer {token}"
+    pair = client.get("/api/next").json()
+    unasked = client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left", "severity": 2})
+    assert unasked.status_code == 422 and "severity" in unasked.json()["detail"]
+    assert PreferenceStore(db).labels() == []
+    assert client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left"}).status_code == 200
+
+    asked = TestClient(create_app(str(db), severity=True), headers={"Authorization": f"Bearer {token}"})
+    pair = asked.get("/api/next").json()
+    tie = asked.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "none", "severity": 1})
+    assert tie.status_code == 422  # no rejected image: the page asks no severity with "no preference"
+    assert asked.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "none"}).status_code == 200
+    assert [lab["severity"] for lab in PreferenceStore(db).labels()] == [None, None]
+
+
 def test_ray_serve_application_builds_the_app_in_the_replica(tmp_path):
     """Under Ray Serve the replica builds the app (``__serve_build_asgi_app__``) from the URL."""
     from fastapi.testclient import TestClient

@@ -449,3 +449,167 @@ def test_images_are_pinned_and_match_the_dockerfile():
             assert ray_cluster_spec(doc)["rayVersion"] == args["RAY_VERSION"], "rayVersion != the image's Ray"
             images = set(walk(doc, "image"))
             assert images and all(i.startswith("armature:") and i.endswith(f"-{variant}") for i in images), images
+
+
+# =========================================================================== least privilege
+def pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod an object makes: workloads, Ray groups, the RayJob's submitter."""
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+        return [(where, doc["spec"]["template"]["spec"])]
+    if doc["kind"] not in RAY_KINDS:
+        return []
+    pods = [(f"{where} {group}", spec["template"]["spec"]) for group, spec in ray_groups(doc)]
+    if "submitterPodTemplate" in doc["spec"]:
+        pods.append((f"{where} submitter", doc["spec"]["submitterPodTemplate"]["spec"]))
+    return pods
+
+
+def restricted(security_context: dict) -> bool:
+    return (security_context.get("allowPrivilegeEscalation") is False
+            and security_context.get("readOnlyRootFilesystem") is True
+            and security_context.get("capabilities", {}).get("drop") == ["ALL"]
+            and not security_context.get("privileged") and security_context.get("runAsUser", 1) != 0)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_container_runs_as_non_root_read_only_with_limits(target):
+    docs = render(target)
+    pods = [pod for doc in docs for pod in pod_specs(doc)]
+    assert len(pods) == 11  # MinIO, its Job, MLflow, PostgreSQL, 3 Ray clusters x 2 groups, the submitter
+    for where, pod in pods:
+        context = pod.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True and context.get("runAsUser", 0) > 0, f"{where}: may run as root"
+        assert context.get("seccompProfile") == {"type": "RuntimeDefault"}, f"{where}: no RuntimeDefault seccomp"
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            name = f"{where} {container['name']}"
+            assert restricted(container.get("securityContext", {})), f"{name}: {container.get('securityContext')}"
+            assert {"cpu", "memory"} <= set(container.get("resources", {}).get("limits", {})), f"{name}: no limits"
+        for container in pod["containers"]:  # a read-only root, so somewhere to write temporary files
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], f"{where} {container['name']}: no /tmp"
+            assert volumes[mounts["/tmp"]]["emptyDir"].get("sizeLimit"), f"{where}: /tmp without a size limit"
+    autoscaler = ray_cluster_spec(one(docs, "RayCluster", "armature-interactive"))["autoscalerOptions"]
+    assert restricted(autoscaler["securityContext"]) and {"cpu", "memory"} <= set(autoscaler["resources"]["limits"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_generator_api_key_comes_from_a_secret(target):
+    service = one(render(target), "RayService", "armature-generator")
+    for group, spec in ray_groups(service):
+        env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0].get("env", [])}
+        assert env["ARMATURE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "armature-generator", "key": "ARMATURE_API_KEY"}, f"generator {group}: keyless"
+
+
+def test_only_minio_and_its_job_hold_the_root_key_and_ray_pods_a_scoped_one():
+    docs = render("base")
+    examples = {s["metadata"]["name"]: s["stringData"] for s in yaml.safe_load_all(SECRET_EXAMPLE.read_text())}
+    root_user = examples["armature-minio-root"]["MINIO_ROOT_USER"]
+    assert root_user not in (examples["armature-s3"]["AWS_ACCESS_KEY_ID"],
+                             examples["armature-s3-mlflow"]["AWS_ACCESS_KEY_ID"])
+    holders = {where for doc in docs for where, pod in pod_specs(doc)
+               if any(ref["name"] == "armature-minio-root" for ref in [*walk(pod, "secretRef"), *walk(pod, "secretKeyRef")])}
+    assert holders == {"Deployment/armature-minio", "Job/armature-minio-buckets"}
+    for doc in [d for d in docs if d["kind"] in RAY_KINDS]:
+        for group, spec in ray_groups(doc):
+            secrets = {ref["name"] for ref in walk(spec, "secretRef")}
+            assert "armature-s3" in secrets and "armature-s3-mlflow" not in secrets, f"{doc['metadata']['name']} {group}"
+    # the bucket Job makes the Ray pods' key a MinIO user whose policy names bucket "armature" alone
+    job = one(docs, "Job", "armature-minio-buckets")["spec"]["template"]["spec"]["containers"][0]
+    script = job["args"][0]
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in job["env"]}
+    assert env["RAY_ACCESS_KEY_ID"] == {"name": "armature-s3", "key": "AWS_ACCESS_KEY_ID"}
+    assert 'grant "$RAY_ACCESS_KEY_ID" "$RAY_SECRET_ACCESS_KEY" armature\n' in script
+    assert "mc admin user add" in script and "mc admin policy attach" in script
+    assert '"arn:aws:s3:::$3"' in script and '"arn:aws:s3:::$3/*"' in script and "arn:aws:s3:::*" not in script
+
+
+# =========================================================================== network policies
+PodRef = tuple  # (namespace labels, pod labels); pods of the namespace armature have {"ns": "armature"}
+HOME_NS = {"kubernetes.io/metadata.name": "armature"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {"Exists": key in labels, "DoesNotExist": key not in labels,
+              "In": labels.get(key) in values, "NotIn": labels.get(key) not in values}[op]
+        if not ok:
+            return False
+    return True
+
+
+def peer_matches(peer: dict, pod: PodRef) -> bool:
+    namespace, labels = pod
+    if "ipBlock" in peer:
+        return False  # pods are matched by selectors here; ipBlocks are for outside the cluster
+    in_namespace = selects(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer else namespace == HOME_NS
+    return in_namespace and selects(peer.get("podSelector", {}), labels)
+
+
+def allowed(policies: list[dict], direction: str, pod: PodRef, peer: PodRef, port: int) -> bool:
+    """Kubernetes' reading: a pod no policy of ``direction`` selects is open; else some rule of
+    one of the policies that select it must admit the peer and the port."""
+    applying = [p["spec"] for p in policies
+                if pod[0] == HOME_NS and selects(p["spec"]["podSelector"], pod[1]) and direction in p["spec"]["policyTypes"]]
+    if not applying:
+        return True
+    key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for spec in applying:
+        for rule in spec.get(key, []):
+            if ((peers not in rule or any(peer_matches(x, peer) for x in rule[peers]))
+                    and ("ports" not in rule or any(r["port"] == port and r.get("protocol", "TCP") == "TCP"
+                                                    for r in rule["ports"]))):
+                return True
+    return False
+
+
+def reachable(policies, source: PodRef, target: PodRef, port: int) -> bool:
+    return allowed(policies, "Egress", source, target, port) and allowed(policies, "Ingress", target, source, port)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policies_deny_by_default_and_open_only_what_each_part_needs(target):
+    docs = render(target)
+    policies = find(docs, "NetworkPolicy")
+    assert {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]} in [p["spec"] for p in policies]
+    pods: dict[str, PodRef] = {}
+    for doc in docs:
+        for where, _ in pod_specs(doc):
+            template = (doc["spec"]["submitterPodTemplate"] if where.endswith("submitter")
+                        else dict(ray_groups(doc))[where.split()[-1]]["template"] if doc["kind"] in RAY_KINDS
+                        else doc["spec"]["template"])
+            pods[where] = (HOME_NS, template["metadata"]["labels"])
+    pods["stranger"] = (HOME_NS, {"app": "notebook"})  # any other pod of the namespace
+    pods["operator"] = ({"kubernetes.io/metadata.name": "kuberay", "armature/ray-operator": "true"}, {"app": "kuberay"})
+    pods["ingress"] = ({"kubernetes.io/metadata.name": "ingress-nginx", "armature/ingress": "true"}, {"app": "nginx"})
+    pods["elsewhere"] = ({"kubernetes.io/metadata.name": "default"}, {"app": "x"})
+    train, gen, inter = "RayJob/armature-train", "RayService/armature-generator", "RayCluster/armature-interactive"
+    mlflow, minio, pg = "Deployment/armature-mlflow", "Deployment/armature-minio", "StatefulSet/armature-postgres"
+    buckets = "Job/armature-minio-buckets"
+    opened = [
+        (f"{train} workers", f"{train} head", 6379), (f"{train} head", f"{train} workers", 10002),
+        (f"{gen} workers", f"{gen} head", 6379), (f"{inter} head", f"{inter} workers", 10002),
+        (f"{train} submitter", f"{train} head", 8265),
+        ("operator", f"{train} head", 8265), ("operator", f"{gen} head", 8265), ("operator", f"{inter} head", 8265),
+        ("ingress", f"{gen} head", 8000), ("ingress", f"{gen} workers", 8000),
+        (f"{train} head", mlflow, 5000), (f"{inter} workers", mlflow, 5000), (f"{train} workers", minio, 9000),
+        (f"{gen} workers", minio, 9000), (mlflow, pg, 5432), (mlflow, minio, 9000), (buckets, minio, 9000),
+    ]
+    closed = [
+        ("stranger", f"{train} head", 8265), ("stranger", f"{inter} head", 8265), ("stranger", f"{gen} head", 8000),
+        ("stranger", mlflow, 5000), ("stranger", minio, 9000), ("stranger", pg, 5432),
+        ("elsewhere", f"{inter} head", 8265), ("elsewhere", mlflow, 5000), ("elsewhere", f"{gen} head", 8000),
+        (f"{train} head", pg, 5432), (f"{train} workers", f"{gen} head", 8000), (f"{gen} head", f"{train} head", 8265),
+        (f"{inter} workers", f"{train} head", 6379), (f"{train} submitter", f"{train} head", 6379),
+        (f"{train} submitter", mlflow, 5000), ("ingress", f"{gen} head", 8265), ("ingress", mlflow, 5000),
+        ("operator", f"{train} head", 6379), (minio, pg, 5432), (buckets, mlflow, 5000), (f"{train} head", minio, 9001),
+        (mlflow, f"{train} head", 8265), (pg, minio, 9000),
+    ]
+    wrong = [f"{s} -> {t}:{port} is closed" for s, t, port in opened if not reachable(policies, pods[s], pods[t], port)]
+    wrong += [f"{s} -> {t}:{port} is open" for s, t, port in closed if reachable(policies, pods[s], pods[t], port)]
+    assert not wrong, f"{target}:\n  " + "\n  ".join(wrong)

@@ -54,6 +54,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -262,18 +263,25 @@ class PreferenceStore:
             return {"pair_id": row.pair_id, "prompt": row.prompt, "policy_version": row.policy_version,
                     "round": row.round, "priority": row.priority, "source": row.source, "created": row.created}
 
+    def _live(self, now: float):
+        """Assignments that count against ``labels_per_pair``: labeled, or served within the TTL."""
+        return (AssignmentRow.done == 1) | (AssignmentRow.served > now - self.assignment_ttl_s)
+
     def _open_count(self, s: Session, now: float):
         """Per pair: labels plus served-but-unlabeled assignments younger than the TTL."""
-        live = (AssignmentRow.done == 1) | (AssignmentRow.served > now - self.assignment_ttl_s)
-        return (select(AssignmentRow.pair_id, func.count().label("n")).where(live)
+        return (select(AssignmentRow.pair_id, func.count().label("n")).where(self._live(now))
                 .group_by(AssignmentRow.pair_id).subquery())
 
     def next_pair(self, annotator: str, rng: random.Random | None = None) -> dict | None:
         """Serve the annotator a pair: their pending one if they have it (a reloaded page),
         else the highest-priority, oldest pair they have never been served that still needs
-        labels. The left/right order is drawn here and recorded. ``None``: nothing to label."""
+        labels. The left/right order is drawn here and recorded. ``None``: nothing to label.
+
+        The count against ``labels_per_pair`` and the insert are one step: the pair's row is
+        written first (a row lock on PostgreSQL, the database's write lock on SQLite), so
+        everyone serving the same pair waits for the one before, then counts again."""
         rng = rng or random.SystemRandom()
-        for _ in range(5):  # another process may take the same pair at the same moment
+        while True:  # lost a pair to another annotator: they used up its capacity, so this ends
             now = time.time()
             with Session(self.engine) as s:
                 pending = s.scalar(select(AssignmentRow).where(AssignmentRow.annotator == annotator,
@@ -289,15 +297,20 @@ class PreferenceStore:
                     .order_by(PairRow.priority.desc(), PairRow.created, PairRow.pair_id).limit(1))
                 if candidate is None:
                     return None
+                s.execute(update(PairRow).where(PairRow.pair_id == candidate).values(priority=PairRow.priority))
+                taken = s.scalar(select(func.count()).select_from(AssignmentRow)
+                                 .where(AssignmentRow.pair_id == candidate, self._live(now)))
+                if taken >= self.labels_per_pair:
+                    s.rollback()
+                    continue
                 left = rng.choice("ab")
                 s.add(AssignmentRow(pair_id=candidate, annotator=annotator, left=left, served=now))
                 try:
                     s.commit()
-                except IntegrityError:
+                except IntegrityError:  # the same annotator, served this pair from another page
                     s.rollback()
                     continue
             return {**self.pair(candidate), "left": left}
-        return None
 
     # ------------------------------------------------------------------ labels
     def submit(self, annotator: str, pair_id: str, choice: str, severity: int | None = None) -> dict:

@@ -16,6 +16,13 @@ makes tokens, and there are no anonymous writes):
   killed after answering has lost nothing.
 * ``GET  /api/me``    → progress; ``GET /healthz`` → ``ok`` (no token).
 
+The token travels only in that header: a request with ``?token=`` in its URL is refused (URLs
+end up in logs and browser history). A link ``/?token=...`` still opens the page, which moves the
+token out of the address bar at once and keeps it in ``sessionStorage`` (gone with the tab).
+Every response forbids framing (``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``) and
+the page runs only its own inline script and style (CSP hashes), images only from ``data:``.
+A severity is refused unless the page asks for one (``severity`` on, and a preference given).
+
 ``armature label serve --db feedback.db`` runs it with uvicorn; :func:`deployment` wraps the same
 app for Ray Serve.
 """
@@ -23,6 +30,9 @@ app for Ray Serve.
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
+import re
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
@@ -55,9 +65,18 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
     severe) with each preference."""
     if not isinstance(store, PreferenceStore):
         store = PreferenceStore(store, labels_per_pair=labels_per_pair)
-    app = FastAPI(title="Armature labeling", docs_url=None, redoc_url=None)
+    app = FastAPI(title="Armature labeling", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     def annotator(request: Request) -> str:
+        if "token" in request.query_params:
+            raise HTTPException(400, "token: send it in the Authorization header (Authorization: Bearer <token>), "
+                                     "never in the URL, where logs and browser history keep it")
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         name = store.authenticate(token.strip()) if scheme.lower() == "bearer" else None
@@ -69,7 +88,7 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.replace("{{TITLE}}", title).replace("{{SEVERITY}}", "true" if severity else "false")
+        return PAGE.replace("{{TITLE}}", html.escape(title)).replace("{{SEVERITY}}", "true" if severity else "false")
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
@@ -96,6 +115,9 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
             raise HTTPException(422, f"choice {body.choice!r}: expected one of {', '.join(CHOICES)}")
         if severity and body.choice != "none" and body.severity is None:
             raise HTTPException(422, "this page asks for a severity (0-3) with each preference")
+        if body.severity is not None and (not severity or body.choice == "none"):
+            raise HTTPException(422, "severity: this page does not ask for one" + (
+                " with no preference (choice none)" if severity else " (the server runs without --severity)"))
         try:
             stored = store.submit(name, body.pair_id, body.choice, body.severity)
         except PermissionError as err:
@@ -153,7 +175,7 @@ PAGE = """<!doctype html>
  .sev button.on { background: #333; color: #fff; }
  .hidden { display: none; }
 </style></head>
-<body>
+<body data-severity="{{SEVERITY}}">
 <h2>{{TITLE}}</h2>
 <div id="login">Annotator token: <input id="token" type="password" size="48">
  <button id="save-token">Start</button></div>
@@ -171,9 +193,17 @@ PAGE = """<!doctype html>
 <div id="done" class="hidden">Nothing left to label. Thank you!</div>
 <div id="status"></div>
 <script>
-const SEVERITY = {{SEVERITY}};
+const SEVERITY = document.body.dataset.severity === "true";
+// the token lives in this tab only (sessionStorage); one pasted in the URL leaves the address bar at once
 const params = new URLSearchParams(location.search);
-let token = params.get("token") || localStorage.getItem("armature-token") || "";
+let token = params.get("token") || sessionStorage.getItem("armature-token") || "";
+if (params.has("token")) {
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+}
+localStorage.removeItem("armature-token");  // kept there by earlier versions of this page
+if (token) sessionStorage.setItem("armature-token", token);
 let current = null, severity = null, busy = false, started = Date.now(), session = 0;
 const $ = (id) => document.getElementById(id);
 
@@ -239,7 +269,7 @@ document.addEventListener("keydown", (e) => {
   const keys = {ArrowLeft: "left", "1": "left", ArrowRight: "right", "2": "right", ArrowDown: "none", "3": "none"};
   if (keys[e.key]) { e.preventDefault(); answer(keys[e.key]); }
 });
-$("save-token").onclick = () => { token = $("token").value.trim(); localStorage.setItem("armature-token", token); begin(); };
+$("save-token").onclick = () => { token = $("token").value.trim(); sessionStorage.setItem("armature-token", token); begin(); };
 
 async function begin() {
   if (!token) return;
@@ -251,3 +281,20 @@ begin();
 </script>
 </body></html>
 """
+
+
+def _csp_hash(tag: str) -> str:
+    """The CSP source for the page's one inline ``<tag>`` block: its SHA-256, base64."""
+    body = re.search(rf"<{tag}>(.*?)</{tag}>", PAGE, re.S).group(1)
+    return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+
+
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (f"default-src 'none'; script-src {_csp_hash('script')}; "
+                                f"style-src {_csp_hash('style')}; img-src data:; connect-src 'self'; "
+                                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}

@@ -360,8 +360,10 @@ def _restore(engine, logger) -> tuple[int, int]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
+    from armature.platform.weights_only import load_deepspeed_checkpoint
+
     with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False)
+        load_deepspeed_checkpoint(engine, directory, load_module_strict=False)  # weights-only unpickler: no code runs
         state = json.loads((Path(directory) / STATE_FILE).read_text())
     if logger is not None:  # the checkpoint's metrics may not have reached MLflow
         last_epoch, last_step = logger.last_step("epoch"), logger.last_step("step/loss")

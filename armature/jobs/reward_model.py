@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -249,6 +250,18 @@ def batch_loss(scorer: Scorer, batch: dict, algo: dict) -> tuple[torch.Tensor, d
     return loss, info
 
 
+def load_state(path: Path) -> dict:
+    """A checkpoint's training state (tensors, numbers, containers) without running any code it
+    holds: ``trainer.storage_path`` may be a bucket others can write, so torch's weights-only loader
+    reads it (tensors and plain containers; any other object is refused, never constructed)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"checkpoint {path}: holds objects other than tensors, numbers and containers, so it "
+                         "was not written by this job; refusing to unpickle it (remove that checkpoint folder "
+                         f"from trainer.storage_path to start over): {str(err).splitlines()[0]}") from None
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
@@ -272,7 +285,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+            state = load_state(Path(directory) / STATE_FILE)
         scorer.load_state_dict(state["scorer"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1

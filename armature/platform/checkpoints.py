@@ -45,8 +45,10 @@ def restore_checkpoint(engine, logger) -> tuple[int, dict, dict[str, torch.Tenso
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, {}, None
+    from armature.platform.weights_only import load_deepspeed_checkpoint
+
     with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False)
+        load_deepspeed_checkpoint(engine, directory, load_module_strict=False)  # weights-only unpickler: no code runs
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         extra = None
         if (Path(directory) / EXTRA_FILE).is_file():
