@@ -1,5 +1,6 @@
 """The preference store: serving, the left/right mapping, labels, agreement, export, restarts."""
 
+import json
 import multiprocessing as mp
 import random
 
@@ -178,3 +179,25 @@ def test_label_cli_roundtrip(tmp_path, capsys):
     assert main(["label", "export", str(tmp_path / "out.parquet"), "--db", db]) == 0
     [row] = read_pairs(tmp_path / "out.parquet").to_pylist()
     assert row["pair_id"] == "p1" and row["label"] == "l"
+
+
+def test_label_import_refuses_pairs_the_stream_would_quarantine(tmp_path, capsys):
+    """Paths out of the dataset's folder and corrupt images never reach the annotators."""
+    from armature.cli import main
+    from armature.data.pairs import encode_image
+
+    (tmp_path / "pairs").mkdir()
+    for name, color in (("good_w.png", (9, 9, 9)), ("good_l.png", 0)):
+        (tmp_path / "pairs" / name).write_bytes(encode_image(_image(color)))
+    (tmp_path / "pairs" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "secret.png").write_bytes(encode_image(_image((1, 2, 3))))
+    rows = [{"pair_id": "ok", "prompt": "a hand", "image_w": "good_w.png", "image_l": "good_l.png", "label": "w"},
+            {"pair_id": "out", "prompt": "a hand", "image_w": "../secret.png", "image_l": "good_l.png", "label": "w"},
+            {"pair_id": "bad", "prompt": "a hand", "image_w": "broken.png", "image_l": "good_l.png", "label": "w"}]
+    (tmp_path / "pairs" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = str(tmp_path / "imp.db")
+    assert main(["label", "import", str(tmp_path / "pairs"), "--db", db]) == 0
+    err = capsys.readouterr().err
+    assert "'out' not imported: path_outside_root" in err and "'bad' not imported: corrupt_image" in err
+    store = PreferenceStore(db)
+    assert store.counts()["pairs"] == 1 and store.pair("ok") is not None

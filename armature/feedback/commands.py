@@ -69,13 +69,20 @@ def run(args) -> int:
             return 2
         print(token)
     elif args.action == "import":
-        from armature.data.pairs import load_bytes, read_pairs
+        from armature.data.pairs import check_record, load_bytes, read_pairs
 
-        table = read_pairs(args.pairs)
-        ids = store.add_pairs({"pair_id": r["pair_id"], "prompt": r["prompt"], "image_a": load_bytes(r["image_w"]),
-                               "image_b": load_bytes(r["image_l"]), "source": r.get("source"),
-                               "policy_version": args.policy_version} for r in table.to_pylist())
-        print(f"[armature] {len(ids)} pairs to label in {store.url}")
+        good, refused = [], 0
+        for r in read_pairs(args.pairs).to_pylist():
+            reason, _ = check_record(r)  # paths out of the folder, pixel bombs, corrupt images
+            if reason is not None:
+                refused += 1
+                print(f"armature: pair {r.get('pair_id')!r} not imported: {reason}", file=sys.stderr)
+                continue
+            good.append({"pair_id": r["pair_id"], "prompt": r["prompt"], "image_a": load_bytes(r["image_w"]),
+                         "image_b": load_bytes(r["image_l"]), "source": r.get("source"),
+                         "policy_version": args.policy_version})
+        ids = store.add_pairs(good)
+        print(f"[armature] {len(ids)} pairs to label in {store.url}" + (f" ({refused} refused)" if refused else ""))
     elif args.action == "status":
         print(json.dumps({**store.counts(), **store.agreement(), "annotators": store.annotators()}, indent=2))
     elif args.action == "export":
