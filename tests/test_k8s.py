@@ -348,6 +348,9 @@ def test_rayservice_serves_the_armature_serve_app(target):
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     [app] = config["applications"]
     assert app["import_path"] == SERVE_IMPORT_PATH
+    local = yaml.safe_load((REPO / "configs" / "ray_serve.yaml").read_text())["http_options"]
+    for key in ("keep_alive_timeout_s", "request_timeout_s"):  # the proxy bounds requests on the cluster too
+        assert config["http_options"][key] == local[key], key
     module = SERVE_IMPORT_PATH.split(":")[0]
     assert (REPO / Path(*module.split(".")[:-1]) / "__init__.py").is_file(), f"no package for {module}"
 
