@@ -146,7 +146,8 @@ def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
             width, height = (int(v) for v in value.split("x"))
             for v in (width, height):
                 if not lim["min_size"] <= v <= lim["max_size"] or v % lim["size_multiple"]:
-                    raise ValueError(f"size {value}: {side}")
+                    raise ValueError(f"size={value}: use auto (the model's own size), WIDTHxHEIGHT with {side}, or "
+                                     f"one of {', '.join(OPENAI_SIZES)} (drawn at the model's scale)")
             return value
 
         @field_validator("best_of")
