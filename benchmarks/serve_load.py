@@ -133,7 +133,9 @@ def main() -> None:
     for mode, overrides in modes.items():
         serve.run(build_application(compose("serve", overrides)), name=mode, route_prefix=f"/{mode}")
         asyncio.run(closed_loop(f"http://127.0.0.1:{args.port}/{mode}", 4, 3.0))  # warm up
+    stats = {mode: serve.get_deployment_handle("Generator", app_name=mode).stats for mode in modes}
     samples: dict = {}
+    passes: dict = {}  # (requests, groups run) of each served measurement
     for repeat in range(args.repeats):
         for b in bare_batches:
             throughput, latencies = bare_diffusers(pipe, b, args.seconds, sampling, policy.image_size,
@@ -142,10 +144,14 @@ def main() -> None:
             print(f"  bare diffusers batch {b:2d}: {throughput:6.2f} images/s  ({len(latencies)} calls)", flush=True)
         for c in args.concurrency:
             for mode in modes:
+                before = stats[mode].remote().result()
                 throughput, latencies, failures = asyncio.run(
                     closed_loop(f"http://127.0.0.1:{args.port}/{mode}", c, args.seconds)
                 )
+                after = stats[mode].remote().result()
                 samples.setdefault((mode, c), []).append((throughput, latencies, failures))
+                passes.setdefault((mode, c), []).append((after["requests"] - before["requests"],
+                                                        after["groups"] - before["groups"]))
                 print(f"  served {mode:9s} concurrency {c:2d}: {throughput:6.2f} images/s  ({len(latencies)} "
                       f"requests, {failures} failed)", flush=True)
     serve.shutdown()
@@ -161,12 +167,14 @@ def main() -> None:
           f"replica; batching on: up to {args.batch_size} requests a batch, {args.pass_size} images a pass "
           f"(padded), {args.wait * 1e3:.0f} ms batch wait; off: one request at a time. Bare: the diffusers "
           "pipeline called in this process, latency per call\n")
-    print("| what | batch / concurrency | images/s | p50 latency (ms) | p99 latency (ms) | failed |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| what | batch / concurrency | images/s | p50 latency (ms) | p99 latency (ms) | images a batch | failed |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     names = {"bare": "bare diffusers", "batched": "served, batching on", "unbatched": "served, batching off"}
     for (mode, c), (throughput, latencies, failures) in results.items():
         p50, p99 = percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
-        print(f"| {names[mode]} | {c} | {throughput:.2f} | {p50:.0f} | {p99:.0f} | {failures} |")
+        requests, groups = (sum(x) for x in zip(*passes[mode, c])) if mode != "bare" else (c, 1)
+        print(f"| {names[mode]} | {c} | {throughput:.2f} | {p50:.0f} | {p99:.0f} | {requests / max(groups, 1):.1f} "
+              f"| {failures} |")
     if ("batched", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["batched", 8][0] / results["bare", args.bare_batch][0]
         print(f"\nserved at concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}  (goal >= 0.9)")
