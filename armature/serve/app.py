@@ -375,7 +375,8 @@ class Ingress:
                 self.versions.clear()
             cached = self.versions[reference] = (now + self.config["adapters"]["resolve_ttl_s"], value)
         if isinstance(cached[1], LookupError):
-            raise unknown_model(reference, str(cached[1])) if field == "model" else ApiError(404, field, str(cached[1]))
+            message = str(cached[1])
+            raise unknown_model(reference, message) if field == "model" else ApiError(404, field, message)
         return cached[1]
 
     async def generate(self, body) -> dict:
