@@ -182,7 +182,8 @@ def main() -> None:
         gain = results["bare", args.bare_batch][0] / results["bare", 1][0]
         print(f"bare diffusers, batch {args.bare_batch} / batch 1: {gain:.2f}")
     if ("batched", 8) in results and ("unbatched", 8) in results:
-        print(f"served at concurrency 8, batching on / off: {results['batched', 8][0] / results['unbatched', 8][0]:.2f}")
+        on_off = results["batched", 8][0] / results["unbatched", 8][0]
+        print(f"served at concurrency 8, batching on / off: {on_off:.2f}")
 
 
 if __name__ == "__main__":
