@@ -188,7 +188,7 @@ def test_adapters_by_name_version_alias_and_local_folder(server):
     ("no-such-adapter", 404, "no registered model"),
     ("lora-adapter/9", 404, "not found"),
     ("lora-adapter@nope", 404, "nope"),
-    ("pickled-adapter", 422, "only safetensors"),
+    ("pickled-adapter", 400, "only safetensors"),
 ])
 def test_unservable_adapters(server, reference, status, words):
     response = server["client"].post("/v1/images/generations", json={"prompt": "x", "adapter": reference})
@@ -231,7 +231,7 @@ def test_limits_refuse_before_the_model(server):
     before = _stats(server)
     for body, field in REFUSED:
         response = client.post("/v1/images/generations", json=body)
-        assert response.status_code == 422, (body, response.text)
+        assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["field"] == field, (body, response.json())
     big = client.post("/v1/images/generations", content=b'{"prompt": "' + b"x" * 70000 + b'"}',
                       headers={"content-type": "application/json"})
@@ -284,7 +284,7 @@ def test_python_client(server):
         assert any(a["id"] == "lora-adapter@prod" for a in client.adapters())
         with pytest.raises(GeneratorError) as err:
             client.generate("a red cube", steps=1000)
-        assert err.value.status == 422 and err.value.field == "steps"
+        assert err.value.status == 400 and err.value.field == "steps"
     with GeneratorClient(server["base"] + "/secure", api_key="") as anonymous:
         with pytest.raises(GeneratorError, match="401"):
             anonymous.generate("a red cube")

@@ -1,6 +1,6 @@
 """``POST /v1/images/edits``: a person rendered into a scene by a SkeleGuide pipeline.
 
-The request checks (every 422 names its field, a bad pose down to the joint) run on the FastAPI
+The request checks (every 400 names its field, a bad pose down to the joint) run on the FastAPI
 app alone; the rest on one Serve application on the session's Ray cluster with the tiny
 SkeleGuide pipeline saved to a folder, called over HTTP.
 """
@@ -127,7 +127,7 @@ def test_edit_requests_are_refused_naming_the_field(api, change, field):
     body = {"image": png(scene()), "prompt": "a person standing", **change}
     response = client.post("/v1/images/edits", content=json.dumps(body),  # json.dumps writes Infinity
                            headers={"content-type": "application/json"})
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["field"] == field, error
     assert field.split(".")[-1] in error["message"]
@@ -241,7 +241,7 @@ def test_planned_then_edited_pose_round_trip(server, triple):
 
 
 @pytest.mark.slow
-def test_mask_region_keeps_the_background_and_bad_poses_get_422(server, triple):
+def test_mask_region_keeps_the_background_and_bad_poses_get_400(server, triple):
     client = server["client"]
     body = {"image": png(triple.scene), "prompt": triple.prompt, "seed": 1,
             "mask": png(triple.person_mask.astype(np.uint8) * 255), "pose": triple.skeleton.to_json()}
@@ -254,7 +254,7 @@ def test_mask_region_keeps_the_background_and_bad_poses_get_422(server, triple):
     bad = triple.skeleton.to_json()
     bad["people"][0]["keypoints"]["right_knee"] = [12.0, "low", 1.0]
     refused = client.post("/v1/images/edits", json={**body, "pose": bad})
-    assert refused.status_code == 422
+    assert refused.status_code == 400
     assert refused.json()["error"]["field"] == "pose.people[0].keypoints.right_knee"
     not_json = client.post("/v1/images/edits", json={**body, "pose": "nose at the top"})
-    assert not_json.status_code == 422 and not_json.json()["error"]["field"] == "pose"
+    assert not_json.status_code == 400 and not_json.json()["error"]["field"] == "pose"

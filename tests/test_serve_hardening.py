@@ -141,7 +141,7 @@ def test_authorized_stalled_bodies_get_429_past_the_client_limit_then_408(server
 def test_a_malformed_adapter_config_is_a_4xx_naming_the_adapter(server):
     response = server["client"].post("/v1/images/generations", json={"prompt": "x", "adapter": "broken"},
                                      headers={"Authorization": f"Bearer {KEY}"})
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["field"] == "adapter" and "'local:broken'" in error["message"]
     assert "adapter_config.json is not valid JSON" in error["message"]

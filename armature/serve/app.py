@@ -10,7 +10,8 @@
   that name a reward are scored, and with ``best_of`` the best of their candidates kept.
 
 * ``Editor`` (only with ``edits.pipeline``) holds a SkeleGuide pipeline for ``POST /v1/images/edits``:
-  a person rendered into a scene from a planned or given pose (``edits.py``).
+  a person rendered into a scene from a planned or given pose (``edits.py``), or where the OpenAI
+  API's multipart edit marks the image transparent (``openai_api.py``).
 
 ``build_app`` is the Serve application builder (``serve run armature.serve.app:build_app``,
 ``import_path`` of a Serve config file; its ``args`` are Hydra overrides of
@@ -39,6 +40,7 @@ from ray import serve
 from armature.serve.adapters import Adapter, AdapterBank, AdapterError
 from armature.serve.generation import ImageJob, PassShape, best_of
 from armature.serve.generation import generate as generate_images
+from armature.serve.openai_api import is_adapter_name, model_objects, resolve_size, unknown_model
 from armature.serve.routes import MAX_SEED, ApiError, create_api, hash_key
 
 __all__ = ["Editor", "Generator", "Ingress", "build_app", "build_application", "deployment_options", "http_options",
@@ -103,6 +105,10 @@ class Generator:
 
     async def stats(self) -> dict:
         return {**self.counts, "adapters_loaded": self.bank.loaded}
+
+    async def image_size(self) -> tuple[int, int]:
+        """The model's own ``(height, width)``."""
+        return tuple(self.policy.image_size)
 
     async def _load_adapter(self, model_id: str) -> Adapter:
         from armature.platform.registry import download_adapter, resolve_version
@@ -289,6 +295,8 @@ class Ingress:
         self.config = config
         self.api_key_sha256 = api_key_sha256
         self.versions: dict[str, tuple[float, object]] = {}  # reference -> (expiry, (id, label) or error)
+        self.base_model = config["model"].get("pretrained") or config["model"]["family"]  # its OpenAI `model` id
+        self.native_size: tuple[int, int] | None = None  # the model's (height, width), asked once
         # Open the registry's store now (a new local store creates its tables), not on a request.
         threading.Thread(target=self._open_registry, daemon=True).start()
 
@@ -326,8 +334,28 @@ class Ingress:
                 for a in registered for alias in a["aliases"]]
         return local + out
 
-    async def _resolve(self, reference: str | None) -> tuple[str, str | None]:
-        """``(multiplexed model id, what it resolved to)``; ``("", None)`` for the base model."""
+    async def models(self) -> list[dict]:
+        """The OpenAI API's model list: the base model, then the adapters."""
+        return model_objects(self.base_model, await self.adapters())
+
+    def _reference(self, body) -> tuple[str | None, str]:
+        """The adapter a request names (None: the base model) and the field that names it."""
+        if body.model is not None and body.adapter is not None:
+            raise ApiError(400, "model", "model: name the adapter as `model` or as `adapter`, not both")
+        if body.model is None or body.model == self.base_model:
+            return body.adapter, "adapter"
+        if not is_adapter_name(body.model):
+            raise unknown_model(body.model, "not an adapter name (name, name/3 or name@alias)")
+        return body.model, "model"
+
+    async def _size(self, size: str | None) -> tuple[int | None, int | None]:
+        if size not in (None, "auto") and self.native_size is None:
+            self.native_size = tuple(await _result(self.generator.image_size.remote()))
+        return resolve_size(size, self.native_size, self.config["limits"])
+
+    async def _resolve(self, reference: str | None, field: str = "adapter") -> tuple[str, str | None]:
+        """``(multiplexed model id, what it resolved to)``; ``("", None)`` for the base model;
+        errors name ``field`` (``adapter`` or ``model``)."""
         if reference is None:
             return "", None
         if reference in self.config["adapters"]["local"]:
@@ -341,22 +369,24 @@ class Ingress:
                 mv = await asyncio.to_thread(resolve_version, self.config["tracking_uri"], reference)
                 value: object = (f"{mv['name']}/{mv['version']}",) * 2
             except KeyError as err:
-                value = ApiError(404, "adapter", str(err.args[0] if err.args else err))
+                value = LookupError(str(err.args[0] if err.args else err))
             except Exception as err:  # noqa: BLE001
                 raise ApiError(503, "adapter", f"the MLflow model registry did not answer: {err}") from err
             if len(self.versions) > 10_000:
                 self.versions.clear()
             cached = self.versions[reference] = (now + self.config["adapters"]["resolve_ttl_s"], value)
-        if isinstance(cached[1], ApiError):
-            raise cached[1]
+        if isinstance(cached[1], LookupError):
+            message = str(cached[1])
+            raise unknown_model(reference, message) if field == "model" else ApiError(404, field, message)
         return cached[1]
 
     async def generate(self, body) -> dict:
         from ray.serve.exceptions import BackPressureError
 
-        model_id, label = await self._resolve(body.adapter)
+        reference, field = self._reference(body)
+        model_id, label = await self._resolve(reference, field)
         timeout = float(self.config["limits"]["request_timeout_s"])
-        width, height = (int(v) for v in body.size.split("x")) if body.size else (None, None)
+        width, height = await self._size(body.size)
         payload = {
             "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
             "best_of": body.best_of, "reward": body.reward, "steps": body.steps,
@@ -371,22 +401,26 @@ class Ingress:
             raise ApiError(503, "generator", f"overloaded, retry later ({err})",
                            headers={"Retry-After": "1"}, code="overloaded") from err
         except AdapterError as err:
-            raise ApiError(422, "adapter", str(err.args[0] if err.args else err)) from err
+            raise ApiError(400, field, str(err.args[0] if err.args else err)) from err
         except (asyncio.TimeoutError, TimeoutError) as err:
             response.cancel()
             raise ApiError(504, "generator", f"no answer within limits.request_timeout_s={timeout:g}") from err
         data = await asyncio.to_thread(_encode, result)
-        return {"created": int(time.time()), "adapter": body.adapter, "adapter_version": label,
-                "reward": body.reward, "data": data}
+        height, width = np.asarray(result["images"]).shape[1:3]
+        return {"created": int(time.time()), "model": body.model or self.base_model, "size": f"{width}x{height}",
+                "adapter": reference, "adapter_version": label, "reward": body.reward, "data": data}
 
 
-    async def edit(self, body) -> dict:
+    async def edit(self, body, model: str | None = None) -> dict:
         from ray.serve.exceptions import BackPressureError
 
         from armature.serve.edits import EditError, check_edit, encode_png
 
         if self.editor is None:
             raise ApiError(404, "path", "this server has no edit pipeline: start it with edits.pipeline=<folder>")
+        if model not in (None, self.base_model):
+            raise ApiError(400, "model", f"model={model}: edits run the edit pipeline (edits.pipeline); leave model "
+                                         f"out or name {self.base_model!r}, adapters apply to generations")
         checked = await asyncio.to_thread(check_edit, body, self.config["limits"])
         timeout = float(self.config["limits"]["request_timeout_s"])
         seed = random.randint(0, MAX_SEED) if body.seed is None else body.seed
@@ -399,7 +433,7 @@ class Ingress:
             raise ApiError(503, "editor", f"overloaded, retry later ({err})",
                            headers={"Retry-After": "1"}, code="overloaded") from err
         except EditError as err:
-            raise ApiError(422, err.field, str(err.args[0] if err.args else err)) from err
+            raise ApiError(400, err.field, str(err.args[0] if err.args else err)) from err
         except (asyncio.TimeoutError, TimeoutError) as err:
             response.cancel()
             raise ApiError(504, "editor", f"no answer within limits.request_timeout_s={timeout:g}") from err

@@ -2,7 +2,7 @@
 
 ``POST /v1/images/edits`` takes a scene (a base64 PNG), a prompt, an optional person region (a
 ``box`` ``[x0, y0, x1, y1]`` or a ``mask`` PNG) and an optional ``pose`` (keypoint JSON,
-``armature.skeleton``). ``check_edit`` decodes and checks them (a 422 names the field at fault,
+``armature.skeleton``). ``check_edit`` decodes and checks them (a 400 names the field at fault,
 down to the joint for a bad pose); ``run_edit`` runs a ``SkeleGuidePipeline``: it plans the pose
 (or takes the one given), renders the person, and keeps every pixel outside the person region
 as it was. The answer carries the image and the pose used, so a client can edit that pose and
@@ -26,7 +26,7 @@ __all__ = ["EditError", "check_edit", "run_edit", "decode_png", "encode_png", "p
 
 
 class EditError(ValueError):
-    """A request the pipeline cannot take (e.g. an image size it cannot render): 422 on ``field``."""
+    """A request the pipeline cannot take (e.g. an image size it cannot render): 400 on ``field``."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -36,26 +36,26 @@ _PATH = re.compile(r"^[A-Za-z_][\w.\[\]]*$")
 
 
 def decode_png(text: str, field: str, lim: dict, mode: str = "RGB") -> np.ndarray:
-    """A base64 PNG as ``[H, W, 3]`` uint8 (``mode="L"``: ``[H, W]``); 422 naming ``field`` when it is
+    """A base64 PNG as ``[H, W, 3]`` uint8 (``mode="L"``: ``[H, W]``); 400 naming ``field`` when it is
     not one or its size is outside the limits."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise ApiError(422, field, f"{field}: not base64 ({err})") from None
+        raise ApiError(400, field, f"{field}: not base64 ({err})") from None
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise ApiError(422, field, f"{field}: not a PNG image (base64 of the file's bytes)")
+        raise ApiError(400, field, f"{field}: not a PNG image (base64 of the file's bytes)")
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size  # read from the header: check before decoding the pixels
         side = f"each side in [{lim['min_size']}, {lim['max_size']}], a multiple of {lim['size_multiple']}"
         for v in (width, height):
             if not lim["min_size"] <= v <= lim["max_size"] or v % lim["size_multiple"]:
-                raise ApiError(422, field, f"{field}: {width}x{height} pixels; {side}")
+                raise ApiError(400, field, f"{field}: {width}x{height} pixels; {side}")
         return np.asarray(image.convert(mode))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ApiError(422, field, f"{field}: the PNG does not decode ({err})") from None
+        raise ApiError(400, field, f"{field}: the PNG does not decode ({err})") from None
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -78,7 +78,7 @@ def pose_error_field(message: str) -> str:
 def check_edit(body, lim: dict) -> dict:
     """The model's input from a validated ``EditRequest``: the scene ``[H, W, 3]``, the person
     region ``[H, W]`` bool (or None), the pose as a ``Skeleton`` (or None). Raises ``ApiError``
-    (422) naming the field."""
+    (400) naming the field."""
     from armature.skeleton import Skeleton
 
     scene = decode_png(body.image, "image", lim)
@@ -87,32 +87,32 @@ def check_edit(body, lim: dict) -> dict:
     if body.box is not None:
         x0, y0, x1, y1 = body.box
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ApiError(422, "box", f"box: {body.box} must satisfy 0 <= x0 < x1 <= {width} and "
+            raise ApiError(400, "box", f"box: {body.box} must satisfy 0 <= x0 < x1 <= {width} and "
                                        f"0 <= y0 < y1 <= {height} (pixels of the {width}x{height} image)")
         region = np.zeros((height, width), dtype=bool)
         region[y0:y1, x0:x1] = True
     elif body.mask is not None:
         mask = decode_png(body.mask, "mask", lim, mode="L")
         if mask.shape != (height, width):
-            raise ApiError(422, "mask", f"mask: {mask.shape[1]}x{mask.shape[0]} pixels, the image is "
+            raise ApiError(400, "mask", f"mask: {mask.shape[1]}x{mask.shape[0]} pixels, the image is "
                                         f"{width}x{height}: send a mask of the image's size")
         region = mask > 0
         if not region.any():
-            raise ApiError(422, "mask", "mask: no pixel is set; nonzero pixels mark where the person goes")
+            raise ApiError(400, "mask", "mask: no pixel is set; nonzero pixels mark where the person goes")
     pose = None
     if body.pose is not None:
         try:
             pose = Skeleton.from_json(body.pose)
         except (ValueError, TypeError, OverflowError) as err:  # e.g. "width": Infinity overflows int()
             message = str(err)
-            raise ApiError(422, pose_error_field(message), message if message.startswith("pose") else
+            raise ApiError(400, pose_error_field(message), message if message.startswith("pose") else
                            f"pose.{message}") from None
         if (pose.width, pose.height) != (width, height):
-            raise ApiError(422, "pose.width", f"pose.width, pose.height: the pose's canvas is {pose.width}x"
+            raise ApiError(400, "pose.width", f"pose.width, pose.height: the pose's canvas is {pose.width}x"
                                               f"{pose.height}, the image {width}x{height}; give the pose in the "
                                               "image's pixels")
         if not pose.visible.any():
-            raise ApiError(422, "pose.people", "pose.people: no joint is present (every visibility is 0)")
+            raise ApiError(400, "pose.people", "pose.people: no joint is present (every visibility is 0)")
     return {"scene": scene, "region": region, "pose": pose}
 
 

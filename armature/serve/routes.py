@@ -3,9 +3,11 @@
 ``create_api`` builds the FastAPI app around a *service* (the ingress deployment) that has the
 coroutines ``generate(request) -> dict`` (an ``ImagesResponse``), ``edit(request) -> dict`` (an
 ``EditResponse``), ``adapters() -> list[dict]`` and ``ready() -> bool``. Every limit is part of the request schema, so a request beyond one is
-answered 422 before the service sees it, and the OpenAPI document states the limits.
+answered 400 before the service sees it, and the OpenAPI document states the limits.
 
-Every error answer has the same shape: ``{"error": {"code", "field", "message"}}``.
+Every error answer has the OpenAI API's shape, ``{"error": {"message", "type", "param", "code"}}``,
+and its status codes (an invalid request: 400), plus ``field`` (the same as ``param``).
+The OpenAI Images API's own fields and routes are in ``openai_api.py``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the annotations of routes defined in
@@ -29,9 +31,8 @@ __all__ = ["ApiError", "create_api", "request_model", "edit_request_model", "has
 # name, name/3 or name@alias (MLflow registered model names, restricted to a safe alphabet)
 ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[0-9]{1,9}|@[A-Za-z0-9_-]{1,64})?$"
 MAX_SEED = 2**32 - 1
-CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-         408: "body_timeout", 413: "too_large", 422: "invalid_request", 429: "too_many_requests",
-         503: "unavailable", 504: "timeout"}
+CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+         408: "body_timeout", 413: "too_large", 429: "too_many_requests", 503: "unavailable", 504: "timeout"}
 
 
 class ApiError(Exception):
@@ -46,7 +47,8 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, field: str, message: str, headers: Optional[dict] = None,
                    **extra) -> JSONResponse:
-    body = {"error": {"code": code, "field": field, "message": message, **extra}}
+    kind = "invalid_request_error" if status < 500 else "server_error"  # the OpenAI API's error types
+    body = {"error": {"message": message, "type": kind, "param": field, "code": code, "field": field, **extra}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -56,9 +58,11 @@ def hash_key(key: str) -> str:
 
 # --------------------------------------------------------------------------- schema
 class ErrorDetail(BaseModel):
-    code: str
-    field: str = Field(description="the request field at fault, or what else failed (body, authorization, ...)")
     message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str = Field(description="the request field at fault, or what else failed (body, authorization, ...)")
+    code: str
+    field: str = Field(description="the same as `param`")
 
 
 class ErrorResponse(BaseModel):
@@ -73,6 +77,9 @@ class ImageData(BaseModel):
 
 class ImagesResponse(BaseModel):
     created: int
+    model: Optional[str] = Field(None, description="the model as requested (an adapter, or the base model's id)")
+    size: Optional[str] = Field(None, description="WIDTHxHEIGHT of the images")
+    output_format: Literal["png"] = "png"
     adapter: Optional[str] = Field(None, description="the adapter as requested")
     adapter_version: Optional[str] = Field(None, description="what it resolved to, e.g. name/3")
     reward: Optional[str] = None
@@ -106,18 +113,21 @@ class Status(BaseModel):
 
 def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
     """The request schema of ``POST /v1/images/generations`` under ``limits``."""
+    from armature.serve.openai_api import OPENAI_SIZES, OpenAIImageFields
+
     lim = dict(limits)
     side = f"each side in [{lim['min_size']}, {lim['max_size']}], a multiple of {lim['size_multiple']}"
     Reward = Literal[tuple(rewards)] if rewards else None  # noqa: N806
 
-    class ImageRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class ImageRequest(OpenAIImageFields):  # the OpenAI Images API's fields, and Armature's own
 
         prompt: str = Field(min_length=1, max_length=lim["max_prompt_chars"])
         negative_prompt: Optional[str] = Field(None, max_length=lim["max_prompt_chars"])
         n: int = Field(1, ge=1, le=lim["max_images"], description="images to return")
-        size: Optional[str] = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
-                                    description=f"WIDTHxHEIGHT in pixels, {side}; default: the model's")
+        size: Optional[str] = Field(None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$",
+                                    description=f"WIDTHxHEIGHT in pixels, {side}; or one of the OpenAI API's "
+                                                f"sizes ({', '.join(OPENAI_SIZES)}), drawn at the model's scale "
+                                                "when beyond those limits; default (auto): the model's")
         steps: Optional[int] = Field(None, ge=1, le=lim["max_steps"], description="denoising steps")
         guidance_scale: Optional[float] = Field(None, ge=0.0, le=lim["max_guidance_scale"], allow_inf_nan=False)
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED,
@@ -133,12 +143,13 @@ def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
         @field_validator("size")
         @classmethod
         def _size(cls, value):
-            if value is None:
+            if value in (None, "auto") or value in OPENAI_SIZES:  # the ingress maps these to the model
                 return value
             width, height = (int(v) for v in value.split("x"))
             for v in (width, height):
                 if not lim["min_size"] <= v <= lim["max_size"] or v % lim["size_multiple"]:
-                    raise ValueError(f"size {value}: {side}")
+                    raise ValueError(f"size={value}: use auto (the model's own size), WIDTHxHEIGHT with {side}, or "
+                                     f"one of {', '.join(OPENAI_SIZES)} (drawn at the model's scale)")
             return value
 
         @field_validator("best_of")
@@ -302,12 +313,14 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
     """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``.
     ``edits_max_body_bytes``: the body limit of ``/v1/images/edits`` (default ``limits.max_body_bytes``);
     ``limits.body_timeout_s`` and ``limits.max_requests_per_client``: see ``RequestGuard``."""
+    from armature.serve.openai_api import add_openai_routes
+
     ImageRequest = request_model(limits, rewards)  # noqa: N806
     edits_body = int(edits_max_body_bytes or limits["max_body_bytes"])
     EditRequest = edit_request_model(limits, edits_body)  # noqa: N806
     app = FastAPI(title=title, version="1", description="Text-to-image generation with per-request adapters.")
     lim_body = int(limits["max_body_bytes"])
-    statuses = (401, 408, 413, 422, 429, 503) if api_key_sha256 else (408, 413, 422, 429, 503)
+    statuses = (400, 401, 408, 413, 429, 503) if api_key_sha256 else (400, 408, 413, 429, 503)
     errors = {s: {"model": ErrorResponse} for s in statuses}  # documented error answers
     # The key is checked by RequestGuard, from the headers; the dependency documents it in OpenAPI.
     v1 = [Depends(HTTPBearer(auto_error=False))] if api_key_sha256 else []
@@ -315,6 +328,8 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
                        body_limit=lim_body, route_body_limits={"/v1/images/edits": edits_body},
                        body_timeout_s=limits.get("body_timeout_s"),
                        max_per_client=limits.get("max_requests_per_client"))
+    # GET /v1/models, and multipart edits at /v1/images/edits: added before the JSON edit route
+    add_openai_routes(app, service, v1, {**errors, 404: {"model": ErrorResponse}}, EditRequest, limits, edits_body)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -333,7 +348,7 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
             for e in err.errors()
         ]
         first = found[0] if found else {"field": "body", "message": "invalid request"}
-        return error_response(422, "invalid_request", first["field"], f"{first['field']}: {first['message']}",
+        return error_response(400, "invalid_request", first["field"], f"{first['field']}: {first['message']}",
                               errors=found)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, dependencies=v1,
@@ -346,7 +361,8 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
               responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}})
     async def edits(body: EditRequest) -> dict:
         """Render a person into the scene: from the `pose` given, or from one the model plans first;
-        outside the person region (`box` or `mask`) the scene is kept pixel for pixel."""
+        outside the person region (`box` or `mask`) the scene is kept pixel for pixel. A multipart body
+        at this path is the OpenAI API's edit (`image`, optional `mask`: its transparent pixels, `prompt`)."""
         return await service.edit(body)
 
     @app.get("/v1/adapters", response_model=AdaptersResponse, dependencies=v1, responses=errors)
