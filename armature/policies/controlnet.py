@@ -30,7 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from armature.policies.diffusion import DiffusionPolicy, LoraParams, SamplingParams, _tiny_config, load_policy
+from armature.policies.diffusion import DiffusionPolicy, LoraParams, SamplingParams, load_policy
+from armature.policies.families import guidance_branch
+from armature.policies.tiny import tiny_config
 
 __all__ = [
     "CONTROLNET_TARGETS",
@@ -177,10 +179,9 @@ class ControlNetPolicy(DiffusionPolicy):
         cond["controlnet_cond"] = control.unsqueeze(1).expand(-1, 2, -1, -1, -1).to(cond["encoder_hidden_states"].dtype)
         return cond
 
-    def _unet_kwargs(self, cond, guided: bool) -> dict:
-        kwargs = super()._unet_kwargs(cond, guided)
-        control = cond["controlnet_cond"]
-        kwargs["controlnet_cond"] = torch.cat([control[:, 0], control[:, 1]]) if guided else control[:, 1]
+    def denoiser_inputs(self, cond, guided: bool) -> dict:
+        kwargs = super().denoiser_inputs(cond, guided)
+        kwargs["controlnet_cond"] = guidance_branch(cond["controlnet_cond"], guided)
         return kwargs
 
     # ------------------------------------------------------------------ sampling
@@ -281,7 +282,7 @@ def build_controlnet_policy(model: dict, sampling: dict, controlnet: dict | Cont
     sampling = {k: v for k, v in dict(sampling).items() if k != "batch_size"}
     base = load_policy(family=family, pretrained=model.get("pretrained"), sampling=SamplingParams(**sampling),
                        device=device, dtype=model.get("dtype", "float32"),
-                       tiny=_tiny_config(model.get("tiny") or {}, family),
+                       tiny=tiny_config(model.get("tiny") or {}, family),
                        revision=model.get("revision"), variant=model.get("variant"))
     if params.pretrained:
         net = load_controlnet(params, base.pipe.unet.dtype)
