@@ -28,12 +28,13 @@ what is wrong with a record, as ``"<code>: <detail>"`` (codes: :data:`REASON_COD
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from armature.images import decode_image, encode_image
 
 __all__ = [
     "COLUMNS",
@@ -80,31 +81,6 @@ def schema():
 
 
 # --------------------------------------------------------------------------- images
-def encode_image(image: Any, format: str = "PNG") -> bytes:
-    """Bytes of an image given as encoded bytes (kept as they are), a PIL image or a uint8 array
-    (``[H, W, 3]``, or ``[H, W]`` for masks; a bool or float mask in [0, 1] becomes 0..255)."""
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype == bool or image.dtype.kind == "f":
-            image = (np.clip(image.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(image))
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
-
-
-def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
-    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()  # decodes fully: a truncated file fails here, not later
-        return np.array(image.convert(mode))
-
-
 def load_bytes(value: Any, root: str | os.PathLike | None = None) -> bytes:
     """The bytes of an image column value: bytes as they are, else read from a path or URI."""
     if isinstance(value, (bytes, bytearray, memoryview)):

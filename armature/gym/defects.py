@@ -31,6 +31,7 @@ import hashlib
 
 import numpy as np
 
+from armature.images import encode_image
 from armature.gym.figures import (
     PARENT,
     SIZE,
@@ -201,8 +202,6 @@ def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
     (intact, or in a graded pair a milder defect), the region mask where the two drawings differ,
     the severities of both. ``images`` replaces the drawings stored (e.g. the same two after a
     generator's decoder); the mask stays the drawings' difference."""
-    from armature.data.pairs import encode_image
-
     good, bad = render(intact), render(broken)
     stored = images if images is not None else (good, bad)
     kinds = sorted({k for k, _ in broken.defects})
