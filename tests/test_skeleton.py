@@ -15,8 +15,17 @@ from armature.gym.figures import Figure, build_parts, render, sample_background,
 from armature.rewards import load
 from armature.rewards.skeleton import joint_bends, pck, skeleton_score, skeleton_terms
 from armature.skeleton import (
-    COCO17, Skeleton, canonical, from_figure, from_figure_image, parse_layout, photo_triples, read_triples,
-    render_layout, triples, write_triples,
+    COCO17,
+    Skeleton,
+    canonical,
+    from_figure,
+    from_figure_image,
+    parse_layout,
+    photo_triples,
+    read_triples,
+    render_layout,
+    triples,
+    write_triples,
 )
 from armature.skeleton.keypoints import INDEX
 from armature.skeleton.render import JOINT_COLOURS

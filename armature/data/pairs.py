@@ -29,8 +29,9 @@ what is wrong with a record, as ``"<code>: <detail>"`` (codes: :data:`REASON_COD
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

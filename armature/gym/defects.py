@@ -31,7 +31,6 @@ import hashlib
 
 import numpy as np
 
-from armature.images import encode_image
 from armature.gym.figures import (
     PARENT,
     SIZE,
@@ -46,6 +45,7 @@ from armature.gym.figures import (
     with_parts,
 )
 from armature.gym.oracle import severity_of
+from armature.images import encode_image
 
 KINDS = ("extra", "missing", "reversed", "overbent", "proportion", "detached")
 CHAINS = {"arm": ("upper_arm", "forearm", "hand"), "leg": ("thigh", "shin", "foot")}

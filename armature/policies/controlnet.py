@@ -24,8 +24,8 @@ and the learners treat it like the prompt embeddings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from armature.policies.families import FAMILIES, Family, family_of, guidance_branch
+from armature.policies.families import FAMILIES, Family, family_of
 from armature.policies.tiny import (
     TinyFlowConfig,
     TinySDConfig,
