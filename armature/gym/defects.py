@@ -44,7 +44,7 @@ from armature.gym.figures import (
     sample_figure,
     with_parts,
 )
-from armature.gym.oracle import severity_of
+from armature.gym.oracle import AnatomyOracle, severity_of
 from armature.images import encode_image
 
 KINDS = ("extra", "missing", "reversed", "overbent", "proportion", "detached")
@@ -229,8 +229,6 @@ def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transf
     on which the oracle's defects (kind and part) and severity equal the ground truth.
     ``transform`` (``[N, H, W, 3]`` uint8 -> same) alters the drawings first, e.g. an autoencoder's
     round trip, to see how the oracle reads images that went through a generator's decoder."""
-    from armature.gym.oracle import AnatomyOracle
-
     oracle = oracle or AnatomyOracle()
     rng = np.random.default_rng(seed)
     cases = [None] * n_intact + [k for k in KINDS for _ in range(n_per_kind)]

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from armature.gym.figures import SIZE
+from armature.gym.oracle import AnatomyOracle
+
 from .keypoints import COCO17, INDEX, Skeleton
 
 # BlazePose landmark of each COCO-17 joint
@@ -60,8 +63,6 @@ def _skeleton(points: dict[str, np.ndarray], width: int, height: int, visibility
 
 def from_figure(figure) -> Skeleton:
     """The skeleton a gym figure was drawn from (see the module docstring)."""
-    from armature.gym.figures import SIZE
-
     def part(type_, side=None):
         return next((p for p in figure.parts if p.type == type_ and p.side == side and "extra" not in p.tag), None)
 
@@ -100,8 +101,6 @@ def _unit(v) -> np.ndarray:
 
 def from_figure_image(image, oracle=None) -> Skeleton:
     """Joints of the figure in a rendered gym image, estimated from its pixels (module docstring)."""
-    from armature.gym.oracle import AnatomyOracle
-
     image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)[..., :3]
     height, width = image.shape[:2]
     regions = (oracle or AnatomyOracle()).regions(image)

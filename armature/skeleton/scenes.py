@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from armature.gym.figures import label_map, render, sample_figure
 from armature.images import decode_image, encode_image
 
 from .extract import from_figure
@@ -71,8 +72,6 @@ def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the gym
 def sample_triple(rng: np.random.Generator, pose: str | None = None, grow: int = 1) -> Triple:
     """One gym triple: a random intact figure (of pose class ``pose``) on a random scene."""
-    from armature.gym.figures import label_map, render, sample_figure
-
     figure = sample_figure(rng, pose)
     skeleton = from_figure(figure)
     scene = figure.background
