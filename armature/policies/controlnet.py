@@ -209,11 +209,10 @@ class ControlNetPolicy(DiffusionPolicy):
 
     def diffusers_pipeline(self):
         """The same components as a diffusers ControlNet pipeline (SD or SDXL)."""
-        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+        import diffusers
 
         components = {k: v for k, v in self.pipe.components.items() if k not in ("unet", "scheduler")}
-        kind = StableDiffusionXLControlNetPipeline if self.family == "sdxl" else StableDiffusionControlNetPipeline
-        pipe = kind(**components, unet=self.pipe.unet, controlnet=self.controlnet, scheduler=self.scheduler)
+        pipe = getattr(diffusers, self.spec.controlnet_pipeline_class)(**components, unet=self.pipe.unet, controlnet=self.controlnet, scheduler=self.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

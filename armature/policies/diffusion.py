@@ -5,7 +5,8 @@ every transition) and scores stored transitions under its current weights. Learn
 this interface; how a family builds its conditioning (SD 1.5: text embeddings; SDXL: two text
 encoders, pooled embeddings and size ids; SD3: three text encoders and pooled embeddings; FLUX:
 CLIP + T5, packed latents and position ids) and how it steps (DDIM for the UNet families,
-Flow-GRPO's SDE for the rectified-flow families) stays inside the policy.
+Flow-GRPO's SDE for the rectified-flow families) stays inside the policy: in its
+:class:`~armature.policies.families.Family` (``policy.spec``), chosen once at construction.
 
 Conditioning travels as a dict of tensors shaped ``[B, 2, ...]``: index 0 is the unconditional
 (negative prompt) branch, index 1 the prompt, so a learner can slice a batch without knowing
@@ -131,7 +132,9 @@ class DiffusionPolicy:
     the tiny built-in one) or SDE-sampled rectified flows (SD 3.x, FLUX, the tiny flow model).
 
     ``self.unet`` is the denoising network whatever the family (a transformer for the flow
-    families), so learners wrap and train it without asking which kind it is.
+    families), so learners wrap and train it without asking which kind it is. ``family``: a
+    family name (``sd``, ``sdxl``, ``sd3``, ``flux``) or a :class:`Family` of one's own
+    (the SkeleGuide stage's); ``self.spec`` answers whatever depends on it.
     """
 
     def __init__(self, pipeline, family: str | Family, sampling: SamplingParams | None = None, device="cpu",

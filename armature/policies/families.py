@@ -97,6 +97,7 @@ class UNetFamily(Family):
     """SD 1.5 and its relatives (the tiny built-in model): a UNet sampled with DDIM."""
 
     name, flow, pipeline_class = "sd", False, "StableDiffusionPipeline"
+    controlnet_pipeline_class = "StableDiffusionControlNetPipeline"  # the same parts with a ControlNet
     load_options = {"safety_checker": None, "requires_safety_checker": False}
     frozen = ("vae", "text_encoder", "unet")
 
@@ -146,6 +147,7 @@ class SDXL(UNetFamily):
     """Two text encoders, pooled embeddings and size ids."""
 
     name, pipeline_class, load_options = "sdxl", "StableDiffusionXLPipeline", {}
+    controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
     frozen = UNetFamily.frozen + ("text_encoder_2",)
 
     def encode(self, policy, prompts, negative):
