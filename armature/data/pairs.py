@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from armature.images import decode_image, encode_image
+from armature.images import ImageSizeError, decode_image, encode_image
 
 __all__ = [
     "COLUMNS",
@@ -45,6 +45,7 @@ __all__ = [
     "schema",
     "encode_image",
     "decode_image",
+    "ImageSizeError",
     "load_bytes",
     "write_pairs",
     "read_pairs",
