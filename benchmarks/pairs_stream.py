@@ -192,10 +192,10 @@ def main() -> None:
     parser.add_argument("--nocache", action="store_true", help="also time the pipeline without latent caching")
     args = parser.parse_args()
 
+    import statistics
+
     import ray
     import ray.data
-
-    import statistics
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs"

@@ -61,7 +61,7 @@ def trained():
         noise = torch.randn(x0.shape, generator=g)
         t = torch.tensor([500, 700])
         xt = p.scheduler.add_noise(x0, noise, t)
-        out = p.unet(xt, t, **p._unet_kwargs(cond, guided=False)).sample
+        out = p.unet(xt, t, **p.denoiser_inputs(cond, guided=False)).sample
         loss = torch.nn.functional.mse_loss(out, noise)
         opt.zero_grad()
         loss.backward()
@@ -90,7 +90,7 @@ def test_zero_initialised_controlnet_leaves_the_unet_unchanged(policy):
     cond = policy.encode(PROMPTS, layouts=layouts(1))
     latents = torch.randn((2,) + policy.latent_shape, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([901, 301])
-    unet_kwargs = policy._unet_kwargs(cond, guided=False)
+    unet_kwargs = policy.denoiser_inputs(cond, guided=False)
     with torch.no_grad():
         down, mid = policy.unet.residuals(latents, t, unet_kwargs["encoder_hidden_states"],
                                           unet_kwargs["controlnet_cond"])
@@ -111,7 +111,7 @@ def test_the_condition_image_changes_the_output(trained):
     assert np.array_equal(a, trained.render(PROMPTS, layouts(1), seed=7, deterministic=True))
     assert not np.array_equal(a, b)
     cond = trained.encode(PROMPTS, layouts=layouts(1))
-    k = trained._unet_kwargs(cond, guided=False)
+    k = trained.denoiser_inputs(cond, guided=False)
     with torch.no_grad():
         down, _ = trained.unet.residuals(torch.zeros((2,) + trained.latent_shape), torch.tensor([500, 500]),
                                          k["encoder_hidden_states"], k["controlnet_cond"])

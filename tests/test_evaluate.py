@@ -9,7 +9,11 @@ from PIL import Image
 
 from armature.jobs.evaluate import load_suite, markdown, summarize
 from armature.losses.evaluation import (
-    anatomical_error_rate, best_of_n_expectation, pairwise_decisions, ranking_auc, relative_superiority_index,
+    anatomical_error_rate,
+    best_of_n_expectation,
+    pairwise_decisions,
+    ranking_auc,
+    relative_superiority_index,
 )
 
 

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from armature.feedback.simulated import SimulatedAnnotator, select_pairs, uncertainty
 from armature.data.pairs import read_pairs
+from armature.feedback.simulated import SimulatedAnnotator, select_pairs, uncertainty
 from armature.feedback.store import PreferenceStore
 from armature.rewards import load
 

@@ -92,7 +92,7 @@ def test_sigkill_mid_session_loses_no_label(tmp_path):
 
     def label_some(n):
         with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-            for i in range(n):
+            for _ in range(n):
                 pair = client.get("/api/next").json()
                 if pair["pair_id"] is None:
                     return None

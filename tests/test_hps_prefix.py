@@ -1,11 +1,7 @@
 """HPS-style preference-prefix tuning: the selectivity rule against an explicit loop, the config
 checks, and (slow) a run whose adapter scores better with the identifier as negative prompt."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -10,7 +10,14 @@ from PIL import Image
 from armature.rewards import load
 from armature.rewards.assets import MissingAssetsError, require_pose_files
 from armature.rewards.pose import (
-    Roi, aligned_roi, crop, decode_detections, heatmap_confidence, joint_angle, plausibility_terms, ssd_anchors,
+    Roi,
+    aligned_roi,
+    crop,
+    decode_detections,
+    heatmap_confidence,
+    joint_angle,
+    plausibility_terms,
+    ssd_anchors,
 )
 
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from armature.losses.reward_model import (
-    agreement, bradley_terry_loss, listwise_loss, ordinal_loss, ordinal_thresholds, pairwise_accuracy, spearman,
+    agreement,
+    bradley_terry_loss,
+    listwise_loss,
+    ordinal_loss,
+    ordinal_thresholds,
+    pairwise_accuracy,
+    spearman,
     tie_calibrated_accuracy,
 )
 

@@ -15,8 +15,17 @@ from armature.gym.figures import Figure, build_parts, render, sample_background,
 from armature.rewards import load
 from armature.rewards.skeleton import joint_bends, pck, skeleton_score, skeleton_terms
 from armature.skeleton import (
-    COCO17, Skeleton, canonical, from_figure, from_figure_image, parse_layout, photo_triples, read_triples,
-    render_layout, triples, write_triples,
+    COCO17,
+    Skeleton,
+    canonical,
+    from_figure,
+    from_figure_image,
+    parse_layout,
+    photo_triples,
+    read_triples,
+    render_layout,
+    triples,
+    write_triples,
 )
 from armature.skeleton.keypoints import INDEX
 from armature.skeleton.render import JOINT_COLOURS
@@ -204,6 +213,7 @@ def test_from_figure_image_estimates_the_joints_within_two_pixels():
 
 def test_from_photo_with_blazepose():
     from armature.rewards.assets import MissingAssetsError, require_pose_files
+    from armature.rewards.pose import BlazePose
     from armature.skeleton import from_photo
 
     try:
@@ -212,7 +222,7 @@ def test_from_photo_with_blazepose():
         pytest.skip("BlazePose models not cached (`armature assets pose`)")
     from skimage import data
 
-    skeleton = from_photo(data.astronaut())
+    skeleton = from_photo(data.astronaut(), BlazePose(min_detection_score=0.3))
     assert skeleton.num_people == 1 and (skeleton.width, skeleton.height) == (512, 512)
     nose, left, right = (skeleton.joint(n) for n in ("nose", "left_shoulder", "right_shoulder"))
     assert 170 < nose[0] < 270 and 90 < nose[1] < 170 and nose[2] > 0.9  # her face (as tests/test_pose.py)
@@ -363,6 +373,7 @@ def test_pose_adherence_on_gym_images(tmp_path):
 
 def test_pose_adherence_on_a_photo_with_blazepose():
     from armature.rewards.assets import MissingAssetsError, require_pose_files
+    from armature.rewards.pose import BlazePose
     from armature.skeleton import from_photo
 
     try:
@@ -372,7 +383,7 @@ def test_pose_adherence_on_a_photo_with_blazepose():
     from skimage import data
 
     photo = data.astronaut()
-    plan = from_photo(photo)
+    plan = from_photo(photo, BlazePose(min_detection_score=0.3))
     plan.array[plan.array[..., 2] < 0.5] = 0.0  # plan only what is clearly seen (the hands and legs are not)
     reward = load("pose_adherence", method="auto")  # 512x512: BlazePose
     start = time.perf_counter()

@@ -35,14 +35,20 @@ against :data:`MAX_IMAGE_PIXELS` and :data:`MAX_ASPECT_RATIO`. A Parquet file th
 
 from __future__ import annotations
 
-import io
 import os
 import posixpath
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
+
+from armature.images import (
+    ImageSizeError,
+    decode_image,
+    encode_image,
+)
 
 __all__ = [
     "COLUMNS",
@@ -80,10 +86,6 @@ REASON_CODES = (
     "path_outside_root", "image_too_large", "image_aspect",
 )
 MAX_FILE_BYTES = 64 * 2**20  # an image file larger than this is not read
-MAX_IMAGE_PIXELS = 40_000_000  # width x height, read from the header before decoding (an 8K frame fits)
-MAX_ASPECT_RATIO = 8  # long side / short side: the center crop keeps at most this share of a strip
-# the formats a pair image may have: PIL knows more, some of which run a program to decode (EPS: Ghostscript)
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 OUTSIDE_ROOT_FLAG = "data.allow_outside_root"  # the config flag that lets image paths leave the dataset's folder
 
 
@@ -100,52 +102,6 @@ def schema():
 
 
 # --------------------------------------------------------------------------- images
-def encode_image(image: Any, format: str = "PNG") -> bytes:
-    """Bytes of an image given as encoded bytes (kept as they are), a PIL image or a uint8 array
-    (``[H, W, 3]``, or ``[H, W]`` for masks; a bool or float mask in [0, 1] becomes 0..255)."""
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype == bool or image.dtype.kind == "f":
-            image = (np.clip(image.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(image))
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
-
-
-class ImageSizeError(ValueError):
-    """An image refused from its header (nothing decoded); ``code`` is its reason code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
-    """``[H, W, 3]`` (mode RGB) or ``[H, W]`` (mode L) uint8; raises on a corrupt or truncated file
-    or one not in :data:`IMAGE_FORMATS`, and :class:`ImageSizeError` (before decoding) on one
-    over the pixel or aspect-ratio caps."""
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
-    except Image.DecompressionBombError as err:
-        raise ImageSizeError("image_too_large", _first_line(err)) from None
-    with image:
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ImageSizeError("image_too_large", f"{width}x{height} is {width * height:,} pixels, over the "
-                                                    f"{MAX_IMAGE_PIXELS:,} a pair image may have (read from its header)")
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageSizeError("image_aspect", f"{width}x{height}: the long side may be at most "
-                                                 f"{MAX_ASPECT_RATIO} times the short one (read from its header)")
-        image.load()  # decodes fully: a truncated file fails here, not later
-        return np.array(image.convert(mode))
-
-
 def load_bytes(value: Any, root: str | os.PathLike | None = None, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of an image column value: bytes as they are, else read from a path or URI.
 

@@ -173,10 +173,9 @@ def load_vae(model: dict):
     import torch
 
     if model.get("family", "tiny") == "tiny":
-        from armature.policies.diffusion import _tiny_config
-        from armature.policies.tiny import build_tiny_sd_pipeline
+        from armature.policies.tiny import build_tiny_sd_pipeline, tiny_config
 
-        vae = build_tiny_sd_pipeline(_tiny_config(model.get("tiny") or {})).vae
+        vae = build_tiny_sd_pipeline(tiny_config(model.get("tiny") or {})).vae
     else:
         import diffusers
 

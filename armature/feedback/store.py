@@ -39,8 +39,8 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from sqlalchemy import (
     Float,

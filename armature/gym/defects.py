@@ -44,7 +44,8 @@ from armature.gym.figures import (
     sample_figure,
     with_parts,
 )
-from armature.gym.oracle import severity_of
+from armature.gym.oracle import AnatomyOracle, severity_of
+from armature.images import encode_image
 
 KINDS = ("extra", "missing", "reversed", "overbent", "proportion", "detached")
 CHAINS = {"arm": ("upper_arm", "forearm", "hand"), "leg": ("thigh", "shin", "foot")}
@@ -201,8 +202,6 @@ def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
     (intact, or in a graded pair a milder defect), the region mask where the two drawings differ,
     the severities of both. ``images`` replaces the drawings stored (e.g. the same two after a
     generator's decoder); the mask stays the drawings' difference."""
-    from armature.data.pairs import encode_image
-
     good, bad = render(intact), render(broken)
     stored = images if images is not None else (good, bad)
     kinds = sorted({k for k, _ in broken.defects})
@@ -230,8 +229,6 @@ def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transf
     on which the oracle's defects (kind and part) and severity equal the ground truth.
     ``transform`` (``[N, H, W, 3]`` uint8 -> same) alters the drawings first, e.g. an autoencoder's
     round trip, to see how the oracle reads images that went through a generator's decoder."""
-    from armature.gym.oracle import AnatomyOracle
-
     oracle = oracle or AnatomyOracle()
     rng = np.random.default_rng(seed)
     cases = [None] * n_intact + [k for k in KINDS for _ in range(n_per_kind)]

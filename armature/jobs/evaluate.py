@@ -42,7 +42,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from armature.losses.evaluation import (
-    anatomical_error_rate, best_of_n_expectation, pairwise_decisions, relative_superiority_index,
+    anatomical_error_rate,
+    best_of_n_expectation,
+    pairwise_decisions,
+    relative_superiority_index,
 )
 
 

@@ -42,8 +42,8 @@ from armature.jobs.online import (
     sample_and_score,
     save_final,
 )
-from armature.platform.engine import deepspeed_engine
 from armature.losses import group_advantages, grpo_loss
+from armature.platform.engine import deepspeed_engine
 
 
 def run(cfg: DictConfig) -> dict:

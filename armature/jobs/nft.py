@@ -39,8 +39,8 @@ from armature.jobs.online import (
     sample_and_score,
     save_final,
 )
-from armature.platform.engine import deepspeed_engine
 from armature.losses import ema_update, forward_process, nft_loss, optimality_probability
+from armature.platform.engine import deepspeed_engine
 
 
 def run(cfg: DictConfig) -> dict:

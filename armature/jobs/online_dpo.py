@@ -54,8 +54,8 @@ from armature.jobs.online import (
     save_checkpoint,
     save_final,
 )
-from armature.platform.engine import deepspeed_engine
 from armature.losses import diffusion_dpo_loss, margin_bounded_loss
+from armature.platform.engine import deepspeed_engine
 
 
 # ============================================================================ driver

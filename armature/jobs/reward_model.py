@@ -45,7 +45,12 @@ import torch
 from omegaconf import DictConfig
 
 from armature.losses.reward_model import (
-    bradley_terry_loss, listwise_loss, ordinal_loss, ordinal_thresholds, pairwise_accuracy, spearman,
+    bradley_terry_loss,
+    listwise_loss,
+    ordinal_loss,
+    ordinal_thresholds,
+    pairwise_accuracy,
+    spearman,
     tie_calibrated_accuracy,
 )
 

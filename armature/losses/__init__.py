@@ -2,8 +2,6 @@
 
 from armature.losses.advantages import PerPromptStatTracker, normalize_rewards
 from armature.losses.ddpo import ddpo_loss
-from armature.losses.grpo import group_advantages, grpo_loss
-from armature.losses.nft import ema_update, forward_process, nft_loss, optimality_probability
 from armature.losses.dpo import (
     denoising_target,
     diffusion_dpo_loss,
@@ -12,6 +10,8 @@ from armature.losses.dpo import (
     resize_mask,
     weighted_denoising_error,
 )
+from armature.losses.grpo import group_advantages, grpo_loss
+from armature.losses.nft import ema_update, forward_process, nft_loss, optimality_probability
 
 __all__ = [
     "PerPromptStatTracker",

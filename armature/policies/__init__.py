@@ -1,11 +1,11 @@
 """Diffusion policies: pipelines that roll out trajectories and score transitions. No Ray here."""
 
+from armature.policies.build import build_policy
 from armature.policies.diffusion import (
     DiffusionPolicy,
     LoraParams,
     SamplingParams,
     Trajectory,
-    build_policy,
     load_policy,
 )
 from armature.policies.flow_logprob import flow_sde_step_with_logprob

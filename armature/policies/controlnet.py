@@ -24,13 +24,15 @@ and the learners treat it like the prompt embeddings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from armature.policies.diffusion import DiffusionPolicy, LoraParams, SamplingParams, _tiny_config, load_policy
+from armature.policies.diffusion import DiffusionPolicy, LoraParams, SamplingParams, load_policy
+from armature.policies.families import guidance_branch
+from armature.policies.tiny import tiny_config
 
 __all__ = [
     "CONTROLNET_TARGETS",
@@ -177,10 +179,9 @@ class ControlNetPolicy(DiffusionPolicy):
         cond["controlnet_cond"] = control.unsqueeze(1).expand(-1, 2, -1, -1, -1).to(cond["encoder_hidden_states"].dtype)
         return cond
 
-    def _unet_kwargs(self, cond, guided: bool) -> dict:
-        kwargs = super()._unet_kwargs(cond, guided)
-        control = cond["controlnet_cond"]
-        kwargs["controlnet_cond"] = torch.cat([control[:, 0], control[:, 1]]) if guided else control[:, 1]
+    def denoiser_inputs(self, cond, guided: bool) -> dict:
+        kwargs = super().denoiser_inputs(cond, guided)
+        kwargs["controlnet_cond"] = guidance_branch(cond["controlnet_cond"], guided)
         return kwargs
 
     # ------------------------------------------------------------------ sampling
@@ -208,11 +209,10 @@ class ControlNetPolicy(DiffusionPolicy):
 
     def diffusers_pipeline(self):
         """The same components as a diffusers ControlNet pipeline (SD or SDXL)."""
-        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+        import diffusers
 
         components = {k: v for k, v in self.pipe.components.items() if k not in ("unet", "scheduler")}
-        kind = StableDiffusionXLControlNetPipeline if self.family == "sdxl" else StableDiffusionControlNetPipeline
-        pipe = kind(**components, unet=self.pipe.unet, controlnet=self.controlnet, scheduler=self.scheduler)
+        pipe = getattr(diffusers, self.spec.controlnet_pipeline_class)(**components, unet=self.pipe.unet, controlnet=self.controlnet, scheduler=self.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -281,7 +281,7 @@ def build_controlnet_policy(model: dict, sampling: dict, controlnet: dict | Cont
     sampling = {k: v for k, v in dict(sampling).items() if k != "batch_size"}
     base = load_policy(family=family, pretrained=model.get("pretrained"), sampling=SamplingParams(**sampling),
                        device=device, dtype=model.get("dtype", "float32"),
-                       tiny=_tiny_config(model.get("tiny") or {}, family),
+                       tiny=tiny_config(model.get("tiny") or {}, family),
                        revision=model.get("revision"), variant=model.get("variant"))
     if params.pretrained:
         net = load_controlnet(params, base.pipe.unet.dtype)

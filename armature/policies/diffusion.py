@@ -5,7 +5,8 @@ every transition) and scores stored transitions under its current weights. Learn
 this interface; how a family builds its conditioning (SD 1.5: text embeddings; SDXL: two text
 encoders, pooled embeddings and size ids; SD3: three text encoders and pooled embeddings; FLUX:
 CLIP + T5, packed latents and position ids) and how it steps (DDIM for the UNet families,
-Flow-GRPO's SDE for the rectified-flow families) stays inside the policy.
+Flow-GRPO's SDE for the rectified-flow families) stays inside the policy: in its
+:class:`~armature.policies.families.Family` (``policy.spec``), chosen once at construction.
 
 Conditioning travels as a dict of tensors shaped ``[B, 2, ...]``: index 0 is the unconditional
 (negative prompt) branch, index 1 the prompt, so a learner can slice a batch without knowing
@@ -24,17 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from armature.policies.flow_logprob import flow_sde_step_with_logprob
-from armature.policies.logprob import ddim_step_with_logprob
-from armature.policies.tiny import TinyFlowConfig, TinySDConfig, build_tiny_flow_pipeline, build_tiny_sd_pipeline
+from armature.policies.families import FAMILIES, Family, family_of
+from armature.policies.tiny import (
+    TinyFlowConfig,
+    TinySDConfig,
+    build_tiny_flow_pipeline,
+    build_tiny_sd_pipeline,
+    tiny_config,
+)
 
-__all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "build_policy", "load_policy"]
+__all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "build_diffusion_policy", "load_policy"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FULL_WEIGHTS = "unet.safetensors"  # a fully fine-tuned UNet (or transformer), in place of an adapter
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
-FLOW_FAMILIES = ("sd3", "flux")  # rectified flow, FlowMatchEulerDiscreteScheduler
 
 
 @dataclass
@@ -123,113 +127,57 @@ def _without_truncation_notice(pipe):
         logger.removeFilter(notice)
 
 
-def guidance_branch(v: torch.Tensor, guided: bool) -> torch.Tensor:
-    """A recorded conditioning tensor ``[B, 2, ...]`` (unconditional, conditional) as the network's
-    input: ``[2B, ...]``, unconditional first, under classifier-free guidance; else ``[B, ...]``."""
-    return torch.cat([v[:, 0], v[:, 1]]) if guided else v[:, 1]
-
-
 class DiffusionPolicy:
     """A latent diffusion model as a stochastic policy: DDIM-sampled UNets (SD 1.5 family, SDXL,
     the tiny built-in one) or SDE-sampled rectified flows (SD 3.x, FLUX, the tiny flow model).
 
     ``self.unet`` is the denoising network whatever the family (a transformer for the flow
-    families), so learners wrap and train it without asking which kind it is.
+    families), so learners wrap and train it without asking which kind it is. ``family``: a
+    family name (``sd``, ``sdxl``, ``sd3``, ``flux``) or a :class:`Family` of one's own
+    (the SkeleGuide stage's); ``self.spec`` answers whatever depends on it.
     """
 
-    def __init__(self, pipeline, family: str, sampling: SamplingParams | None = None, device="cpu",
+    def __init__(self, pipeline, family: str | Family, sampling: SamplingParams | None = None, device="cpu",
                  native_size: int | None = None):
-        if family not in FAMILIES:
-            raise ValueError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)} "
-                             "(or tiny / tiny_flow through load_policy)")
+        self.spec = family if isinstance(family, Family) else family_of(family)
+        self.family = self.spec.name
         self.pipe = pipeline.to(device)
-        self.family = family
-        self.is_flow = family in FLOW_FAMILIES
         self.device = torch.device(device)
         self.sampling = sampling or SamplingParams()
-        self.denoiser = None
         self.lora: LoraParams | None = None
         self.weights_version = 0
         self._init_prompt_checks()
-        if self.is_flow:
-            self._init_flow(native_size)
-            return
-        from diffusers import DDIMScheduler
-
-        self._native_size = native_size
-        # DDPO needs a stochastic DDIM step whose every transition has a density: the last
-        # step must not land on t=0 from t=0 (steps_offset >= 1 with "leading" spacing, as
-        # SD 1.5 and SDXL ship) and must not jump to alpha=1 (set_alpha_to_one=False).
-        config = dict(self.pipe.scheduler.config)
-        overrides = {"set_alpha_to_one": False, "clip_sample": False}
-        if config.get("timestep_spacing", "leading") == "leading" and config.get("steps_offset", 0) < 1:
-            overrides["steps_offset"] = 1
-        self.scheduler = DDIMScheduler.from_config(config, **overrides)
+        self.scheduler = self.spec.make_scheduler(dict(self.pipe.scheduler.config))
         self.pipe.scheduler = self.scheduler
-        self.unet = self.pipe.unet
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.unet):
-            module.requires_grad_(False)
-            module.eval()
-        if family == "sdxl":
-            self.pipe.text_encoder_2.requires_grad_(False)
-        # What computes the noise prediction; a learner may swap in its DeepSpeed engine.
-        self.denoiser = self.unet
-
-    def _init_flow(self, native_size: int | None) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.scheduler = self.scheduler
-        self.unet = self.pipe.transformer
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        self.unet = self.spec.network(self.pipe)
+        for name in self.spec.frozen:
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
-        if native_size is None:
-            sample = getattr(self.unet.config, "sample_size", None) or self.pipe.default_sample_size
-            native_size = sample * self.pipe.vae_scale_factor
-        self._native_size = native_size
-        t5 = getattr(self.pipe, "tokenizer_3" if self.family == "sd3" else "tokenizer_2", None)
-        longest = 256 if self.family == "sd3" else 512  # the pipelines' defaults
-        self.max_sequence_length = min(longest, t5.model_max_length) if t5 is not None else longest
+        self._native_size = native_size or self.spec.native_size(self.pipe, self.unet)
+        self.max_sequence_length = self.spec.max_sequence_length(self.pipe)
+        # What computes the noise prediction; a learner may swap in its DeepSpeed engine.
         self.denoiser = self.unet
+
+    @property
+    def is_flow(self) -> bool:
+        """A rectified-flow model (sd3, flux), sampled with Flow-GRPO's SDE."""
+        return self.spec.flow
 
     # ------------------------------------------------------------------ geometry
     @property
     def image_size(self) -> tuple[int, int]:
-        native = self._native_size or self.unet.config.sample_size * self.pipe.vae_scale_factor
-        return (self.sampling.height or native, self.sampling.width or native)
+        return (self.sampling.height or self._native_size, self.sampling.width or self._native_size)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """One sample's latent shape: ``[C, h, w]``; FLUX packs 2x2 patches: ``[h/2 * w/2, 4C]``."""
-        h, w = self.image_size
-        f = self.pipe.vae_scale_factor
-        if self.family == "flux":
-            if (h // f) % 2 or (w // f) % 2:
-                raise ValueError(f"sampling.height/width {h}x{w}: FLUX needs multiples of {2 * f}")
-            return ((h // f // 2) * (w // f // 2), self.unet.config.in_channels)
-        return (self.unet.config.in_channels, h // f, w // f)
+        return self.spec.latent_shape(self, *self.image_size)
 
     def set_timesteps(self, num_steps: int) -> None:
         """The sampling schedule of ``num_steps`` steps, as the family's pipeline sets it."""
-        if not self.is_flow:
-            self.scheduler.set_timesteps(num_steps, device=self.device)
-            return
-        kwargs = {}
-        if self.family == "flux":  # FluxPipeline's sigmas, shifted by the scheduler
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
-        if self.scheduler.config.use_dynamic_shifting:  # resolution-dependent shift (FLUX.1-dev)
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            shape = self.latent_shape
-            tokens = shape[0] if self.family == "flux" else shape[1] * shape[2] // self.unet.config.patch_size**2
-            config = self.scheduler.config
-            kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
-                                           config.get("max_image_seq_len", 4096),
-                                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        self.scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
+        self.spec.set_timesteps(self, num_steps)
 
     # ------------------------------------------------------------------ conditioning
     def _init_prompt_checks(self) -> None:
@@ -239,15 +187,12 @@ class DiffusionPolicy:
 
     def _warn_long_prompts(self, prompts: list[str]) -> None:
         """Warn once per prompt that a text encoder cannot read it to its end, naming each such encoder."""
-        names = [n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if getattr(self.pipe, n, None) is not None]
+        limits = self.spec.token_limits(self)
         for prompt in dict.fromkeys(p for p in prompts if p not in self._checked_prompts):
             self._checked_prompts.add(prompt)
             cut = []
-            for name in names:
-                tokenizer = getattr(self.pipe, name)
-                # the flow families' last tokenizer is T5's, cut at model.max_sequence_length
-                limit = self.max_sequence_length if self.is_flow and name == names[-1] else tokenizer.model_max_length
-                n = len(tokenizer(prompt, verbose=False).input_ids)
+            for name, limit in limits.items():
+                n = len(getattr(self.pipe, name)(prompt, verbose=False).input_ids)
                 if n > limit:
                     cut.append(f"pipe.{name}: {n} tokens with its special ones, reads {limit}")
             if cut:
@@ -266,104 +211,31 @@ class DiffusionPolicy:
         prompts = list(prompts)
         self._warn_long_prompts(prompts + negative)
         with _without_truncation_notice(self.pipe):
-            return self._encode_prompts(prompts, negative)
-
-    def _encode_prompts(self, prompts: list[str], negative: list[str]) -> dict[str, torch.Tensor]:
-        """``encode`` for each family's pipeline."""
-        if self.family == "sd3":
-            pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompts, prompts, prompts, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=True, negative_prompt=negative, negative_prompt_2=negative,
-                negative_prompt_3=negative, max_sequence_length=self.max_sequence_length,
-            )
-            return {"encoder_hidden_states": torch.stack([neg, pos], dim=1),
-                    "pooled_projections": torch.stack([neg_pooled, pooled], dim=1)}
-        if self.family == "flux":
-            pos, pooled, _ = self.pipe.encode_prompt(
-                prompts, prompts, device=self.device, max_sequence_length=self.max_sequence_length)
-            neg, neg_pooled, _ = self.pipe.encode_prompt(
-                negative, negative, device=self.device, max_sequence_length=self.max_sequence_length)
-            return {"encoder_hidden_states": torch.stack([neg, pos], dim=1),
-                    "pooled_projections": torch.stack([neg_pooled, pooled], dim=1)}
-        if self.family == "sd":
-            pos, neg = self.pipe.encode_prompt(
-                prompts, self.device, 1, True, negative_prompt=negative
-            )
-            return {"encoder_hidden_states": torch.stack([neg, pos], dim=1)}
-        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompts, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative,
-        )
-        h, w = self.image_size
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pos.dtype, device=self.device)
-        time_ids = time_ids.expand(len(prompts), 2, 6)
-        return {
-            "encoder_hidden_states": torch.stack([neg, pos], dim=1),
-            "text_embeds": torch.stack([neg_pooled, pooled], dim=1),
-            "time_ids": time_ids,
-        }
+            return self.spec.encode(self, prompts, negative)
 
     def conditioning(self, prompts: list[str], generator=None) -> dict[str, torch.Tensor]:
         """What a rollout conditions on (recorded in the trajectory): the prompts' encodings here;
         a conditioned policy adds its condition tokens, drawn from each sample's generator."""
         return self.encode(prompts)
 
+    def denoiser_inputs(self, cond: dict[str, torch.Tensor], guided: bool) -> dict:
+        """The network's conditioning keyword arguments from recorded conditioning ``cond``
+        (``[B, 2, ...]`` values): both guidance branches if ``guided``, else the conditional one."""
+        return self.spec.inputs(cond, guided)
+
     def _unet_kwargs(self, cond: dict[str, torch.Tensor], guided: bool) -> dict:
-        def branch(v):
-            return guidance_branch(v, guided)
-
-        kwargs = {"encoder_hidden_states": branch(cond["encoder_hidden_states"])}
-        if "text_embeds" in cond:
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": branch(cond["text_embeds"]),
-                "time_ids": branch(cond["time_ids"]),
-            }
-        return kwargs
-
-    def _flow_forward(self, cond, model_in, t_in, guided: bool) -> torch.Tensor:
-        def branch(v):
-            return guidance_branch(v, guided)
-
-        kwargs = {"encoder_hidden_states": branch(cond["encoder_hidden_states"]),
-                  "pooled_projections": branch(cond["pooled_projections"])}
-        if t_in.ndim == 0:
-            t_in = t_in.expand(model_in.shape[0])
-        t_in = t_in.to(model_in.dtype)
-        if self.family == "sd3":
-            return self.denoiser(hidden_states=model_in, timestep=t_in, **kwargs).sample
-        h, w = self.image_size
-        f = self.pipe.vae_scale_factor
-        img_ids = self.pipe._prepare_latent_image_ids(
-            model_in.shape[0], h // f // 2, w // f // 2, model_in.device, model_in.dtype)
-        txt_ids = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=model_in.device,
-                              dtype=model_in.dtype)
-        guidance = None
-        if self.unet.config.guidance_embeds:  # guidance-distilled (FLUX.1-dev): the scale is an input
-            guidance = torch.full((model_in.shape[0],), self.sampling.guidance_scale,
-                                  device=model_in.device, dtype=model_in.dtype)
-        return self.denoiser(hidden_states=model_in, timestep=t_in / 1000, guidance=guidance,
-                             txt_ids=txt_ids, img_ids=img_ids, **kwargs).sample
+        """``denoiser_inputs`` under its former name, which ``armature.jobs.dpo`` still calls."""
+        return self.denoiser_inputs(cond, guided)
 
     def predict(self, cond, latents, timesteps) -> torch.Tensor:
         """Classifier-free-guided model output at ``timesteps`` (scalar or ``[B]``): the noise
         (or v) prediction of a UNet, the velocity of a flow model."""
         guidance = self.sampling.guidance_scale
-        distilled = self.family == "flux" and self.unet.config.guidance_embeds
-        guided = guidance > 1.0 and not distilled
-        if self.is_flow:
-            model_in = torch.cat([latents] * 2) if guided else latents
-            t = torch.as_tensor(timesteps, device=self.device)
-            t_in = torch.cat([t] * 2) if (guided and t.ndim) else t
-            out = self._flow_forward(cond, model_in, t_in, guided)
-            if not guided:
-                return out
-            uncond, text = out.chunk(2)
-            return uncond + guidance * (text - uncond)
+        guided = guidance > 1.0 and not self.spec.distilled(self)
         model_in = torch.cat([latents] * 2) if guided else latents
         t = torch.as_tensor(timesteps, device=self.device)
         t_in = torch.cat([t] * 2) if (guided and t.ndim) else t
-        model_in = self.scheduler.scale_model_input(model_in, t)
-        out = self.denoiser(model_in, t_in, **self._unet_kwargs(cond, guided)).sample
+        out = self.spec.forward(self, cond, model_in, t, t_in, guided)
         if not guided:
             return out
         uncond, text = out.chunk(2)
@@ -378,19 +250,8 @@ class DiffusionPolicy:
         ``sampling.noise_level`` for the flow families; ``stochastic=False`` takes the
         deterministic (ODE) step instead, whose log-probability is returned as zeros.
         """
-        if self.is_flow:
-            level = self.sampling.noise_level if noise_level is None else noise_level
-            return flow_sde_step_with_logprob(
-                self.scheduler, output, timestep, latents, noise_level=level if stochastic else 0.0,
-                prev_sample=prev_sample, generator=generator, noise=noise)
-        if stochastic:
-            eta = self.sampling.eta if noise_level is None else noise_level
-            return ddim_step_with_logprob(self.scheduler, output, timestep, latents, eta=eta,
-                                          prev_sample=prev_sample, generator=generator, noise=noise)
-        if prev_sample is not None:
-            raise ValueError("a deterministic (ODE) step has no density to score prev_sample")
-        nxt = self.scheduler.step(output, timestep, latents, eta=0.0).prev_sample
-        return nxt, torch.zeros(latents.shape[0], device=latents.device)
+        return self.spec.step(self, output, timestep, latents, stochastic=stochastic, prev_sample=prev_sample,
+                              generator=generator, noise=noise, noise_level=noise_level)
 
     def _noise(self, batch: int, shape, generator) -> torch.Tensor:
         """Standard normal noise of ``[batch, *shape]``: one generator for the batch, or one per
@@ -479,9 +340,7 @@ class DiffusionPolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
-        if self.family == "flux":
-            h, w = self.image_size
-            latents = self.pipe._unpack_latents(latents, h, w, self.pipe.vae_scale_factor)
+        latents = self.spec.unpack(self, latents)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
         images = (images / 2 + 0.5).clamp(0, 1)
@@ -626,49 +485,26 @@ def load_policy(
         family, pretrained = "sd", pretrained or str(policy_path())
     if not pretrained:
         raise ValueError(f"model.family={family} needs model.pretrained (a hub id or a local path)")
-    if family == "sd":
-        from diffusers import StableDiffusionPipeline as Pipeline
-    elif family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline as Pipeline
-    elif family == "sd3":
-        from diffusers import StableDiffusion3Pipeline as Pipeline
-    elif family == "flux":
-        from diffusers import FluxPipeline as Pipeline
-    else:
+    if family not in FAMILIES:
         raise ValueError(f"model.family={family!r}: expected one of tiny, tiny_flow, gym, {', '.join(FAMILIES)}")
-    kwargs = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
-    if family == "sd":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = Pipeline.from_pretrained(pretrained, **kwargs)
+    import diffusers
+
+    spec = family_of(family)
+    pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(
+        pretrained, torch_dtype=torch_dtype, revision=revision, variant=variant, **spec.load_options)
     pipe.set_progress_bar_config(disable=True)
-    return DiffusionPolicy(pipe, family, sampling, device)
+    return DiffusionPolicy(pipe, spec, sampling, device)
 
 
-def _tiny_config(tiny: dict, family: str = "tiny") -> TinySDConfig | TinyFlowConfig:
-    """The ``model.tiny`` section as the builder's config; keys of the other kind are ignored."""
-    from dataclasses import fields
-
-    kind = TinyFlowConfig if family == "tiny_flow" else TinySDConfig
-    names = {f.name for f in fields(kind)}
-    tiny = {k: v for k, v in dict(tiny).items() if k in names}
-    for key in ("unet_channels", "vae_channels"):
-        if key in tiny:
-            tiny[key] = tuple(tiny[key])
-    return kind(**tiny)
-
-
-def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
-    """The policy a job's ``model`` and ``sampling`` config sections describe, adapter attached.
+def build_diffusion_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
+    """The policy a job's ``model`` and ``sampling`` config sections describe, adapter attached
+    (every family but ``skeleguide_stage``: :func:`armature.policies.build.build_policy` takes all).
 
     Every process that builds a policy from the same config (learners, sampler actors, the
     serving replicas) gets the same weights, LoRA initialisation included.
     """
     sampling = dict(sampling)
     sampling.pop("batch_size", None)
-    if model.get("family") == "skeleguide_stage":  # one SkeleGuide stage (armature.policies.skeleguide_policy)
-        from armature.policies.skeleguide_policy import build_stage_policy
-
-        return build_stage_policy(model, SamplingParams(**sampling), seed=seed)
     device = model.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -678,7 +514,7 @@ def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
         sampling=SamplingParams(**sampling),
         device=device,
         dtype=model.get("dtype", "float32"),
-        tiny=_tiny_config(model.get("tiny") or {}, model.get("family", "tiny")),
+        tiny=tiny_config(model.get("tiny") or {}, model.get("family", "tiny")),
         revision=model.get("revision"),
         variant=model.get("variant"),
     )

@@ -43,14 +43,17 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from armature.losses.skeleguide import flow_interpolate
+from armature.policies.tiny import build_char_tokenizer, tiny_clip, tiny_t5
+from armature.skeleton import Skeleton, parse_layout, render_layout
 
 __all__ = ["ADAPTERS", "LORA_TARGETS", "SkeleGuideParams", "SkeleGuideOutput", "SkeleGuidePipeline", "TinyKontextConfig",
            "build_tiny_kontext"]
@@ -149,8 +152,6 @@ def build_tiny_kontext(cfg: TinyKontextConfig, vae_path: str | None = None):
     """A random (per ``cfg.seed``) ``FluxKontextPipeline`` of tiny real diffusers / transformers parts."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
-    from armature.policies.tiny import _tiny_clip, _tiny_t5, build_char_tokenizer
-
     if cfg.head_dim % 4:
         raise ValueError(f"tiny.head_dim={cfg.head_dim}: FLUX's rotary axes need a multiple of 4")
     tokenizer = build_char_tokenizer(cfg.max_prompt_tokens)
@@ -159,8 +160,8 @@ def build_tiny_kontext(cfg: TinyKontextConfig, vae_path: str | None = None):
     quarter = cfg.head_dim // 4
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        clip = _tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, False)
-        t5 = _tiny_t5(t5_tokenizer, 2 * cfg.text_hidden, 1)
+        clip = tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, False)
+        t5 = tiny_t5(t5_tokenizer, 2 * cfg.text_hidden, 1)
         if vae_path:
             vae = _load_vae(vae_path, torch.float32)
         else:
@@ -489,8 +490,6 @@ class SkeleGuidePipeline:
         Without ``poses`` the layouts are planned and their poses parsed back
         (``armature.skeleton.parse_layout``); with ``poses`` stage 1 is skipped and the layouts are
         ``render_layout(pose, scene)``. ``person_mask`` keeps the background outside it."""
-        from armature.skeleton import Skeleton, parse_layout, render_layout
-
         scenes = _images(scenes)
         if len(prompts) != len(scenes):
             raise ValueError(f"{len(prompts)} prompts for {len(scenes)} scenes")

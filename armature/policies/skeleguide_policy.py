@@ -39,10 +39,25 @@ import numpy as np
 import PIL.Image
 import torch
 
-from armature.policies.diffusion import ADAPTER_CONFIG, DiffusionPolicy, LoraParams, SamplingParams, guidance_branch
+from armature.gym.figures import POSES, SIZE
+from armature.policies.diffusion import ADAPTER_CONFIG, DiffusionPolicy, LoraParams, SamplingParams
+from armature.policies.families import Flux, guidance_branch
 from armature.policies.skeleguide import ADAPTER_FILE, ADAPTERS, LORA_TARGETS, SkeleGuideParams, SkeleGuidePipeline
+from armature.skeleton.scenes import sample_triple
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class SkeleGuideStage(Flux):
+    """The ``flux`` family whose network is SkeleGuide's ``flow`` of one stage, with the sample's
+    condition tokens (``cond["condition"]``) appended Kontext-style."""
+
+    def forward(self, policy, cond, model_in, t, t_in, guided):
+        sigma = torch.as_tensor(t_in, device=policy.device).float() / 1000  # the scheduler's timesteps are 1000 sigma
+        condition = guidance_branch(cond["condition"], guided)
+        velocity = policy.sg.flow(policy.stage, model_in, 1 - sigma, condition, policy.denoiser_inputs(cond, guided),
+                                  policy.image_size)
+        return -velocity  # SkeleGuide's velocity is data - noise; diffusers' flow step takes noise - data
 
 
 class SkeleGuideStagePolicy(DiffusionPolicy):
@@ -53,14 +68,11 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         if stage not in ADAPTERS:
             raise ValueError(f"model.stage={stage!r}: use one of {', '.join(ADAPTERS)}")
         self.sg, self.stage = pipeline, stage
-        self.pipe, self.family, self.is_flow = pipeline.pipe, "flux", True
-        self.device = pipeline.device
-        self.sampling = sampling or SamplingParams()
         p = pipeline.params
+        # the flux family's set-up freezes the transformer ...
+        super().__init__(pipeline.pipe, SkeleGuideStage(), sampling, pipeline.device,
+                         native_size=None if p.pretrained else p.tiny.image_size)
         self.lora = LoraParams(rank=p.lora_rank, alpha=p.lora_alpha, target_modules=LORA_TARGETS[p.lora_targets])
-        self.weights_version = 0
-        self._init_prompt_checks()
-        self._init_flow(None if p.pretrained else p.tiny.image_size)  # freezes the transformer ...
         pipeline.set_trainable([stage])  # ... so this stage's LoRA is made trainable after it
         pipeline.use_adapter(stage)
         self.conditions = conditions
@@ -97,9 +109,6 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
                 raise ValueError(f"model.conditions: {path} is not a readable image ({err}); "
                                  "remove or replace it") from None
             return np.asarray(image.resize((w, h), PIL.Image.BICUBIC))
-        from armature.gym.figures import POSES, SIZE
-        from armature.skeleton.scenes import sample_triple
-
         if (h, w) != (SIZE, SIZE):
             raise ValueError(f"model.conditions=gym draws {SIZE}x{SIZE} scenes; the model samples {w}x{h}: "
                              "set sampling.height/width to 64 or give a folder of images")
@@ -119,14 +128,6 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         tokens = self.sg.encode_images(images)  # [B, N_c, 4C]
         cond["condition"] = torch.stack([tokens, tokens], dim=1)  # the same for both guidance branches
         return cond
-
-    def _flow_forward(self, cond, model_in, t_in, guided: bool) -> torch.Tensor:
-        text = {"encoder_hidden_states": guidance_branch(cond["encoder_hidden_states"], guided),
-                "pooled_projections": guidance_branch(cond["pooled_projections"], guided)}
-        sigma = torch.as_tensor(t_in, device=self.device).float() / 1000  # the scheduler's timesteps are 1000 sigma
-        condition = guidance_branch(cond["condition"], guided)
-        velocity = self.sg.flow(self.stage, model_in, 1 - sigma, condition, text, self.image_size)
-        return -velocity  # SkeleGuide's velocity is data - noise; diffusers' flow step takes noise - data
 
     # ------------------------------------------------------------------ saved adapters
     def enable_full_finetuning(self) -> None:

@@ -9,7 +9,7 @@ model wrapped in ``PreTrainedTokenizerFast``: it needs no download.
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -19,6 +19,10 @@ __all__ = [
     "build_tiny_sd_pipeline",
     "build_tiny_flow_pipeline",
     "build_char_tokenizer",
+    "tiny_clip",
+    "tiny_config",
+    "tiny_t5",
+    "tiny_vae",
 ]
 
 
@@ -168,7 +172,7 @@ class TinyFlowConfig:
     shift: float = 3.0  # the scheduler's timestep shift (SD3 ships 3.0)
 
 
-def _tiny_vae(image_size: int, latent_channels: int = 4):
+def tiny_vae(image_size: int, latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -179,7 +183,7 @@ def _tiny_vae(image_size: int, latent_channels: int = 4):
     )
 
 
-def _tiny_clip(tokenizer, hidden: int, layers: int, max_tokens: int, with_projection: bool):
+def tiny_clip(tokenizer, hidden: int, layers: int, max_tokens: int, with_projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -191,7 +195,7 @@ def _tiny_clip(tokenizer, hidden: int, layers: int, max_tokens: int, with_projec
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _tiny_t5(tokenizer, d_model: int, layers: int):
+def tiny_t5(tokenizer, d_model: int, layers: int):
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(
@@ -220,13 +224,13 @@ def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
     inner = cfg.transformer_heads * cfg.head_dim
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        clip = _tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, cfg.arch == "sd3")
-        t5 = _tiny_t5(t5_tokenizer, 2 * cfg.text_hidden, 1)
-        vae = _tiny_vae(cfg.image_size)
+        clip = tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, cfg.arch == "sd3")
+        t5 = tiny_t5(t5_tokenizer, 2 * cfg.text_hidden, 1)
+        vae = tiny_vae(cfg.image_size)
         if cfg.arch == "sd3":
             from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-            clip_2 = _tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, True)
+            clip_2 = tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, True)
             transformer = SD3Transformer2DModel(
                 sample_size=cfg.image_size // 2, patch_size=2, in_channels=4, out_channels=4,
                 num_layers=cfg.transformer_layers, attention_head_dim=cfg.head_dim,
@@ -257,3 +261,14 @@ def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
         scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
         text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
     )
+
+
+def tiny_config(tiny: dict, family: str = "tiny") -> TinySDConfig | TinyFlowConfig:
+    """The ``model.tiny`` section as the builder's config; keys of the other kind are ignored."""
+    kind = TinyFlowConfig if family == "tiny_flow" else TinySDConfig
+    names = {f.name for f in fields(kind)}
+    tiny = {k: v for k, v in dict(tiny).items() if k in names}
+    for key in ("unet_channels", "vae_channels"):
+        if key in tiny:
+            tiny[key] = tuple(tiny[key])
+    return kind(**tiny)

@@ -4,37 +4,50 @@ Build them by name with :func:`load` / :func:`load_weighted`; :func:`available` 
 the registered names. This package knows nothing of Ray.
 """
 
-from .base import DifferentiableReward, Reward, WeightedSum, pil_to_tensor
+# Importing the modules registers their rewards (pose imports ai-edge-litert on first use only).
+from .aesthetic import AestheticHead, AestheticScorer, build_tiny_aesthetic, clip_preprocess
+from .analytic import Brightness, Colorfulness
+from .base import DifferentiableReward, Reward, WeightedSum, pil_to_tensor, require_differentiable
+from .clip_score import ClipSimilarity, clip_score, hps_v2, pickscore
+from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb
+from .gym_oracle import GymOracleReward
+from .image_reward import ImageReward
+from .judge import MLLMJudge
+from .learned import learned
+from .pose import BlazePose, PoseReward
 from .registry import available, load, load_weighted, register
-
-# Importing the modules registers their rewards.
-from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb  # noqa: E402
-from .aesthetic import AestheticHead, AestheticScorer, build_tiny_aesthetic, clip_preprocess  # noqa: E402
-from .analytic import Brightness, Colorfulness  # noqa: E402
-from .pose import BlazePose, PoseReward  # noqa: E402  (ai-edge-litert is imported on first use)
-from .clip_score import ClipSimilarity, clip_score, hps_v2, pickscore  # noqa: E402
-from .image_reward import ImageReward  # noqa: E402
-from .judge import MLLMJudge  # noqa: E402
-from .learned import learned  # noqa: E402
-from .gym_oracle import GymOracleReward  # noqa: E402
-from .skeleton import PoseAdherence, SkeletonReward  # noqa: E402
-from .base import require_differentiable  # noqa: E402
+from .skeleton import PoseAdherence, SkeletonReward
 
 __all__ = [
     "AestheticHead",
     "AestheticScorer",
+    "BlazePose",
+    "Brightness",
+    "ClipSimilarity",
+    "Colorfulness",
     "DifferentiableReward",
+    "GymOracleReward",
+    "ImageReward",
     "JpegSize",
+    "MLLMJudge",
+    "PoseAdherence",
+    "PoseReward",
     "Reward",
+    "SkeletonReward",
     "WeightedSum",
     "available",
     "build_tiny_aesthetic",
     "clip_preprocess",
+    "clip_score",
+    "hps_v2",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "jpeg_size_kb",
+    "learned",
     "load",
     "load_weighted",
+    "pickscore",
     "pil_to_tensor",
     "register",
+    "require_differentiable",
 ]

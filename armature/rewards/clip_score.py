@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .aesthetic import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from .base import DifferentiableReward
+from .convert import CheckpointMismatchError, is_open_clip_state_dict, load_open_clip_as_transformers, read_checkpoint
 from .registry import register
 
 __all__ = ["ClipSimilarity", "clip_score", "hps_v2", "pickscore", "read_image_preprocessing", "build_tiny_clip"]
@@ -152,13 +153,6 @@ class ClipSimilarity(DifferentiableReward):
 def _clip_from_checkpoint(path: str, tokenizer, name: str):
     """``CLIPModel`` from an open_clip checkpoint file; the text config takes the tokenizer's
     special ids (CLIPModel pools the text at the first ``eos_token_id``)."""
-    from .convert import (
-        CheckpointMismatchError,
-        is_open_clip_state_dict,
-        load_open_clip_as_transformers,
-        read_checkpoint,
-    )
-
     state_dict = read_checkpoint(path)
     if not is_open_clip_state_dict(state_dict):
         shown = ", ".join(list(state_dict)[:8])

@@ -6,7 +6,7 @@ Two sources:
   repo ``xswu/HPSv2``; a ViT-H-14) -> transformers ``CLIPModel``
   (:func:`open_clip_to_transformers`, config from :func:`clip_config_from_open_clip`).
 * **ImageReward** (``ImageReward.pt`` from ``THUDM/ImageReward``: BLIP's ViT-L/16, BLIP's BERT text
-  encoder with cross-attention, an MLP head) -> :func:`armature.rewards.image_reward.build_image_reward_modules`,
+  encoder with cross-attention, an MLP head) -> :func:`build_image_reward_modules`,
   a ``ModuleDict`` of transformers' ``BlipVisionModel`` (``vision``), ``BlipTextModel`` (``text``, no
   pooler) and :class:`~armature.rewards.aesthetic.AestheticHead` (``head``)
   (:func:`image_reward_to_transformers`, config from :func:`image_reward_config_from_state_dict`).
@@ -85,6 +85,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .aesthetic import AestheticHead
+
 __all__ = [
     "CheckpointMismatchError",
     "unwrap_state_dict",
@@ -97,6 +99,7 @@ __all__ = [
     "image_reward_config_from_state_dict",
     "image_reward_head_config",
     "image_reward_to_transformers",
+    "build_image_reward_modules",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -353,6 +356,20 @@ IMAGE_REWARD_UNUSED = ("blip.vision_proj.weight", "blip.vision_proj.bias",
 _VIT, _TEXT, _MLP = "blip.visual_encoder.", "blip.text_encoder.", "mlp.layers."
 
 
+def build_image_reward_modules(config, head_config: dict) -> torch.nn.ModuleDict:
+    """ImageReward's parts as transformers modules: ``vision`` (``BlipVisionModel``), ``text``
+    (``BlipTextModel`` without pooler, cross-attending to the image tokens) and ``head``
+    (:class:`AestheticHead`); ``config`` is a ``BlipConfig``. The target of
+    :func:`image_reward_to_transformers`."""
+    from transformers import BlipTextModel, BlipVisionModel
+
+    return torch.nn.ModuleDict({
+        "vision": BlipVisionModel(config.vision_config),
+        "text": BlipTextModel(config.text_config, add_pooling_layer=False),
+        "head": AestheticHead(**head_config),
+    })
+
+
 def image_reward_head_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """``AestheticHead`` arguments read from the ``mlp.layers.K`` Linear shapes."""
     indices = sorted({int(k[len(_MLP):].split(".")[0]) for k in state_dict if k.startswith(_MLP)})
@@ -402,13 +419,11 @@ def image_reward_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], 
 
 def image_reward_to_transformers(state_dict: Mapping[str, torch.Tensor], config=None) -> StateDict:
     """Rename an ``ImageReward.pt`` state dict into the keys of
-    :func:`armature.rewards.image_reward.build_image_reward_modules` (``vision.*``, ``text.*``,
+    :func:`build_image_reward_modules` (``vision.*``, ``text.*``,
     ``head.*``; see the module docstring). ``config`` is the ``BlipConfig`` of the towers
     (default: :func:`image_reward_config_from_state_dict`). Raises :class:`CheckpointMismatchError`
     unless every key maps and the result has exactly the target's keys and shapes.
     """
-    from .image_reward import build_image_reward_modules
-
     sd = unwrap_state_dict(state_dict)
     config = config if config is not None else image_reward_config_from_state_dict(sd)
     out: StateDict = {}

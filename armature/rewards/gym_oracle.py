@@ -17,7 +17,6 @@ from armature.gym.oracle import AnatomyOracle
 from .base import Reward
 from .registry import register
 
-
 SEVERE_SCORE = -3.0  # the oracle's score of a severe error (severity 3)
 
 

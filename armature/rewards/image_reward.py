@@ -46,6 +46,15 @@ from safetensors.torch import load_file, save_file
 from .aesthetic import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AestheticHead
 from .base import DifferentiableReward
 from .clip_score import clip_preprocess, read_image_preprocessing
+from .convert import (
+    CheckpointMismatchError,
+    build_image_reward_modules,
+    image_reward_config_from_state_dict,
+    image_reward_head_config,
+    image_reward_to_transformers,
+    is_image_reward_state_dict,
+    read_checkpoint,
+)
 from .registry import register
 
 __all__ = ["ImageReward", "build_image_reward_modules", "build_tiny_image_reward"]
@@ -55,20 +64,6 @@ IMAGE_REWARD_MEAN = 0.16717362830052426
 IMAGE_REWARD_STD = 1.0333394966054072
 # BLIP's text tokenizer (bert-base-uncased; [DEC] and [ENC] are added on load)
 BLIP_TOKENIZER = "google-bert/bert-base-uncased"
-
-
-def build_image_reward_modules(config, head_config: dict) -> torch.nn.ModuleDict:
-    """ImageReward's parts as transformers modules: ``vision`` (``BlipVisionModel``), ``text``
-    (``BlipTextModel`` without pooler, cross-attending to the image tokens) and ``head``
-    (:class:`AestheticHead`); ``config`` is a ``BlipConfig``. The target of
-    :func:`armature.rewards.convert.image_reward_to_transformers`."""
-    from transformers import BlipTextModel, BlipVisionModel
-
-    return torch.nn.ModuleDict({
-        "vision": BlipVisionModel(config.vision_config),
-        "text": BlipTextModel(config.text_config, add_pooling_layer=False),
-        "head": AestheticHead(**head_config),
-    })
 
 
 def _blip_tokenizer(source: str, vocab_size: int):
@@ -112,15 +107,6 @@ class ImageReward(DifferentiableReward):
         self.max_prompt_tokens = int(max_prompt_tokens)
 
     def _load_checkpoint(self, path: str, tokenizer: str) -> None:
-        from .convert import (
-            CheckpointMismatchError,
-            image_reward_config_from_state_dict,
-            image_reward_head_config,
-            image_reward_to_transformers,
-            is_image_reward_state_dict,
-            read_checkpoint,
-        )
-
         state_dict = read_checkpoint(path)
         if not is_image_reward_state_dict(state_dict):
             raise CheckpointMismatchError(f"image_reward: {path!r} is not an ImageReward checkpoint",

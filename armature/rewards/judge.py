@@ -204,8 +204,15 @@ def build_tiny_vlm(path: str, seed: int = 0) -> str:
     import string
 
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
     chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation + " "))

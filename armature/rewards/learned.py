@@ -23,8 +23,11 @@ from collections.abc import Sequence
 
 import torch
 
+from armature.gym.base_policy import shipped_scorers
+
 from .base import DifferentiableReward
 from .clip_score import ClipSimilarity
+from .conv_scorer import ConvScorer
 from .registry import register
 
 SCORER_FILE = "scorer.json"
@@ -71,8 +74,6 @@ def learned(path, device: str = "cpu", tracking_uri: str | None = None):
     with open(os.path.join(path, SCORER_FILE)) as f:
         meta = json.load(f)
     if meta.get("kind") == "conv":
-        from .conv_scorer import ConvScorer
-
         reward = ConvScorer.load(path, meta, device=device)
     elif meta.get("kind") == "clip_similarity":
         reward = ClipSimilarity(os.path.join(path, "clip"), scale="logit_scale", device=device, name="learned")
@@ -90,8 +91,6 @@ def gym_anatomy(path: str | None = None, device: str = "cpu", tracking_uri: str 
     alone, none saw the oracle; ``provenance.json`` there has the command that made them);
     ``path``: a scorer folder of your own from ``armature train algo=reward_model`` (or its
     MLflow URI), or a list of them."""
-    from armature.gym.base_policy import shipped_scorers
-
     reward = learned(path or shipped_scorers(), device=device, tracking_uri=tracking_uri)
     reward.name = "gym_anatomy"
     return reward

@@ -68,9 +68,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from armature.gym.figures import SIZE
+from armature.skeleton.extract import from_figure_image, from_photo
 from armature.skeleton.keypoints import INDEX, Skeleton
+from armature.skeleton.parse import parse_layout
 
 from .base import Reward
+from .pose import BlazePose
 from .registry import register
 
 ANGLE_LIMITS = {"elbow": (-10.0, 120.0), "knee": (-10.0, 110.0)}
@@ -219,8 +223,6 @@ class SkeletonReward(Reward):
         return np.array([skeleton_score(s, **self.options) for s in skeletons], dtype=np.float32)
 
     def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> np.ndarray:
-        from armature.skeleton.parse import parse_layout
-
         self.last_skeletons = [parse_layout(image, hue_radius=self.hue_radius) for image in images]
         return self.score_skeletons(self.last_skeletons)
 
@@ -270,8 +272,6 @@ def as_plan(plan) -> Skeleton:
     if isinstance(plan, (dict, str, bytes)):
         return Skeleton.from_json(plan)
     if isinstance(plan, (np.ndarray, PIL.Image.Image)):
-        from armature.skeleton.parse import parse_layout
-
         return parse_layout(plan)
     raise TypeError(f"a plan must be a Skeleton, its JSON or a layout image, got {type(plan).__name__}")
 
@@ -331,17 +331,12 @@ class PoseAdherence(Reward):
 
     def estimate(self, image: PIL.Image.Image) -> Skeleton:
         """The pose on one image (by ``method``), on the image's own canvas."""
-        from armature.gym.figures import SIZE
-        from armature.skeleton.extract import from_figure_image, from_photo
-
         image = image.convert("RGB")
         method = self.method if self.method != "auto" else ("gym" if image.size == (SIZE, SIZE) else "blazepose")
         if method == "gym":
             small = image if image.size == (SIZE, SIZE) else image.resize((SIZE, SIZE), PIL.Image.NEAREST)
             return from_figure_image(np.asarray(small)).resized(*image.size)
         if self._estimator is None:
-            from armature.rewards.pose import BlazePose
-
             self._estimator = BlazePose(self.cache_dir, min_detection_score=0.3)
         return from_photo(np.asarray(image), self._estimator)
 

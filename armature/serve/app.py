@@ -38,10 +38,11 @@ import numpy as np
 from ray import serve
 
 from armature.serve.adapters import Adapter, AdapterBank, AdapterError
+from armature.serve.api_common import MAX_SEED, ApiError
 from armature.serve.generation import ImageJob, PassShape, best_of
 from armature.serve.generation import generate as generate_images
 from armature.serve.openai_api import is_adapter_name, model_objects, resolve_size, unknown_model
-from armature.serve.routes import MAX_SEED, ApiError, create_api, hash_key
+from armature.serve.routes import create_api, hash_key
 
 __all__ = ["Editor", "Generator", "Ingress", "build_app", "build_application", "deployment_options", "http_options",
            "run", "serve_config"]

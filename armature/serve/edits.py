@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from armature.serve.routes import ApiError
+from armature.serve.api_common import ApiError
 
 __all__ = ["EditError", "check_edit", "run_edit", "decode_png", "encode_png", "pose_error_field"]
 

@@ -17,7 +17,7 @@ An app written against the OpenAI SDKs calls this server unchanged, with ``base_
   the scene): as in the API, the mask's fully transparent pixels (without a mask, the image's)
   are the region to repaint. JSON bodies at the same path are Armature's pose edits (``edits.py``).
 
-Errors have the API's shape and statuses (``routes.error_response``), so the SDK raises its own
+Errors have the API's shape and statuses (``api_common.error_response``), so the SDK raises its own
 exceptions: 400 ``BadRequestError``, 401 ``AuthenticationError``, 404 ``NotFoundError``, ...
 No Ray here.
 """
@@ -35,7 +35,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.routing import Match
 
-from armature.serve.routes import ADAPTER_PATTERN, ApiError
+from armature.serve.api_common import ADAPTER_PATTERN, ApiError
 
 __all__ = ["OPENAI_SIZES", "OpenAIImageFields", "add_openai_routes", "edit_from_form", "model_objects",
            "resolve_size", "unknown_model"]

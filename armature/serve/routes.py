@@ -20,37 +20,15 @@ from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from armature.serve.api_common import ADAPTER_PATTERN, CODES, MAX_SEED, ApiError, error_response
+from armature.serve.openai_api import OPENAI_SIZES, OpenAIImageFields, add_openai_routes
+
 __all__ = ["ApiError", "create_api", "request_model", "edit_request_model", "hash_key", "ADAPTER_PATTERN", "MAX_SEED"]
-
-# name, name/3 or name@alias (MLflow registered model names, restricted to a safe alphabet)
-ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[0-9]{1,9}|@[A-Za-z0-9_-]{1,64})?$"
-MAX_SEED = 2**32 - 1
-CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-         408: "body_timeout", 413: "too_large", 429: "too_many_requests", 503: "unavailable", 504: "timeout"}
-
-
-class ApiError(Exception):
-    """An answer other than 200, naming the request field at fault (or what else failed)."""
-
-    def __init__(self, status: int, field: str, message: str, headers: Optional[dict] = None,
-                 code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.field, self.message, self.headers = status, field, message, headers
-        self.code = code or CODES.get(status, "error")
-
-
-def error_response(status: int, code: str, field: str, message: str, headers: Optional[dict] = None,
-                   **extra) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"  # the OpenAI API's error types
-    body = {"error": {"message": message, "type": kind, "param": field, "code": code, "field": field, **extra}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -113,8 +91,6 @@ class Status(BaseModel):
 
 def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
     """The request schema of ``POST /v1/images/generations`` under ``limits``."""
-    from armature.serve.openai_api import OPENAI_SIZES, OpenAIImageFields
-
     lim = dict(limits)
     side = f"each side in [{lim['min_size']}, {lim['max_size']}], a multiple of {lim['size_multiple']}"
     Reward = Literal[tuple(rewards)] if rewards else None  # noqa: N806
@@ -313,8 +289,6 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
     """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``.
     ``edits_max_body_bytes``: the body limit of ``/v1/images/edits`` (default ``limits.max_body_bytes``);
     ``limits.body_timeout_s`` and ``limits.max_requests_per_client``: see ``RequestGuard``."""
-    from armature.serve.openai_api import add_openai_routes
-
     ImageRequest = request_model(limits, rewards)  # noqa: N806
     edits_body = int(edits_max_body_bytes or limits["max_body_bytes"])
     EditRequest = edit_request_model(limits, edits_body)  # noqa: N806

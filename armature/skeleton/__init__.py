@@ -9,7 +9,7 @@ photos, human-in-place training triples.
 * :mod:`~armature.skeleton.scenes`: :class:`Triple`, :func:`sample_triple`, :func:`triples`,
   :func:`photo_triples`, :func:`write_triples`, :func:`read_triples`.
 
-numpy, scipy and PIL only (the photo path loads the BlazePose models on first use).
+numpy, scipy and PIL only (the photo path runs the pose model its caller passes: no reward is imported).
 """
 
 from .extract import from_figure, from_figure_image, from_photo

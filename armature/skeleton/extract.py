@@ -14,10 +14,10 @@
   a wrist is the hand disc's centre moved back by its radius + 0.5 (as drawn), an ankle the foot's
   root; the face comes from the head region's centroid and radius with :func:`face_points`.
   A part that is not found (or not found exactly once a side) leaves its joints absent.
-* :func:`from_photo`: BlazePose (:mod:`armature.rewards.pose`, the real model fetched by
-  ``armature assets pose``): its 33 landmarks mapped to COCO-17, visibility = the landmark's
-  visibility; a landmark outside the picture is absent (v = 0, coordinates clipped). BlazePose
-  finds one person.
+* :func:`from_photo`: BlazePose (:class:`armature.rewards.pose.BlazePose`, the real model fetched
+  by ``armature assets pose``, passed in by the caller: this package imports no reward): its 33
+  landmarks mapped to COCO-17, visibility = the landmark's visibility; a landmark outside the
+  picture is absent (v = 0, coordinates clipped). BlazePose finds one person.
 
 Coordinates follow :mod:`~armature.skeleton.keypoints` (pixel ``i`` is ``x = i``).
 """
@@ -25,6 +25,9 @@ Coordinates follow :mod:`~armature.skeleton.keypoints` (pixel ``i`` is ``x = i``
 from __future__ import annotations
 
 import numpy as np
+
+from armature.gym.figures import SIZE
+from armature.gym.oracle import AnatomyOracle
 
 from .keypoints import COCO17, INDEX, Skeleton
 
@@ -60,8 +63,6 @@ def _skeleton(points: dict[str, np.ndarray], width: int, height: int, visibility
 
 def from_figure(figure) -> Skeleton:
     """The skeleton a gym figure was drawn from (see the module docstring)."""
-    from armature.gym.figures import SIZE
-
     def part(type_, side=None):
         return next((p for p in figure.parts if p.type == type_ and p.side == side and "extra" not in p.tag), None)
 
@@ -100,8 +101,6 @@ def _unit(v) -> np.ndarray:
 
 def from_figure_image(image, oracle=None) -> Skeleton:
     """Joints of the figure in a rendered gym image, estimated from its pixels (module docstring)."""
-    from armature.gym.oracle import AnatomyOracle
-
     image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)[..., :3]
     height, width = image.shape[:2]
     regions = (oracle or AnatomyOracle()).regions(image)
@@ -152,14 +151,15 @@ def from_figure_image(image, oracle=None) -> Skeleton:
 
 
 # ----------------------------------------------------------------------------- photos
-def from_photo(image, estimator=None) -> Skeleton:
+def from_photo(image, estimator) -> Skeleton:
     """The person BlazePose finds in a photo (``[H, W, 3]`` uint8 or PIL image); no one found:
-    a skeleton with no people. ``estimator``: a :class:`~armature.rewards.pose.BlazePose` (built
-    with the cached models when None)."""
+    a skeleton with no people. ``estimator``: a :class:`~armature.rewards.pose.BlazePose`
+    (``BlazePose(min_detection_score=0.3)`` finds people in most photos)."""
+    if estimator is None:
+        raise ValueError("from_photo: estimator=None; pass a pose model, e.g. "
+                         "armature.rewards.pose.BlazePose(min_detection_score=0.3)")
     image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)[..., :3].astype(np.uint8)
     height, width = image.shape[:2]
-    if estimator is None:
-        estimator = _default_estimator()
     result = estimator(image)
     if not result.found:
         return Skeleton.empty(width, height, people=0)
@@ -170,15 +170,3 @@ def from_photo(image, estimator=None) -> Skeleton:
         points[name] = np.array([x - 0.5, y - 0.5])  # BlazePose: pixel i spans [i, i + 1)
         visibility[name] = float(np.clip(v, 0.0, 1.0))
     return _skeleton(points, width, height, visibility)
-
-
-_ESTIMATOR = None
-
-
-def _default_estimator():
-    global _ESTIMATOR
-    if _ESTIMATOR is None:
-        from armature.rewards.pose import BlazePose
-
-        _ESTIMATOR = BlazePose(min_detection_score=0.3)
-    return _ESTIMATOR

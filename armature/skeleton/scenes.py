@@ -19,7 +19,8 @@ A :class:`Triple` holds
   :func:`~armature.skeleton.extract.from_figure` (exact, from the renderer).
 * **Photos** (:func:`photo_triples`): a folder of ``NAME.png`` (or .jpg) with ``NAME.mask.png``
   (the person, white on black) and optionally ``NAME.txt`` (the prompt). The skeleton comes from
-  the pose model (:func:`~armature.skeleton.extract.from_photo`); the scene is the photo with the
+  the pose function the caller gives, e.g. :func:`~armature.skeleton.extract.from_photo` with
+  BlazePose; the scene is the photo with the
   grown mask *filled*: every masked pixel takes the colour of the nearest unmasked pixel, then
   the filled region is blurred (Gaussian, sigma = 1 % of the image's shorter side, at least 1 px)
   so that no silhouette of the person is left as a hard edge. This is a cheap stand-in for a
@@ -41,7 +42,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .extract import from_figure, from_photo
+from armature.gym.figures import label_map, render, sample_figure
+from armature.images import decode_image, encode_image
+
+from .extract import from_figure
 from .keypoints import Skeleton
 from .render import render_layout
 
@@ -68,8 +72,6 @@ def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the gym
 def sample_triple(rng: np.random.Generator, pose: str | None = None, grow: int = 1) -> Triple:
     """One gym triple: a random intact figure (of pose class ``pose``) on a random scene."""
-    from armature.gym.figures import label_map, render, sample_figure
-
     figure = sample_figure(rng, pose)
     skeleton = from_figure(figure)
     scene = figure.background
@@ -100,15 +102,19 @@ def fill_region(image: np.ndarray, mask: np.ndarray, sigma: float | None = None)
     return out
 
 
-def photo_triples(folder: str | os.PathLike, pose=None, prompt: str = "a person", grow: int = 3) -> list[Triple]:
+def photo_triples(folder: str | os.PathLike, pose, prompt: str = "a person", grow: int = 3) -> list[Triple]:
     """Triples from a folder of photos with person masks (see the module docstring).
 
-    ``pose``: a function image -> :class:`Skeleton` (default :func:`from_photo`, BlazePose).
+    ``pose``: a function image -> :class:`Skeleton`, e.g. BlazePose's:
+    ``lambda image: from_photo(image, armature.rewards.pose.BlazePose(min_detection_score=0.3))``
+    (build the model once, outside the function).
     """
+    if pose is None:
+        raise ValueError("photo_triples: pose=None; pass a function image -> Skeleton, e.g. from_photo with "
+                         "an armature.rewards.pose.BlazePose(min_detection_score=0.3) estimator")
     from PIL import Image
 
     folder = Path(folder)
-    pose = pose or from_photo
     out = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in (".png", ".jpg", ".jpeg") or path.stem.endswith(".mask"):
@@ -148,8 +154,6 @@ def write_triples(items, path: str | os.PathLike) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from armature.data.pairs import encode_image
-
     rows = [{"triple_id": f"{i:06d}", "prompt": t.prompt, "scene": encode_image(t.scene),
              "layout": encode_image(t.layout), "target": encode_image(t.target),
              "person_mask": encode_image(np.asarray(t.person_mask, dtype=bool)),
@@ -162,8 +166,6 @@ def write_triples(items, path: str | os.PathLike) -> int:
 def read_triples(path: str | os.PathLike) -> list[Triple]:
     """The triples of a Parquet file written by :func:`write_triples`."""
     import pyarrow.parquet as pq
-
-    from armature.data.pairs import decode_image
 
     table = pq.read_table(str(path))
     missing = [c for c in COLUMNS if c not in table.column_names]
