@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from armature.jobs.online import epoch_plan
+from armature.platform.learner import epoch_plan
 from armature.losses import (
     PerPromptStatTracker,
     ddpo_loss,

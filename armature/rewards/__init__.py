@@ -5,7 +5,7 @@ the registered names. This package knows nothing of Ray.
 """
 
 from .base import DifferentiableReward, Reward, WeightedSum, pil_to_tensor
-from .registry import available, load, load_weighted, register
+from .registry import available, load, load_weighted, register, summarize
 
 # Importing the modules registers their rewards.
 from .compression import JpegSize, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb  # noqa: E402
@@ -37,4 +37,5 @@ __all__ = [
     "load_weighted",
     "pil_to_tensor",
     "register",
+    "summarize",
 ]
