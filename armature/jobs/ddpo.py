@@ -39,6 +39,7 @@ from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
     Worker,
     all_gather,
+    micro_batch_errors,
     print_progress,
     prompt_list,
     reward_metrics,
@@ -76,12 +77,8 @@ def check(cfg: DictConfig) -> list[str]:
     if algo.samples_per_epoch % workers:
         errors.append(f"algo.samples_per_epoch={algo.samples_per_epoch} must divide evenly over "
                       f"trainer.num_workers={workers}")
-    elif per_worker % algo.train_batch_size:
-        errors.append(f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
-                      f"({per_worker} = algo.samples_per_epoch / trainer.num_workers)")
-    elif (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
-        errors.append(f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
-                      f"the micro-batches per worker ({per_worker // algo.train_batch_size})")
+    else:
+        errors.extend(micro_batch_errors(algo, per_worker, "algo.samples_per_epoch / trainer.num_workers"))
     if not 0 < algo.timestep_fraction <= 1:
         errors.append(f"algo.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
     if algo.final_eval_per_prompt < 0:

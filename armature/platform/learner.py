@@ -257,13 +257,20 @@ def group_errors(cfg: DictConfig) -> list[str]:
                       f"over trainer.num_workers={workers}")
     else:
         per_worker = algo.prompts_per_epoch // workers * algo.group_size
-        if per_worker % algo.train_batch_size:
-            errors.append(f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
-                          f"({per_worker} = prompts_per_epoch / num_workers * group_size)")
-        elif (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
-            errors.append(f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
-                          f"the micro-batches per worker ({per_worker // algo.train_batch_size})")
+        errors.extend(micro_batch_errors(algo, per_worker, "prompts_per_epoch / num_workers * group_size"))
     return errors
+
+
+def micro_batch_errors(algo, per_worker: int, share: str) -> list[str]:
+    """``algo.train_batch_size`` must divide a worker's ``per_worker`` samples (``share`` says how
+    they are counted), and ``algo.gradient_accumulation_batches`` its micro-batches."""
+    if per_worker % algo.train_batch_size:
+        return [f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
+                f"({per_worker} = {share})"]
+    if (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
+        return [f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
+                f"the micro-batches per worker ({per_worker // algo.train_batch_size})"]
+    return []
 
 
 
