@@ -62,12 +62,13 @@ def test_a_registered_toy_learner_is_composed_and_checked_by_its_own_schema():
 @pytest.mark.slow
 def test_toy_learner_runs_through_armature_train(ray_cluster, tmp_path):
     """Ray Train + DeepSpeed through the learner core: the loss it logs falls, epoch after epoch."""
+    path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "armature.cli", "train", SEARCHPATH, "algo=toy", "model=tiny",
                "reward=brightness", "sampling.guidance_scale=1.0", "cluster.torch_threads=1",
+               f"+cluster.runtime_env.env_vars={{PYTHONPATH:'{path}'}}",  # the workers import it too
                f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
                "tracking.run_name=toy", "tracking.registered_model=null"]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "ARMATURE_ALGORITHMS": "toy_learner",
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "ARMATURE_ALGORITHMS": "toy_learner", "PYTHONPATH": path}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     assert "[armature] done: epoch 3, toy loss" in done.stdout
