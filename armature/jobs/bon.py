@@ -45,15 +45,16 @@ class BestOfNConfig:
 def check(cfg: DictConfig) -> list[str]:
     algo = cfg.algo
     if algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1:
-        return [f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1"]
+        return [(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: "
+                 "need n >= 1, 1 <= k <= n, repeats >= 1")]
     return []
 
 
 def run(cfg: DictConfig) -> dict:
     """Run a Best-of-N job as configured; returns the kept-vs-single reward summary."""
     from armature.actors.best_of_n import best_of_n
-    from armature.platform.learner import prompt_list, start_actors, stop_actors
     from armature.platform.launch import open_run
+    from armature.platform.learner import prompt_list, start_actors, stop_actors
     from armature.platform.tracking import RunLogger
 
     cluster, reward = cfg.cluster, cfg.reward

@@ -193,7 +193,6 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     rows = json.loads(_artifact(eval_dir, "eval.json", out / "eval").read_text())
     table = []
     for row in rows:
-        policy = row["policy"].split("+")[0]
         table.append({
             "policy": row["policy"], "samples": row["samples"], "severe_rate": row["severe_rate"],
             "pool_severe_rate": row["pool/severe_rate"], "pool_mean_severity": -row["pool/judge"],

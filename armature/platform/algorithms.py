@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["Algorithm", "register", "get", "names", "discover", "PLUGINS_ENV"]
 

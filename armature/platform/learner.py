@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ from armature.platform.checkpoints import commit_epoch, restore_checkpoint
 from armature.platform.engine import deepspeed_engine, grad_norm
 
 __all__ = ["run_learner", "LoopInputs", "start_actors", "stop_actors", "Worker", "EpochPlan", "epoch_plan",
-           "sample_and_score", "Sampled", "group_errors", "score_batches", "prompt_list", "all_gather", "quarantine_metrics", "reward_metrics", "print_progress"]
+           "sample_and_score", "Sampled", "group_errors", "micro_batch_errors", "score_batches", "prompt_list",
+           "all_gather", "quarantine_metrics", "reward_metrics", "reward_summary_line", "print_progress"]
 
 
 # ============================================================================ driver
@@ -265,11 +267,11 @@ def micro_batch_errors(algo, per_worker: int, share: str) -> list[str]:
     """``algo.train_batch_size`` must divide a worker's ``per_worker`` samples (``share`` says how
     they are counted), and ``algo.gradient_accumulation_batches`` its micro-batches."""
     if per_worker % algo.train_batch_size:
-        return [f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
-                f"({per_worker} = {share})"]
+        return [(f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
+                 f"({per_worker} = {share})")]
     if (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
-        return [f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
-                f"the micro-batches per worker ({per_worker // algo.train_batch_size})"]
+        return [(f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
+                 f"the micro-batches per worker ({per_worker // algo.train_batch_size})")]
     return []
 
 
