@@ -80,3 +80,13 @@ def test_toy_learner_runs_through_armature_train(ray_cluster, tmp_path):
     assert len(losses) == 3 and losses[2] < losses[1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(info["mlflow_run_id"])}
     assert {"adapter", "config.json"} <= artifacts
+
+
+def test_a_name_taken_by_another_learner_is_refused():
+    from armature.platform.algorithms import Algorithm, get, register
+
+    ddpo = get("ddpo")
+    register(Algorithm("ddpo", ddpo.schema, ddpo.run))  # the same file loaded again: kept, no error
+    assert get("ddpo") is ddpo
+    with pytest.raises(ValueError, match="'ddpo' is already registered by armature.jobs.ddpo"):
+        register(Algorithm("ddpo", ddpo.schema, lambda cfg: {}))

@@ -319,7 +319,7 @@ def sample_grid(pipe, batch: dict, num_steps: int, limit: int) -> np.ndarray:
     return image_grid(rows.reshape(-1, *rows.shape[2:]), columns=6)[None]
 
 
-if __name__ == "__main__":  # until `armature train` dispatches algo=skeleguide
+if __name__ == "__main__":  # = `armature train algo=skeleguide model=tiny_skeleguide [overrides]`
     import sys
 
     from armature.platform.config import ConfigError, compose

@@ -46,12 +46,14 @@ _discovered = False
 
 
 def register(*algorithms: Algorithm) -> tuple[Algorithm, ...]:
-    """Add algorithms to the registry; a name taken by another entry point is an error."""
+    """Add algorithms to the registry; a name taken by another entry point is an error. The same
+    file loaded twice (``python -m armature.jobs.x`` runs it as ``__main__`` and the registry
+    imports it again) keeps its first entry."""
     for algorithm in algorithms:
         existing = _REGISTRY.get(algorithm.name)
-        if existing is not None and existing.run is not algorithm.run:
+        if existing is not None and existing.run.__qualname__ != algorithm.run.__qualname__:
             raise ValueError(f"algorithm {algorithm.name!r} is already registered by {existing.run.__module__}")
-        _REGISTRY[algorithm.name] = algorithm
+        _REGISTRY.setdefault(algorithm.name, algorithm)
     return algorithms
 
 
