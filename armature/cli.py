@@ -14,21 +14,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
-JOBS = {"ddpo": "armature.jobs.ddpo", "dpo": "armature.jobs.dpo", "asap_dpo": "armature.jobs.dpo"}
-JOBS.update({"grpo": "armature.jobs.grpo", "nft": "armature.jobs.nft"})
-JOBS.update({"alignprop": "armature.jobs.alignprop", "draft": "armature.jobs.alignprop", "refl": "armature.jobs.alignprop"})
-JOBS.update({"online_dpo": "armature.jobs.online_dpo"})
-JOBS["eval"] = "armature.jobs.evaluate"
-JOBS["bon"] = "armature.jobs.bon"  # Best-of-N selection, no training: `armature train algo=bon`
-JOBS["hps_prefix"] = "armature.jobs.hps_prefix"
-JOBS["skeleguide"] = "armature.jobs.skeleguide"  # reason-then-render, three phases (SkeleGuide)
-JOBS.update({"reward_model": "armature.jobs.reward_model", "reward_eval": "armature.jobs.reward_eval"})
+EPILOG = """The algorithms (algo=<name>) are those registered in armature/jobs/ (armature.platform.algorithms).
 
-EPILOG = """examples:
+examples:
   armature train                                  # the embedded default: DDPO on the tiny model
   armature train algo.num_epochs=50 trainer.num_workers=2
   armature train model=sd15 cluster=remote tracking=server
@@ -57,16 +48,12 @@ def cmd_train(args) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    job = importlib.import_module(JOBS[cfg.algo.name])
-    metrics = job.run(cfg)
+    from armature.platform.algorithms import get
+
+    algorithm = get(cfg.algo.name)
+    metrics = algorithm.run(cfg)
     if metrics:
-        if "heldout_implicit_acc" in metrics:
-            result = f"held-out implicit accuracy {metrics['heldout_implicit_acc']:.3f}"
-        elif "aer" in metrics:
-            result = f"AER {metrics['aer']:.3f}"
-        else:
-            result = f"reward {metrics.get('reward_mean', float('nan')):+.4f}"
-        print(f"[armature] done: epoch {int(metrics.get('epoch', -1)) + 1}, {result}", flush=True)
+        print(f"[armature] done: epoch {int(metrics.get('epoch', -1)) + 1}, {algorithm.describe(metrics)}", flush=True)
     return 0
 
 
@@ -125,6 +112,13 @@ def cmd_serve(args) -> int:
     cfg = _compose("serve", args.overrides)
     if cfg is None:
         return 2
+    from armature.rewards import available
+
+    unknown = [name for name in cfg.rewards if name not in available()]
+    if unknown:
+        print(f"armature: invalid config:\n  rewards: unknown {unknown}; available rewards: {', '.join(available())}",
+              file=sys.stderr)
+        return 2
     from omegaconf import OmegaConf
 
     if args.cfg:
@@ -158,34 +152,7 @@ def cmd_gym(args) -> int:
         stats = pretrain(cfg, args.out or cache_path(), log=lambda m: print(f"[armature] {m}", flush=True))
         return 0 if stats else 1
     if args.action == "bench":
-        from armature.jobs.gym_bench import BenchConfig, run
-
-        cfg = BenchConfig(out=args.out or "gym-bench", seed=args.seed, overrides=list(args.overrides))
-        if args.n:
-            cfg.pairs = args.n
-        if args.samples:
-            cfg.samples_per_prompt = args.samples
-        if args.best_of is not None:
-            try:
-                cfg.best_of = [int(n) for n in args.best_of.split(",") if n]
-            except ValueError:
-                print(f"armature: --best-of {args.best_of!r}: comma-separated integers, e.g. 1,4,8,16", file=sys.stderr)
-                return 2
-        if args.drawn:
-            cfg.pair_domain = "drawn"
-        if args.reward_backbone:
-            cfg.reward_backbone = args.reward_backbone
-        if args.crossed is not None:
-            cfg.crossed = args.crossed
-        if args.graded is not None:
-            cfg.graded = args.graded
-        if args.reward_seeds is not None:
-            cfg.reward_seeds = args.reward_seeds
-        cfg.shared_pairs = args.shared_pairs
-        if args.learners is not None:
-            cfg.learners = [name for name in args.learners.split(",") if name]
-        run(cfg, log=lambda m: print(f"[armature] {m}", flush=True))
-        return 0
+        return cmd_gym_bench(args)
     if args.overrides:
         print(f"armature: gym {args.action} takes no Hydra overrides (got {args.overrides})", file=sys.stderr)
         return 2
@@ -217,6 +184,40 @@ def cmd_gym(args) -> int:
     n = write_pairs(pairs(args.n or 600, seed=args.seed, transform=transform, crossed=args.crossed or 0.0,
                           graded=args.graded or 0.0), f"{args.out}/gym_pairs.parquet")
     print(f"[armature] {n} gym pairs in {args.out}/gym_pairs.parquet")
+    return 0
+
+
+def cmd_gym_bench(args) -> int:
+    """`armature gym bench`: configs/gym_bench.yaml composed with the flags and the overrides of
+    its keys; the other overrides go to every stage."""
+    from omegaconf import OmegaConf
+
+    from armature.jobs.gym_bench import register_schema, run, split_overrides
+
+    flags = {"out": args.out, "pairs": args.n or None, "samples_per_prompt": args.samples or None,
+             "reward_backbone": args.reward_backbone, "crossed": args.crossed, "graded": args.graded,
+             "reward_seeds": args.reward_seeds, "seed": args.seed}
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.best_of is not None:
+        sizes = [n for n in args.best_of.split(",") if n]
+        if not all(n.strip().lstrip("-").isdigit() for n in sizes):
+            print(f"armature: --best-of {args.best_of!r}: comma-separated integers, e.g. 1,4,8,16", file=sys.stderr)
+            return 2
+        overrides.append(f"best_of=[{','.join(sizes)}]")
+    if args.drawn:
+        overrides.append("pair_domain=drawn")
+    if args.shared_pairs:
+        overrides.append("shared_pairs=true")
+    if args.learners is not None:
+        overrides.append(f"learners=[{','.join(name for name in args.learners.split(',') if name)}]")
+    own, stages = split_overrides(list(args.overrides))
+    register_schema()
+    cfg = _compose("gym_bench", overrides + own)
+    if cfg is None:
+        return 2
+    bench = OmegaConf.to_object(cfg)
+    bench.overrides = list(bench.overrides) + stages
+    run(bench, log=lambda m: print(f"[armature] {m}", flush=True))
     return 0
 
 

@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from armature.jobs.online import epoch_plan
 from armature.losses import (
     PerPromptStatTracker,
     ddpo_loss,
@@ -35,6 +34,7 @@ from armature.losses import (
     nft_loss,
     optimality_probability,
 )
+from armature.platform.learner import epoch_plan
 from armature.policies import Trajectory, build_policy
 from armature.rewards import load_weighted
 

@@ -5,7 +5,7 @@
 
 Same work both ways: the same batches (same prompts and per-sample seeds) on the same sampler
 and reward actors. *Overlapped* is what the GRPO and NFT learners do
-(``armature.jobs.online.sample_and_score``): every rollout is submitted at once and each
+(``armature.platform.learner.sample_and_score``): every rollout is submitted at once and each
 batch's images go straight from its sampler to a reward actor, which scores them while the
 next batches are still being sampled. *In sequence* waits for every rollout, then scores.
 Prints each mode's median time over the repeats and their ratio.
@@ -38,7 +38,7 @@ def main() -> None:
     import ray
 
     from armature.actors import start_reward_actors, start_samplers
-    from armature.jobs.online import epoch_plan, sample_and_score
+    from armature.platform.learner import epoch_plan, sample_and_score
 
     ray.init(num_cpus=max(4, args.samplers + 2), log_to_driver=False)
     model = {"family": args.model, "lora": {"enabled": False}}
@@ -69,7 +69,7 @@ def main() -> None:
         return np.concatenate([s["reward"] for s in scores])
 
     def overlapped():
-        return sample_and_score(plan, samplers, rewards, args.batch, None, 0, 0, 1)[1]
+        return sample_and_score(plan, samplers, rewards, args.batch, None, 0, 0, 1).rewards
 
     assert np.array_equal(sequential(), overlapped()), "the two modes scored different images"  # also warms up
     times = {"sequence": [], "overlapped": []}

@@ -82,3 +82,22 @@ def test_a_relative_prompt_file_becomes_absolute_for_the_ray_workers(tmp_path, m
     (tmp_path / "suites").mkdir()
     (tmp_path / "suites" / "gym_poses.txt").write_text("my own poses\n")  # the working folder's comes first
     assert compose("train", ["prompts.file=suites/gym_poses.txt"]).prompts.file == str(tmp_path / "suites" / "gym_poses.txt")
+
+
+def test_gym_bench_is_configured_through_hydra():
+    """`armature gym bench` composes configs/gym_bench.yaml on BenchConfig like every job; overrides of
+    keys the bench does not have go to every stage."""
+    from omegaconf import OmegaConf
+
+    from armature.jobs.gym_bench import BenchConfig, register_schema, split_overrides
+
+    register_schema()
+    bench, stages = split_overrides(["pairs=400", "learners=[ddpo]", "tracking=server", "+algo.beta=1"])
+    assert bench == ["pairs=400", "learners=[ddpo]"] and stages == ["tracking=server", "+algo.beta=1"]
+    cfg = OmegaConf.to_object(compose("gym_bench", bench))
+    assert isinstance(cfg, BenchConfig) and cfg.pairs == 400 and cfg.learners == ["ddpo"]
+    assert cfg.best_of == [1, 4, 8, 16] and cfg.out == "gym-bench"  # the yaml's, the schema's defaults
+    with pytest.raises(ConfigError, match="pairz"):
+        compose("gym_bench", ["pairz=3"])
+    with pytest.raises(ConfigError, match="pairs"):
+        compose("gym_bench", ["pairs=many"])

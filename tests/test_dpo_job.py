@@ -88,7 +88,7 @@ def test_pair_errors_share_timestep_and_noise_and_start_at_the_reference():
 
 
 def test_configs_compose_and_check():
-    from armature.cli import JOBS
+    from armature.platform.algorithms import get
     from armature.platform.config import ConfigError, compose
 
     cfg = compose("train", ["algo=asap_dpo", "model=tiny_lora", "data.pairs=/data/hands", "data.keep_ties=true"])
@@ -97,7 +97,7 @@ def test_configs_compose_and_check():
     assert cfg.data.pairs == "/data/hands" and cfg.data.keep_ties
     cfg = compose("train", ["algo=dpo"])
     assert (cfg.algo.alpha, cfg.algo.tau, cfg.data.pairs) == (0.0, None, None)
-    assert JOBS["dpo"] == JOBS["asap_dpo"] == "armature.jobs.dpo"
+    assert get("dpo").run is get("asap_dpo").run and get("dpo").run.__module__ == "armature.jobs.dpo"
     for bad, message in (("algo.beta=0", "algo.beta"), ("algo.prediction_type=sample", "prediction_type"),
                          ("data.heldout_fraction=1.5", "heldout_fraction"), ("algo.clip_range=0.1", "clip_range"),
                          ("data.unknown=1", "unknown")):

@@ -71,12 +71,12 @@ def test_select_pairs_keeps_least_or_most_certain_in_sampling_order_on_ties():
 
 
 def test_online_dpo_config_and_errors():
-    from armature.cli import JOBS
+    from armature.platform.algorithms import get
     from armature.platform.config import ConfigError, compose
 
     cfg = compose("train", ["algo=online_dpo"])
     assert cfg.algo.name == "online_dpo" and cfg.data.heldout_fraction == 0.25 and "brightness" in cfg.algo.annotator_reward
-    assert JOBS["online_dpo"] == "armature.jobs.online_dpo"
+    assert get("online_dpo").run.__module__ == "armature.jobs.online_dpo"
     for bad, key in (("algo.prefilter_keep=0", "algo.prefilter_keep"), ("algo.annotator=crowd", "algo.annotator"),
                      ("algo.labels_per_pair=3", "algo.labels_per_pair"), ("algo.annotator_noise=2", "annotator_noise"),
                      ("data.heldout_fraction=0", "data.heldout_fraction"), ("algo.probe_pairs=-1", "algo.probe_pairs"),

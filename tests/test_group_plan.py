@@ -1,7 +1,7 @@
 """The online group learners' sampling plan and MixGRPO's window (pure functions of the jobs)."""
 
 from armature.jobs.grpo import sde_window
-from armature.jobs.online import epoch_plan
+from armature.platform.learner import epoch_plan
 
 PROMPTS = ["a", "b", "c", "d", "e"]
 

@@ -273,12 +273,13 @@ def test_a_missing_shipped_reward_names_the_folder_and_the_fix(tmp_path, monkeyp
     assert str(tmp_path) in str(err.value)
 
 
-def test_component_metrics_report_the_oracle_severe_rate():
-    from armature.jobs.ddpo import component_metrics
+def test_reward_components_report_their_own_summary_metrics():
+    """The gym oracle reports its severe-error rate itself; a learner logs what each reward reports."""
+    from armature.platform.learner import reward_metrics
 
     oracle = np.array([0.0, -3.0, -1.0, -3.0, -2.0, -3.0, 0.0, -1.0])  # -severity, three severe of eight
     learned = np.array([0.5, -1.5])
-    m = component_metrics({"gym_oracle": oracle, "gym_anatomy": learned})
+    m = reward_metrics({"gym_oracle": oracle, "gym_anatomy": learned})
     assert m["reward_gym_oracle_severe_rate"] == 3 / 8
     assert m["reward_gym_oracle_mean"] == pytest.approx(-13 / 8) and m["reward_gym_anatomy_mean"] == pytest.approx(-0.5)
-    assert "reward_gym_anatomy_severe_rate" not in component_metrics({"gym_anatomy": learned})
+    assert "reward_gym_anatomy_severe_rate" not in reward_metrics({"gym_anatomy": learned})

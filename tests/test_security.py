@@ -33,7 +33,7 @@ def _real_state():
 
 
 def test_reward_model_state_loads_and_a_planted_pickle_is_refused(tmp_path):
-    from armature.jobs.reward_model import load_state
+    from armature.platform.checkpoints import load_torch_state as load_state
 
     scorer, optimizer, state = _real_state()
     torch.save(state, tmp_path / "armature_state.pt")
@@ -59,7 +59,7 @@ def test_reward_model_job_does_not_run_a_planted_checkpoint(ray_cluster, tmp_pat
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     from armature.jobs import reward_model
-    from armature.jobs.reward_model import STATE_FILE
+    from armature.platform.checkpoints import TORCH_STATE_FILE as STATE_FILE
     from armature.platform.config import compose
 
     def run(epochs):

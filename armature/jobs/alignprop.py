@@ -17,31 +17,57 @@ The reward runs inside the learner process, frozen (its weights get no gradient)
 differentiable (``reward=brightness``, ``colorfulness``, ``aesthetic``), which the driver checks
 before starting anything. There are no sampler or reward actors: sampling is the forward pass.
 
-Read top to bottom: ``run`` (the driver) checks the reward, connects to Ray, opens the MLflow
-run and hands ``TorchTrainer`` the learner loop. ``train_loop`` (each Ray Train worker) builds
-the policy and the reward, wraps the trainable weights (the LoRA adapter) with DeepSpeed,
-restores the last checkpoint if there is one, then per epoch runs ``algo.batches_per_epoch``
-micro-batches of sample-with-gradients / reward / backward, logs the epoch to MLflow (rank 0)
-and reports a checkpoint. A rerun with the same ``tracking.run_name`` resumes.
-
-DDPO's helpers (prompts, all-reduce, checkpoint and restore, gradient norm) are reused from
-``armature/jobs/ddpo.py``.
+Read top to bottom: ``run`` checks the reward, then hands the learner core's driver
+(``armature.platform.learner``) the learner loop. ``train_loop`` (each Ray Train worker): a
+``Worker`` builds the policy, wraps the trainable weights (the LoRA adapter) with DeepSpeed and
+restores the last checkpoint if there is one; the job builds the reward, then per epoch runs
+``algo.batches_per_epoch`` micro-batches of sample-with-gradients / reward / backward, and the
+worker checkpoints, then logs. A rerun with the same ``tracking.run_name`` resumes.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from armature.jobs.ddpo import _all_reduce_mean, _prompt_list
-from armature.platform.checkpoints import commit_epoch, restore_checkpoint
-from armature.platform.engine import deepspeed_engine, grad_norm
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.config import OptimizerConfig
+from armature.platform.engine import all_reduce_mean
+from armature.platform.learner import Worker, prompt_list, run_learner
+
+
+# ============================================================================ config
+@dataclass
+class AlignPropConfig(OptimizerConfig):
+    """Reward-gradient learners (armature/jobs/alignprop.py): AlignProp, DRaFT-K and ReFL."""
+
+    name: str = "alignprop"  # alignprop | draft | refl (one learner, three settings)
+    num_epochs: int = 10
+    batches_per_epoch: int = 4  # micro-batches per worker per epoch
+    batch_size: int = 4  # images per micro-batch on one worker
+    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step
+    # K, the steps the gradient passes through, drawn per micro-batch uniformly from
+    # [truncation_min, truncation_max] (AlignProp); equal bounds: DRaFT-K's fixed K
+    truncation_min: int = 1
+    truncation_max: int = 10
+    predict_x0: bool = False  # ReFL: reward on the predicted x0 of the K-th step from the end
+    gradient_checkpointing: bool = True  # recompute each backpropagated UNet call
+    reward_scale: float = 1.0  # loss = -reward_scale * reward
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """K within the sampling steps; batch sizes."""
+    algo, errors = cfg.algo, []
+    if not 1 <= algo.truncation_min <= algo.truncation_max <= cfg.sampling.num_steps:
+        errors.append(f"algo.truncation_min={algo.truncation_min}, algo.truncation_max={algo.truncation_max}: "
+                      f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}")
+    if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
+        errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
+    return errors
 
 
 def build_reward(c: dict):
@@ -55,55 +81,31 @@ def build_reward(c: dict):
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Run an AlignProp / DRaFT-K / ReFL job as configured; returns the last epoch's metrics."""
-    from ray.train.torch import TorchTrainer
-
-    from armature.platform.launch import fit, open_run, trainer_kwargs
-
     # Fail now, before Ray starts, if the reward cannot be backpropagated.
     build_reward(OmegaConf.to_container(cfg, resolve=True))
-    job = open_run(cfg, cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": job.cfg, "run_id": job.run_id, "tracking_uri": job.tracking_uri,
-                           "threads": job.threads},
-        **trainer_kwargs(job),
-    )
-    return fit(trainer, job)
+    return run_learner(cfg, train_loop)
+
+
+register(*(Algorithm(name, AlignPropConfig, run, check) for name in ("alignprop", "draft", "refl")))
 
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import ray.train
-
-    from armature.platform.tracking import RunLogger
-    from armature.policies import build_policy
     from armature.policies.grad_sampling import decode_with_grad, sample_with_grad
 
-    c = config["cfg"]
-    algo, trainer_cfg = c["algo"], c["trainer"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(trainer_cfg["seed"] + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
-    policy = build_policy(c["model"], c["sampling"], seed=trainer_cfg["seed"])
+    w = Worker(config)
+    c, algo, rank = w.c, w.algo, w.rank
+    policy = w.build_policy()
     reward = build_reward(c)  # frozen: its weights have requires_grad=False
     micro = algo["batch_size"]
-    engine, optimizer, params = deepspeed_engine(policy, algo, trainer_cfg, algo["gradient_accumulation_batches"],
-                                                 micro_batch=micro)
-    policy.denoiser = engine  # the sampler's UNet calls go through DeepSpeed
-
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch, _, _ = restore_checkpoint(engine, logger)
-    prompts = _prompt_list(c["prompts"])
-    unlogged: list[tuple[int, dict]] = []
-    for epoch in range(start_epoch, algo["num_epochs"]):
+    engine = w.start(policy, algo["gradient_accumulation_batches"], micro_batch=micro)  # the sampler's calls too
+    prompts = prompt_list(c["prompts"])
+    for epoch in range(w.start_epoch, algo["num_epochs"]):
         t_epoch = time.perf_counter()
         engine.module.train()
-        rng = np.random.default_rng([trainer_cfg["seed"], epoch, rank])
+        rng = np.random.default_rng([w.seed, epoch, rank])
         generator = torch.Generator(device=policy.device).manual_seed(int(rng.integers(2**31)))
-        rewards, sampled_rewards, losses, ks, grad_norms, images = [], [], [], [], [], []
+        rewards, sampled_rewards, losses, ks, images = [], [], [], [], []
         for _ in range(algo["batches_per_epoch"]):
             batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=micro)]
             k = int(rng.integers(algo["truncation_min"], algo["truncation_max"] + 1))
@@ -116,12 +118,7 @@ def train_loop(config: dict) -> None:
             )
             scores = reward.score_tensor(sample.images, batch_prompts)
             loss = -algo["reward_scale"] * scores.mean()
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            norm = grad_norm(params) if boundary else None
-            engine.step()
-            if boundary:
-                grad_norms.append(engine.get_global_grad_norm() or norm)
+            w.step(loss)
             rewards.append(scores.detach().cpu())
             losses.append(loss.item())
             ks.append(k)
@@ -138,28 +135,18 @@ def train_loop(config: dict) -> None:
                  "loss": float(np.mean(losses)), "backprop_steps": float(np.mean(ks))}
         metrics = {
             "epoch": epoch,
-            **_all_reduce_mean(local),
+            **all_reduce_mean(local),
             "reward_std": float(scores.std()),
-            "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else float("nan"),
-            "learning_rate": optimizer.param_groups[0]["lr"],
+            **w.optimizer_metrics(),
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
         metrics["samples_per_s"] = algo["batches_per_epoch"] * micro / metrics["epoch_time_s"]
-        if logger is not None:
-            every = c["tracking"]["log_images_every"]
-            if every and epoch % every == 0:
-                grid = (torch.cat(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-                logger.log_images(grid[: c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
-            print(f"[armature] {algo['name']} epoch {epoch + 1}/{algo['num_epochs']}  reward "
-                  f"{metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f}  sampled "
-                  f"{metrics['sampled_reward_mean']:+.4f}  K {metrics['backprop_steps']:.1f}  "
-                  f"{metrics['epoch_time_s']:.1f}s", flush=True)
-        last = epoch + 1 == algo["num_epochs"]
-        checkpoint = last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0
-        unlogged = commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint)
+        grid = lambda images=images: (torch.cat(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # noqa: E731
+        w.end_epoch(epoch, metrics, grid, progress=_print_progress)
 
-    if logger is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            policy.save_trainable(Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"]})
-            logger.log_artifacts(Path(tmp) / "adapter", "adapter")
-            logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+    w.finish(policy)
+
+
+def _print_progress(epoch: int, total: int, m: dict) -> None:
+    print(f"[armature] epoch {epoch + 1}/{total}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}  sampled "
+          f"{m['sampled_reward_mean']:+.4f}  K {m['backprop_steps']:.1f}  {m['epoch_time_s']:.1f}s", flush=True)

@@ -20,19 +20,41 @@ data.pairs=<that file>`` trains on them.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from omegaconf import DictConfig
 
+from armature.platform.algorithms import Algorithm, register
+
+
+# ============================================================================ config
+@dataclass
+class BestOfNConfig:
+    """Best-of-N selection job (armature/jobs/bon.py): `armature train algo=bon`."""
+
+    name: str = "bon"
+    n: int = 8  # candidates per prompt
+    k: int = 1  # kept per prompt
+    repeats: int = 1  # each prompt of prompts.* this many times
+    log_prompts: int = 4  # prompts whose kept and rejected candidates are logged as images
+    pairs_path: Optional[str] = None  # write each prompt's (best, worst) as preference pairs (Parquet)
+
+
+def check(cfg: DictConfig) -> list[str]:
+    algo = cfg.algo
+    if algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1:
+        return [(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: "
+                 "need n >= 1, 1 <= k <= n, repeats >= 1")]
+    return []
+
 
 def run(cfg: DictConfig) -> dict:
     """Run a Best-of-N job as configured; returns the kept-vs-single reward summary."""
-    import ray
-
-    from armature.actors import start_reward_actors, start_samplers
     from armature.actors.best_of_n import best_of_n
-    from armature.jobs.ddpo import _prompt_list
     from armature.platform.launch import open_run
+    from armature.platform.learner import prompt_list, start_actors, stop_actors
     from armature.platform.tracking import RunLogger
 
     cluster, reward = cfg.cluster, cfg.reward
@@ -41,16 +63,8 @@ def run(cfg: DictConfig) -> dict:
     logger = RunLogger(job.tracking_uri, job.run_id)
     samplers = rewards = []
     try:
-        samplers = start_samplers(
-            cluster.num_samplers, c["model"], c["sampling"], seed=c["trainer"]["seed"],
-            num_cpus=cluster.sampler_num_cpus, num_gpus=cluster.sampler_num_gpus, max_restarts=cluster.max_restarts,
-            threads=job.threads, resources=c["cluster"]["sampler_resources"], scheduling=cluster.actor_scheduling,
-        )
-        rewards = start_reward_actors(
-            reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
-            max_restarts=cluster.max_restarts, resources=c["reward"]["resources"], scheduling=cluster.actor_scheduling,
-        )
-        prompts = _prompt_list(c["prompts"]) * algo["repeats"]
+        samplers, rewards = start_actors(job)
+        prompts = prompt_list(c["prompts"]) * algo["repeats"]
         result = best_of_n(samplers, rewards, prompts, algo["n"], algo["k"], seed=c["trainer"]["seed"],
                            batch_size=c["sampling"]["batch_size"])
         metrics = {"epoch": 0, "n": algo["n"], "k": algo["k"], **result.summary()}
@@ -75,11 +89,13 @@ def run(cfg: DictConfig) -> dict:
         logger.finish("FAILED")
         raise
     finally:
-        for actor in samplers + rewards:
-            ray.kill(actor)
+        stop_actors(samplers + rewards)
     logger.finish("FINISHED")
     return metrics
 
+
+
+register(Algorithm("bon", BestOfNConfig, run, check))
 
 def _candidate_table(result) -> list[dict]:
     rank = np.argsort(result.order, axis=1)  # rank[i, j]: position of candidate j, 0 = best

@@ -36,7 +36,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from omegaconf import DictConfig
@@ -47,6 +49,46 @@ from armature.losses.evaluation import (
     pairwise_decisions,
     relative_superiority_index,
 )
+from armature.platform.algorithms import Algorithm, register
+
+
+# ============================================================================ config
+@dataclass
+class EvalConfig:
+    """Anatomy evaluation (armature/jobs/evaluate.py): `armature eval`, AER and RSI per policy."""
+
+    name: str = "eval"
+    suite: str = "gym"  # `gym` (the anatomy gym's pose prompts) or a JSONL / text file of prompts
+    samples_per_prompt: int = 4  # the same seeds for every policy
+    judge: str = "gym_oracle"  # the reward component that judges; an image passes at score >= threshold
+    threshold: float = 0.0  # gym_oracle scores -severity: 0 passes only defect-free figures
+    tie_tolerance: float = 0.0  # judge scores this close are a tie (RSI)
+    severe_at: Optional[float] = None  # a judge score <= this counts as severe (gym_oracle: -3)
+    # name -> a trained adapter folder (or null: the base model); RSI is against the first
+    policies: dict[str, Optional[str]] = field(default_factory=lambda: {"base": None})
+    # Best-of-N rows: for each N > 1, every policy also keeps the best of N candidates by the
+    # reward component `selector` (never the judge, or the selection would be the answer)
+    best_of: list[int] = field(default_factory=lambda: [1])
+    selector: Optional[str] = None
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """Samples and policies to evaluate; a selector other than the judge for Best-of-N rows."""
+    algo, errors = cfg.algo, []
+    if algo.samples_per_prompt < 1 or not algo.policies:
+        errors.append(f"algo.samples_per_prompt={algo.samples_per_prompt}, algo.policies={dict(algo.policies)}: "
+                      "need at least one sample per prompt and one policy (name: adapter folder or null)")
+    if not algo.best_of or min(algo.best_of) < 1:
+        errors.append(f"algo.best_of={list(algo.best_of)}: a list of N >= 1, e.g. [1, 4, 8]")
+    elif max(algo.best_of) > 1 and (not algo.selector or algo.selector == algo.judge):
+        errors.append(f"algo.best_of={list(algo.best_of)} needs algo.selector: a reward component other than "
+                      f"the judge ({algo.judge}) to rank the candidates, e.g. algo.selector=learned")
+    return errors
+
+
+def result(metrics: dict) -> str:
+    """The CLI's closing words."""
+    return f"AER {metrics.get('aer', float('nan')):.3f}"
 
 
 def load_suite(suite: str) -> list[tuple[str, str]]:
@@ -68,7 +110,7 @@ def load_suite(suite: str) -> list[tuple[str, str]]:
                 record = json.loads(line)
                 rows.append((str(record["prompt"]), str(record.get("category", "all"))))
             except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"algo.suite={suite}: line {n} is not {{\"prompt\": ..., \"category\": ...}}: {err}")
+                raise ValueError(f"algo.suite={suite}: line {n} is not {{\"prompt\": ..., \"category\": ...}}: {err}") from err
         else:
             rows.append((line, "all"))
     if not rows:
@@ -201,3 +243,6 @@ def run(cfg: DictConfig) -> dict:
             ray.kill(actor)
     logger.finish("FINISHED")
     return {"epoch": 0, **{k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}}
+
+
+register(Algorithm("eval", EvalConfig, run, check, result))

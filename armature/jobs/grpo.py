@@ -24,31 +24,76 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.jobs.ddpo import component_metrics
-from armature.jobs.online import (
-    _all_gather,
-    _all_reduce_mean,
-    _param_grad_norm,
-    _prompt_list,
-    epoch_plan,
-    finish_epoch,
-    restore_checkpoint,
-    run_online,
-    sample_and_score,
-    save_final,
-)
 from armature.losses import group_advantages, grpo_loss
-from armature.platform.engine import deepspeed_engine
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.config import FLOW_MODEL_FAMILIES, OptimizerConfig
+from armature.platform.engine import all_reduce_mean
+from armature.platform.learner import (
+    Worker,
+    all_gather,
+    epoch_plan,
+    group_errors,
+    prompt_list,
+    reward_metrics,
+    run_learner,
+    sample_and_score,
+)
+
+
+# ============================================================================ config
+@dataclass
+class GRPOConfig(OptimizerConfig):
+    """GRPO (armature/jobs/grpo.py): Flow-GRPO with denoising reduction and MixGRPO's window."""
+
+    name: str = "grpo"
+    num_epochs: int = 10
+    prompts_per_epoch: int = 8  # prompt slots per epoch, over all workers
+    group_size: int = 4  # images per prompt slot (G); advantages are normalised within it
+    train_batch_size: int = 8  # samples per micro-batch on one worker
+    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step (times the window steps)
+    num_inner_epochs: int = 1
+    train_num_steps: Optional[int] = None  # denoising reduction: steps of training rollouts (None: sampling.num_steps)
+    sde_window_size: int = 0  # MixGRPO: SDE (and trained) steps per trajectory; 0: all of them
+    sde_window_stride: int = 1  # steps the window moves ...
+    sde_window_shift_every: int = 1  # ... every this many epochs
+    clip_range: float = 0.05
+    adv_clip_max: float = 5.0
+    adv_eps: float = 1e-4
+    scale_by_group_std: bool = True  # False: only centre within the group
+    beta: float = 0.0  # KL penalty to the frozen reference policy
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """The groups, the training rollout's steps and MixGRPO's window; SDE steps on flow models."""
+    algo, errors = cfg.algo, group_errors(cfg)
+    steps = algo.train_num_steps or cfg.sampling.num_steps
+    if algo.train_num_steps is not None and algo.train_num_steps < 1:
+        errors.append(f"algo.train_num_steps={algo.train_num_steps}: must be >= 1 (or null: sampling.num_steps)")
+    if not 0 <= algo.sde_window_size <= steps:
+        errors.append(f"algo.sde_window_size={algo.sde_window_size}: must be in [0, {steps}] "
+                      "(0: every step; at most the training rollout's steps)")
+    if algo.sde_window_stride < 0 or algo.sde_window_shift_every < 1:
+        errors.append("algo.sde_window_stride must be >= 0 and algo.sde_window_shift_every >= 1")
+    if algo.beta < 0 or algo.clip_range < 0:
+        errors.append(f"algo.beta={algo.beta} and algo.clip_range={algo.clip_range} must be >= 0")
+    if cfg.model.family in FLOW_MODEL_FAMILIES and cfg.sampling.noise_level <= 0:
+        errors.append(f"sampling.noise_level={cfg.sampling.noise_level}: GRPO needs SDE steps, set it > 0")
+    return errors
 
 
 def run(cfg: DictConfig) -> dict:
     """Run a GRPO job as configured; returns the last epoch's metrics."""
-    return run_online(cfg, train_loop)
+    return run_learner(cfg, train_loop, actors=True)
+
+
+register(Algorithm("grpo", GRPOConfig, run, check))
 
 
 def sde_window(epoch: int, num_steps: int, algo: dict) -> tuple[int, int]:
@@ -66,21 +111,10 @@ def sde_window(epoch: int, num_steps: int, algo: dict) -> tuple[int, int]:
 
 def train_loop(config: dict) -> None:
     import ray
-    import ray.train
 
-    from armature.platform.tracking import RunLogger
-    from armature.policies import build_policy
-
-    c, samplers, rewards = config["cfg"], config["samplers"], config["rewards"]
-    algo, trainer_cfg = c["algo"], c["trainer"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed = trainer_cfg["seed"]
-    torch.manual_seed(seed + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
-    policy = build_policy(c["model"], c["sampling"], seed=seed)
+    w = Worker(config)
+    c, algo, rank, world, seed = w.c, w.algo, w.rank, w.world, w.seed
+    policy = w.build_policy()
     num_steps = algo["train_num_steps"] or c["sampling"]["num_steps"]
     window_size = algo["sde_window_size"] or num_steps
     beta, micro = algo["beta"], algo["train_batch_size"]
@@ -88,15 +122,10 @@ def train_loop(config: dict) -> None:
     frozen = None
     if beta > 0 and policy.lora is None:
         frozen = copy.deepcopy(policy.unet).requires_grad_(False).eval()
-    engine, optimizer, params = deepspeed_engine(
-        policy, algo, trainer_cfg, window_size * algo["gradient_accumulation_batches"])
-    policy.denoiser = engine  # the learner's forward passes go through DeepSpeed
+    engine = w.start(policy, window_size * algo["gradient_accumulation_batches"])
 
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch, _, _ = restore_checkpoint(engine, logger)
-    prompts = _prompt_list(c["prompts"])
-    unlogged: list = []
-    for epoch in range(start_epoch, algo["num_epochs"]):
+    prompts = prompt_list(c["prompts"])
+    for epoch in range(w.start_epoch, algo["num_epochs"]):
         t_epoch = time.perf_counter()
         engine.module.eval()
 
@@ -105,13 +134,13 @@ def train_loop(config: dict) -> None:
         weights = [ray.put(policy.trainable_state_dict())]
         plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
         window = sde_window(epoch, num_steps, algo)
-        traj, local_rewards, components, image_refs, timings = sample_and_score(
-            plan, samplers, rewards, c["sampling"]["batch_size"], weights, version, rank, world,
-            num_steps=num_steps, sde_window=window)
+        sampled = sample_and_score(plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version,
+                                   rank, world, num_steps=num_steps, sde_window=window)
+        traj = sampled.traj
         sample_time = time.perf_counter() - t_epoch
 
         # ---- 2. advantages within each prompt's group (all workers) -----------------------
-        all_groups, all_rewards = _all_gather(plan.groups, local_rewards)
+        all_groups, all_rewards = all_gather(plan.groups, sampled.rewards)
         all_adv = group_advantages(all_rewards, all_groups, eps=algo["adv_eps"],
                                    scale_by_std=algo["scale_by_group_std"])
         n = len(plan.prompts)
@@ -121,7 +150,6 @@ def train_loop(config: dict) -> None:
         t_train = time.perf_counter()
         engine.module.train()
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clipfrac": []}
-        grad_norms = []
         for _ in range(algo["num_inner_epochs"]):
             for mb in torch.randperm(n).split(micro):
                 batch, adv = traj.select(mb), advantages[mb]
@@ -135,12 +163,7 @@ def train_loop(config: dict) -> None:
                     loss, info = grpo_loss(
                         log_prob, batch.log_probs[:, j].to(log_prob.device), adv.to(log_prob.device),
                         algo["clip_range"], algo["adv_clip_max"], ref_log_prob, beta)
-                    engine.backward(loss)
-                    boundary = engine.is_gradient_accumulation_boundary()
-                    norm = _param_grad_norm(params) if boundary else None
-                    engine.step()
-                    if boundary:
-                        grad_norms.append(engine.get_global_grad_norm() or norm)
+                    w.step(loss)
                     stats["loss"].append(loss.item())
                     for key in ("policy_loss", "kl", "approx_kl", "clipfrac"):
                         stats[key].append(info[key].item())
@@ -148,7 +171,6 @@ def train_loop(config: dict) -> None:
         policy.weights_version = version
 
         # ---- 4. log and checkpoint ---------------------------------------------------------
-        means = _all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()})
         group_std = np.mean([np.std(all_rewards[np.asarray(all_groups) == g]) for g in dict.fromkeys(all_groups)])
         metrics = {
             "epoch": epoch,
@@ -156,16 +178,15 @@ def train_loop(config: dict) -> None:
             "reward_mean": float(np.mean(all_rewards)),
             "reward_std": float(np.std(all_rewards)),
             "reward_group_std": float(group_std),
-            **component_metrics(components),
-            **means,
-            "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else float("nan"),
-            "learning_rate": optimizer.param_groups[0]["lr"],
+            **reward_metrics(sampled.components),
+            **all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()}),
+            **w.optimizer_metrics(),
             "sde_window_start": window[0],
             "samples_per_s": len(all_rewards) / sample_time,
-            **timings,
+            **sampled.timings,
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        unlogged = finish_epoch(engine, logger, c, epoch, metrics, unlogged, rank, image_refs)
+        w.end_epoch(epoch, metrics, sampled.images)
 
-    save_final(policy, logger, c)
+    w.finish(policy)

@@ -29,8 +29,12 @@ pairs (an intact figure preferred to the same figure with one defect).
 
 Every stage is an ordinary job with its own MLflow run; the table (severe-error rate, mean
 severity, any-error rate, learned reward, wall time) is printed, written to ``<out>/bench.md``
-and logged to the eval run. Extra Hydra overrides (``tracking=server``, ``cluster=remote``)
-apply to every stage.
+and logged to the eval run.
+
+Configured like every job, through Hydra: ``configs/gym_bench.yaml`` on the schema
+``BenchConfig`` (``armature gym bench pairs=4000 learners=[ddpo]``; the command's flags, e.g.
+``--n 4000``, set the same keys). Overrides of keys the bench does not have (``tracking=server``,
+``cluster=remote``) apply to every stage (``BenchConfig.overrides``).
 """
 
 from __future__ import annotations
@@ -56,22 +60,36 @@ class BenchConfig:
     samples_per_prompt: int = 16  # per policy and prompt: 9 prompts -> 144 fixed-seed picks a row
     best_of: list[int] = field(default_factory=lambda: [1, 4, 8, 16])  # the pool: samples x max(N) a prompt
     reward_epochs: int = 3
-    # scorers trained from seeds seed, seed + 1, ..., each on its own pair set; the learned reward is their
-    # mean. Five: Best-of-16 0.354 -> 0.103 on the pool with 13.4 min of scorer training (three: 0.121, 8.2 min)
+    # scorers trained from seeds seed, seed + 1, ..., each on its own pair set; the learned reward is
+    # their mean (docs/benchmarks.md has the measured effect of the number of scorers)
     reward_seeds: int = 5
     shared_pairs: bool = False  # True: every scorer on the seed's pair set; False: each on its own
     reward_conv_widths: list[int] = field(default_factory=lambda: [16, 32, 32, 64])  # backbone=conv
-    ddpo_epochs: int = 7  # ~7 min on 2 cores; with the five scorers' 13.4 min, DDPO's rows count 20.5 min
+    ddpo_epochs: int = 7
     dpo_epochs: int = 4
     learners: list[str] = field(default_factory=lambda: ["ddpo", "dpo", "asap_dpo"])
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
 
+def register_schema() -> None:
+    """``gym_bench_schema``, the schema ``configs/gym_bench.yaml`` is composed on."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="gym_bench_schema", node=BenchConfig)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``(the bench's own, every stage's)``: an override of a ``BenchConfig`` key is the bench's."""
+    from dataclasses import fields
+
+    own = {f.name for f in fields(BenchConfig)}
+    bench = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in own]
+    return bench, [o for o in overrides if o not in bench]
+
+
 def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | None = None) -> tuple[dict, float, Path]:
     """Compose and run one job; returns its metrics, wall seconds and run folder."""
-    import importlib
-
-    from armature.cli import JOBS
+    from armature.platform.algorithms import get
     from armature.platform.config import compose
 
     out = Path(cfg.out).resolve()
@@ -82,7 +100,7 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     job_cfg = compose("train", base + overrides + list(cfg.overrides))
     log(f"stage {name}: {' '.join(overrides)}")
     start = time.perf_counter()
-    metrics = importlib.import_module(JOBS[job_cfg.algo.name]).run(job_cfg) or {}
+    metrics = get(job_cfg.algo.name).run(job_cfg) or {}
     return metrics, time.perf_counter() - start, out / "ray" / f"bench-{name}"
 
 
@@ -175,7 +193,6 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     rows = json.loads(_artifact(eval_dir, "eval.json", out / "eval").read_text())
     table = []
     for row in rows:
-        policy = row["policy"].split("+")[0]
         table.append({
             "policy": row["policy"], "samples": row["samples"], "severe_rate": row["severe_rate"],
             "pool_severe_rate": row["pool/severe_rate"], "pool_mean_severity": -row["pool/judge"],

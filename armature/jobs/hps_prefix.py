@@ -18,57 +18,83 @@
    logs the reward of both (``reward_with_identifier``, ``reward_without_identifier``), before
    training (``base_*``) and after.
 
-Runs under Ray Train + DeepSpeed like the other learners; DDPO's helpers are reused.
+Runs on the learner core (``armature.platform.learner``) like the other learners.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.jobs.ddpo import _all_reduce_mean, _prompt_list
-from armature.platform.checkpoints import commit_epoch, restore_checkpoint
-from armature.platform.engine import deepspeed_engine
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.config import OptimizerConfig
+from armature.platform.engine import all_reduce_mean
+from armature.platform.learner import LoopInputs, Worker, prompt_list, run_learner, stop_actors
+
+
+# ============================================================================ config
+@dataclass
+class HPSPrefixConfig(OptimizerConfig):
+    """HPS-style preference-prefix LoRA tuning (armature/jobs/hps_prefix.py): `algo=hps_prefix`."""
+
+    name: str = "hps_prefix"
+    identifier: str = "Weird image."  # prefix of non-preferred captions; the negative prompt at inference
+    candidates: int = 4  # images per prompt group (HPS's n)
+    repeats: int = 16  # groups per prompt of prompts.*
+    alpha: float = 2.0  # selectivity: keep the best (worst) if softmax(score_scale * score) > alpha / n
+    score_scale: float = 100.0  # reward -> logit scale of the softmax
+    num_epochs: int = 20
+    train_batch_size: int = 16
+    gradient_accumulation_batches: int = 1
+    adam_weight_decay: float = 1e-2
+    eval_repeats: int = 8  # evaluation samples per prompt, with and without the identifier
+    eval_guidance_scale: float = 5.0  # classifier-free guidance at evaluation (the identifier needs it > 1)
+    eval_seed: int = 1234
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """The selection's sizes and strength; an identifier that guidance can steer away from."""
+    algo, errors = cfg.algo, []
+    if algo.candidates < 2 or algo.repeats < 1 or algo.eval_repeats < 2 or algo.alpha <= 0:
+        errors.append(f"algo.candidates={algo.candidates}, algo.repeats={algo.repeats}, algo.eval_repeats="
+                      f"{algo.eval_repeats}, algo.alpha={algo.alpha}: need candidates >= 2, repeats >= 1, "
+                      "eval_repeats >= 2, alpha > 0")
+    if not algo.identifier.strip() or algo.eval_guidance_scale <= 1:
+        errors.append(f"algo.identifier={algo.identifier!r}, algo.eval_guidance_scale={algo.eval_guidance_scale}: "
+                      "the identifier must be non-empty and the guidance scale > 1 (it is the negative prompt)")
+    return errors
 
 
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Build the reward-labelled set, train the adapter, compare sampling with and without the
     identifier as negative prompt; returns the last metrics."""
-    import ray
-    from ray.train.torch import TorchTrainer
+    cluster, reward = cfg.cluster, cfg.reward
+    # the actors are gone before training starts: the local Ray holds the larger of the two
+    required = max(cfg.trainer.num_workers * cfg.trainer.cpus_per_worker,
+                   cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
+    return run_learner(cfg, train_loop, actors=True, required_cpus=required, prepare=_prepare,
+                       actor_sampling={"guidance_scale": 1.0})  # the data: the base model's own samples
 
-    from armature.actors import start_reward_actors, start_samplers
+
+register(Algorithm("hps_prefix", HPSPrefixConfig, run, check))
+
+
+def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
+    """Sample and score the candidates, keep HPS's preferred and non-preferred images."""
     from armature.actors.best_of_n import best_of_n
-    from armature.platform.launch import fit, open_run, trainer_kwargs
     from armature.rewards.selection import hps_select
 
-    cluster, reward = cfg.cluster, cfg.reward
-    job = open_run(cfg, max(cfg.trainer.num_workers * cfg.trainer.cpus_per_worker,
-                            cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus))
     c, algo = job.cfg, job.cfg["algo"]
-    sampling = {**c["sampling"], "guidance_scale": 1.0}  # the data: the base model's own samples
-    samplers = start_samplers(
-        cluster.num_samplers, c["model"], sampling, seed=c["trainer"]["seed"], num_cpus=cluster.sampler_num_cpus,
-        num_gpus=cluster.sampler_num_gpus, max_restarts=cluster.max_restarts, threads=job.threads,
-        resources=c["cluster"]["sampler_resources"], scheduling=cluster.actor_scheduling,
-    )
-    rewards = start_reward_actors(
-        reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
-        max_restarts=cluster.max_restarts, resources=c["reward"]["resources"], scheduling=cluster.actor_scheduling,
-    )
     try:
-        groups = best_of_n(samplers, rewards, _prompt_list(c["prompts"]) * algo["repeats"], algo["candidates"],
+        groups = best_of_n(samplers, rewards, prompt_list(c["prompts"]) * algo["repeats"], algo["candidates"],
                            seed=c["trainer"]["seed"], batch_size=c["sampling"]["batch_size"], keep_latents=True)
     finally:
-        for actor in samplers + rewards:
-            ray.kill(actor)
+        stop_actors(samplers + rewards)
     preferred, rejected = hps_select(groups.scores, algo["alpha"], algo["score_scale"])
     # The sampled latents themselves are the training targets: no VAE round trip (which a random
     # tiny VAE does not invert, and which is near the identity for a real one).
@@ -87,40 +113,22 @@ def run(cfg: DictConfig) -> dict:
     print(f"[armature] hps_prefix: {sum(labels)} preferred and {len(labels) - sum(labels)} non-preferred images "
           f"of {groups.scores.size} candidates", flush=True)
 
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": c, "data": data, "run_id": job.run_id, "tracking_uri": job.tracking_uri,
-                           "threads": job.threads,
-                           "data_metrics": {"data_preferred": float(sum(labels)),
-                                            "data_non_preferred": float(len(labels) - sum(labels)),
-                                            "data_candidates": float(groups.scores.size),
-                                            "data_reward_mean": float(groups.scores.mean())}},
-        **trainer_kwargs(job),
-    )
-    return fit(trainer, job)
+    return LoopInputs({"data": data, "data_metrics": {"data_preferred": float(sum(labels)),
+                                                    "data_non_preferred": float(len(labels) - sum(labels)),
+                                                    "data_candidates": float(groups.scores.size),
+                                                    "data_reward_mean": float(groups.scores.mean())}})
 
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import ray.train
-
-    from armature.platform.tracking import RunLogger
-    from armature.policies import build_policy
     from armature.rewards import load_weighted
 
-    c, data = config["cfg"], config["data"]
-    algo, trainer_cfg = c["algo"], c["trainer"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(trainer_cfg["seed"] + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
-    policy = build_policy(c["model"], {**c["sampling"], "guidance_scale": 1.0}, seed=trainer_cfg["seed"])
+    w = Worker(config)
+    c, data, algo, rank, world = w.c, config["data"], w.algo, w.rank, w.world
+    policy = w.build_policy({**c["sampling"], "guidance_scale": 1.0})
     reward = load_weighted(c["reward"]["components"])
     micro = algo["train_batch_size"]
-    engine, optimizer, params = deepspeed_engine(policy, algo, trainer_cfg, algo["gradient_accumulation_batches"])
-    policy.denoiser = engine
+    engine = w.start(policy, algo["gradient_accumulation_batches"])
 
     # This worker's shard: x0 = the sampled latents, c = the caption embeddings (encoded once).
     shard = np.arange(rank, len(data["captions"]), world)
@@ -128,15 +136,12 @@ def train_loop(config: dict) -> None:
     with torch.no_grad():
         cond = policy.encode([data["captions"][i] for i in shard])
 
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch, _, _ = restore_checkpoint(engine, logger)
-    if start_epoch == 0 and logger is not None:
-        logger.log_metrics({**config["data_metrics"], **_compare(policy, reward, c, prefix="base_")}, step=0)
-    unlogged: list[tuple[int, dict]] = []
-    for epoch in range(start_epoch, algo["num_epochs"]):
+    if w.start_epoch == 0 and w.logger is not None:
+        w.logger.log_metrics({**config["data_metrics"], **_compare(policy, reward, c, prefix="base_")}, step=0)
+    for epoch in range(w.start_epoch, algo["num_epochs"]):
         t_epoch = time.perf_counter()
         engine.module.train()
-        g = torch.Generator().manual_seed(trainer_cfg["seed"] * 100003 + epoch * 101 + rank)
+        g = torch.Generator().manual_seed(w.seed * 100003 + epoch * 101 + rank)
         losses = []
         for mb in torch.randperm(len(shard), generator=g).split(micro):
             x0 = latents[mb]
@@ -145,30 +150,24 @@ def train_loop(config: dict) -> None:
             noisy = policy.scheduler.add_noise(x0, noise, t)
             batch_cond = {k: v[mb] for k, v in cond.items()}
             loss = torch.nn.functional.mse_loss(policy.predict(batch_cond, noisy, t).float(), noise.float())
-            engine.backward(loss)
-            engine.step()
+            w.step(loss)
             losses.append(loss.item())
-        metrics = {"epoch": epoch, **_all_reduce_mean({"loss": float(np.mean(losses))}),
+        metrics = {"epoch": epoch, **all_reduce_mean({"loss": float(np.mean(losses))}), **w.optimizer_metrics(),
                    "epoch_time_s": time.perf_counter() - t_epoch}
         last = epoch + 1 == algo["num_epochs"]
         if last and rank == 0:
             metrics.update(_compare(policy, reward, c))
             metrics["reward_mean"] = metrics["reward_with_identifier"]
-        if logger is not None:
-            extra = (f"  reward with identifier {metrics['reward_with_identifier']:+.4f}, with identifier + prompt "
-                     f"{metrics['reward_with_identifier_prompt']:+.4f}, without {metrics['reward_without_identifier']:+.4f}"
-                     ) if "reward_with_identifier" in metrics else ""
-            print(f"[armature] hps_prefix epoch {epoch + 1}/{algo['num_epochs']}  loss {metrics['loss']:.4f}{extra}",
-                  flush=True)
-        checkpoint = last or (epoch + 1) % trainer_cfg["checkpoint_every"] == 0
-        unlogged = commit_epoch(engine, logger, epoch, metrics, unlogged, rank, checkpoint)
+        w.end_epoch(epoch, metrics, progress=_print_progress)
 
-    if logger is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            policy.save_trainable(Path(tmp) / "adapter", metadata={
-                "model": c["model"], "sampling": c["sampling"], "negative_prompt": algo["identifier"]})
-            logger.log_artifacts(Path(tmp) / "adapter", "adapter")
-            logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+    w.finish(policy, negative_prompt=algo["identifier"])
+
+
+def _print_progress(epoch: int, total: int, m: dict) -> None:
+    extra = (f"  reward with identifier {m['reward_with_identifier']:+.4f}, with identifier + prompt "
+             f"{m['reward_with_identifier_prompt']:+.4f}, without {m['reward_without_identifier']:+.4f}"
+             ) if "reward_with_identifier" in m else ""
+    print(f"[armature] hps_prefix epoch {epoch + 1}/{total}  loss {m['loss']:.4f}{extra}", flush=True)
 
 
 @torch.no_grad()
@@ -190,7 +189,7 @@ def _compare(policy, reward, c: dict, prefix: str = "") -> dict[str, float]:
     saved, out = policy.sampling, {name: [] for name in negatives}
     policy.unet.eval()
     try:
-        for i, prompt in enumerate(_prompt_list(c["prompts"])):
+        for i, prompt in enumerate(prompt_list(c["prompts"])):
             prompts = [prompt] * algo["eval_repeats"]
             for name, negative in negatives.items():
                 policy.sampling = SamplingParams(

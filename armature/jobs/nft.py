@@ -21,31 +21,71 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.jobs.ddpo import component_metrics
-from armature.jobs.online import (
-    _all_gather,
-    _all_reduce_mean,
-    _param_grad_norm,
-    _prompt_list,
-    epoch_plan,
-    finish_epoch,
-    restore_checkpoint,
-    run_online,
-    sample_and_score,
-    save_final,
-)
 from armature.losses import ema_update, forward_process, nft_loss, optimality_probability
-from armature.platform.engine import deepspeed_engine
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.config import FLOW_MODEL_FAMILIES, OptimizerConfig
+from armature.platform.engine import all_reduce_mean
+from armature.platform.learner import (
+    Worker,
+    all_gather,
+    epoch_plan,
+    group_errors,
+    prompt_list,
+    reward_metrics,
+    run_learner,
+    sample_and_score,
+)
+
+
+# ============================================================================ config
+@dataclass
+class NFTConfig(OptimizerConfig):
+    """DiffusionNFT (armature/jobs/nft.py): negative-aware fine-tuning on the forward process."""
+
+    name: str = "nft"
+    num_epochs: int = 10
+    prompts_per_epoch: int = 8
+    group_size: int = 4
+    train_batch_size: int = 8
+    gradient_accumulation_batches: int = 1
+    num_inner_epochs: int = 1
+    timesteps_per_sample: int = 2  # forward-process draws (t, noise) per clean sample
+    sampler: str = "ode"  # how the sampling policy draws images: ode or sde (any solver works)
+    beta: float = 1.0  # strength of the implicit positive / negative mixing
+    reward_norm: str = "group"  # Z_c of r = 1/2 + 1/2 clip((R - mean_c) / Z_c, -1, 1): group or global std
+    ema_decay_rate: float = 0.1  # sampling policy <- eta * sampling + (1 - eta) * trained, eta_i = ...
+    ema_decay_max: float = 0.5  # ... min(ema_decay_rate * i, ema_decay_max) at epoch i
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """The groups; a flow-matching model; the sampler, reward normalisation and EMA settings."""
+    algo, errors = cfg.algo, group_errors(cfg)
+    if cfg.model.family not in FLOW_MODEL_FAMILIES:
+        errors.append(f"model.family={cfg.model.family}: DiffusionNFT trains flow-matching models; "
+                      "use model=tiny_flow (or family sd3 / flux, or model=skeleguide_stage)")
+    if algo.sampler not in ("ode", "sde"):
+        errors.append(f"algo.sampler={algo.sampler}: use ode or sde")
+    if algo.reward_norm not in ("group", "global"):
+        errors.append(f"algo.reward_norm={algo.reward_norm}: use group or global")
+    if algo.beta <= 0 or algo.timesteps_per_sample < 1:
+        errors.append(f"algo.beta={algo.beta} must be > 0 and algo.timesteps_per_sample >= 1")
+    if not (0 <= algo.ema_decay_max < 1 and algo.ema_decay_rate >= 0):
+        errors.append(f"algo.ema_decay_max={algo.ema_decay_max} must be in [0, 1), algo.ema_decay_rate >= 0")
+    return errors
 
 
 def run(cfg: DictConfig) -> dict:
     """Run a DiffusionNFT job as configured; returns the last epoch's metrics."""
-    return run_online(cfg, train_loop)
+    return run_learner(cfg, train_loop, actors=True)
+
+
+register(Algorithm("nft", NFTConfig, run, check))
 
 
 def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -57,40 +97,23 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def train_loop(config: dict) -> None:
     import ray
-    import ray.train
 
-    from armature.platform.tracking import RunLogger
-    from armature.policies import build_policy
-
-    c, samplers, rewards = config["cfg"], config["samplers"], config["rewards"]
-    algo, trainer_cfg = c["algo"], c["trainer"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed = trainer_cfg["seed"]
-    torch.manual_seed(seed + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
-    policy = build_policy(c["model"], c["sampling"], seed=seed)
+    w = Worker(config)
+    c, algo, rank, world, seed = w.c, w.algo, w.rank, w.world, w.seed
+    policy = w.build_policy()
     if not policy.is_flow:
         raise ValueError(f"model.family={c['model']['family']}: DiffusionNFT needs a flow-matching model")
     policy.sampling.guidance_scale = 1.0  # CFG-free training
     # The sampling ("old") policy: a frozen copy of the network holding the EMA weights.
     old = copy.deepcopy(policy.unet).requires_grad_(False).eval()
     old_state = policy.trainable_state_dict()
-    engine, optimizer, params = deepspeed_engine(
-        policy, algo, trainer_cfg, algo["timesteps_per_sample"] * algo["gradient_accumulation_batches"])
-    policy.denoiser = engine
-
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_epoch, _, extra = restore_checkpoint(engine, logger)
-    if extra is not None:
-        old_state = extra
+    engine = w.start(policy, algo["timesteps_per_sample"] * algo["gradient_accumulation_batches"])
+    if w.extra is not None:
+        old_state = w.extra
     _load_into(old, old_state)
-    prompts = _prompt_list(c["prompts"])
+    prompts = prompt_list(c["prompts"])
     scale = policy.scheduler.config.num_train_timesteps  # model timesteps are t * 1000
-    unlogged: list = []
-    for epoch in range(start_epoch, algo["num_epochs"]):
+    for epoch in range(w.start_epoch, algo["num_epochs"]):
         t_epoch = time.perf_counter()
         engine.module.eval()
 
@@ -99,22 +122,22 @@ def train_loop(config: dict) -> None:
         weights = [ray.put(old_state)]
         plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
         window = (0, 0) if algo["sampler"] == "ode" else None
-        traj, local_rewards, components, image_refs, timings = sample_and_score(
-            plan, samplers, rewards, c["sampling"]["batch_size"], weights, version, rank, world, sde_window=window)
+        sampled = sample_and_score(plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version,
+                                   rank, world, sde_window=window)
         sample_time = time.perf_counter() - t_epoch
 
         # ---- 2. optimality probabilities within each prompt's group -----------------------
-        all_groups, all_rewards = _all_gather(plan.groups, local_rewards)
+        all_groups, all_rewards = all_gather(plan.groups, sampled.rewards)
         all_r = optimality_probability(all_rewards, all_groups, norm=algo["reward_norm"])
         n = len(plan.prompts)
         r = torch.as_tensor(all_r[rank * n : (rank + 1) * n])
+        traj = sampled.traj
         x0 = traj.latents[:, -1]
 
         # ---- 3. the NFT flow-matching objective on the forward process --------------------
         t_train = time.perf_counter()
         engine.module.train()
         stats = {"loss": [], "positive_error": [], "negative_error": [], "policy_shift": []}
-        grad_norms = []
         for _ in range(algo["num_inner_epochs"]):
             for mb in torch.randperm(n).split(algo["train_batch_size"]):
                 cond = {k: v[mb].to(policy.device) for k, v in traj.cond.items()}
@@ -127,12 +150,7 @@ def train_loop(config: dict) -> None:
                     with torch.no_grad(), policy.reference(old):
                         v_old = policy.predict(cond, x_t, t * scale)
                     loss, info = nft_loss(v_theta.float(), v_old.float(), target.float(), r_mb, algo["beta"])
-                    engine.backward(loss)
-                    boundary = engine.is_gradient_accumulation_boundary()
-                    norm = _param_grad_norm(params) if boundary else None
-                    engine.step()
-                    if boundary:
-                        grad_norms.append(engine.get_global_grad_norm() or norm)
+                    w.step(loss)
                     stats["loss"].append(loss.item())
                     for key in ("positive_error", "negative_error", "policy_shift"):
                         stats[key].append(info[key].item())
@@ -145,26 +163,24 @@ def train_loop(config: dict) -> None:
         policy.weights_version = version
 
         # ---- 5. log and checkpoint ---------------------------------------------------------
-        means = _all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()})
+        means = all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()})
         metrics = {
             "epoch": epoch,
             "samples": len(all_rewards),
             "reward_mean": float(np.mean(all_rewards)),
             "reward_std": float(np.std(all_rewards)),
             "optimality_mean": float(np.mean(all_r)),
-            **component_metrics(components),
+            **reward_metrics(sampled.components),
             **means,
             "approx_kl": means["policy_shift"],  # for the progress line: how far v_theta is from v_old
             "clipfrac": 0.0,
             "ema_eta": eta,
-            "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else float("nan"),
-            "learning_rate": optimizer.param_groups[0]["lr"],
+            **w.optimizer_metrics(),
             "samples_per_s": len(all_rewards) / sample_time,
-            **timings,
+            **sampled.timings,
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        unlogged = finish_epoch(engine, logger, c, epoch, metrics, unlogged, rank, image_refs,
-                                extra_fn=lambda: old_state)
+        w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state)
 
-    save_final(policy, logger, c)
+    w.finish(policy)

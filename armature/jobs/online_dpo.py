@@ -2,9 +2,9 @@
 simulated annotator) label them through the preference store, the learner trains on the labels
 so far, and the samplers get the new weights. ``armature train algo=online_dpo``.
 
-Read top to bottom. The driver (``run``) opens the MLflow run, starts the sampler actors and the
-reward actors (``reward.*``: the pre-filter's reward), and hands ``TorchTrainer`` the learner
-loop. Each round (``train_loop``; the store work happens on rank 0):
+Read top to bottom. The driver (``run``: the learner core's, ``armature.platform.learner``)
+opens the MLflow run, starts the sampler actors and the reward actors (``reward.*``: the
+pre-filter's reward), and hands Ray Train the learner loop. Each round (``train_loop``; the store work happens on rank 0):
 
   1. **Sample** ``pairs_per_round / prefilter_keep`` pairs from the current policy: two images
      per prompt slot, each with its own seed (``epoch_plan`` with groups of 2), through the
@@ -26,7 +26,7 @@ loop. Each round (``train_loop``; the store work happens on rank 0):
      job's ``pair_errors`` and loss, imported) over the training pairs so far.
   6. **Measure and log** an MLflow step per round: label counts, inter-annotator agreement
      (percent and Fleiss' kappa), the learner's loss, and its held-out implicit accuracy
-     against the annotators' labels (the DPO job's ``_evaluate``): on every held-out pair so
+     against the annotators' labels (the DPO job's ``evaluate_heldout``): on every held-out pair so
      far (``heldout_*``) and on a fixed probe (``probe_*``: with ``probe_pairs`` > 0, that many
      base-policy pairs labeled before round 1 and never trained on; else round 1's held-out
      pairs); checkpoint (a rerun resumes
@@ -37,61 +37,106 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from armature.data.stream import PROBE_PREFIX
-from armature.jobs.dpo import _evaluate, _native_size, _quarantine_metrics, pair_errors
-from armature.jobs.online import (
-    _all_reduce_mean,
-    _prompt_list,
-    epoch_plan,
-    restore_checkpoint,
-    sample_and_score,
-    save_checkpoint,
-    save_final,
-)
+from armature.jobs.dpo import evaluate_heldout, native_size, pair_errors, result
 from armature.losses import diffusion_dpo_loss, margin_bounded_loss
-from armature.platform.engine import deepspeed_engine
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.config import OptimizerConfig
+from armature.platform.engine import all_reduce_mean
+from armature.platform.learner import (
+    LoopInputs,
+    Worker,
+    epoch_plan,
+    prompt_list,
+    quarantine_metrics,
+    run_learner,
+    sample_and_score,
+)
+
+
+# ============================================================================ config
+@dataclass
+class OnlineDPOConfig(OptimizerConfig):
+    """The online feedback loop (armature/jobs/online_dpo.py): sample pairs, label, Diffusion-DPO, repeat."""
+
+    name: str = "online_dpo"
+    num_rounds: int = 4  # sample -> label -> learn -> new weights to the samplers
+    pairs_per_round: int = 32  # pairs stored for labeling each round
+    prefilter_keep: float = 1.0  # share of sampled pairs kept, the reward's (reward.*) most uncertain first
+    prefilter_order: str = "uncertain"  # which pairs prefilter_keep keeps: uncertain (first) | confident (first)
+    store: Optional[str] = None  # preference store: SQLite path or SQLAlchemy URL; None: <run folder>/feedback.db
+    annotator: str = "simulated"  # simulated (a reward stands in for people) | human (the labeling page)
+    annotator_reward: dict[str, Any] = field(default_factory=lambda: {"brightness": {"weight": 1.0}})
+    num_annotators: int = 2  # simulated annotators
+    annotator_noise: float = 0.1  # probability a simulated annotator picks the reward's loser
+    annotator_tie_rate: float = 0.05  # probability it answers "no preference"
+    labels_per_pair: int = 2  # people (or simulated annotators) who label each pair
+    min_labels_per_round: int = 0  # human: new labels to wait for per round; 0: pairs_per_round * labels_per_pair
+    label_timeout_s: float = 3600.0  # human: train on what is there after this long
+    epochs_per_round: int = 2  # passes over the labeled training pairs per round
+    train_batch_size: int = 8
+    gradient_accumulation_batches: int = 1
+    learning_rate: float = 3e-3
+    adam_weight_decay: float = 0.0
+    beta: float = 5000.0  # Diffusion-DPO's KL strength
+    alpha: float = 0.0  # ASAP's region weight (the online pairs have no masks: 0)
+    tau: Optional[float] = None
+    prediction_type: Optional[str] = None
+    heldout_draws: int = 4
+    probe_pairs: int = 0  # >0: a fixed probe of that many pairs from the base policy, labeled first, never trained on
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """Rounds, the pre-filter, the annotators, the loss and the held-out split."""
+    algo, errors = cfg.algo, []
+    if algo.num_rounds < 1 or algo.pairs_per_round < 1 or algo.epochs_per_round < 1:
+        errors.append("algo.num_rounds, algo.pairs_per_round and algo.epochs_per_round must be >= 1")
+    if algo.probe_pairs < 0:
+        errors.append(f"algo.probe_pairs={algo.probe_pairs}: use 0 (the first round's held-out pairs are the probe) "
+                      "or a number of pairs for a fixed probe, e.g. 96")
+    if not 0 < algo.prefilter_keep <= 1:
+        errors.append(f"algo.prefilter_keep={algo.prefilter_keep}: must be in (0, 1] (1 keeps every pair)")
+    if algo.prefilter_order not in ("uncertain", "confident"):
+        errors.append(f"algo.prefilter_order={algo.prefilter_order}: use uncertain (the pairs the reward is least "
+                      "sure of first) or confident (the clearest gaps first)")
+    if algo.annotator not in ("simulated", "human"):
+        errors.append(f"algo.annotator={algo.annotator}: use simulated or human")
+    if algo.annotator == "simulated" and not algo.annotator_reward:
+        errors.append("algo.annotator_reward is empty: name the simulated annotator's reward, e.g. {brightness: {weight: 1}}")
+    if not 0 <= algo.annotator_noise <= 1 or not 0 <= algo.annotator_tie_rate <= 1:
+        errors.append(f"algo.annotator_noise={algo.annotator_noise}, algo.annotator_tie_rate={algo.annotator_tie_rate}: "
+                      "probabilities in [0, 1]")
+    if algo.labels_per_pair < 1 or (algo.annotator == "simulated" and algo.labels_per_pair > algo.num_annotators):
+        errors.append(f"algo.labels_per_pair={algo.labels_per_pair}: must be >= 1 and, with simulated annotators, "
+                      f"<= algo.num_annotators={algo.num_annotators}")
+    if algo.beta <= 0 or algo.prediction_type not in (None, "epsilon", "v_prediction"):
+        errors.append(f"algo.beta={algo.beta} must be > 0; algo.prediction_type: epsilon, v_prediction or null")
+    if not 0 < cfg.data.heldout_fraction < 1:
+        errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: online_dpo measures held-out accuracy, "
+                      "use a value in (0, 1), e.g. 0.25")
+    return errors
 
 
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Run the online feedback loop as configured; returns the last round's metrics."""
-    import ray
-    from ray.train.torch import TorchTrainer
+    return run_learner(cfg, train_loop, actors=True, extra_cpus=cfg.data.decode_num_cpus, prepare=_prepare)
 
-    from armature.actors import start_reward_actors, start_samplers
-    from armature.platform.launch import fit, open_run, trainer_kwargs
 
-    t, cl, rw, data = cfg.trainer, cfg.cluster, cfg.reward, cfg.data
-    job = open_run(cfg, t.num_workers * t.cpus_per_worker + cl.num_samplers * cl.sampler_num_cpus
-                   + rw.num_actors * rw.num_cpus + data.decode_num_cpus)
-    c = job.cfg
-    store_url = c["algo"]["store"] or f"{_local_dir(job.run_dir)}/feedback.db"
+register(Algorithm("online_dpo", OnlineDPOConfig, run, check, result))
+
+
+def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
+    store_url = job.cfg["algo"]["store"] or f"{_local_dir(job.run_dir)}/feedback.db"
     print(f"[armature] preference store {store_url}", flush=True)
-    samplers = start_samplers(
-        cl.num_samplers, c["model"], c["sampling"], seed=t.seed, num_cpus=cl.sampler_num_cpus,
-        num_gpus=cl.sampler_num_gpus, max_restarts=cl.max_restarts, threads=job.threads,
-        resources=c["cluster"]["sampler_resources"], scheduling=cl.actor_scheduling)
-    rewards = start_reward_actors(
-        rw.num_actors, c["reward"]["components"], num_cpus=rw.num_cpus, num_gpus=rw.num_gpus,
-        max_restarts=cl.max_restarts, resources=c["reward"]["resources"], scheduling=cl.actor_scheduling)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": c, "samplers": samplers, "rewards": rewards, "run_id": job.run_id,
-                           "tracking_uri": job.tracking_uri, "threads": job.threads, "store": store_url,
-                           "work_dir": _local_dir(job.run_dir)},
-        **trainer_kwargs(job),
-    )
-    try:
-        return fit(trainer, job)
-    finally:
-        for actor in samplers + rewards:
-            ray.kill(actor)
+    return LoopInputs({"store": store_url, "work_dir": _local_dir(job.run_dir)})
 
 
 def _local_dir(run_dir: str) -> str:
@@ -107,33 +152,22 @@ def _local_dir(run_dir: str) -> str:
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
     import ray
-    import ray.train
+    import ray.data
     import torch.distributed as dist
 
     from armature.feedback.store import PreferenceStore
-    from armature.platform.tracking import RunLogger
-    from armature.policies import build_policy
 
-    c = config["cfg"]
-    algo, data, trainer_cfg = c["algo"], c["data"], c["trainer"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed = trainer_cfg["seed"]
-    torch.manual_seed(seed + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
-    import ray.data
-
+    w = Worker(config)
+    c, algo, data, rank, world, seed = w.c, w.algo, w.c["data"], w.rank, w.world, w.seed
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     data_context.execution_options.preserve_order = True  # a seeded run is repeatable
 
-    policy = build_policy(c["model"], c["sampling"], seed=seed)
+    policy = w.build_policy()
     frozen = None if policy.lora is not None else copy.deepcopy(policy.unet).requires_grad_(False)
     prediction_type = algo["prediction_type"] or policy.scheduler.config.prediction_type
-    engine, optimizer, _ = deepspeed_engine(policy, algo, trainer_cfg, algo["gradient_accumulation_batches"])
+    engine = w.start(policy, algo["gradient_accumulation_batches"], route=False)
 
     def errors(batch, generator=None, train=True):
         return pair_errors(policy, engine if train else engine.module, batch, algo["alpha"], prediction_type,
@@ -144,14 +178,13 @@ def train_loop(config: dict) -> None:
             return margin_bounded_loss(*errs, tau=algo["tau"], tie=tie)
         return diffusion_dpo_loss(*errs, beta=algo["beta"], tie=tie)
 
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    start_round, _, _ = restore_checkpoint(engine, logger)
+    start_round = w.start_epoch
     store = PreferenceStore(config["store"], labels_per_pair=algo["labels_per_pair"]) if rank == 0 else None
     annotators = _simulated_annotators(algo, seed) if rank == 0 and algo["annotator"] == "simulated" else []
     work = Path(config["work_dir"])
     quarantine = data["quarantine_path"] or str(work / "quarantine")
-    prompts = _prompt_list(c["prompts"])
-    size = data["image_size"] or _native_size(c["model"])  # the size the samplers draw at
+    prompts = prompt_list(c["prompts"])
+    size = data["image_size"] or native_size(c["model"])  # the size the samplers draw at
     if rank == 0 and algo["probe_pairs"] and start_round == 0:
         # ---- 0. the fixed probe: base-policy pairs, labeled first, held out for good ------------
         t_probe = time.perf_counter()
@@ -199,14 +232,12 @@ def train_loop(config: dict) -> None:
                 local_shuffle_seed=seed * 10_000 + rnd * 100 + epoch))
             usable = len(batches) // world * world  # every rank takes as many steps
             for batch in batches[rank:usable:world]:
-                errs = errors(batch)
-                loss, info = loss_fn(errs, batch["tie"].to(policy.device))
-                engine.backward(loss)
-                engine.step()
+                loss, info = loss_fn(errors(batch), batch["tie"].to(policy.device))
+                w.step(loss)
                 stats.append({"loss": loss.item(), **{k: v.item() for k, v in info.items() if k != "num_pairs"}})
         policy.weights_version = rnd + 1
         if stats:
-            metrics.update(_all_reduce_mean({k: float(np.mean([s[k] for s in stats])) for k in stats[0]}))
+            metrics.update(all_reduce_mean({k: float(np.mean([s[k] for s in stats])) for k in stats[0]}))
         metrics["train_batches"] = len(stats)
         metrics["train_time_s"] = time.perf_counter() - t_train
 
@@ -215,27 +246,20 @@ def train_loop(config: dict) -> None:
             probe_prefix = PROBE_PREFIX if algo["probe_pairs"] else "r0000-"
             rounds_ds = (heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith(PROBE_PREFIX))
                          if algo["probe_pairs"] else heldout_ds)
-            metrics.update(_evaluate(rounds_ds, errors, loss_fn, engine, algo, seed))
+            metrics.update(evaluate_heldout(rounds_ds, errors, loss_fn, engine, algo, seed))
             # The held-out set grows each round with pairs from the moving policy; the probe
             # stays fixed and compares round with round: algo.probe_pairs pairs of the base
             # policy, labeled before round 1, or else the first round's held-out pairs.
-            probe = heldout_ds.filter(lambda row: str(row["pair_id"]).startswith(probe_prefix))
+            probe = heldout_ds.filter(lambda row, prefix=probe_prefix: str(row["pair_id"]).startswith(prefix))
             metrics.update({k.replace("heldout_", "probe_"): v
-                            for k, v in _evaluate(probe, errors, loss_fn, engine, algo, seed).items()})
+                            for k, v in evaluate_heldout(probe, errors, loss_fn, engine, algo, seed).items()})
             metrics["probe_pairs"] = probe.count()
             metrics["train_pairs"], metrics["heldout_pairs"] = train_ds.count(), rounds_ds.count()
-            from armature.data.stream import quarantine_summary
-
-            metrics.update(_quarantine_metrics(quarantine_summary(quarantine)))
-        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]
+            metrics.update(quarantine_metrics(quarantine))
+        metrics.update(w.optimizer_metrics())
         metrics["round_time_s"] = time.perf_counter() - t_round
-        if logger is not None:
-            _print_round(rnd, algo["num_rounds"], metrics)
-        save_checkpoint(engine, {}, rnd, [(rnd, metrics)], rank)
-        ray.train.get_all_reported_checkpoints()
-        if logger is not None:
-            logger.log_metrics(metrics, step=rnd)
-    save_final(policy, logger, c)
+        w.end_epoch(rnd, metrics, progress=_print_round, total=algo["num_rounds"], checkpoint=True)
+    w.finish(policy)
 
 
 # ============================================================================ helpers
@@ -256,8 +280,6 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
 
     ``probe``: instead, the fixed probe: ``algo.probe_pairs`` pairs from the base policy (every
     one kept), stored as round -1 with ids ``probe-NNNNN``, which the pair stream always holds out."""
-    import ray
-
     from armature.feedback.simulated import select_pairs, uncertainty
 
     algo = c["algo"]
@@ -268,9 +290,8 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
     n_sampled = wanted if probe else int(np.ceil(wanted / algo["prefilter_keep"]))
     # 2 images per prompt slot; the probe draws its slots and seeds apart from every round's
     plan = epoch_plan(prompts, seed + 104_729 if probe else seed, max(rnd, 0), n_sampled, 2, rank=0, world=1)
-    _, scores, _, image_refs, timings = sample_and_score(plan, samplers, rewards, c["sampling"]["batch_size"],
-                                                         weights, rnd + 1, 0, 1)
-    images = np.concatenate([ray.get(ref) for ref in image_refs])
+    sampled = sample_and_score(plan, samplers, rewards, c["sampling"]["batch_size"], weights, rnd + 1, 0, 1)
+    scores, images = sampled.rewards, sampled.images()
     unsure = uncertainty(scores[0::2], scores[1::2])
     keep = select_pairs(unsure, wanted, "uncertain" if probe else algo["prefilter_order"])
     prefix = PROBE_PREFIX if probe else f"r{rnd:04d}-"
@@ -280,7 +301,7 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
                     for k in sorted(keep.tolist()))
     return {"pairs_new": len(keep), "pairs_sampled": n_sampled, "prefilter_uncertainty_kept": float(unsure[keep].mean()),
             "prefilter_uncertainty_all": float(unsure.mean()), "reward_mean": float(np.mean(scores)),
-            "sampler_busy_s": timings["sampler_busy_s"]}
+            "sampler_busy_s": sampled.timings["sampler_busy_s"]}
 
 
 def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int | None = None) -> dict:

@@ -20,11 +20,26 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from armature.losses.reward_model import agreement, pairwise_accuracy, spearman, tie_calibrated_accuracy
+from armature.platform.algorithms import Algorithm, register
+
+
+# ============================================================================ config
+@dataclass
+class RewardEvalConfig:
+    """Reward evaluation (armature/jobs/reward_eval.py) on a pair dataset."""
+
+    name: str = "reward_eval"
+    # label -> reward spec ({registered name: {weight, **options}}), each scored in its own actors
+    rewards: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16  # pairs per scoring call
+    num_actors: int = 1  # per reward
 
 
 def run(cfg: DictConfig) -> dict:
@@ -33,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
 
     from armature.actors import start_reward_actors
     from armature.data.stream import read_dataset
-    from armature.jobs.reward_model import _synthetic_pairs, prepare_with_severity
+    from armature.jobs.reward_model import prepare_with_severity, synthetic_pairs
     from armature.platform.launch import open_run
     from armature.platform.tracking import RunLogger
 
@@ -47,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     size = data["image_size"] or 32
     synthetic = {"synthetic_choices": 3, "synthetic_tie_fraction": 0.1}
-    pairs = data["pairs"] or _synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, synthetic, size,
+    pairs = data["pairs"] or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, synthetic, size,
                                               c["trainer"]["seed"])
     ds = read_dataset(pairs, allow_outside_root=data["allow_outside_root"]).map_batches(
         prepare_with_severity, batch_format="pyarrow", batch_size=data["batch_size"],
@@ -101,6 +116,9 @@ def run(cfg: DictConfig) -> dict:
     logger.log_text(json.dumps({"rows": rows, "agreement": agree}, indent=2), "reward_eval.json")
     logger.finish("FINISHED")
     return metrics
+
+
+register(Algorithm("reward_eval", RewardEvalConfig, run))
 
 
 def report_table(rows: list[dict], agree: dict[str, float]) -> str:

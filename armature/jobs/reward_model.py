@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,24 +54,54 @@ from armature.losses.reward_model import (
     spearman,
     tie_calibrated_accuracy,
 )
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.checkpoints import restore_torch_checkpoint, save_torch_checkpoint
+from armature.platform.learner import LoopInputs, Worker, quarantine_metrics, run_learner
 
 SEVERITY_BY_KIND = {"remove": 3, "duplicate": 2, "shift": 2, "warp": 1, "mirror": 1}
-STATE_FILE = "armature_state.pt"
+
+
+# ============================================================================ config
+@dataclass
+class RewardModelConfig:
+    """Reward-model training (armature/jobs/reward_model.py): a CLIP scorer on preference pairs."""
+
+    name: str = "reward_model"
+    num_epochs: int = 6
+    train_batch_size: int = 16  # pairs per micro-batch on one worker
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "bradley_terry"  # bradley_terry (ties at target 0.5) or listwise (HPS: one chosen among n)
+    max_choices: int = 4  # listwise: the most images in a choice set (pairs sharing prompt and chosen image)
+    severity_weight: float = 0.0  # > 0: ordinal severity head (BACON's 4 levels) on the same score
+    backbone: str = "tiny"  # tiny (a small random CLIP built from config), a CLIPModel hub id / folder, or conv
+    conv_widths: list[int] = field(default_factory=lambda: [32, 64, 64, 128])  # backbone=conv: block channels
+    processor: Optional[str] = None  # tokenizer + preprocessing source (default: the backbone)
+    synthetic_choices: int = 3  # synthetic data: degraded copies per drawing (choice sets of up to this + 1)
+    synthetic_tie_fraction: float = 0.1  # synthetic data: share of drawings that also give a tie pair
 
 
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Train a reward model as configured; returns the last epoch's metrics."""
+    return run_learner(cfg, train_loop, extra_cpus=1, prepare=_prepare)
+
+
+def result(metrics: dict) -> str:
+    """The CLI's closing words."""
+    return f"held-out accuracy {metrics.get('heldout_acc', float('nan')):.3f}"
+
+
+register(Algorithm("reward_model", RewardModelConfig, run, result=result))
+
+
+def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
+    """The backbone and the pairs (given, or synthetic) through the Ray Data pipeline."""
     import ray.data
-    from ray.train import DataConfig
-    from ray.train.torch import TorchTrainer
 
-    from armature.data.stream import quarantine_summary, read_dataset, split
-    from armature.jobs.dpo import _quarantine_metrics
-    from armature.platform.launch import fit, open_run, trainer_kwargs
+    from armature.data.stream import read_dataset, split
 
-    t, data = cfg.trainer, cfg.data
-    job = open_run(cfg, t.num_workers * t.cpus_per_worker + 1, job="train")
     c = job.cfg
     algo, data = c["algo"], c["data"]
     if algo["loss"] not in ("bradley_terry", "listwise"):
@@ -83,7 +114,7 @@ def run(cfg: DictConfig) -> dict:
 
     size = data["image_size"] or 32
     backbone = _prepare_backbone(algo, f"{job.run_dir}/backbone", size, c["trainer"]["seed"])
-    pairs = data["pairs"] or _synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, algo, size, c["trainer"]["seed"])
+    pairs = data["pairs"] or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, algo, size, c["trainer"]["seed"])
     quarantine = data["quarantine_path"] or f"{job.run_dir}/quarantine"
     ds = read_dataset(pairs, allow_outside_root=data["allow_outside_root"]).repartition(target_num_rows_per_block=data["batch_size"]).map_batches(
         prepare_with_severity, batch_format="pyarrow", batch_size=data["batch_size"], num_cpus=data["decode_num_cpus"],
@@ -91,23 +122,12 @@ def run(cfg: DictConfig) -> dict:
                    "heldout_fraction": data["heldout_fraction"]})
     train_ds, heldout_ds = split(ds.materialize())
     counts = {"data_train_pairs": train_ds.count(), "data_heldout_pairs": heldout_ds.count(),
-              **_quarantine_metrics(quarantine_summary(quarantine))}
+              **quarantine_metrics(quarantine)}
     print(f"[armature] pairs {pairs}: {counts['data_train_pairs']} for training, {counts['data_heldout_pairs']} "
           f"held out, {counts['data_quarantined']} quarantined", flush=True)
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": c, "run_id": job.run_id, "tracking_uri": job.tracking_uri, "threads": job.threads,
-                           "backbone": backbone, "run_dir": job.run_dir, "counts": counts, "image_size": size},
-        datasets={"train": train_ds, "heldout": heldout_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        **trainer_kwargs(job),
-    )
     c["tracking"]["registered_model"] = None  # the scorer is an artifact, not a diffusion adapter
-    metrics = fit(trainer, job)
-    print(f"[armature] scorer saved to {job.run_dir}/scorer (MLflow: runs:/{job.run_id}/scorer); "
-          f"use it as reward.components='{{learned: {{path: {job.run_dir}/scorer}}}}'", flush=True)
-    return metrics
+    return LoopInputs({"backbone": backbone, "run_dir": job.run_dir, "counts": counts, "image_size": size},
+                      {"train": train_ds, "heldout": heldout_ds})
 
 
 def prepare_with_severity(batch, size: int, quarantine_dir: str, keep_ties: bool, heldout_fraction: float):
@@ -145,7 +165,7 @@ def _prepare_backbone(algo: dict, directory: str, size: int, seed: int) -> str:
     return directory
 
 
-def _synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: int) -> str:
+def synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: int) -> str:
     """Pairs from procedural drawings: ``synthetic_choices`` degraded copies of each (one pair
     each, severity by kind, so pairs sharing a drawing form choice sets), and for a share of
     the drawings a tie between two copies degraded the same way."""
@@ -255,31 +275,14 @@ def batch_loss(scorer: Scorer, batch: dict, algo: dict) -> tuple[torch.Tensor, d
     return loss, info
 
 
-def load_state(path: Path) -> dict:
-    """A checkpoint's training state (tensors, numbers, containers) without running any code it
-    holds: ``trainer.storage_path`` may be a bucket others can write, so torch's weights-only loader
-    reads it (tensors and plain containers; any other object is refused, never constructed)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"checkpoint {path}: holds objects other than tensors, numbers and containers, so it "
-                         "was not written by this job; refusing to unpickle it (remove that checkpoint folder "
-                         f"from trainer.storage_path to start over): {str(err).splitlines()[0]}") from None
-
-
 def train_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
     from armature.data.stream import collate
-    from armature.platform.tracking import RunLogger
 
-    c = config["cfg"]
-    algo, trainer_cfg = c["algo"], c["trainer"]
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(trainer_cfg["seed"] + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
+    w = Worker(config)
+    algo, rank = w.algo, w.rank
     scorer = Scorer(config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths"),
                     image_size=config["image_size"]).train()
     params = [p for p in scorer.parameters() if p.requires_grad]
@@ -287,14 +290,12 @@ def train_loop(config: dict) -> None:
     distributed = dist.is_initialized() and dist.get_world_size() > 1
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_state(Path(directory) / STATE_FILE)
+    state = restore_torch_checkpoint()
+    if state is not None:
         scorer.load_state_dict(state["scorer"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = w.open_logger()
 
     shard = ray.train.get_dataset_shard("train")
     metrics: dict = {}
@@ -303,7 +304,7 @@ def train_loop(config: dict) -> None:
         stats = []
         for batch in shard.iter_torch_batches(batch_size=algo["train_batch_size"], collate_fn=collate,
                                               local_shuffle_buffer_size=4 * algo["train_batch_size"],
-                                              local_shuffle_seed=trainer_cfg["seed"] * 10_000 + epoch):
+                                              local_shuffle_seed=w.seed * 10_000 + epoch):
             loss, info = batch_loss(scorer, batch, algo)
             optimizer.zero_grad()
             loss.backward()
@@ -326,11 +327,8 @@ def train_loop(config: dict) -> None:
                   f"train acc {metrics['train_acc']:.3f}  held-out acc {metrics.get('heldout_acc', float('nan')):.3f} "
                   f"(ties incl. {metrics.get('heldout_acc_ties', float('nan')):.3f})  {metrics['epoch_time_s']:.1f}s",
                   flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                torch.save({"scorer": scorer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                           Path(tmp) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        save_torch_checkpoint({"scorer": scorer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                              metrics, rank)
         if logger is not None:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
 
@@ -342,6 +340,8 @@ def train_loop(config: dict) -> None:
             if "://" not in target:
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(folder, target)
+        print(f"[armature] scorer saved to {target} (MLflow: runs:/{config['run_id']}/scorer); "
+              f"use it as reward.components='{{learned: {{path: {target}}}}}'", flush=True)
 
 
 @torch.no_grad()

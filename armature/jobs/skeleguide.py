@@ -40,19 +40,21 @@ for ``armature serve edits.pipeline=...``.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from armature.losses.skeleguide import flow_interpolate, joint_loss, one_step_layout, reasoning_loss, rendering_loss
-from armature.platform.checkpoints import commit_epoch, restore_checkpoint
-from armature.platform.engine import all_reduce_mean, deepspeed_engine, grad_norm
+from armature.platform.algorithms import Algorithm, register
+from armature.platform.config import OptimizerConfig
+from armature.platform.engine import all_reduce_mean
+from armature.platform.learner import LoopInputs, Worker, run_learner
 
 PHASE_ADAPTERS = {1: ("skeletal",), 2: ("skeletal", "appearance"), 3: ("appearance",)}
 DEFAULT_REGISTERED = "armature-adapter"  # the platform default: a UNet adapter name, not ours
@@ -60,30 +62,46 @@ REGISTERED_NAME = "armature-skeleguide"
 FAMILIES = ("tiny_skeleguide", "flux_kontext")
 
 
+# ============================================================================ config
+@dataclass
+class SkeleGuideConfig(OptimizerConfig):
+    """SkeleGuide's three training phases (armature/jobs/skeleguide.py): `algo=skeleguide model=tiny_skeleguide`."""
+
+    name: str = "skeleguide"
+    phase1_steps: int = 30  # reasoning loss alone (eq. 4), skeletal adapter
+    phase2_steps: int = 30  # joint: lambda_reason * L_reason + lambda_render * L_render, renderer on M_hat
+    phase3_steps: int = 30  # rendering loss alone on ground-truth layouts, appearance adapter
+    steps_per_epoch: int = 10  # optimizer steps between checkpoints; an epoch never spans two phases
+    train_batch_size: int = 4  # triples per step on one worker
+    learning_rate: float = 3e-3  # the paper: 1e-4 on FLUX.1-dev (the tiny random model needs more)
+    adam_weight_decay: float = 0.0
+    lambda_reason: float = 0.5
+    lambda_render: float = 1.0
+    layout_estimate: str = "noise"  # noise: eq. 6, M_0 + v_hat(M_0, t=0) | shared: M_t + (1 - t) v_hat at L_reason's t
+    lora_targets: str = "qkv"  # qkv: eq. 3 (condition tokens' Q/K/V) | all: every attention projection
+    guidance_scale: float = 2.5  # guidance-distilled models only (FLUX.1-Kontext-dev)
+    triples: Optional[str] = None  # Parquet of triples (armature.skeleton.scenes.write_triples); None: gym, on the fly
+    pose: Optional[str] = None  # gym triples of one pose class only
+    heldout_triples: int = 8  # fixed triples and noise: held-out losses every epoch, sample grids at phase ends
+    sample_steps: int = 8  # Euler steps of each stage in the sample grids (and the saved pipeline's default)
+    # model=tiny_skeleguide: a trained AutoencoderKL folder (benchmarks/skeleguide.py --vae-cache makes one)
+    tiny_vae: Optional[str] = None
+
+
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Run the three phases as configured; returns the last epoch's metrics."""
-    from ray.train.torch import TorchTrainer
+    return run_learner(cfg, train_loop, prepare=_prepare)
 
-    from armature.platform.launch import fit, open_run, trainer_kwargs
 
-    check(cfg)
-    job = open_run(cfg, cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
+def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     if job.cfg["tracking"].get("registered_model") == DEFAULT_REGISTERED:
         job.cfg["tracking"]["registered_model"] = REGISTERED_NAME  # a pipeline folder, not a UNet adapter
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": job.cfg, "run_id": job.run_id, "tracking_uri": job.tracking_uri,
-                           "threads": job.threads, "run_dir": job.run_dir},
-        **trainer_kwargs(job),
-    )
-    return fit(trainer, job)
+    return LoopInputs({"run_dir": job.run_dir})
 
 
-def check(cfg: DictConfig) -> None:
-    """What the schema cannot say, before Ray starts; ConfigError naming the key."""
-    from armature.platform.config import ConfigError
-
+def check(cfg: DictConfig) -> list[str]:
+    """What the schema cannot say (checked when the config is composed, before Ray starts)."""
     algo, model, errors = cfg.algo, cfg.model, []
     if model.family not in FAMILIES:
         errors.append(f"model.family={model.family}: SkeleGuide runs on a FLUX-Kontext-style DiT; use "
@@ -100,8 +118,10 @@ def check(cfg: DictConfig) -> None:
         errors.append("algo.train_batch_size, algo.heldout_triples and algo.sample_steps must be >= 1")
     if not model.lora.enabled:
         errors.append("model.lora.enabled=false: SkeleGuide trains its two LoRA adapters; set it true")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return errors
+
+
+register(Algorithm("skeleguide", SkeleGuideConfig, run, check))
 
 
 def pipeline_params(c: dict):
@@ -140,37 +160,18 @@ def epoch_plan(algo: dict) -> list[tuple[int, int, int]]:
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
-    import ray.train
-
-    from armature.platform.tracking import RunLogger
     from armature.policies.skeleguide import ADAPTERS, SkeleGuidePipeline
 
-    c = config["cfg"]
-    algo, trainer_cfg = c["algo"], c["trainer"]
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(trainer_cfg["seed"] + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
+    w = Worker(config)
+    c, algo, rank, seed = w.c, w.algo, w.rank, w.seed
     pipe = SkeleGuidePipeline.build(pipeline_params(c))
     pipe.set_trainable(ADAPTERS)  # one optimizer over both adapters; each phase freezes what it does not train
-    engine, optimizer, params = deepspeed_engine(pipe, algo, trainer_cfg, accumulation=1)
-    pipe.denoiser = engine
+    w.start(pipe, accumulation=1)  # MLflow steps are global steps: the job's epoch is in the state
+    start_epoch = w.state.get("job_epoch", -1) + 1
 
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    _, state, _ = restore_checkpoint(engine, None)  # relogging below: our MLflow step is the global step
-    start_epoch = state.get("job_epoch", -1) + 1
-    if state and logger is not None:
-        logged = logger.last_step("epoch")
-        for step, values in state["unlogged"]:
-            if step > logged:
-                logger.log_metrics(values, step=step)
-        print(f"[armature] resumed from the checkpoint of epoch {state['job_epoch']}", flush=True)
-
-    source = _triple_source(algo, trainer_cfg["seed"])
-    heldout = _heldout_batch(pipe, source, algo, trainer_cfg["seed"])
+    source = _triple_source(algo, seed)
+    heldout = _heldout_batch(pipe, source, algo, seed)
     plan = epoch_plan(algo)
-    unlogged: list[tuple[int, dict]] = []
     for epoch in range(start_epoch, len(plan)):
         phase, first, steps = plan[epoch]
         _freeze(pipe, phase)
@@ -178,44 +179,38 @@ def train_loop(config: dict) -> None:
         window = []
         for step in range(first, first + steps):
             batch = _batch(pipe, source(step, rank, algo["train_batch_size"]))
-            generator = torch.Generator().manual_seed(trainer_cfg["seed"] * 1_000_003 + step * 101 + rank)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + rank)
             loss, terms = phase_loss(pipe, batch, phase, algo, generator)
-            engine.backward(loss)
-            norm = grad_norm(params)
-            engine.step()
+            w.step(loss)
             _freeze(pipe, phase)  # frozen adapters keep no gradient for the next step
             terms = all_reduce_mean({"loss": loss.item(), **terms})
-            terms.update(grad_norm=engine.get_global_grad_norm() or norm, phase=phase)
-            unlogged.append((step, {f"step/{k}": v for k, v in terms.items()}))
+            optimizer = w.optimizer_metrics()
+            terms.update(grad_norm=optimizer["grad_norm"], phase=phase)
+            w.unlogged.append((step, {f"step/{k}": v for k, v in terms.items()}))
             window.append(terms)
         elapsed = time.perf_counter() - t_epoch
         last_step = first + steps - 1
         metrics = {
             "epoch": epoch, "phase": phase,
-            **{k: float(np.mean([w[k] for w in window])) for k in window[0] if k not in ("phase", "grad_norm")},
+            **{k: float(np.mean([m[k] for m in window])) for k in window[0] if k not in ("phase", "grad_norm")},
             **heldout_losses(pipe, heldout, phase),
-            "learning_rate": optimizer.param_groups[0]["lr"],
+            "learning_rate": optimizer["learning_rate"],
             "steps_per_s": steps / elapsed, "epoch_time_s": elapsed,
         }
         phase_end = epoch + 1 == len(plan) or plan[epoch + 1][0] != phase
-        if logger is not None:
+        if w.logger is not None:
             print(f"[armature] skeleguide epoch {epoch + 1}/{len(plan)} phase {phase}  loss {metrics['loss']:.4f}  "
                   f"held-out reason {metrics['heldout_reason_loss']:.4f} render {metrics['heldout_render_loss']:.4f}  "
                   f"{metrics['steps_per_s']:.2f} steps/s", flush=True)
             if phase_end and c["tracking"]["log_images_every"]:
-                logger.log_images(sample_grid(pipe, heldout, algo["sample_steps"], c["tracking"]["images_per_grid"]),
-                                  f"samples/phase{phase}_epoch_{epoch:04d}.png")
-        unlogged = commit_epoch(engine, logger, last_step, metrics, unlogged, rank, checkpoint=True,
-                                state={"job_epoch": epoch, "phase": phase})
+                w.logger.log_images(sample_grid(pipe, heldout, algo["sample_steps"], c["tracking"]["images_per_grid"]),
+                                    f"samples/phase{phase}_epoch_{epoch:04d}.png")
+        w.commit(last_step, metrics, checkpoint=True, state={"job_epoch": epoch, "phase": phase})
 
-    if logger is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            pipe.save_pretrained(Path(tmp) / "adapter")
-            logger.log_artifacts(Path(tmp) / "adapter", "adapter")
-            logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
-        if "://" not in config["run_dir"]:
-            path = pipe.save_pretrained(Path(config["run_dir"]) / "pipeline")
-            print(f"[armature] SkeleGuide pipeline saved to {path}", flush=True)
+    w.finish(pipe, save=pipe.save_pretrained)
+    if w.logger is not None and "://" not in config["run_dir"]:
+        path = pipe.save_pretrained(Path(config["run_dir"]) / "pipeline")
+        print(f"[armature] SkeleGuide pipeline saved to {path}", flush=True)
 
 
 # ============================================================================ the losses of a phase
@@ -324,7 +319,7 @@ def sample_grid(pipe, batch: dict, num_steps: int, limit: int) -> np.ndarray:
     return image_grid(rows.reshape(-1, *rows.shape[2:]), columns=6)[None]
 
 
-if __name__ == "__main__":  # until `armature train` dispatches algo=skeleguide
+if __name__ == "__main__":  # = `armature train algo=skeleguide model=tiny_skeleguide [overrides]`
     import sys
 
     from armature.platform.config import ConfigError, compose

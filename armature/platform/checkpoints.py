@@ -19,6 +19,7 @@ import torch
 
 STATE_FILE = "armature_state.json"
 EXTRA_FILE = "armature_extra.safetensors"
+TORCH_STATE_FILE = "armature_state.pt"  # a learner without DeepSpeed: its modules' and optimizer's state
 
 
 def save_checkpoint(engine, state: dict, epoch: int, unlogged: list, rank: int,
@@ -56,12 +57,21 @@ def restore_checkpoint(engine, logger) -> tuple[int, dict, dict[str, torch.Tenso
 
             extra = load_file(Path(directory) / EXTRA_FILE)
     if logger is not None:
-        logged = logger.last_step("epoch")
         for step, values in state["unlogged"]:
-            if step > logged:
+            if step > logger.last_step(_series(values)):
                 logger.log_metrics(values, step=step)
         print(f"[armature] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
     return state["epoch"] + 1, state, extra
+
+
+def _series(metrics: dict) -> str:
+    """The key whose MLflow history says whether ``metrics`` was logged: ``epoch`` for an epoch's
+    metrics, else (e.g. a learner's per-step metrics) the first key with a finite value."""
+    import math
+
+    if "epoch" in metrics:
+        return "epoch"
+    return next(k for k, v in sorted(metrics.items()) if v is not None and math.isfinite(float(v)))
 
 
 def commit_epoch(engine, logger, epoch: int, metrics: dict, unlogged: list, rank: int, checkpoint: bool,
@@ -80,3 +90,40 @@ def commit_epoch(engine, logger, epoch: int, metrics: dict, unlogged: list, rank
         for step, values in unlogged:
             logger.log_metrics(values, step=step)
     return []
+
+
+def save_torch_checkpoint(state: dict, metrics: dict, rank: int) -> None:
+    """Report ``metrics`` to Ray Train with a checkpoint of ``state`` (state dicts, numbers),
+    written by rank 0: the checkpoint of a learner that steps a plain torch optimizer."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            torch.save(state, Path(tmp) / TORCH_STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def restore_torch_checkpoint() -> dict | None:
+    """The state of the last :func:`save_torch_checkpoint`, or None. Loaded with
+    ``weights_only``: tensors, numbers and containers only, nothing unpickled."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_torch_state(Path(directory) / TORCH_STATE_FILE)
+
+
+def load_torch_state(path: Path) -> dict:
+    """A checkpoint's training state (tensors, numbers, containers) without running any code it
+    holds: ``trainer.storage_path`` may be a bucket others can write, so torch's weights-only loader
+    reads it (any other object is refused, never constructed)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"checkpoint {path}: holds objects other than tensors, numbers and containers, so it "
+                         "was not written by this job; refusing to unpickle it (remove that checkpoint folder "
+                         f"from trainer.storage_path to start over): {str(err).splitlines()[0]}") from None

@@ -2,8 +2,9 @@
 
 The dataclasses below are the schema: Hydra composes ``configs/<job>.yaml`` and its groups
 (``algo``, ``model``, ``reward``, ``cluster``, ``tracking``) on top of them, so an unknown key
-or a value of the wrong type fails at start with a message naming the key. Algorithms have
-schemas of their own (``ALGO_SCHEMAS``), checked by :func:`validate_algo`.
+or a value of the wrong type fails at start with a message naming the key. Each algorithm has
+a schema of its own, declared with it (``armature.platform.algorithms``), checked by
+:func:`validate_algo`; the learners' schemas share ``OptimizerConfig``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "ServeConfig",
-    "DDPOConfig",
-    "DPOConfig",
+    "OptimizerConfig",
     "compose",
     "config_dir",
     "validate_algo",
@@ -176,7 +176,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Any = MISSING  # validated against ALGO_SCHEMAS[algo.name]
+    algo: Any = MISSING  # the registered algorithm's schema (armature.platform.algorithms)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -279,326 +279,31 @@ class ServeConfig:
 
 # --------------------------------------------------------------------------- algorithms
 @dataclass
-class DDPOConfig:
-    name: str = "ddpo"
-    num_epochs: int = 10
-    samples_per_epoch: int = 32  # over all workers
-    train_batch_size: int = 8  # trajectories per micro-batch on one worker
-    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step (times the steps)
-    num_inner_epochs: int = 1
-    timestep_fraction: float = 1.0  # share of each trajectory's steps trained on
-    learning_rate: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    per_prompt_stat_tracking: bool = True
-    stat_buffer_size: int = 32
-    stat_min_count: int = 16
-    # after training: every prompt x this many fixed seeds, sampled with the weights before and
-    # after training (the same noise), scored by every reward component (0: off)
-    final_eval_per_prompt: int = 0
+class OptimizerConfig:
+    """The optimizer every learner's schema inherits (``algo.learning_rate``, ...): AdamW with
+    gradient clipping (``armature.platform.engine``). A schema overrides only its defaults."""
 
-
-@dataclass
-class DPOConfig:
-    name: str = "dpo"  # dpo (Diffusion-DPO) or asap_dpo (ASAP's localized, margin-bounded DPO)
-    num_epochs: int = 4
-    train_batch_size: int = 8  # pairs per micro-batch on one worker
-    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 3e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    beta: float = 5000.0  # Diffusion-DPO's KL strength: loss = -log sigmoid(beta / 2 * delta)
-    alpha: float = 0.0  # ASAP eq. 4: residuals weighted by 1 + alpha * mask
-    tau: Optional[float] = None  # ASAP eq. 6: set -> loss (delta - tau)^2 instead of DPO's
-    prediction_type: Optional[str] = None  # None: the scheduler's (epsilon or v_prediction)
-    heldout_draws: int = 4  # timestep/noise draws per held-out pair
-    eval_every: int = 1  # epochs
-
-
-@dataclass
-class GRPOConfig:
-    """GRPO (armature/jobs/grpo.py): Flow-GRPO with denoising reduction and MixGRPO's window."""
-
-    name: str = "grpo"
-    num_epochs: int = 10
-    prompts_per_epoch: int = 8  # prompt slots per epoch, over all workers
-    group_size: int = 4  # images per prompt slot (G); advantages are normalised within it
-    train_batch_size: int = 8  # samples per micro-batch on one worker
-    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step (times the window steps)
-    num_inner_epochs: int = 1
-    train_num_steps: Optional[int] = None  # denoising reduction: steps of training rollouts (None: sampling.num_steps)
-    sde_window_size: int = 0  # MixGRPO: SDE (and trained) steps per trajectory; 0: all of them
-    sde_window_stride: int = 1  # steps the window moves ...
-    sde_window_shift_every: int = 1  # ... every this many epochs
     learning_rate: float = 1e-3
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    clip_range: float = 0.05
-    adv_clip_max: float = 5.0
-    adv_eps: float = 1e-4
-    scale_by_group_std: bool = True  # False: only centre within the group
-    beta: float = 0.0  # KL penalty to the frozen reference policy
 
 
-@dataclass
-class NFTConfig:
-    """DiffusionNFT (armature/jobs/nft.py): negative-aware fine-tuning on the forward process."""
+FLOW_MODEL_FAMILIES = ("tiny_flow", "sd3", "flux", "skeleguide_stage")  # flow-matching policies
 
-    name: str = "nft"
-    num_epochs: int = 10
-    prompts_per_epoch: int = 8
-    group_size: int = 4
-    train_batch_size: int = 8
-    gradient_accumulation_batches: int = 1
-    num_inner_epochs: int = 1
-    timesteps_per_sample: int = 2  # forward-process draws (t, noise) per clean sample
-    sampler: str = "ode"  # how the sampling policy draws images: ode or sde (any solver works)
-    learning_rate: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    beta: float = 1.0  # strength of the implicit positive / negative mixing
-    reward_norm: str = "group"  # Z_c of r = 1/2 + 1/2 clip((R - mean_c) / Z_c, -1, 1): group or global std
-    ema_decay_rate: float = 0.1  # sampling policy <- eta * sampling + (1 - eta) * trained, eta_i = ...
-    ema_decay_max: float = 0.5  # ... min(ema_decay_rate * i, ema_decay_max) at epoch i
-
-
-@dataclass
-class AlignPropConfig:
-    """Reward-gradient learners (armature/jobs/alignprop.py): AlignProp, DRaFT-K and ReFL."""
-
-    name: str = "alignprop"  # alignprop | draft | refl (one learner, three settings)
-    num_epochs: int = 10
-    batches_per_epoch: int = 4  # micro-batches per worker per epoch
-    batch_size: int = 4  # images per micro-batch on one worker
-    gradient_accumulation_batches: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    # K, the steps the gradient passes through, drawn per micro-batch uniformly from
-    # [truncation_min, truncation_max] (AlignProp); equal bounds: DRaFT-K's fixed K
-    truncation_min: int = 1
-    truncation_max: int = 10
-    predict_x0: bool = False  # ReFL: reward on the predicted x0 of the K-th step from the end
-    gradient_checkpointing: bool = True  # recompute each backpropagated UNet call
-    reward_scale: float = 1.0  # loss = -reward_scale * reward
-
-
-@dataclass
-class BestOfNConfig:
-    """Best-of-N selection job (armature/jobs/bon.py): `armature train algo=bon`."""
-
-    name: str = "bon"
-    n: int = 8  # candidates per prompt
-    k: int = 1  # kept per prompt
-    repeats: int = 1  # each prompt of prompts.* this many times
-    log_prompts: int = 4  # prompts whose kept and rejected candidates are logged as images
-    pairs_path: Optional[str] = None  # write each prompt's (best, worst) as preference pairs (Parquet)
-
-
-@dataclass
-class EvalConfig:
-    """Anatomy evaluation (armature/jobs/evaluate.py): `armature eval`, AER and RSI per policy."""
-
-    name: str = "eval"
-    suite: str = "gym"  # `gym` (the anatomy gym's pose prompts) or a JSONL / text file of prompts
-    samples_per_prompt: int = 4  # the same seeds for every policy
-    judge: str = "gym_oracle"  # the reward component that judges; an image passes at score >= threshold
-    threshold: float = 0.0  # gym_oracle scores -severity: 0 passes only defect-free figures
-    tie_tolerance: float = 0.0  # judge scores this close are a tie (RSI)
-    severe_at: Optional[float] = None  # a judge score <= this counts as severe (gym_oracle: -3)
-    # name -> a trained adapter folder (or null: the base model); RSI is against the first
-    policies: dict[str, Optional[str]] = field(default_factory=lambda: {"base": None})
-    # Best-of-N rows: for each N > 1, every policy also keeps the best of N candidates by the
-    # reward component `selector` (never the judge, or the selection would be the answer)
-    best_of: list[int] = field(default_factory=lambda: [1])
-    selector: Optional[str] = None
-
-
-@dataclass
-class RewardModelConfig:
-    """Reward-model training (armature/jobs/reward_model.py): a CLIP scorer on preference pairs."""
-
-    name: str = "reward_model"
-    num_epochs: int = 6
-    train_batch_size: int = 16  # pairs per micro-batch on one worker
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    loss: str = "bradley_terry"  # bradley_terry (ties at target 0.5) or listwise (HPS: one chosen among n)
-    max_choices: int = 4  # listwise: the most images in a choice set (pairs sharing prompt and chosen image)
-    severity_weight: float = 0.0  # > 0: ordinal severity head (BACON's 4 levels) on the same score
-    backbone: str = "tiny"  # tiny (a small random CLIP built from config), a CLIPModel hub id / folder, or conv
-    conv_widths: list[int] = field(default_factory=lambda: [32, 64, 64, 128])  # backbone=conv: block channels
-    processor: Optional[str] = None  # tokenizer + preprocessing source (default: the backbone)
-    synthetic_choices: int = 3  # synthetic data: degraded copies per drawing (choice sets of up to this + 1)
-    synthetic_tie_fraction: float = 0.1  # synthetic data: share of drawings that also give a tie pair
-
-
-@dataclass
-class RewardEvalConfig:
-    """Reward evaluation (armature/jobs/reward_eval.py) on a pair dataset."""
-
-    name: str = "reward_eval"
-    # label -> reward spec ({registered name: {weight, **options}}), each scored in its own actors
-    rewards: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 16  # pairs per scoring call
-    num_actors: int = 1  # per reward
-
-
-@dataclass
-class HPSPrefixConfig:
-    """HPS-style preference-prefix LoRA tuning (armature/jobs/hps_prefix.py): `algo=hps_prefix`."""
-
-    name: str = "hps_prefix"
-    identifier: str = "Weird image."  # prefix of non-preferred captions; the negative prompt at inference
-    candidates: int = 4  # images per prompt group (HPS's n)
-    repeats: int = 16  # groups per prompt of prompts.*
-    alpha: float = 2.0  # selectivity: keep the best (worst) if softmax(score_scale * score) > alpha / n
-    score_scale: float = 100.0  # reward -> logit scale of the softmax
-    num_epochs: int = 20
-    train_batch_size: int = 16
-    gradient_accumulation_batches: int = 1
-    learning_rate: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    eval_repeats: int = 8  # evaluation samples per prompt, with and without the identifier
-    eval_guidance_scale: float = 5.0  # classifier-free guidance at evaluation (the identifier needs it > 1)
-    eval_seed: int = 1234
-
-
-ALGO_SCHEMAS: dict[str, type] = {"ddpo": DDPOConfig, "dpo": DPOConfig, "asap_dpo": DPOConfig}
-ALGO_SCHEMAS.update({"hps_prefix": HPSPrefixConfig})
-ALGO_SCHEMAS.update({"bon": BestOfNConfig, "eval": EvalConfig})
-ALGO_SCHEMAS.update({"alignprop": AlignPropConfig, "draft": AlignPropConfig, "refl": AlignPropConfig})
-ALGO_SCHEMAS.update({"grpo": GRPOConfig, "nft": NFTConfig})
-
-
-@dataclass
-class OnlineDPOConfig:
-    """The online feedback loop (armature/jobs/online_dpo.py): sample pairs, label, Diffusion-DPO, repeat."""
-
-    name: str = "online_dpo"
-    num_rounds: int = 4  # sample -> label -> learn -> new weights to the samplers
-    pairs_per_round: int = 32  # pairs stored for labeling each round
-    prefilter_keep: float = 1.0  # share of sampled pairs kept, the reward's (reward.*) most uncertain first
-    prefilter_order: str = "uncertain"  # which pairs prefilter_keep keeps: uncertain (first) | confident (first)
-    store: Optional[str] = None  # preference store: SQLite path or SQLAlchemy URL; None: <run folder>/feedback.db
-    annotator: str = "simulated"  # simulated (a reward stands in for people) | human (the labeling page)
-    annotator_reward: dict[str, Any] = field(default_factory=lambda: {"brightness": {"weight": 1.0}})
-    num_annotators: int = 2  # simulated annotators
-    annotator_noise: float = 0.1  # probability a simulated annotator picks the reward's loser
-    annotator_tie_rate: float = 0.05  # probability it answers "no preference"
-    labels_per_pair: int = 2  # people (or simulated annotators) who label each pair
-    min_labels_per_round: int = 0  # human: new labels to wait for per round; 0: pairs_per_round * labels_per_pair
-    label_timeout_s: float = 3600.0  # human: train on what is there after this long
-    epochs_per_round: int = 2  # passes over the labeled training pairs per round
-    train_batch_size: int = 8
-    gradient_accumulation_batches: int = 1
-    learning_rate: float = 3e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    beta: float = 5000.0  # Diffusion-DPO's KL strength
-    alpha: float = 0.0  # ASAP's region weight (the online pairs have no masks: 0)
-    tau: Optional[float] = None
-    prediction_type: Optional[str] = None
-    heldout_draws: int = 4
-    probe_pairs: int = 0  # >0: a fixed probe of that many pairs from the base policy, labeled first, never trained on
-
-
-def _check_online_dpo(cfg: DictConfig, algo: DictConfig) -> list[str]:
-    errors = []
-    if algo.num_rounds < 1 or algo.pairs_per_round < 1 or algo.epochs_per_round < 1:
-        errors.append("algo.num_rounds, algo.pairs_per_round and algo.epochs_per_round must be >= 1")
-    if algo.probe_pairs < 0:
-        errors.append(f"algo.probe_pairs={algo.probe_pairs}: use 0 (the first round's held-out pairs are the probe) "
-                      "or a number of pairs for a fixed probe, e.g. 96")
-    if not 0 < algo.prefilter_keep <= 1:
-        errors.append(f"algo.prefilter_keep={algo.prefilter_keep}: must be in (0, 1] (1 keeps every pair)")
-    if algo.prefilter_order not in ("uncertain", "confident"):
-        errors.append(f"algo.prefilter_order={algo.prefilter_order}: use uncertain (the pairs the reward is least "
-                      "sure of first) or confident (the clearest gaps first)")
-    if algo.annotator not in ("simulated", "human"):
-        errors.append(f"algo.annotator={algo.annotator}: use simulated or human")
-    if algo.annotator == "simulated" and not algo.annotator_reward:
-        errors.append("algo.annotator_reward is empty: name the simulated annotator's reward, e.g. {brightness: {weight: 1}}")
-    if not 0 <= algo.annotator_noise <= 1 or not 0 <= algo.annotator_tie_rate <= 1:
-        errors.append(f"algo.annotator_noise={algo.annotator_noise}, algo.annotator_tie_rate={algo.annotator_tie_rate}: "
-                      "probabilities in [0, 1]")
-    if algo.labels_per_pair < 1 or (algo.annotator == "simulated" and algo.labels_per_pair > algo.num_annotators):
-        errors.append(f"algo.labels_per_pair={algo.labels_per_pair}: must be >= 1 and, with simulated annotators, "
-                      f"<= algo.num_annotators={algo.num_annotators}")
-    if algo.beta <= 0 or algo.prediction_type not in (None, "epsilon", "v_prediction"):
-        errors.append(f"algo.beta={algo.beta} must be > 0; algo.prediction_type: epsilon, v_prediction or null")
-    if not 0 < cfg.data.heldout_fraction < 1:
-        errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: online_dpo measures held-out accuracy, "
-                      "use a value in (0, 1), e.g. 0.25")
-    return errors
-
-
-ALGO_SCHEMAS.update({"online_dpo": OnlineDPOConfig})
-
-@dataclass
-class SkeleGuideConfig:
-    """SkeleGuide's three training phases (armature/jobs/skeleguide.py): `algo=skeleguide model=tiny_skeleguide`."""
-
-    name: str = "skeleguide"
-    phase1_steps: int = 30  # reasoning loss alone (eq. 4), skeletal adapter
-    phase2_steps: int = 30  # joint: lambda_reason * L_reason + lambda_render * L_render, renderer on M_hat
-    phase3_steps: int = 30  # rendering loss alone on ground-truth layouts, appearance adapter
-    steps_per_epoch: int = 10  # optimizer steps between checkpoints; an epoch never spans two phases
-    train_batch_size: int = 4  # triples per step on one worker
-    learning_rate: float = 3e-3  # the paper: 1e-4 on FLUX.1-dev (the tiny random model needs more)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lambda_reason: float = 0.5
-    lambda_render: float = 1.0
-    layout_estimate: str = "noise"  # noise: eq. 6, M_0 + v_hat(M_0, t=0) | shared: M_t + (1 - t) v_hat at L_reason's t
-    lora_targets: str = "qkv"  # qkv: eq. 3 (condition tokens' Q/K/V) | all: every attention projection
-    guidance_scale: float = 2.5  # guidance-distilled models only (FLUX.1-Kontext-dev)
-    triples: Optional[str] = None  # Parquet of triples (armature.skeleton.scenes.write_triples); None: gym, on the fly
-    pose: Optional[str] = None  # gym triples of one pose class only
-    heldout_triples: int = 8  # fixed triples and noise: held-out losses every epoch, sample grids at phase ends
-    sample_steps: int = 8  # Euler steps of each stage in the sample grids (and the saved pipeline's default)
-    # model=tiny_skeleguide: a trained AutoencoderKL folder (benchmarks/skeleguide.py --vae-cache makes one)
-    tiny_vae: Optional[str] = None
-
-
-ALGO_SCHEMAS.update({"skeleguide": SkeleGuideConfig})
-ALGO_SCHEMAS.update({"reward_model": RewardModelConfig, "reward_eval": RewardEvalConfig})
 
 
 def validate_algo(algo: DictConfig) -> DictConfig:
-    """Check ``algo`` against its schema: unknown keys and wrong types fail naming the key."""
+    """Check ``algo`` against its registered schema: unknown keys and wrong types fail naming the key."""
+    from armature.platform.algorithms import get
+
     name = algo.get("name") if isinstance(algo, DictConfig) else None
-    if name not in ALGO_SCHEMAS:
-        raise ConfigError(f"algo.name={name!r}: choose one of {sorted(ALGO_SCHEMAS)} (e.g. algo=ddpo)")
-    schema = OmegaConf.structured(ALGO_SCHEMAS[name])
+    try:
+        schema = OmegaConf.structured(get(name).schema)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     try:
         return OmegaConf.merge(schema, algo)
     except Exception as err:  # omegaconf's errors carry the key; re-raise with the section
@@ -643,7 +348,10 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         OmegaConf.set_struct(cfg, False)
         cfg.algo = algo
         OmegaConf.set_struct(cfg, True)
-    check_serve(cfg) if "generator" in cfg else check(cfg)
+    if "generator" in cfg:
+        check_serve(cfg)
+    elif "trainer" in cfg:
+        check(cfg)
     prompt_file = cfg.get("prompts", {}).get("file") if "prompts" in cfg else None
     if prompt_file and not os.path.isabs(prompt_file):
         # relative to where the command ran, else to the packaged configs (suites/gym_poses.txt):
@@ -676,123 +384,17 @@ def check(cfg: DictConfig) -> None:
         errors.append(f"sampling.eta={cfg.sampling.eta}: DDPO needs a stochastic sampler, set eta > 0")
     if not cfg.reward.components:
         errors.append("reward.components is empty: name at least one reward, e.g. reward=compressibility")
-    algo = cfg.get("algo")
-    if algo is not None and algo.name == "ddpo":
-        per_worker = algo.samples_per_epoch // cfg.trainer.num_workers
-        if algo.samples_per_epoch % cfg.trainer.num_workers:
-            errors.append(
-                f"algo.samples_per_epoch={algo.samples_per_epoch} must divide evenly over "
-                f"trainer.num_workers={cfg.trainer.num_workers}"
-            )
-        elif per_worker % algo.train_batch_size:
-            errors.append(
-                f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
-                f"({per_worker} = algo.samples_per_epoch / trainer.num_workers)"
-            )
-        elif (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
-            errors.append(
-                f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
-                f"the micro-batches per worker ({per_worker // algo.train_batch_size})"
-            )
-        if not 0 < algo.timestep_fraction <= 1:
-            errors.append(f"algo.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
-        if algo.final_eval_per_prompt < 0:
-            errors.append(f"algo.final_eval_per_prompt={algo.final_eval_per_prompt}: seeds per prompt of the "
-                          "evaluation after training; use 0 to skip it, e.g. 16")
-    if algo is not None and algo.name in ("dpo", "asap_dpo"):
-        if algo.beta <= 0 or algo.alpha < 0 or (algo.tau is not None and algo.tau < 0):
-            errors.append(f"algo.beta={algo.beta} must be > 0, algo.alpha={algo.alpha} and algo.tau={algo.tau} >= 0")
-        if algo.prediction_type not in (None, "epsilon", "v_prediction"):
-            errors.append(f"algo.prediction_type={algo.prediction_type}: use epsilon or v_prediction (or null)")
-        if not 0 <= cfg.data.heldout_fraction < 1:
-            errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
-        if cfg.data.heldout_fraction > 0 and algo.heldout_draws < 1:
-            errors.append(f"algo.heldout_draws={algo.heldout_draws}: must be >= 1")
-    if algo is not None and algo.name in ("grpo", "nft"):
-        errors.extend(_check_group_learner(cfg, algo))
-    if algo is not None and algo.name == "online_dpo":
-        errors.extend(_check_online_dpo(cfg, algo))
-    if algo is not None and algo.name in ("alignprop", "draft", "refl"):
-        if not 1 <= algo.truncation_min <= algo.truncation_max <= cfg.sampling.num_steps:
-            errors.append(f"algo.truncation_min={algo.truncation_min}, algo.truncation_max={algo.truncation_max}: "
-                          f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}")
-        if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
-            errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
-    if algo is not None and algo.name == "eval" and (algo.samples_per_prompt < 1 or not algo.policies):
-        errors.append(f"algo.samples_per_prompt={algo.samples_per_prompt}, algo.policies={dict(algo.policies)}: "
-                      "need at least one sample per prompt and one policy (name: adapter folder or null)")
-    if algo is not None and algo.name == "eval":
-        if not algo.best_of or min(algo.best_of) < 1:
-            errors.append(f"algo.best_of={list(algo.best_of)}: a list of N >= 1, e.g. [1, 4, 8]")
-        elif max(algo.best_of) > 1 and (not algo.selector or algo.selector == algo.judge):
-            errors.append(f"algo.best_of={list(algo.best_of)} needs algo.selector: a reward component other than "
-                          f"the judge ({algo.judge}) to rank the candidates, e.g. algo.selector=learned")
-    if algo is not None and algo.name == "bon" and (algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1):
-        errors.append(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1")
-    if algo is not None and algo.name == "hps_prefix":
-        if algo.candidates < 2 or algo.repeats < 1 or algo.eval_repeats < 2 or algo.alpha <= 0:
-            errors.append(f"algo.candidates={algo.candidates}, algo.repeats={algo.repeats}, algo.eval_repeats="
-                          f"{algo.eval_repeats}, algo.alpha={algo.alpha}: need candidates >= 2, repeats >= 1, "
-                          "eval_repeats >= 2, alpha > 0")
-        if not algo.identifier.strip() or algo.eval_guidance_scale <= 1:
-            errors.append(f"algo.identifier={algo.identifier!r}, algo.eval_guidance_scale={algo.eval_guidance_scale}: "
-                          "the identifier must be non-empty and the guidance scale > 1 (it is the negative prompt)")
+    if cfg.get("algo") is not None:  # the algorithm's own checks (armature.platform.algorithms)
+        from armature.platform.algorithms import get
+
+        check_algo = get(cfg.algo.name).check
+        errors.extend(check_algo(cfg) if check_algo else [])
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-FLOW_MODEL_FAMILIES = ("tiny_flow", "sd3", "flux", "skeleguide_stage")
-
-
-def _check_group_learner(cfg: DictConfig, algo: DictConfig) -> list[str]:
-    """GRPO and DiffusionNFT: group sizes, batch divisibility, window and NFT settings."""
-    errors = []
-    workers = cfg.trainer.num_workers
-    if algo.group_size < 2:
-        errors.append(f"algo.group_size={algo.group_size}: a group needs >= 2 images to compare")
-    if algo.prompts_per_epoch < 1 or algo.prompts_per_epoch % workers:
-        errors.append(f"algo.prompts_per_epoch={algo.prompts_per_epoch} must be >= 1 and divide evenly "
-                      f"over trainer.num_workers={workers}")
-    else:
-        per_worker = algo.prompts_per_epoch // workers * algo.group_size
-        if per_worker % algo.train_batch_size:
-            errors.append(f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
-                          f"({per_worker} = prompts_per_epoch / num_workers * group_size)")
-        elif (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
-            errors.append(f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
-                          f"the micro-batches per worker ({per_worker // algo.train_batch_size})")
-    if algo.name == "grpo":
-        steps = algo.train_num_steps or cfg.sampling.num_steps
-        if algo.train_num_steps is not None and algo.train_num_steps < 1:
-            errors.append(f"algo.train_num_steps={algo.train_num_steps}: must be >= 1 (or null: sampling.num_steps)")
-        if not 0 <= algo.sde_window_size <= steps:
-            errors.append(f"algo.sde_window_size={algo.sde_window_size}: must be in [0, {steps}] "
-                          "(0: every step; at most the training rollout's steps)")
-        if algo.sde_window_stride < 0 or algo.sde_window_shift_every < 1:
-            errors.append("algo.sde_window_stride must be >= 0 and algo.sde_window_shift_every >= 1")
-        if algo.beta < 0 or algo.clip_range < 0:
-            errors.append(f"algo.beta={algo.beta} and algo.clip_range={algo.clip_range} must be >= 0")
-        if cfg.model.family in FLOW_MODEL_FAMILIES and cfg.sampling.noise_level <= 0:
-            errors.append(f"sampling.noise_level={cfg.sampling.noise_level}: GRPO needs SDE steps, set it > 0")
-    if algo.name == "nft":
-        if cfg.model.family not in FLOW_MODEL_FAMILIES:
-            errors.append(f"model.family={cfg.model.family}: DiffusionNFT trains flow-matching models; "
-                          "use model=tiny_flow (or family sd3 / flux, or model=skeleguide_stage)")
-        if algo.sampler not in ("ode", "sde"):
-            errors.append(f"algo.sampler={algo.sampler}: use ode or sde")
-        if algo.reward_norm not in ("group", "global"):
-            errors.append(f"algo.reward_norm={algo.reward_norm}: use group or global")
-        if algo.beta <= 0 or algo.timesteps_per_sample < 1:
-            errors.append(f"algo.beta={algo.beta} must be > 0 and algo.timesteps_per_sample >= 1")
-        if not (0 <= algo.ema_decay_max < 1 and algo.ema_decay_rate >= 0):
-            errors.append(f"algo.ema_decay_max={algo.ema_decay_max} must be in [0, 1), algo.ema_decay_rate >= 0")
-    return errors
-
-
 def check_serve(cfg: DictConfig) -> None:
-    """Cross-field checks of a serving config."""
-    from armature.rewards import available
-
+    """Cross-field checks of a serving config (the reward names: ``armature serve`` checks them)."""
     errors = []
     lim, batching = cfg.limits, cfg.batching
     if not 0 < lim.min_size <= lim.max_size:
@@ -826,9 +428,6 @@ def check_serve(cfg: DictConfig) -> None:
             errors.append(f"{name}.autoscaling: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
         if cfg[name].max_ongoing_requests < 1:
             errors.append(f"{name}.max_ongoing_requests must be >= 1")
-    unknown = [r for r in cfg.rewards if r not in available()]
-    if unknown:
-        errors.append(f"rewards: unknown {unknown}; available rewards: {', '.join(available())}")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

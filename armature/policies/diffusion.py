@@ -223,10 +223,6 @@ class DiffusionPolicy:
         (``[B, 2, ...]`` values): both guidance branches if ``guided``, else the conditional one."""
         return self.spec.inputs(cond, guided)
 
-    def _unet_kwargs(self, cond: dict[str, torch.Tensor], guided: bool) -> dict:
-        """``denoiser_inputs`` under its former name, which ``armature.jobs.dpo`` still calls."""
-        return self.denoiser_inputs(cond, guided)
-
     def predict(self, cond, latents, timesteps) -> torch.Tensor:
         """Classifier-free-guided model output at ``timesteps`` (scalar or ``[B]``): the noise
         (or v) prediction of a UNet, the velocity of a flow model."""

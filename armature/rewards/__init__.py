@@ -15,7 +15,7 @@ from .image_reward import ImageReward
 from .judge import MLLMJudge
 from .learned import learned
 from .pose import BlazePose, PoseReward
-from .registry import available, load, load_weighted, register
+from .registry import available, load, load_weighted, register, summarize
 from .skeleton import PoseAdherence, SkeletonReward
 
 __all__ = [
@@ -50,4 +50,5 @@ __all__ = [
     "pil_to_tensor",
     "register",
     "require_differentiable",
+    "summarize",
 ]

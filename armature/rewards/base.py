@@ -44,6 +44,12 @@ class Reward(ABC):
     def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> np.ndarray:
         """Score already validated inputs; return one float per image."""
 
+    @classmethod
+    def summary(cls, scores: np.ndarray) -> dict[str, float]:
+        """The metrics a learner logs for a set of this reward's scores (``reward_<name>_<key>``).
+        A reward with more to say than the mean (e.g. a rate of failures) overrides this."""
+        return {"mean": float(np.mean(scores))}
+
     @staticmethod
     def _validate(images, prompts) -> tuple[list[PIL.Image.Image], list[str]]:
         if isinstance(prompts, str):

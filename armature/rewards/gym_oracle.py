@@ -37,3 +37,8 @@ class GymOracleReward(Reward):
             verdicts.append(self.oracle(np.asarray(image)))
         self.last_verdicts = verdicts
         return np.array([-v.severity for v in verdicts], dtype=np.float32)
+
+    @classmethod
+    def summary(cls, scores: np.ndarray) -> dict[str, float]:
+        """The mean, and the share of images with a severe anatomical error (``severe_rate``)."""
+        return {"mean": float(np.mean(scores)), "severe_rate": float(np.mean(np.asarray(scores) <= SEVERE_SCORE))}

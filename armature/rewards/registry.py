@@ -32,6 +32,13 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def summarize(name: str, scores) -> dict[str, float]:
+    """The summary metrics of reward ``name`` over ``scores`` (its class's :meth:`Reward.summary`;
+    the mean for a factory function or a name not registered here)."""
+    summary = getattr(_REGISTRY.get(name), "summary", Reward.summary)
+    return summary(scores)
+
+
 def load(name: str, **overrides) -> Reward:
     """Build the reward registered as ``name``, passing ``overrides`` as keyword arguments."""
     if name not in _REGISTRY:
