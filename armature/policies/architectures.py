@@ -45,7 +45,7 @@ CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2  # the merges CLIP uses: 49408 tokens = 2 x 256 bytes + merges + 2 specials
 T5_VOCAB = 32100  # T5 v1.1: 32000 SentencePiece pieces + 100 sentinels (its embedding pads to 32128 rows)
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
-T5_SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
+T5_SENTINELS = [f"<extra_id_{i}>" for i in reversed(range(100))]  # extra_id_0 is the last id, as in T5
 
 
 def architecture_spec(name: str) -> dict:
