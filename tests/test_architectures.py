@@ -108,6 +108,7 @@ def test_t5_standin_has_t5s_size_and_special_ids():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the 1 GB model's random init and CPU steps; minutes on an idle machine
 @needs_clip_vocab
 def test_sd15_architecture_runs_a_ddpo_epoch_and_a_dpo_step():
     from armature.jobs.dpo import pair_errors
@@ -124,11 +125,11 @@ def test_sd15_architecture_runs_a_ddpo_epoch_and_a_dpo_step():
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
 
     # ---- one DDPO epoch: rollout, rewards, advantages, a PPO update over every stored step
-    prompts = ["a photo of a cat", "a photo of a dog"] * 2
+    prompts = ["a photo of a cat"] * 2
     traj = policy.rollout(prompts, [torch.Generator().manual_seed(i) for i in range(len(prompts))])
-    assert traj.latents.shape == (4, steps + 1, 4, 8, 8)
-    assert traj.cond["encoder_hidden_states"].shape == (4, 2, 77, 768)  # CLIP-L's 77 tokens, width 768
-    rewards = traj.images.reshape(4, -1).mean(axis=1).astype(np.float32)
+    assert traj.latents.shape == (2, steps + 1, 4, 8, 8)
+    assert traj.cond["encoder_hidden_states"].shape == (2, 2, 77, 768)  # CLIP-L's 77 tokens, width 768
+    rewards = traj.images.reshape(2, -1).mean(axis=1).astype(np.float32)
     adv = torch.as_tensor(PerPromptStatTracker(16, 2).update(traj.prompts, rewards))
     policy.unet.train()
     for j in range(steps):
