@@ -1,14 +1,14 @@
 """The ``armature`` command.
 
-    armature train [overrides]          run a training job here (local Ray or RAY_ADDRESS)
-    armature submit train [overrides]   send it to a Ray cluster through the Jobs API
-    armature jobs list|status|logs|stop the submitted jobs
-    armature serve [overrides]          the image generator on Ray Serve (HTTP)
-    armature assets pose                fetch the pose reward's models once (MediaPipe BlazePose)
-    armature label serve|annotator|...  human feedback: the labeling page and the preference store
-    armature eval [overrides]           AER / RSI of policies on a prompt suite (no training)
-    armature gym check|pairs|pretrain|bench  the anatomy gym: oracle agreement, defect pairs,
-                                        the base policy, learners + Best-of-N against the oracle
+armature train [overrides]          run a training job here (local Ray or RAY_ADDRESS)
+armature submit train [overrides]   send it to a Ray cluster through the Jobs API
+armature jobs list|status|logs|stop the submitted jobs
+armature serve [overrides]          the image generator on Ray Serve (HTTP)
+armature assets pose                fetch the pose reward's models once (MediaPipe BlazePose)
+armature label serve|annotator|...  human feedback: the labeling page and the preference store
+armature eval [overrides]           AER / RSI of policies on a prompt suite (no training)
+armature gym check|pairs|pretrain|bench  the anatomy gym: oracle agreement, defect pairs,
+                                    the base policy, learners + Best-of-N against the oracle
 """
 
 from __future__ import annotations
@@ -93,14 +93,25 @@ def cmd_jobs(args) -> int:
     if args.action == "list":
         for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
             meta = job.metadata or {}
-            print(f"{job.submission_id}\t{job.status.value}\t{meta.get('armature_job', '-')}\t"
-                  f"mlflow run {meta.get('mlflow_run_id', '-')}")
+            print(
+                f"{job.submission_id}\t{job.status.value}\t{meta.get('armature_job', '-')}\t"
+                f"mlflow run {meta.get('mlflow_run_id', '-')}"
+            )
         return 0
     if args.action == "status":
         info = jobs.get_job_info(args.submission_id)
-        print(json.dumps({"submission_id": info.submission_id, "status": info.status.value,
-                          "message": info.message, "entrypoint": info.entrypoint,
-                          "metadata": info.metadata}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "submission_id": info.submission_id,
+                    "status": info.status.value,
+                    "message": info.message,
+                    "entrypoint": info.entrypoint,
+                    "metadata": info.metadata,
+                },
+                indent=2,
+            )
+        )
     elif args.action == "logs":
         print(jobs.get_job_logs(args.submission_id), end="")
     elif args.action == "stop":
@@ -116,8 +127,10 @@ def cmd_serve(args) -> int:
 
     unknown = [name for name in cfg.rewards if name not in available()]
     if unknown:
-        print(f"armature: invalid config:\n  rewards: unknown {unknown}; available rewards: {', '.join(available())}",
-              file=sys.stderr)
+        print(
+            f"armature: invalid config:\n  rewards: unknown {unknown}; available rewards: {', '.join(available())}",
+            file=sys.stderr,
+        )
         return 2
     from omegaconf import OmegaConf
 
@@ -165,8 +178,7 @@ def cmd_gym(args) -> int:
             transform, what = load_round_trip(policy_path()), "figures after a round trip through the gym VAE"
         result = agreement(args.intact, args.per_kind, seed=args.seed, transform=transform)
         rates = ", ".join(f"{k} {v:.4f}" for k, v in result["by_kind"].items())
-        print(f"[armature] oracle vs ground truth on {result['figures']} {what}: "
-              f"{result['agreement']:.4f} ({rates})")
+        print(f"[armature] oracle vs ground truth on {result['figures']} {what}: {result['agreement']:.4f} ({rates})")
         for mistake in result["mistakes"][:10]:
             print(f"  truth {mistake['truth']} found {mistake['found']}")
         return 0
@@ -181,8 +193,12 @@ def cmd_gym(args) -> int:
         from armature.jobs.gym_pretrain import load_round_trip
 
         transform = load_round_trip(policy_path())
-    n = write_pairs(pairs(args.n or 600, seed=args.seed, transform=transform, crossed=args.crossed or 0.0,
-                          graded=args.graded or 0.0), f"{args.out}/gym_pairs.parquet")
+    n = write_pairs(
+        pairs(
+            args.n or 600, seed=args.seed, transform=transform, crossed=args.crossed or 0.0, graded=args.graded or 0.0
+        ),
+        f"{args.out}/gym_pairs.parquet",
+    )
     print(f"[armature] {n} gym pairs in {args.out}/gym_pairs.parquet")
     return 0
 
@@ -194,9 +210,16 @@ def cmd_gym_bench(args) -> int:
 
     from armature.jobs.gym_bench import register_schema, run, split_overrides
 
-    flags = {"out": args.out, "pairs": args.n or None, "samples_per_prompt": args.samples or None,
-             "reward_backbone": args.reward_backbone, "crossed": args.crossed, "graded": args.graded,
-             "reward_seeds": args.reward_seeds, "seed": args.seed}
+    flags = {
+        "out": args.out,
+        "pairs": args.n or None,
+        "samples_per_prompt": args.samples or None,
+        "reward_backbone": args.reward_backbone,
+        "crossed": args.crossed,
+        "graded": args.graded,
+        "reward_seeds": args.reward_seeds,
+        "seed": args.seed,
+    }
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.best_of is not None:
         sizes = [n for n in args.best_of.split(",") if n]
@@ -226,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
-        "train", help="online RL fine-tuning (configs/train.yaml)", epilog=EPILOG,
+        "train",
+        help="online RL fine-tuning (configs/train.yaml)",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.num_epochs=20")
@@ -241,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the image generator on Ray Serve (configs/serve.yaml)")
     serve.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. limits.max_steps=30")
     serve.add_argument("--cfg", action="store_true", help="print the composed config and exit")
-    serve.add_argument("--serve-config", action="store_true",
-                       help="print a Ray Serve config file (serve deploy / serve run) and exit")
+    serve.add_argument(
+        "--serve-config", action="store_true", help="print a Ray Serve config file (serve deploy / serve run) and exit"
+    )
     serve.set_defaults(func=cmd_serve)
 
     submit = sub.add_parser("submit", help="send a job to a Ray cluster (Ray Jobs API)")
@@ -268,34 +294,64 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_assets)
 
     gym = sub.add_parser("gym", help="the anatomy gym: check the oracle, build defect pairs")
-    gym.add_argument("action", choices=["check", "pairs", "pretrain", "bench"],
-                     help="check: the oracle's agreement with ground truth; pairs: write injector pairs; "
-                          "pretrain: train the base policy; bench: learners and Best-of-N against the oracle")
+    gym.add_argument(
+        "action",
+        choices=["check", "pairs", "pretrain", "bench"],
+        help="check: the oracle's agreement with ground truth; pairs: write injector pairs; "
+        "pretrain: train the base policy; bench: learners and Best-of-N against the oracle",
+    )
     gym.add_argument("overrides", nargs="*", help="bench: Hydra overrides for every stage, e.g. tracking=server")
     gym.add_argument("--intact", type=int, default=1000, help="check: intact figures")
     gym.add_argument("--per-kind", type=int, default=300, help="check: broken figures per defect kind")
-    gym.add_argument("--roundtrip", action="store_true",
-                     help="check: judge the figures after an encode-decode round trip through the base policy's "
-                          "VAE; pairs: store both images after that round trip")
-    gym.add_argument("--learners", default=None,
-                     help="bench: comma-separated learners to train (default ddpo,dpo,asap_dpo; '' for none)")
-    gym.add_argument("--reward-backbone", default=None,
-                     help="bench: the learned reward's algo.backbone (default conv; tiny: the tiny CLIP)")
-    gym.add_argument("--crossed", type=float, default=None,
-                     help="bench: share of pairs crossed between figures (default 0.5)")
-    gym.add_argument("--graded", type=float, default=None,
-                     help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)")
-    gym.add_argument("--reward-seeds", type=int, default=None,
-                     help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 5)")
-    gym.add_argument("--shared-pairs", action="store_true",
-                     help="bench: train every scorer on one pair set (default: each on its own, drawn from its seed)")
-    gym.add_argument("--drawn", action="store_true",
-                     help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)")
+    gym.add_argument(
+        "--roundtrip",
+        action="store_true",
+        help="check: judge the figures after an encode-decode round trip through the base policy's "
+        "VAE; pairs: store both images after that round trip",
+    )
+    gym.add_argument(
+        "--learners",
+        default=None,
+        help="bench: comma-separated learners to train (default ddpo,dpo,asap_dpo; '' for none)",
+    )
+    gym.add_argument(
+        "--reward-backbone",
+        default=None,
+        help="bench: the learned reward's algo.backbone (default conv; tiny: the tiny CLIP)",
+    )
+    gym.add_argument(
+        "--crossed", type=float, default=None, help="bench: share of pairs crossed between figures (default 0.5)"
+    )
+    gym.add_argument(
+        "--graded",
+        type=float,
+        default=None,
+        help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)",
+    )
+    gym.add_argument(
+        "--reward-seeds",
+        type=int,
+        default=None,
+        help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 5)",
+    )
+    gym.add_argument(
+        "--shared-pairs",
+        action="store_true",
+        help="bench: train every scorer on one pair set (default: each on its own, drawn from its seed)",
+    )
+    gym.add_argument(
+        "--drawn",
+        action="store_true",
+        help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)",
+    )
     gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 8000)")
     gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
     gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")
-    gym.add_argument("--best-of", default=None,
-                     help="bench: comma-separated Best-of-N sizes (default 1,4,8,16; the pool is samples x the largest)")
+    gym.add_argument(
+        "--best-of",
+        default=None,
+        help="bench: comma-separated Best-of-N sizes (default 1,4,8,16; the pool is samples x the largest)",
+    )
     gym.add_argument("--seed", type=int, default=0)
     gym.add_argument("--minutes", type=float, default=0.0, help="pretrain: wall-time budget (default 30)")
     gym.add_argument("--threads", type=int, default=0, help="pretrain: torch threads (default: torch's)")
@@ -319,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConnectionError as err:
-        print(f"armature: {err} Start a cluster (`ray start --head`) or pass --address / set RAY_ADDRESS.",
-              file=sys.stderr)
+        print(
+            f"armature: {err} Start a cluster (`ray start --head`) or pass --address / set RAY_ADDRESS.",
+            file=sys.stderr,
+        )
         return 2
 
 

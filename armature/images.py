@@ -55,10 +55,16 @@ def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
     with image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
-            raise ImageSizeError("image_too_large", f"{width}x{height} is {width * height:,} pixels, over the "
-                                                    f"{MAX_IMAGE_PIXELS:,} a stored image may have (read from its header)")
+            raise ImageSizeError(
+                "image_too_large",
+                f"{width}x{height} is {width * height:,} pixels, over the "
+                f"{MAX_IMAGE_PIXELS:,} a stored image may have (read from its header)",
+            )
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageSizeError("image_aspect", f"{width}x{height}: the long side may be at most "
-                                                 f"{MAX_ASPECT_RATIO} times the short one (read from its header)")
+            raise ImageSizeError(
+                "image_aspect",
+                f"{width}x{height}: the long side may be at most "
+                f"{MAX_ASPECT_RATIO} times the short one (read from its header)",
+            )
         image.load()  # decodes fully: a truncated file fails here, not later
         return np.array(image.convert(mode))

@@ -36,8 +36,11 @@ def measure(k: int, checkpoint: bool) -> dict:
     from armature.rewards import load
 
     torch.set_num_threads(1)
-    model = {"family": "tiny", "tiny": {"seed": 0, "image_size": IMAGE},
-             "lora": {"enabled": True, "rank": 4, "alpha": 4.0}}
+    model = {
+        "family": "tiny",
+        "tiny": {"seed": 0, "image_size": IMAGE},
+        "lora": {"enabled": True, "rank": 4, "alpha": 4.0},
+    }
     policy = build_policy(model, {"num_steps": STEPS, "guidance_scale": 1.0, "eta": 1.0})
     reward = load("brightness")
     prompts = ["a cat"] * BATCH
@@ -58,11 +61,18 @@ def main() -> None:
             # Large tensors mmapped: freed memory goes back to the OS, so the peak RSS is the
             # peak of live tensors rather than of what malloc happens to keep.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            out = subprocess.run([sys.executable, __file__, "--one", str(k), str(int(checkpoint))],
-                                 capture_output=True, text=True, check=True, env=env)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(k), str(int(checkpoint))],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"peak memory growth of one AlignProp backward pass (tiny model, {IMAGE} px, batch {BATCH}, "
-          f"{STEPS} steps), MiB over the no-grad sampling baseline")
+    print(
+        f"peak memory growth of one AlignProp backward pass (tiny model, {IMAGE} px, batch {BATCH}, "
+        f"{STEPS} steps), MiB over the no-grad sampling baseline"
+    )
     print(f"{'K':>4} | {'no checkpointing':>17} | {'checkpointing':>14} | ratio")
     by = {(r["k"], r["checkpoint"]): r["growth_mib"] for r in rows}
     for k in (1, 5, 10, 20):

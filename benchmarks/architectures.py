@@ -102,10 +102,15 @@ def dpo_loss(policy, x_w, x_l, prompts, generator, frozen=None) -> torch.Tensor:
     if policy.is_flow:
         errors = _flow_pair_errors(policy, x_w, x_l, prompts, generator, frozen)
     else:
-        batch = {"latents_w": x_w, "latents_l": x_l, "prompt": prompts,
-                 "mask": torch.zeros((len(x_w),) + tuple(x_w.shape[-2:]))}
-        errors = pair_errors(policy, policy.denoiser, batch, 0.0, policy.scheduler.config.prediction_type,
-                             frozen, generator)
+        batch = {
+            "latents_w": x_w,
+            "latents_l": x_l,
+            "prompt": prompts,
+            "mask": torch.zeros((len(x_w),) + tuple(x_w.shape[-2:])),
+        }
+        errors = pair_errors(
+            policy, policy.denoiser, batch, 0.0, policy.scheduler.config.prediction_type, frozen, generator
+        )
     return diffusion_dpo_loss(*errors, beta=DPO_BETA)[0]
 
 
@@ -113,8 +118,13 @@ def serve_image(policy, size: int, steps: int, seed: int = 0) -> np.ndarray:
     """One image through the Serve app's generator (per-image seed, fixed-shape pass)."""
     from armature.serve.generation import ImageJob, PassShape, generate
 
-    shape = PassShape(steps=steps, height=size, width=size, guidance_scale=policy.sampling.guidance_scale,
-                      eta=policy.sampling.eta if not policy.is_flow else policy.sampling.noise_level)
+    shape = PassShape(
+        steps=steps,
+        height=size,
+        width=size,
+        guidance_scale=policy.sampling.guidance_scale,
+        eta=policy.sampling.eta if not policy.is_flow else policy.sampling.noise_level,
+    )
     return generate(policy, [ImageJob(PROMPT, "", seed)], shape, pass_size=1)
 
 
@@ -209,18 +219,46 @@ def fmt(row: dict, key: str, scale: float = 1.0, spec: str = ".1f") -> str:
 
 
 def print_table(rows: list[dict], args) -> None:
-    print(f"\nimage {args.size} px, {args.steps} steps, batch {args.batch} (DPO: 1 pair), guidance {args.guidance}, "
-          f"T5 prompt <= {args.max_sequence_length} tokens, float32, {torch.get_num_threads()} threads")
-    head = ("family", "depth", "params B", "denoiser B", "LoRA M", "build s", "rollout s", "learner s",
-            "DPO s", "serve s", "peak RSS GB", "status")
+    print(
+        f"\nimage {args.size} px, {args.steps} steps, batch {args.batch} (DPO: 1 pair), guidance {args.guidance}, "
+        f"T5 prompt <= {args.max_sequence_length} tokens, float32, {torch.get_num_threads()} threads"
+    )
+    head = (
+        "family",
+        "depth",
+        "params B",
+        "denoiser B",
+        "LoRA M",
+        "build s",
+        "rollout s",
+        "learner s",
+        "DPO s",
+        "serve s",
+        "peak RSS GB",
+        "status",
+    )
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
         learner = f"{fmt(r, 'learner_s')} ({r.get('learner', '-')})"
-        print(" | ".join([r["family"], "full" if r["depth"] is None else str(r["depth"]),
-                          fmt(r, "params", 1e9, ".2f"), fmt(r, "denoiser_params", 1e9, ".2f"),
-                          fmt(r, "lora_params", 1e6, ".2f"), fmt(r, "build_s"), fmt(r, "rollout_s"), learner,
-                          fmt(r, "dpo_s"), fmt(r, "serve_s"), fmt(r, "peak_rss_gb", spec=".2f"), r["status"]]))
+        print(
+            " | ".join(
+                [
+                    r["family"],
+                    "full" if r["depth"] is None else str(r["depth"]),
+                    fmt(r, "params", 1e9, ".2f"),
+                    fmt(r, "denoiser_params", 1e9, ".2f"),
+                    fmt(r, "lora_params", 1e6, ".2f"),
+                    fmt(r, "build_s"),
+                    fmt(r, "rollout_s"),
+                    learner,
+                    fmt(r, "dpo_s"),
+                    fmt(r, "serve_s"),
+                    fmt(r, "peak_rss_gb", spec=".2f"),
+                    r["status"],
+                ]
+            )
+        )
 
 
 def main() -> None:

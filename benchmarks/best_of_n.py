@@ -51,14 +51,22 @@ def main() -> None:
     for n in NS:
         result = best_of_n(samplers, rewards, prompts, n=n, k=1, seed=1000 + n, batch_size=8)
         s = result.summary()
-        rows.append((n, s["kept_reward_mean"], s["kept_reward_mean"] - s["single_reward_mean"], s["seconds_per_prompt"]))
+        rows.append(
+            (n, s["kept_reward_mean"], s["kept_reward_mean"] - s["single_reward_mean"], s["seconds_per_prompt"])
+        )
         pool = result.scores if n == NS[-1] else pool
-    print(f"Best-of-N, reward {args.reward}, {len(prompts)} prompts, tiny model, {args.steps} steps, "
-          "1 sampler + 1 reward actor")
-    print(f"{'N':>3} | {'kept mean':>10} | {'kept - single':>13} | {'E[max] (pool of 16)':>19} | {'s / prompt':>10} | cost vs N=1")
+    print(
+        f"Best-of-N, reward {args.reward}, {len(prompts)} prompts, tiny model, {args.steps} steps, "
+        "1 sampler + 1 reward actor"
+    )
+    print(
+        f"{'N':>3} | {'kept mean':>10} | {'kept - single':>13} | {'E[max] (pool of 16)':>19} | {'s / prompt':>10} | cost vs N=1"
+    )
     for n, kept, gain, seconds in rows:
         estimate = np.mean([best_of_n_expectation(p, p, n) for p in pool])
-        print(f"{n:>3} | {kept:>+10.4f} | {gain:>+13.4f} | {estimate:>+19.4f} | {seconds:>10.3f} | {seconds / rows[0][3]:5.1f}x")
+        print(
+            f"{n:>3} | {kept:>+10.4f} | {gain:>+13.4f} | {estimate:>+19.4f} | {seconds:>10.3f} | {seconds / rows[0][3]:5.1f}x"
+        )
     ray.shutdown()
 
 

@@ -44,8 +44,14 @@ from architectures import PROMPT, advantages, dpo_loss, policy_gradient_losses, 
 NATIVE = {"sd15": 512, "sdxl": 1024}
 # dense TF32 tensor-core peaks from NVIDIA's datasheets (SXM parts), TFLOPS
 PEAK_TFLOPS = {"H200": 494.7, "H100": 494.7, "A100": 156.0, "L40S": 183.0}
-ALGO = {"learning_rate": 1e-5, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-4,
-        "adam_epsilon": 1e-8, "max_grad_norm": 1.0}
+ALGO = {
+    "learning_rate": 1e-5,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-4,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+}
 
 
 class Device:
@@ -97,8 +103,13 @@ def measure(device: Device, fn, units: float, repeats: int) -> dict:
     seconds = (time.perf_counter() - start) / repeats
     flops = counter.get_total_flops()
     mfu = flops / seconds / (device.peak_tflops * 1e12) if device.peak_tflops else None
-    return {"per_s": units / seconds, "s_per_iter": seconds, "tflop_per_iter": flops / 1e12, "mfu": mfu,
-            "peak_mem_gb": device.peak_gb()}
+    return {
+        "per_s": units / seconds,
+        "s_per_iter": seconds,
+        "tflop_per_iter": flops / 1e12,
+        "mfu": mfu,
+        "peak_mem_gb": device.peak_gb(),
+    }
 
 
 def init_single_process_group(device: Device) -> None:
@@ -119,8 +130,9 @@ def learner_rows(policy, traj, device: Device, args, mode: str, frozen=None) -> 
     micro-batches a step (the DDPO job's accumulation over stored steps)."""
     from armature.platform.engine import deepspeed_engine
 
-    engine, _, params = deepspeed_engine(policy, ALGO, {"zero_stage": 2}, accumulation=args.steps,
-                                         micro_batch=args.batch)
+    engine, _, params = deepspeed_engine(
+        policy, ALGO, {"zero_stage": 2}, accumulation=args.steps, micro_batch=args.batch
+    )
     policy.denoiser = engine
     engine.train()
     adv = advantages(policy, rewards_of(traj.images))
@@ -141,10 +153,18 @@ def learner_rows(policy, traj, device: Device, args, mode: str, frozen=None) -> 
 
     trainable = sum(p.numel() for p in params)
     rows = [
-        {"row": f"DDPO {mode} (ZeRO-2)", "unit": "transitions/s", "trainable": trainable,
-         **measure(device, ddpo, args.batch * args.steps, args.repeats)},
-        {"row": f"DPO {mode} (ZeRO-2)", "unit": "pairs/s", "trainable": trainable,
-         **measure(device, dpo, half * args.steps, args.repeats)},
+        {
+            "row": f"DDPO {mode} (ZeRO-2)",
+            "unit": "transitions/s",
+            "trainable": trainable,
+            **measure(device, ddpo, args.batch * args.steps, args.repeats),
+        },
+        {
+            "row": f"DPO {mode} (ZeRO-2)",
+            "unit": "pairs/s",
+            "trainable": trainable,
+            **measure(device, dpo, half * args.steps, args.repeats),
+        },
     ]
     policy.denoiser = policy.unet
     return rows
@@ -171,15 +191,28 @@ def run_family(name: str, size: int, device: Device, args) -> list[dict]:
     policy.unet.eval()
 
     def bare():
-        policy.pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=1.0, height=size,
-                    width=size, generator=torch.Generator(device.torch).manual_seed(0), output_type="np")
+        policy.pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            eta=1.0,
+            height=size,
+            width=size,
+            generator=torch.Generator(device.torch).manual_seed(0),
+            output_type="np",
+        )
 
     def rollout():
         return policy.rollout(prompts, [torch.Generator(device.torch).manual_seed(i) for i in range(args.batch)])
 
-    rows = [{"row": "bare diffusers sampling", "unit": "images/s", **measure(device, bare, args.batch, args.repeats)},
-            {"row": "Armature rollout + log-probs", "unit": "images/s",
-             **measure(device, rollout, args.batch, args.repeats)}]
+    rows = [
+        {"row": "bare diffusers sampling", "unit": "images/s", **measure(device, bare, args.batch, args.repeats)},
+        {
+            "row": "Armature rollout + log-probs",
+            "unit": "images/s",
+            **measure(device, rollout, args.batch, args.repeats),
+        },
+    ]
     rows[1]["ratio"] = rows[1]["per_s"] / rows[0]["per_s"]
     traj = rollout()
     denoiser_params = sum(p.numel() for p in policy.unet.parameters())
@@ -197,8 +230,12 @@ def run_family(name: str, size: int, device: Device, args) -> list[dict]:
         gc.collect()
     else:
         for algo in ("DDPO", "DPO"):
-            rows.append({"row": f"{algo} full (ZeRO-2)", "skipped": f"needs ~{need:.0f} GiB > 0.9 x "
-                         f"{device.memory_gb:.0f} GiB (--memory-gb)"})
+            rows.append(
+                {
+                    "row": f"{algo} full (ZeRO-2)",
+                    "skipped": f"needs ~{need:.0f} GiB > 0.9 x {device.memory_gb:.0f} GiB (--memory-gb)",
+                }
+            )
     if device.cuda:
         torch.cuda.empty_cache()
     for r in rows:
@@ -208,8 +245,10 @@ def run_family(name: str, size: int, device: Device, args) -> list[dict]:
 
 def print_table(rows: list[dict], device: Device, args) -> None:
     peak = f"{device.peak_tflops} TFLOPS ({device.peak_source})" if device.peak_tflops else "not stated: no MFU"
-    print(f"\ndevice {device.name}; peak {peak}; float32 weights; {args.steps} steps, batch {args.batch}, "
-          f"guidance {args.guidance}; {args.repeats} timed repeats after a warm-up")
+    print(
+        f"\ndevice {device.name}; peak {peak}; float32 weights; {args.steps} steps, batch {args.batch}, "
+        f"guidance {args.guidance}; {args.repeats} timed repeats after a warm-up"
+    )
     head = ("family", "px", "row", "throughput", "ratio", "s/iter", "TFLOP/iter", "MFU", "peak mem GiB")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
@@ -217,10 +256,21 @@ def print_table(rows: list[dict], device: Device, args) -> None:
         if "skipped" in r:
             print(" | ".join([r["family"], str(r["size"]), r["row"], "skipped: " + r["skipped"]] + ["-"] * 5))
             continue
-        print(" | ".join([
-            r["family"], str(r["size"]), r["row"], f"{r['per_s']:.3g} {r['unit']}",
-            f"{r['ratio']:.3f}" if "ratio" in r else "-", f"{r['s_per_iter']:.3g}", f"{r['tflop_per_iter']:.3g}",
-            f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", f"{r['peak_mem_gb']:.2f}"]))
+        print(
+            " | ".join(
+                [
+                    r["family"],
+                    str(r["size"]),
+                    r["row"],
+                    f"{r['per_s']:.3g} {r['unit']}",
+                    f"{r['ratio']:.3f}" if "ratio" in r else "-",
+                    f"{r['s_per_iter']:.3g}",
+                    f"{r['tflop_per_iter']:.3g}",
+                    f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+                    f"{r['peak_mem_gb']:.2f}",
+                ]
+            )
+        )
 
 
 def main() -> None:
@@ -248,13 +298,30 @@ def main() -> None:
         try:
             rows += run_family(name, args.size or NATIVE[name], device, args)
         except Exception as err:  # noqa: BLE001 -- named in the table, the other family still runs
-            rows.append({"family": name, "size": args.size or NATIVE[name], "row": "-",
-                         "skipped": f"FAILED: {type(err).__name__}: {err}"})
+            rows.append(
+                {
+                    "family": name,
+                    "size": args.size or NATIVE[name],
+                    "row": "-",
+                    "skipped": f"FAILED: {type(err).__name__}: {err}",
+                }
+            )
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, device, args)
     with open(args.json, "w") as f:
-        json.dump({"device": device.name, "peak_tflops": device.peak_tflops, "peak_source": device.peak_source,
-                   "steps": args.steps, "batch": args.batch, "guidance": args.guidance, "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "device": device.name,
+                "peak_tflops": device.peak_tflops,
+                "peak_source": device.peak_source,
+                "steps": args.steps,
+                "batch": args.batch,
+                "guidance": args.guidance,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"written {args.json}")
 
 

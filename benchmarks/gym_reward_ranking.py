@@ -38,23 +38,35 @@ from armature.losses.evaluation import best_of_n_expectation, ranking_auc  # noq
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scorer", required=True, nargs="+",
-                        help="a learned reward's scorer/ folder (e.g. the bench's); several: their mean (an ensemble)")
-    parser.add_argument("--per-prompt", type=int, default=64,
-                        help="pool size per prompt; for N >= 16 use 256 (from a pool of 64 the best of 16 "
-                             "rests on a few figures a prompt)")
+    parser.add_argument(
+        "--scorer",
+        required=True,
+        nargs="+",
+        help="a learned reward's scorer/ folder (e.g. the bench's); several: their mean (an ensemble)",
+    )
+    parser.add_argument(
+        "--per-prompt",
+        type=int,
+        default=64,
+        help="pool size per prompt; for N >= 16 use 256 (from a pool of 64 the best of 16 "
+        "rests on a few figures a prompt)",
+    )
     parser.add_argument("--seed", type=int, default=50_000)
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (the bench's 20, eta 1)")
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.per_prompt < 1 or not all(1 <= n <= args.per_prompt for n in args.ns):
-        parser.error(f"--ns {args.ns} with --per-prompt {args.per_prompt}: each N must lie in 1..--per-prompt "
-                     "(the pool Best-of-N draws from); raise --per-prompt or drop the larger N")
+        parser.error(
+            f"--ns {args.ns} with --per-prompt {args.per_prompt}: each N must lie in 1..--per-prompt "
+            "(the pool Best-of-N draws from); raise --per-prompt or drop the larger N"
+        )
     for scorer in args.scorer:
         if ":/" not in scorer and not os.path.isfile(os.path.join(scorer, "scorer.json")):  # runs:/ URIs resolve later
-            parser.error(f"--scorer {scorer}: no scorer.json there; give the scorer/ folder of a reward-model run, "
-                         "e.g. gym-bench/ray/bench-reward/scorer from `armature gym bench`")
+            parser.error(
+                f"--scorer {scorer}: no scorer.json there; give the scorer/ folder of a reward-model run, "
+                "e.g. gym-bench/ray/bench-reward/scorer from `armature gym bench`"
+            )
 
     import torch
 
@@ -81,7 +93,9 @@ def main() -> None:
                 score += reward.score_tensor(pixels, [prompt] * count).tolist()
             verdicts = [oracle(image) for image in images]
             severity += [v.severity for v in verdicts]
-            severe_defects.update(", ".join(f"{kind} {part}" for kind, part in v.defects) for v in verdicts if v.severity == 3)
+            severe_defects.update(
+                ", ".join(f"{kind} {part}" for kind, part in v.defects) for v in verdicts if v.severity == 3
+            )
         rows.append((prompt, np.array(severity), np.array(score)))
     seconds = time.perf_counter() - start
 
@@ -89,18 +103,30 @@ def main() -> None:
     all_s = np.concatenate([s for _, s, _ in rows])
     all_r = np.concatenate([r for _, _, r in rows])
     per_prompt_auc = [ranking_auc(r, s == 3) for _, s, r in rows]
-    print(f"{len(all_s)} samples ({args.per_prompt} per prompt, {len(rows)} prompts) in {seconds:.0f} s; "
-          f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}")
-    print(f"AUC (severe below the rest): within prompts {np.nanmean(per_prompt_auc):.3f} "
-          f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {ranking_auc(all_r, all_s == 3):.3f}")
+    print(
+        f"{len(all_s)} samples ({args.per_prompt} per prompt, {len(rows)} prompts) in {seconds:.0f} s; "
+        f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}"
+    )
+    print(
+        f"AUC (severe below the rest): within prompts {np.nanmean(per_prompt_auc):.3f} "
+        f"(min {np.nanmin(per_prompt_auc):.3f}, max {np.nanmax(per_prompt_auc):.3f}); pooled {ranking_auc(all_r, all_s == 3):.3f}"
+    )
     # a reward that scores a moderate error (most are a missing hand) as low as a severe one
     # separates severe from intact and still cannot rank severe below the rest
     none_or_severe = (all_s == 0) | (all_s == 3)
-    print(f"AUC severe vs intact (severity 0) only: {ranking_auc(all_r[none_or_severe], all_s[none_or_severe] == 3):.3f}; "
-          "mean reward by the oracle's severity: " + ", ".join(
-              f"{level}: {all_r[all_s == level].mean():+.2f} ({np.sum(all_s == level)})" for level in range(4) if np.any(all_s == level)))
-    print("most common defect sets of the severe samples: " + "; ".join(
-        f"[{found}] {count}" for found, count in severe_defects.most_common(3)))
+    print(
+        f"AUC severe vs intact (severity 0) only: {ranking_auc(all_r[none_or_severe], all_s[none_or_severe] == 3):.3f}; "
+        "mean reward by the oracle's severity: "
+        + ", ".join(
+            f"{level}: {all_r[all_s == level].mean():+.2f} ({np.sum(all_s == level)})"
+            for level in range(4)
+            if np.any(all_s == level)
+        )
+    )
+    print(
+        "most common defect sets of the severe samples: "
+        + "; ".join(f"[{found}] {count}" for found, count in severe_defects.most_common(3))
+    )
     rng = np.random.default_rng(0)
     print("\n| N | severe: learned reward | severe: random pick | severe: oracle pick (ceiling) | cut by the reward |")
     print("|---|---|---|---|---|")
@@ -109,7 +135,9 @@ def main() -> None:
         by_chance = np.mean([severe[p].mean() for p, _, _ in rows])
         # the oracle prefers the least severe; the jitter only orders candidates of equal severity
         by_oracle = np.mean([best_of_n_expectation(-s + 1e-3 * rng.random(len(s)), severe[p], n) for p, s, _ in rows])
-        print(f"| {n} | {by_reward:.3f} | {by_chance:.3f} | {by_oracle:.3f} | {by_chance / max(by_reward, 1e-9):.2f}x |")
+        print(
+            f"| {n} | {by_reward:.3f} | {by_chance:.3f} | {by_oracle:.3f} | {by_chance / max(by_reward, 1e-9):.2f}x |"
+        )
 
 
 if __name__ == "__main__":

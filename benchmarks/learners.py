@@ -112,7 +112,9 @@ def run(algo: str, args) -> list[float]:
             opt.zero_grad()
             batch = traj.select(mb)
             for j in range(args.steps):
-                lp = policy.step_log_prob(batch.cond, batch.latents[:, j], batch.timesteps[:, j], batch.latents[:, j + 1])
+                lp = policy.step_log_prob(
+                    batch.cond, batch.latents[:, j], batch.timesteps[:, j], batch.latents[:, j + 1]
+                )
                 fn = grpo_loss if algo == "grpo" else ddpo_loss
                 loss, _ = fn(lp, batch.log_probs[:, j], adv[mb], args.clip, 5.0)
                 (loss / args.steps).backward()

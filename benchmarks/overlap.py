@@ -64,8 +64,12 @@ def main() -> None:
             image_refs.append(images_ref)
         ray.get(refs)
         ray.wait(image_refs, num_returns=len(image_refs))
-        scores = ray.get([rewards[0].score.remote(ref, plan.prompts[i * args.batch : (i + 1) * args.batch])
-                          for i, ref in enumerate(image_refs)])
+        scores = ray.get(
+            [
+                rewards[0].score.remote(ref, plan.prompts[i * args.batch : (i + 1) * args.batch])
+                for i, ref in enumerate(image_refs)
+            ]
+        )
         return np.concatenate([s["reward"] for s in scores])
 
     def overlapped():
@@ -79,8 +83,10 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     seq, ovl = statistics.median(times["sequence"]), statistics.median(times["overlapped"])
-    print(f"model {args.model}, reward {args.reward}, {len(plan.prompts)} samples in batches of {args.batch}, "
-          f"{args.steps} steps, {args.samplers} sampler actor(s), 1 reward actor, {args.repeats} repeats")
+    print(
+        f"model {args.model}, reward {args.reward}, {len(plan.prompts)} samples in batches of {args.batch}, "
+        f"{args.steps} steps, {args.samplers} sampler actor(s), 1 reward actor, {args.repeats} repeats"
+    )
     print(f"{'mode':<12}{'median s':>10}{'min s':>10}")
     for name in times:
         print(f"{name:<12}{statistics.median(times[name]):>10.3f}{min(times[name]):>10.3f}")

@@ -39,8 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-MODEL = {"family": "tiny", "lora": {"enabled": True, "rank": 8, "alpha": 8.0,
-                                    "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}}
+MODEL = {
+    "family": "tiny",
+    "lora": {
+        "enabled": True,
+        "rank": 8,
+        "alpha": 8.0,
+        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    },
+}
 SIZE = 32
 
 
@@ -90,7 +97,11 @@ class Learner:
 
         if "latents_w" not in batch:  # what the learner does without cached latents
             vae = self.policy.pipe.vae
-            batch = {**batch, "latents_w": vae_encode(vae, batch["pixels_w"]), "latents_l": vae_encode(vae, batch["pixels_l"])}
+            batch = {
+                **batch,
+                "latents_w": vae_encode(vae, batch["pixels_w"]),
+                "latents_l": vae_encode(vae, batch["pixels_l"]),
+            }
         if not self.train:
             return int(batch["latents_w"].shape[0] + 0 * float(batch["latents_l"].sum()))
         errs = pair_errors(self.policy, self.policy.unet, batch, 0.0, "epsilon")
@@ -149,8 +160,13 @@ def run_dataloader(path: Path, args) -> float:
 
     learner = Learner(args.cpus, args.step == "dpo")
     loader = torch.utils.data.DataLoader(
-        PairFile(path), batch_size=args.batch, shuffle=True, num_workers=args.cpus, collate_fn=collate,
-        drop_last=True, persistent_workers=True,
+        PairFile(path),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.cpus,
+        collate_fn=collate,
+        drop_last=True,
+        persistent_workers=True,
     )
     start, pairs = time.perf_counter(), 0
     for _ in range(args.epochs):
@@ -173,8 +189,13 @@ def run_ray(path: Path, args, cache: bool) -> float:
             ds = stream.encode_latents(ds, MODEL, num_actors=1, num_cpus=0.25, batch_size=32, threads=1)
             ds = ds.materialize()
         for epoch in range(args.epochs):
-            batches = ds.iter_torch_batches(batch_size=args.batch, collate_fn=stream.collate, drop_last=True,
-                                            local_shuffle_buffer_size=4 * args.batch, local_shuffle_seed=epoch)
+            batches = ds.iter_torch_batches(
+                batch_size=args.batch,
+                collate_fn=stream.collate,
+                drop_last=True,
+                local_shuffle_buffer_size=4 * args.batch,
+                local_shuffle_seed=epoch,
+            )
             for batch in batches:
                 pairs += learner.step(batch)
     return pairs / (time.perf_counter() - start)
@@ -200,8 +221,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs"
         make_files(path, args.pairs, args.source_size)
-        print(f"{args.pairs} pairs of {args.source_size}px JPEGs -> {SIZE}px latents, {args.epochs} epochs, "
-              f"batch {args.batch}, {args.cpus} CPUs, step: {args.step}", flush=True)
+        print(
+            f"{args.pairs} pairs of {args.source_size}px JPEGs -> {SIZE}px latents, {args.epochs} epochs, "
+            f"batch {args.batch}, {args.cpus} CPUs, step: {args.step}",
+            flush=True,
+        )
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -211,7 +235,7 @@ def main() -> None:
             runs["ray-nocache"] = lambda: run_ray(path, args, cache=False)
         results = {name: [] for name in runs}
         for r in range(args.repeats):
-            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):  # alternated order
+            for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:  # alternated order
                 results[name].append(runs[name]())
                 print(f"  repeat {r + 1}: {name:12s} {results[name][-1]:8.1f} pairs/s", flush=True)
         ray.shutdown()
@@ -219,8 +243,10 @@ def main() -> None:
     print(f"dataloader   {statistics.median(base):8.1f} pairs/s (median)")
     for name in list(runs)[1:]:
         ratios = [x / b for x, b in zip(results[name], base)]
-        print(f"{name:12s} {statistics.median(results[name]):8.1f} pairs/s   ratio {statistics.median(ratios):.2f} "
-              f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(
+            f"{name:12s} {statistics.median(results[name]):8.1f} pairs/s   ratio {statistics.median(ratios):.2f} "
+            f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
 
 
 if __name__ == "__main__":

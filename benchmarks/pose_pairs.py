@@ -38,21 +38,45 @@ import numpy as np
 
 from armature.data.synthetic import DEGRADATIONS, box_mask, degrade, keypoint_box
 
-LIMB_REGIONS = {"left_arm": [11, 13, 15, 17, 19, 21], "right_arm": [12, 14, 16, 18, 20, 22],
-                "left_leg": [23, 25, 27, 29, 31], "right_leg": [24, 26, 28, 30, 32]}
-HELD_OUT_REGIONS = {"left_forearm": [13, 15, 17, 19, 21], "right_forearm": [14, 16, 18, 20, 22],
-                    "left_upper_arm": [11, 13], "right_upper_arm": [12, 14],
-                    "left_shin": [25, 27, 29, 31], "right_shin": [26, 28, 30, 32],
-                    "left_thigh": [23, 25], "right_thigh": [24, 26], "head": list(range(11))}
-DEV_REGIONS = {"left_hand": [15, 17, 19, 21], "right_hand": [16, 18, 20, 22], "left_elbow": [13], "right_elbow": [14],
-               "left_knee": [25], "right_knee": [26], "left_foot": [27, 29, 31], "right_foot": [28, 30, 32],
-               "shoulders": [11, 12], "hips": [23, 24], "left_flank": [11, 23], "right_flank": [12, 24]}
+LIMB_REGIONS = {
+    "left_arm": [11, 13, 15, 17, 19, 21],
+    "right_arm": [12, 14, 16, 18, 20, 22],
+    "left_leg": [23, 25, 27, 29, 31],
+    "right_leg": [24, 26, 28, 30, 32],
+}
+HELD_OUT_REGIONS = {
+    "left_forearm": [13, 15, 17, 19, 21],
+    "right_forearm": [14, 16, 18, 20, 22],
+    "left_upper_arm": [11, 13],
+    "right_upper_arm": [12, 14],
+    "left_shin": [25, 27, 29, 31],
+    "right_shin": [26, 28, 30, 32],
+    "left_thigh": [23, 25],
+    "right_thigh": [24, 26],
+    "head": list(range(11)),
+}
+DEV_REGIONS = {
+    "left_hand": [15, 17, 19, 21],
+    "right_hand": [16, 18, 20, 22],
+    "left_elbow": [13],
+    "right_elbow": [14],
+    "left_knee": [25],
+    "right_knee": [26],
+    "left_foot": [27, 29, 31],
+    "right_foot": [28, 30, 32],
+    "shoulders": [11, 12],
+    "hips": [23, 24],
+    "left_flank": [11, 23],
+    "right_flank": [12, 24],
+}
 # name -> (regions, paddings, seeds, count identical degraded images once)
-REGION_SETS = {"limbs": (LIMB_REGIONS, (0.05,), (0, 1), False),
-               "dev": (DEV_REGIONS, (0.04, 0.07), (3, 4), True),
-               "held-out": (HELD_OUT_REGIONS, (0.03,), (2,), False),
-               "held-out-wide": (HELD_OUT_REGIONS, (0.03, 0.06), (2, 6, 7), True),
-               "background": ("background", (), (0,), False)}
+REGION_SETS = {
+    "limbs": (LIMB_REGIONS, (0.05,), (0, 1), False),
+    "dev": (DEV_REGIONS, (0.04, 0.07), (3, 4), True),
+    "held-out": (HELD_OUT_REGIONS, (0.03,), (2,), False),
+    "held-out-wide": (HELD_OUT_REGIONS, (0.03, 0.06), (2, 6, 7), True),
+    "background": ("background", (), (0,), False),
+}
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -65,8 +89,9 @@ def photos() -> dict[str, np.ndarray]:
     return out
 
 
-def degraded_pairs(images: dict, landmarks: dict, regions: dict, pads, seeds, dedupe: bool = False,
-                   min_visibility: float = 0.5):
+def degraded_pairs(
+    images: dict, landmarks: dict, regions: dict, pads, seeds, dedupe: bool = False, min_visibility: float = 0.5
+):
     """Yield ``(photo, region, pad, kind, seed, degraded image)`` for every region with landmarks that
     are visible and inside the photo (BlazePose also places the body parts a photo cuts off, e.g. the
     astronaut's legs below its lower edge: a box around those would break something else)."""
@@ -97,8 +122,9 @@ def degraded_pairs(images: dict, landmarks: dict, regions: dict, pads, seeds, de
                         yield name, region, pad, kind, seed, degraded
 
 
-def background_pairs(images: dict, landmarks: dict, boxes: int = 8, seed: int = 123, margin: float = 40.0,
-                     min_visibility: float = 0.3):
+def background_pairs(
+    images: dict, landmarks: dict, boxes: int = 8, seed: int = 123, margin: float = 40.0, min_visibility: float = 0.3
+):
     """Yield ``(photo, "bg<i>", 0, kind, i, degraded image)``: each degradation on ``boxes`` square boxes
     per photo (50 to 110 pixels) clear of the person (the box around its landmarks inside the photo
     with visibility >= ``min_visibility``, grown by ``margin`` pixels)."""
@@ -139,12 +165,24 @@ def evaluate(reward, region_set: str = "limbs", max_pairs: int | None = None) ->
     landmarks = region_landmarks(images, getattr(reward, "cache_dir", None))
     regions, pads, seeds, dedupe = REGION_SETS[region_set]
     records = []
-    pairs = (background_pairs(images, landmarks) if regions == "background"
-             else degraded_pairs(images, landmarks, regions, pads, seeds, dedupe))
+    pairs = (
+        background_pairs(images, landmarks)
+        if regions == "background"
+        else degraded_pairs(images, landmarks, regions, pads, seeds, dedupe)
+    )
     for name, region, pad, kind, seed, degraded in pairs:
         terms = reward.details([Image.fromarray(degraded)])[0]
-        records.append({"photo": name, "region": region, "pad": pad, "kind": kind, "seed": seed,
-                        "intact": intact[name], "degraded": terms})
+        records.append(
+            {
+                "photo": name,
+                "region": region,
+                "pad": pad,
+                "kind": kind,
+                "seed": seed,
+                "intact": intact[name],
+                "degraded": terms,
+            }
+        )
         if max_pairs and len(records) >= max_pairs:
             break
     return records
@@ -158,15 +196,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-term", action="store_true", help="also the win rate of each term alone")
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--sets", default="limbs,dev,background", help=f"comma-separated region sets of {sorted(REGION_SETS)}")
+    parser.add_argument(
+        "--sets", default="limbs,dev,background", help=f"comma-separated region sets of {sorted(REGION_SETS)}"
+    )
     args = parser.parse_args()
     from armature.rewards import load
 
     reward = load("pose", cache_dir=args.cache_dir)
     for name, image in photos().items():
         result = reward.estimator(image)
-        print(f"{name}: person found={result.found} detection={result.detection_score:.3f} "
-              f"presence={result.presence:.3f} reward={reward.details([__import__('PIL.Image').Image.fromarray(image)])[0]['reward']:.3f}")
+        print(
+            f"{name}: person found={result.found} detection={result.detection_score:.3f} "
+            f"presence={result.presence:.3f} reward={reward.details([__import__('PIL.Image').Image.fromarray(image)])[0]['reward']:.3f}"
+        )
     print("| region set | pairs | intact photo scores higher |")
     print("| --- | --- | --- |")
     all_records = {}
@@ -182,8 +224,10 @@ def main() -> None:
         for region_set, records in all_records.items():
             for r in records:
                 if r["intact"]["reward"] <= r["degraded"]["reward"]:
-                    print(f"lost ({region_set}): {r['photo']} {r['region']} pad {r['pad']} {r['kind']} seed {r['seed']}: "
-                          f"{r['intact']['reward']:.4f} <= {r['degraded']['reward']:.4f}")
+                    print(
+                        f"lost ({region_set}): {r['photo']} {r['region']} pad {r['pad']} {r['kind']} seed {r['seed']}: "
+                        f"{r['intact']['reward']:.4f} <= {r['degraded']['reward']:.4f}"
+                    )
 
 
 if __name__ == "__main__":

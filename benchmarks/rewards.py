@@ -41,8 +41,18 @@ def specs(root: str) -> dict[str, dict]:
         "pickscore (tiny)": {"pickscore": {"path": clip, "processor": None}},
         "image_reward (tiny)": {"image_reward": {"path": build_tiny_image_reward(f"{root}/ir", tok)}},
         "mllm_judge (tiny, 2 questions)": {"mllm_judge": {"path": build_tiny_vlm(f"{root}/vlm"), "max_new_tokens": 4}},
-        "learned (tiny)": {"learned": {"path": str(save_scorer(Scorer(clip, None), __import__("pathlib").Path(
-            f"{root}/scorer"), clip, {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"}))}},
+        "learned (tiny)": {
+            "learned": {
+                "path": str(
+                    save_scorer(
+                        Scorer(clip, None),
+                        __import__("pathlib").Path(f"{root}/scorer"),
+                        clip,
+                        {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+                    )
+                )
+            }
+        },
     }
     if not missing_pose_files():
         out["pose (BlazePose)"] = {"pose": {}}
@@ -57,7 +67,7 @@ def images(n: int) -> np.ndarray:
     crops = []
     for _ in range(n):
         y, x = rng.integers(0, 512 - 256, 2)
-        crops.append(photo[y:y + 256:2, x:x + 256:2])
+        crops.append(photo[y : y + 256 : 2, x : x + 256 : 2])
     return np.stack(crops)
 
 
@@ -104,7 +114,9 @@ def main() -> None:
             rows.append(row)
             print(f"{name}: " + ", ".join(f"{v:.1f}" for v in row[1:]), flush=True)
     ray.shutdown()
-    print("\n| reward | batch 1 in-process | batch 1 actor | batch 16 in-process | batch 16 actor | actor / in-process (16) |")
+    print(
+        "\n| reward | batch 1 in-process | batch 1 actor | batch 16 in-process | batch 16 actor | actor / in-process (16) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for name, p1, a1, p16, a16 in rows:
         print(f"| {name} | {p1:.1f} | {a1:.1f} | {p16:.1f} | {a16:.1f} | {a16 / p16:.2f} |")

@@ -46,8 +46,12 @@ def main() -> None:
         def generate(self, prompts, seed):
             start = time.perf_counter()
             self.policy.pipe(
-                prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=1.0,
-                generator=torch.Generator().manual_seed(seed), output_type="np",
+                prompts,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                eta=1.0,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
             )
             return time.perf_counter() - start
 
@@ -77,8 +81,14 @@ def main() -> None:
         start = time.perf_counter()
         policy.rollout(prompts, g)
         t1 = time.perf_counter()
-        policy.pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=1.0,
-                    generator=torch.Generator().manual_seed(seed), output_type="np")
+        policy.pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            eta=1.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        )
         t2 = time.perf_counter()
         if seed >= 3:
             local_rollout.append(t1 - start)

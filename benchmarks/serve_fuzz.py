@@ -69,12 +69,23 @@ def main() -> int:
     register_demo_adapter(tracking)
     key = secrets.token_urlsafe(16)
     os.environ["ARMATURE_FUZZ_KEY"] = key
-    cfg = compose("serve", [
-        f"tracking.local_dir={out / 'track'}", "tracking.experiment=fuzz", f"adapters.cache_dir={out / 'cache'}",
-        "api_key_env=ARMATURE_FUZZ_KEY", "generator.torch_threads=1", "generator.max_queued_requests=256",
-        "limits.max_steps=4", "limits.max_images=2", "limits.max_best_of=3", "limits.max_size=32",
-        "batching.pass_size=4", "sampling.num_steps=2",
-    ])
+    cfg = compose(
+        "serve",
+        [
+            f"tracking.local_dir={out / 'track'}",
+            "tracking.experiment=fuzz",
+            f"adapters.cache_dir={out / 'cache'}",
+            "api_key_env=ARMATURE_FUZZ_KEY",
+            "generator.torch_threads=1",
+            "generator.max_queued_requests=256",
+            "limits.max_steps=4",
+            "limits.max_images=2",
+            "limits.max_best_of=3",
+            "limits.max_size=32",
+            "batching.pass_size=4",
+            "sampling.num_steps=2",
+        ],
+    )
     ray.init(num_cpus=4, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_application(cfg), name="fuzz", route_prefix="/")
@@ -82,12 +93,33 @@ def main() -> int:
     har = out / "fuzz.har"
     har.unlink(missing_ok=True)
     command = [
-        sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--url", url,
-        "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,ignored_auth",
-        "--max-examples", str(args.max_examples), "--workers", str(args.workers), "--seed", str(args.seed),
-        "--header", f"Authorization: Bearer {key}", "--suppress-health-check", "all",
-        "--request-timeout", "60", "--continue-on-failure", "--no-color",
-        "--report", "har", "--report-har-path", str(har),
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{url}/openapi.json",
+        "--url",
+        url,
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,ignored_auth",
+        "--max-examples",
+        str(args.max_examples),
+        "--workers",
+        str(args.workers),
+        "--seed",
+        str(args.seed),
+        "--header",
+        f"Authorization: Bearer {key}",
+        "--suppress-health-check",
+        "all",
+        "--request-timeout",
+        "60",
+        "--continue-on-failure",
+        "--no-color",
+        "--report",
+        "har",
+        "--report-har-path",
+        str(har),
     ]
     print("$", " ".join(command).replace(key, "<key>"), flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
@@ -105,8 +137,10 @@ def main() -> int:
     print(f"requests: {len(entries)}")
     print("by route: " + ", ".join(f"{r}: {n}" for r, n in by_route.most_common()))
     print("by status: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
-    print(f"5xx: {server_errors + unavailable} (500-class errors: {server_errors}, 503/504 overload or timeout: "
-          f"{unavailable}); schemathesis exit code {done.returncode}")
+    print(
+        f"5xx: {server_errors + unavailable} (500-class errors: {server_errors}, 503/504 overload or timeout: "
+        f"{unavailable}); schemathesis exit code {done.returncode}"
+    )
     ok = server_errors + unavailable == 0 and len(entries) >= args.min_requests
     return 0 if ok else 1
 

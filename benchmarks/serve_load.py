@@ -54,8 +54,9 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[float
     return len(latencies) / elapsed, latencies, failures
 
 
-def bare_diffusers(pipe, batch: int, seconds: float, sampling: dict, size: tuple[int, int],
-                   start_seed: int) -> tuple[float, list[float]]:
+def bare_diffusers(
+    pipe, batch: int, seconds: float, sampling: dict, size: tuple[int, int], start_seed: int
+) -> tuple[float, list[float]]:
     """``(images per second, latency of each call in s)`` of the diffusers pipeline called directly,
     ``batch`` images a call (each with its own seed), for ``seconds``."""
     import torch
@@ -68,9 +69,17 @@ def bare_diffusers(pipe, batch: int, seconds: float, sampling: dict, size: tuple
         prompts = [f"a photo of object {seed + i}" for i in range(batch)]
         generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
         began = time.perf_counter()
-        pipe(prompt=prompts, negative_prompt=[sampling["negative_prompt"]] * batch,
-             num_inference_steps=sampling["num_steps"], guidance_scale=sampling["guidance_scale"],
-             eta=sampling["eta"], height=height, width=width, generator=generators, output_type="np")
+        pipe(
+            prompt=prompts,
+            negative_prompt=[sampling["negative_prompt"]] * batch,
+            num_inference_steps=sampling["num_steps"],
+            guidance_scale=sampling["guidance_scale"],
+            eta=sampling["eta"],
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="np",
+        )
         latencies.append(time.perf_counter() - began)
         images += batch
         seed += batch
@@ -107,13 +116,21 @@ def main() -> None:
     from armature.serve.app import build_application
 
     common = [
-        "api_key_env=null", f"generator.torch_threads={args.threads}", "generator.num_cpus=1",
-        "generator.max_ongoing_requests=64", "generator.max_queued_requests=1024",
+        "api_key_env=null",
+        f"generator.torch_threads={args.threads}",
+        "generator.num_cpus=1",
+        "generator.max_ongoing_requests=64",
+        "generator.max_queued_requests=1024",
         "tracking.local_dir=armature_runs/bench",
     ] + args.overrides
     modes = {
-        "batched": common + ["batching.enabled=true", f"batching.max_batch_size={args.batch_size}",
-                             f"batching.pass_size={args.pass_size}", f"batching.batch_wait_timeout_s={args.wait}"],
+        "batched": common
+        + [
+            "batching.enabled=true",
+            f"batching.max_batch_size={args.batch_size}",
+            f"batching.pass_size={args.pass_size}",
+            f"batching.batch_wait_timeout_s={args.wait}",
+        ],
     }
     if args.unbatched:
         modes["unbatched"] = common + ["batching.enabled=false", "batching.pass_size=1"]
@@ -138,8 +155,9 @@ def main() -> None:
     passes: dict = {}  # (requests, groups run) of each served measurement
     for repeat in range(args.repeats):
         for b in bare_batches:
-            throughput, latencies = bare_diffusers(pipe, b, args.seconds, sampling, policy.image_size,
-                                                   10**6 * (repeat + 1))
+            throughput, latencies = bare_diffusers(
+                pipe, b, args.seconds, sampling, policy.image_size, 10**6 * (repeat + 1)
+            )
             samples.setdefault(("bare", b), []).append((throughput, latencies, 0))
             print(f"  bare diffusers batch {b:2d}: {throughput:6.2f} images/s  ({len(latencies)} calls)", flush=True)
         for c in args.concurrency:
@@ -150,10 +168,14 @@ def main() -> None:
                 )
                 after = stats[mode].remote().result()
                 samples.setdefault((mode, c), []).append((throughput, latencies, failures))
-                passes.setdefault((mode, c), []).append((after["requests"] - before["requests"],
-                                                        after["groups"] - before["groups"]))
-                print(f"  served {mode:9s} concurrency {c:2d}: {throughput:6.2f} images/s  ({len(latencies)} "
-                      f"requests, {failures} failed)", flush=True)
+                passes.setdefault((mode, c), []).append(
+                    (after["requests"] - before["requests"], after["groups"] - before["groups"])
+                )
+                print(
+                    f"  served {mode:9s} concurrency {c:2d}: {throughput:6.2f} images/s  ({len(latencies)} "
+                    f"requests, {failures} failed)",
+                    flush=True,
+                )
     serve.shutdown()
     ray.shutdown()
     results = {  # mean throughput, every latency, failures
@@ -162,19 +184,23 @@ def main() -> None:
     }
     height, width = policy.image_size
 
-    print(f"\n{cfg.model.family} model, {cfg.sampling.num_steps} steps, {width}x{height}, {args.threads} torch "
-          f"thread(s), {args.repeats} x {args.seconds:g} s a row. Served: 1 image a request over HTTP, one generator "
-          f"replica; batching on: up to {args.batch_size} requests a batch, {args.pass_size} images a pass "
-          f"(padded), {args.wait * 1e3:.0f} ms batch wait; off: one request at a time. Bare: the diffusers "
-          "pipeline called in this process, latency per call\n")
+    print(
+        f"\n{cfg.model.family} model, {cfg.sampling.num_steps} steps, {width}x{height}, {args.threads} torch "
+        f"thread(s), {args.repeats} x {args.seconds:g} s a row. Served: 1 image a request over HTTP, one generator "
+        f"replica; batching on: up to {args.batch_size} requests a batch, {args.pass_size} images a pass "
+        f"(padded), {args.wait * 1e3:.0f} ms batch wait; off: one request at a time. Bare: the diffusers "
+        "pipeline called in this process, latency per call\n"
+    )
     print("| what | batch / concurrency | images/s | p50 latency (ms) | p99 latency (ms) | images a batch | failed |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     names = {"bare": "bare diffusers", "batched": "served, batching on", "unbatched": "served, batching off"}
     for (mode, c), (throughput, latencies, failures) in results.items():
         p50, p99 = percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
         requests, groups = (sum(x) for x in zip(*passes[mode, c])) if mode != "bare" else (c, 1)
-        print(f"| {names[mode]} | {c} | {throughput:.2f} | {p50:.0f} | {p99:.0f} | {requests / max(groups, 1):.1f} "
-              f"| {failures} |")
+        print(
+            f"| {names[mode]} | {c} | {throughput:.2f} | {p50:.0f} | {p99:.0f} | {requests / max(groups, 1):.1f} "
+            f"| {failures} |"
+        )
     if ("batched", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["batched", 8][0] / results["bare", args.bare_batch][0]
         print(f"\nserved at concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}  (goal >= 0.9)")

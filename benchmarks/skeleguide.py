@@ -83,12 +83,16 @@ class Encoded:
     def __init__(self, pipe: SkeleGuidePipeline, items, chunk: int = 32):
         self.items = items
         self.prompts = [t.prompt for t in items]
-        enc = lambda images: torch.cat([pipe.encode_images(images[i:i + chunk])  # noqa: E731
-                                        for i in range(0, len(images), chunk)])
+        enc = lambda images: torch.cat(
+            [
+                pipe.encode_images(images[i : i + chunk])  # noqa: E731
+                for i in range(0, len(images), chunk)
+            ]
+        )
         self.scene = enc([t.scene for t in items])
         self.layout = enc([t.layout for t in items])
         self.target = enc([t.target for t in items])
-        texts = [pipe.encode_prompts(self.prompts[i:i + chunk]) for i in range(0, len(items), chunk)]
+        texts = [pipe.encode_prompts(self.prompts[i : i + chunk]) for i in range(0, len(items), chunk)]
         self.text = {k: torch.cat([t[k] for t in texts]) for k in texts[0]}
         self.blank = pipe.encode_images(np.zeros((1,) + items[0].scene.shape, np.uint8))
         self.size = items[0].scene.shape[:2]
@@ -103,12 +107,23 @@ class Encoded:
 def build(args, vae: str | None = None, backbone: dict | None = None) -> SkeleGuidePipeline:
     """A fresh pipeline (the same random weights every time) with the trained VAE folder ``vae``
     and, when given, the pretrained transformer weights ``backbone`` (LoRA adapters fresh)."""
-    tiny = {"vae_channels": list(args.vae_channels), "latent_channels": args.latent_channels,
-            "transformer_layers": args.transformer_layers, "transformer_heads": args.transformer_heads,
-            "head_dim": args.head_dim}
-    pipe = SkeleGuidePipeline.build({"lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank),
-                                     "lora_targets": args.lora_targets, "num_steps": args.steps, "tiny": tiny,
-                                     "vae": vae})
+    tiny = {
+        "vae_channels": list(args.vae_channels),
+        "latent_channels": args.latent_channels,
+        "transformer_layers": args.transformer_layers,
+        "transformer_heads": args.transformer_heads,
+        "head_dim": args.head_dim,
+    }
+    pipe = SkeleGuidePipeline.build(
+        {
+            "lora_rank": args.lora_rank,
+            "lora_alpha": float(args.lora_rank),
+            "lora_targets": args.lora_targets,
+            "num_steps": args.steps,
+            "tiny": tiny,
+            "vae": vae,
+        }
+    )
     if backbone is not None:
         load_backbone(pipe.transformer, backbone)
     return pipe
@@ -117,8 +132,11 @@ def build(args, vae: str | None = None, backbone: dict | None = None) -> SkeleGu
 def backbone_of(transformer) -> dict:
     """The transformer's own (non-LoRA) weights under the plain module names: peft's
     ``.base_layer`` dropped, so the same backbone fits pipelines with any ``--lora-targets``."""
-    return {k.replace(".base_layer", ""): v.detach().clone()
-            for k, v in transformer.state_dict().items() if ".lora_" not in k}
+    return {
+        k.replace(".base_layer", ""): v.detach().clone()
+        for k, v in transformer.state_dict().items()
+        if ".lora_" not in k
+    }
 
 
 def load_backbone(transformer, backbone: dict) -> None:
@@ -127,8 +145,10 @@ def load_backbone(transformer, backbone: dict) -> None:
     names = {k.replace(".base_layer", ""): k for k in transformer.state_dict() if ".lora_" not in k}
     plain = {k.replace(".base_layer", ""): v for k, v in backbone.items()}  # files of older runs too
     if set(plain) != set(names):
-        raise KeyError(f"the backbone's weights do not fit this transformer (missing {sorted(set(names) - set(plain))[:3]}, "
-                       f"unexpected {sorted(set(plain) - set(names))[:3]}): pass the --transformer-* flags it was made with")
+        raise KeyError(
+            f"the backbone's weights do not fit this transformer (missing {sorted(set(names) - set(plain))[:3]}, "
+            f"unexpected {sorted(set(plain) - set(names))[:3]}): pass the --transformer-* flags it was made with"
+        )
     transformer.load_state_dict({names[k]: v for k, v in plain.items()}, strict=False)
 
 
@@ -165,7 +185,9 @@ def pretrain_backbone(pipe: SkeleGuidePipeline, data: "Encoded", args) -> dict:
                 torch._foreach_lerp_(ema, [p.detach() for p in base], 1 - args.backbone_ema)
         if (i + 1) % max(1, args.backbone_steps // 10) == 0:
             k = max(1, args.backbone_steps // 10)
-            print(f"[skeleguide] backbone step {i + 1}/{args.backbone_steps}: loss {np.mean(losses[-k:]):.4f}", flush=True)
+            print(
+                f"[skeleguide] backbone step {i + 1}/{args.backbone_steps}: loss {np.mean(losses[-k:]):.4f}", flush=True
+            )
     for p, average in zip(base, ema or []):
         p.data.copy_(average)
     for p in base:
@@ -197,7 +219,7 @@ def pretrain_vae(items, args, folder: str) -> str:
         decay.step()
     vae.requires_grad_(False).eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mode() for i in range(0, len(pixels), 64)])
+        latents = torch.cat([vae.encode(pixels[i : i + 64]).latent_dist.mode() for i in range(0, len(pixels), 64)])
     vae.register_to_config(scaling_factor=float(1 / latents.std()), shift_factor=float(latents.mean()))
     vae.save_pretrained(folder)
     return folder
@@ -253,8 +275,13 @@ def train_phases(pipe, data: Encoded, draws: Draws, steps: int, args, losses: li
             params = pipe.trainable_parameters()
             opt = torch.optim.AdamW(params, lr=args.lr)
         idx, g = draws(i)
-        batch = {"scene": data.scene[idx], "layout": data.layout[idx], "target": data.target[idx],
-                 "text": data.text_of(idx), "size": data.size}
+        batch = {
+            "scene": data.scene[idx],
+            "layout": data.layout[idx],
+            "target": data.target[idx],
+            "text": data.text_of(idx),
+            "size": data.size,
+        }
         loss, _ = phase_loss(pipe, batch, phase, algo, g)
         losses.append(_step(opt, params, loss))
 
@@ -272,8 +299,14 @@ def train_rl(pipe, data: Encoded, steps: int, args, reward, log: list) -> None:
         idx = chosen.repeat_interleave(args.group)
         text, scene = data.text_of(idx), data.scene[idx]
         with torch.no_grad():
-            planned = pipe.sample("skeletal", scene, text, data.size, seed=args.seed * 10_007 + 900_000 + i * len(idx),
-                                  num_steps=args.rl_sample_steps)
+            planned = pipe.sample(
+                "skeletal",
+                scene,
+                text,
+                data.size,
+                seed=args.seed * 10_007 + 900_000 + i * len(idx),
+                num_steps=args.rl_sample_steps,
+            )
         layouts = pipe.decode(planned, height, width)
         rewards = np.asarray(reward([Image.fromarray(x) for x in layouts], [data.prompts[j] for j in idx]))
         log.append(float(rewards.mean()))
@@ -311,8 +344,8 @@ def psnr_ssim_outside(image: np.ndarray, target: np.ndarray, person: np.ndarray)
 
     outside = ~person
     diff = image.astype(np.float64)[outside] - target.astype(np.float64)[outside]
-    mse = float((diff ** 2).mean())
-    psnr = 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)  # 99: identical
+    mse = float((diff**2).mean())
+    psnr = 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)  # 99: identical
     _, ssim_map = structural_similarity(image, target, channel_axis=2, data_range=255, full=True)
     return psnr, float(ssim_map[outside].mean())
 
@@ -331,26 +364,35 @@ def metrics(images: np.ndarray, layouts, evalset, clip, skeleton_reward) -> dict
         "plan": None,
     }
     if layouts is not None:
-        out["plan"] = float(np.mean(skeleton_reward([Image.fromarray(x) for x in layouts], [t.prompt for t in evalset])))
+        out["plan"] = float(
+            np.mean(skeleton_reward([Image.fromarray(x) for x in layouts], [t.prompt for t in evalset]))
+        )
     return out
 
 
 def table(rows: list[tuple[str, dict, float | None]], args, n_eval: int) -> str:
-    lines = [f"SkeleGuide gym benchmark: {args.budget} optimizer steps of batch {args.batch} per policy, "
-             f"{args.train} training triples, {n_eval} evaluation triples, {args.steps} sampling steps a stage, "
-             f"LoRA {args.lora_targets} rank {args.lora_rank}; transformer {args.transformer_layers} layers x "
-             f"{args.transformer_heads} heads x {args.head_dim}, "
-             + (f"backbone pretrained {args.backbone_steps} steps of {args.backbone_batch}"
-                + (f", EMA {args.backbone_ema}" if args.backbone_ema else "") if args.backbone_steps
-                else "random backbone"),
-             "",
-             "| policy | severe-error rate | any-error rate | background PSNR (dB) | background SSIM | "
-             "CLIP score (tiny random CLIP) | plan skeleton reward | wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"SkeleGuide gym benchmark: {args.budget} optimizer steps of batch {args.batch} per policy, "
+        f"{args.train} training triples, {n_eval} evaluation triples, {args.steps} sampling steps a stage, "
+        f"LoRA {args.lora_targets} rank {args.lora_rank}; transformer {args.transformer_layers} layers x "
+        f"{args.transformer_heads} heads x {args.head_dim}, "
+        + (
+            f"backbone pretrained {args.backbone_steps} steps of {args.backbone_batch}"
+            + (f", EMA {args.backbone_ema}" if args.backbone_ema else "")
+            if args.backbone_steps
+            else "random backbone"
+        ),
+        "",
+        "| policy | severe-error rate | any-error rate | background PSNR (dB) | background SSIM | "
+        "CLIP score (tiny random CLIP) | plan skeleton reward | wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, m, wall in rows:
         plan = "—" if m["plan"] is None else f"{m['plan']:.3f}"
-        lines.append(f"| {name} | {m['severe']:.1%} | {m['any']:.1%} | {m['psnr']:.2f} | {m['ssim']:.3f} | "
-                     f"{m['clip']:.3f} | {plan} | {'—' if wall is None else f'{wall:.1f}'} |")
+        lines.append(
+            f"| {name} | {m['severe']:.1%} | {m['any']:.1%} | {m['psnr']:.2f} | {m['ssim']:.3f} | "
+            f"{m['clip']:.3f} | {plan} | {'—' if wall is None else f'{wall:.1f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -363,8 +405,9 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=64, help="held-out evaluation triples")
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8, help="sampling steps per stage")
-    parser.add_argument("--phases", type=float, nargs=3, default=[0.4, 0.4, 0.2],
-                        help="shares of the budget of the paper's phases 1-3")
+    parser.add_argument(
+        "--phases", type=float, nargs=3, default=[0.4, 0.4, 0.2], help="shares of the budget of the paper's phases 1-3"
+    )
     parser.add_argument("--rl-share", type=float, default=0.25, help="(c): share of the budget spent on RL")
     parser.add_argument("--group", type=int, default=4, help="(c): layouts planned per scene in an RL step")
     parser.add_argument("--rl-sample-steps", type=int, default=6)
@@ -376,26 +419,41 @@ def main() -> None:
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64], help="of a pretrained VAE")
     parser.add_argument("--latent-channels", type=int, default=8, help="of a pretrained VAE")
-    parser.add_argument("--vae", default="auto",
-                        help="a trained AutoencoderKL / AutoencoderTiny folder (or a pipeline folder with vae/); auto: "
-                             "the gym base policy's (armature gym pretrain) if there is one, else pretrain an "
-                             "AutoencoderKL (--vae-steps); pretrain: always that")
+    parser.add_argument(
+        "--vae",
+        default="auto",
+        help="a trained AutoencoderKL / AutoencoderTiny folder (or a pipeline folder with vae/); auto: "
+        "the gym base policy's (armature gym pretrain) if there is one, else pretrain an "
+        "AutoencoderKL (--vae-steps); pretrain: always that",
+    )
     parser.add_argument("--vae-cache", default=None, help="where to save the pretrained VAE (default: a temp folder)")
     parser.add_argument("--transformer-layers", type=int, default=2, help="of the tiny transformer")
     parser.add_argument("--transformer-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=8)
-    parser.add_argument("--backbone-steps", type=int, default=0,
-                        help="shared backbone pretraining, full fine-tuning (not in the budget); 0: a random backbone")
+    parser.add_argument(
+        "--backbone-steps",
+        type=int,
+        default=0,
+        help="shared backbone pretraining, full fine-tuning (not in the budget); 0: a random backbone",
+    )
     parser.add_argument("--backbone-batch", type=int, default=16)
     parser.add_argument("--backbone-lr", type=float, default=1e-3)
-    parser.add_argument("--backbone-cache", default=None,
-                        help="a .safetensors file: load the pretrained backbone from it when it exists (the same "
-                             "--backbone-*/--transformer-* flags are yours to keep), else save it there")
-    parser.add_argument("--backbone-ema", type=float, default=0.0,
-                        help="EMA decay of the pretrained backbone's weights (e.g. 0.999); 0: the last weights")
+    parser.add_argument(
+        "--backbone-cache",
+        default=None,
+        help="a .safetensors file: load the pretrained backbone from it when it exists (the same "
+        "--backbone-*/--transformer-* flags are yours to keep), else save it there",
+    )
+    parser.add_argument(
+        "--backbone-ema",
+        type=float,
+        default=0.0,
+        help="EMA decay of the pretrained backbone's weights (e.g. 0.999); 0: the last weights",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--save", default=None,
-                        help="save each trained pipeline to SAVE/<method> (keep the VAE with --vae-cache)")
+    parser.add_argument(
+        "--save", default=None, help="save each trained pipeline to SAVE/<method> (keep the VAE with --vae-cache)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -425,14 +483,18 @@ def main() -> None:
         vae = None
     if vae is None:
         vae = pretrain_vae(train_items, args, args.vae_cache or tempfile.mkdtemp(prefix="skeleguide_vae_"))
-        print(f"[skeleguide] VAE pretrained, {args.vae_steps} steps, in {time.perf_counter() - start:.1f} s "
-              f"(saved to {vae}: pass --vae {vae} to reuse it)", flush=True)
+        print(
+            f"[skeleguide] VAE pretrained, {args.vae_steps} steps, in {time.perf_counter() - start:.1f} s "
+            f"(saved to {vae}: pass --vae {vae} to reuse it)",
+            flush=True,
+        )
     start = time.perf_counter()
     first = build(args, vae)
     train = Encoded(first, train_items)
     eval_data = Encoded(first, evalset)
-    print(f"[skeleguide] {len(train)} + {len(evalset)} triples encoded in {time.perf_counter() - start:.1f} s",
-          flush=True)
+    print(
+        f"[skeleguide] {len(train)} + {len(evalset)} triples encoded in {time.perf_counter() - start:.1f} s", flush=True
+    )
     draws = Draws(train, args)
     backbone = None
     if args.backbone_steps and args.backbone_cache and os.path.isfile(args.backbone_cache):
@@ -444,8 +506,11 @@ def main() -> None:
     elif args.backbone_steps:
         t0 = time.perf_counter()
         backbone = pretrain_backbone(first, train, args)
-        print(f"[skeleguide] backbone pretrained, {args.backbone_steps} steps of {args.backbone_batch}, in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"[skeleguide] backbone pretrained, {args.backbone_steps} steps of {args.backbone_batch}, in "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         if args.backbone_cache:
             from safetensors.torch import save_file
 
@@ -454,10 +519,13 @@ def main() -> None:
 
     targets = np.stack([t.target for t in evalset])
     layouts = np.stack([t.layout for t in evalset])
-    roundtrip = np.concatenate([first.decode(eval_data.target[i:i + 64], *eval_data.size)
-                                for i in range(0, len(evalset), 64)])
-    rows = [("ground truth (the targets)", metrics(targets, layouts, evalset, clip, skeleton_reward), None),
-            ("the targets through the VAE (ceiling)", metrics(roundtrip, None, evalset, clip, skeleton_reward), None)]
+    roundtrip = np.concatenate(
+        [first.decode(eval_data.target[i : i + 64], *eval_data.size) for i in range(0, len(evalset), 64)]
+    )
+    rows = [
+        ("ground truth (the targets)", metrics(targets, layouts, evalset, clip, skeleton_reward), None),
+        ("the targets through the VAE (ceiling)", metrics(roundtrip, None, evalset, clip, skeleton_reward), None),
+    ]
     for method in args.methods:
         pipe = first if method == args.methods[0] else build(args, vae, backbone)  # identical weights: same seeds
         torch.manual_seed(args.seed)
@@ -484,8 +552,10 @@ def main() -> None:
         if rl_log:
             k = max(1, len(rl_log) // 4)
             extra += f"; RL plan reward, first/last {k} steps: {np.mean(rl_log[:k]):.3f} -> {np.mean(rl_log[-k:]):.3f}"
-        print(f"[skeleguide] {METHODS[method]}: trained in {trained:.1f} s, sampled in {wall - trained:.1f} s{extra}",
-              flush=True)
+        print(
+            f"[skeleguide] {METHODS[method]}: trained in {trained:.1f} s, sampled in {wall - trained:.1f} s{extra}",
+            flush=True,
+        )
     print()
     print(table(rows, args, len(evalset)))
 

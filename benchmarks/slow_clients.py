@@ -39,8 +39,16 @@ def serve(port: int, runs: str) -> None:
     from armature.platform.config import compose
     from armature.serve.app import run
 
-    cfg = compose("serve", [f"http.port={port}", "sampling.num_steps=4", "generator.torch_threads=1",
-                            f"tracking.local_dir={runs}/track", f"adapters.cache_dir={runs}/cache"])
+    cfg = compose(
+        "serve",
+        [
+            f"http.port={port}",
+            "sampling.num_steps=4",
+            "generator.torch_threads=1",
+            f"tracking.local_dir={runs}/track",
+            f"adapters.cache_dir={runs}/cache",
+        ],
+    )
     run(cfg)
 
 
@@ -50,8 +58,13 @@ def start_server(tree: Path, port: int, runs: str, within: float = 600.0) -> sub
     Path(runs).mkdir(parents=True)
     log = Path(runs) / "server.log"
     with log.open("w") as out:
-        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", str(port), runs],
-                                 cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), runs],
+            cwd=tree,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     stop = time.monotonic() + within
     while time.monotonic() < stop and child.poll() is None:
         if "[armature] serving" in log.read_text(errors="replace"):  # printed once the application runs
@@ -64,8 +77,10 @@ def start_server(tree: Path, port: int, runs: str, within: float = 600.0) -> sub
 def stall(port: int, part: str) -> socket.socket:
     """A connection that stalls its request's ``body`` (headers sent) or its ``headers`` (some sent)."""
     sock = socket.create_connection(("127.0.0.1", port))
-    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n")
+    head = (
+        f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n"
+    )
     sock.sendall(head.encode() + (b'\r\n{"prompt": ' if part == "body" else b""))
     return sock
 
@@ -93,8 +108,9 @@ def measure(url: str, port: int, count: int, part: str, patience: float, settle:
         with httpx.Client(base_url=url, timeout=patience) as client:
             health = timed(lambda: client.get("/healthz"))
             body = {"prompt": "a red cube", "seed": 1}
-            generation = timed(lambda: client.post("/v1/images/generations", json=body,
-                                                   headers={"Authorization": f"Bearer {KEY}"}))
+            generation = timed(
+                lambda: client.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {KEY}"})
+            )
     finally:
         for sock in stalled:
             sock.close()
@@ -117,8 +133,9 @@ def recover(url: str, within: float = 120.0) -> None:
 
 
 def base_revision() -> str:
-    return subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def export(revision: str, into: Path) -> Path:
@@ -138,12 +155,17 @@ def show(seconds: float, outcome: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--counts", type=int, nargs="+", default=[0, 130, 400], help="stalled connections")
-    parser.add_argument("--stall", choices=["body", "headers"], default="body",
-                        help="what the stalled connections hold back: the body (headers sent) or the headers' end")
+    parser.add_argument(
+        "--stall",
+        choices=["body", "headers"],
+        default="body",
+        help="what the stalled connections hold back: the body (headers sent) or the headers' end",
+    )
     parser.add_argument("--patience", type=float, default=30.0, help="seconds each timed request is waited on")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between stalling and measuring")
-    parser.add_argument("--before", default=None, help="git revision of the 'before' code (default: merge-base "
-                                                        "with main)")
+    parser.add_argument(
+        "--before", default=None, help="git revision of the 'before' code (default: merge-base with main)"
+    )
     parser.add_argument("--port", type=int, default=None, help="default: a free one")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "RUNS"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()
@@ -165,15 +187,17 @@ def main() -> None:
                 for count in args.counts:
                     recover(url)
                     results[code, count] = measure(url, args.port, count, args.stall, args.patience, args.settle)
-                    print(f"{code:22} N={count:<4} /healthz {show(*results[code, count]['healthz'])}   "
-                          f"generation {show(*results[code, count]['generation'])}", flush=True)
+                    print(
+                        f"{code:22} N={count:<4} /healthz {show(*results[code, count]['healthz'])}   "
+                        f"generation {show(*results[code, count]['generation'])}",
+                        flush=True,
+                    )
             finally:
                 child.send_signal(signal.SIGTERM)
                 child.wait(timeout=120)
 
     stalled = "headers sent, body stalled" if args.stall == "body" else "headers not finished"
-    print(f"\nN stalled connections ({stalled}, no API key); each request waited on "
-          f"for {args.patience:g} s at most")
+    print(f"\nN stalled connections ({stalled}, no API key); each request waited on for {args.patience:g} s at most")
     codes = list(trees)
     for what in ("healthz", "generation"):
         for count in args.counts:

@@ -14,14 +14,20 @@ SAMPLING = {"num_steps": 3, "guidance_scale": 2.0, "eta": 1.0}
 
 def _samplers(n, max_restarts):
     # Same thread count as this process: float sums, hence latents, depend on it.
-    return start_samplers(n, MODEL, SAMPLING, seed=0, num_cpus=0.5, num_gpus=0,
-                          max_restarts=max_restarts, threads=torch.get_num_threads())
+    return start_samplers(
+        n, MODEL, SAMPLING, seed=0, num_cpus=0.5, num_gpus=0, max_restarts=max_restarts, threads=torch.get_num_threads()
+    )
 
 
 def test_sampler_rollout_weights_and_rewards(ray_cluster):
     samplers = _samplers(2, max_restarts=1)
-    scorers = start_reward_actors(1, {"compressibility": {"weight": 2.0}, "incompressibility": {"weight": 0.5}},
-                                  num_cpus=0.5, num_gpus=0, max_restarts=1)
+    scorers = start_reward_actors(
+        1,
+        {"compressibility": {"weight": 2.0}, "incompressibility": {"weight": 0.5}},
+        num_cpus=0.5,
+        num_gpus=0,
+        max_restarts=1,
+    )
     prompts = ["a cat", "a dog"]
 
     # Two actors built from the same config sample the same trajectory for the same seed.

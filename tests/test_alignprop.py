@@ -11,9 +11,16 @@ from armature.rewards import load
 
 torch.set_num_threads(1)
 
-MODEL = {"family": "tiny", "tiny": {"seed": 0, "image_size": 16},
-         "lora": {"enabled": True, "rank": 2, "alpha": 2.0,
-                  "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}}
+MODEL = {
+    "family": "tiny",
+    "tiny": {"seed": 0, "image_size": 16},
+    "lora": {
+        "enabled": True,
+        "rank": 2,
+        "alpha": 2.0,
+        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    },
+}
 PROMPTS = ["a cat", "a dog"]
 
 
@@ -69,13 +76,21 @@ def _grads(policy, k, **kwargs):
 
 def test_gradient_reaches_only_the_lora_weights():
     policy = _policy(eta=1.0)
-    reward = load("aesthetic", path=__import__("armature.rewards", fromlist=["x"]).build_tiny_aesthetic(
-        __import__("tempfile").mkdtemp()))
-    sample = sample_with_grad(policy, policy.encode(PROMPTS), _noise(policy), 3,
-                              generator=torch.Generator().manual_seed(1))
+    reward = load(
+        "aesthetic",
+        path=__import__("armature.rewards", fromlist=["x"]).build_tiny_aesthetic(__import__("tempfile").mkdtemp()),
+    )
+    sample = sample_with_grad(
+        policy, policy.encode(PROMPTS), _noise(policy), 3, generator=torch.Generator().manual_seed(1)
+    )
     (-reward.score_tensor(sample.images, PROMPTS).mean()).backward()
-    modules = {"unet": policy.unet, "vae": policy.pipe.vae, "text_encoder": policy.pipe.text_encoder,
-               "reward_clip": reward.clip, "reward_head": reward.head}
+    modules = {
+        "unet": policy.unet,
+        "vae": policy.pipe.vae,
+        "text_encoder": policy.pipe.text_encoder,
+        "reward_clip": reward.clip,
+        "reward_head": reward.head,
+    }
     with_grad = {f"{m}.{n}" for m, mod in modules.items() for n, p in mod.named_parameters() if p.grad is not None}
     lora = {f"unet.{n}" for n, _ in policy.unet.named_parameters() if "lora_" in n}
     assert lora and with_grad == lora

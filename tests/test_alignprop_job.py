@@ -23,19 +23,42 @@ def test_truncation_bounds_are_checked_at_composition():
     with pytest.raises(ConfigError, match=r"algo.truncation_min=4, algo.truncation_max=2"):
         compose("train", ["algo=alignprop", "reward=brightness", "algo.truncation_min=4", "algo.truncation_max=2"])
     with pytest.raises(ConfigError, match=r"algo.truncation_max"):
-        compose("train", ["algo=draft", "reward=brightness", "sampling.num_steps=4", "algo.truncation_max=5",
-                          "algo.truncation_min=5"])
+        compose(
+            "train",
+            [
+                "algo=draft",
+                "reward=brightness",
+                "sampling.num_steps=4",
+                "algo.truncation_max=5",
+                "algo.truncation_min=5",
+            ],
+        )
 
 
 @pytest.mark.slow
 def test_alignprop_raises_brightness(ray_cluster, tmp_path):
     epochs = 5
     command = [
-        sys.executable, "-m", "armature.cli", "train", "algo=alignprop", "reward=brightness", "model=tiny_lora",
-        f"algo.num_epochs={epochs}", "algo.batches_per_epoch=3", "algo.batch_size=4", "algo.learning_rate=3e-3",
-        "algo.truncation_min=1", "algo.truncation_max=10", "trainer.num_workers=1", "trainer.cpus_per_worker=1",
-        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
-        "tracking.run_name=alignprop", "tracking.registered_model=null", "cluster.torch_threads=1",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "algo=alignprop",
+        "reward=brightness",
+        "model=tiny_lora",
+        f"algo.num_epochs={epochs}",
+        "algo.batches_per_epoch=3",
+        "algo.batch_size=4",
+        "algo.learning_rate=3e-3",
+        "algo.truncation_min=1",
+        "algo.truncation_max=10",
+        "trainer.num_workers=1",
+        "trainer.cpus_per_worker=1",
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={tmp_path / 'track'}",
+        "tracking.run_name=alignprop",
+        "tracking.registered_model=null",
+        "cluster.torch_threads=1",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -37,16 +37,34 @@ DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "trans
 EXPECTED_MATCHES = {
     "sd15": {"to_q": 32, "to_k": 32, "to_v": 32, "to_out.0": 32},
     "sdxl": {"to_q": 140, "to_k": 140, "to_v": 140, "to_out.0": 140},
-    "sd3": {"to_q": 37, "to_k": 37, "to_v": 37, "to_out.0": 37,
-            "add_q_proj": 24, "add_k_proj": 24, "add_v_proj": 24, "to_add_out": 23},
-    "flux": {"to_q": 57, "to_k": 57, "to_v": 57, "to_out.0": 19,
-             "add_q_proj": 19, "add_k_proj": 19, "add_v_proj": 19, "to_add_out": 19},
+    "sd3": {
+        "to_q": 37,
+        "to_k": 37,
+        "to_v": 37,
+        "to_out.0": 37,
+        "add_q_proj": 24,
+        "add_k_proj": 24,
+        "add_v_proj": 24,
+        "to_add_out": 23,
+    },
+    "flux": {
+        "to_q": 57,
+        "to_k": 57,
+        "to_v": 57,
+        "to_out.0": 19,
+        "add_q_proj": 19,
+        "add_k_proj": 19,
+        "add_v_proj": 19,
+        "to_add_out": 19,
+    },
 }
 # Published parameter counts of the denoisers (model cards / diffusers), in millions.
 PUBLISHED_M = {"sd15": 859.5, "sdxl": 2567.5, "flux": 11901.4}
 # the package is located, not imported: only its vocabulary file is read (it imports torchvision)
-needs_clip_vocab = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
-                                      reason="the CLIP vocabulary ships in open_clip_torch (the armature[arch] extra)")
+needs_clip_vocab = pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None,
+    reason="the CLIP vocabulary ships in open_clip_torch (the armature[arch] extra)",
+)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -118,10 +136,13 @@ def test_sd15_architecture_runs_a_ddpo_epoch_and_a_dpo_step():
 
     torch.manual_seed(0)
     steps = 2
-    policy = architecture_policy("sd15", sampling=SamplingParams(num_steps=steps, guidance_scale=4.5,
-                                                                 height=64, width=64))
+    policy = architecture_policy(
+        "sd15", sampling=SamplingParams(num_steps=steps, guidance_scale=4.5, height=64, width=64)
+    )
     policy.add_lora(default_lora("sd15"))
-    base = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if "lora_" not in n and "down_blocks.0" in n}
+    base = {
+        n: p.detach().clone() for n, p in policy.unet.named_parameters() if "lora_" not in n and "down_blocks.0" in n
+    }
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
 
     # ---- one DDPO epoch: rollout, rewards, advantages, a PPO update over every stored step
@@ -148,12 +169,17 @@ def test_sd15_architecture_runs_a_ddpo_epoch_and_a_dpo_step():
             assert torch.equal(p, base[n]), f"{n}: a base weight moved under LoRA"
 
     # ---- one Diffusion-DPO step: the DPO job's pair errors on two rollout latents
-    batch = {"latents_w": traj.latents[:1, -1], "latents_l": traj.latents[1:2, -1], "prompt": ["a photo of a cat"],
-             "mask": torch.zeros(1, 8, 8)}
+    batch = {
+        "latents_w": traj.latents[:1, -1],
+        "latents_l": traj.latents[1:2, -1],
+        "prompt": ["a photo of a cat"],
+        "mask": torch.zeros(1, 8, 8),
+    }
 
     def dpo(grad: bool):
-        errors = pair_errors(policy, policy.unet, batch, 0.0, "epsilon", generator=torch.Generator().manual_seed(3),
-                             grad=grad)
+        errors = pair_errors(
+            policy, policy.unet, batch, 0.0, "epsilon", generator=torch.Generator().manual_seed(3), grad=grad
+        )
         return diffusion_dpo_loss(*errors, beta=2500.0)[0]
 
     loss = dpo(grad=True)

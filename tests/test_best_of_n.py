@@ -28,8 +28,9 @@ def actors(ray_cluster):
     from armature.actors import start_reward_actors, start_samplers
 
     samplers = start_samplers(2, MODEL, SAMPLING, seed=0, num_cpus=0.5, num_gpus=0, max_restarts=0, threads=1)
-    rewards = start_reward_actors(1, {"brightness": {"weight": 2.0}, "colorfulness": {"weight": 1.0}},
-                                  num_cpus=0.5, num_gpus=0, max_restarts=0)
+    rewards = start_reward_actors(
+        1, {"brightness": {"weight": 2.0}, "colorfulness": {"weight": 1.0}}, num_cpus=0.5, num_gpus=0, max_restarts=0
+    )
     yield samplers, rewards
     for actor in samplers + rewards:
         ray.kill(actor)
@@ -102,12 +103,28 @@ def test_bon_job_logs_kept_and_rejected_and_writes_pairs(ray_cluster, tmp_path):
     from armature.jobs import bon
     from armature.platform.config import compose
 
-    cfg = compose("train", [
-        "algo=bon", "model=tiny", "reward=brightness", "prompts.file=null", "algo.n=4", "algo.k=1", "algo.log_prompts=1",
-        f"algo.pairs_path={tmp_path / 'pairs.parquet'}", "sampling.num_steps=3", "sampling.batch_size=8",
-        "model.tiny.image_size=16", "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.5", "cluster.torch_threads=1",
-        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=bon",
-    ])
+    cfg = compose(
+        "train",
+        [
+            "algo=bon",
+            "model=tiny",
+            "reward=brightness",
+            "prompts.file=null",
+            "algo.n=4",
+            "algo.k=1",
+            "algo.log_prompts=1",
+            f"algo.pairs_path={tmp_path / 'pairs.parquet'}",
+            "sampling.num_steps=3",
+            "sampling.batch_size=8",
+            "model.tiny.image_size=16",
+            "cluster.sampler_num_cpus=0.5",
+            "reward.num_cpus=0.5",
+            "cluster.torch_threads=1",
+            f"trainer.storage_path={tmp_path / 'ray'}",
+            f"tracking.local_dir={tmp_path / 'track'}",
+            "tracking.run_name=bon",
+        ],
+    )
     metrics = bon.run(cfg)
     assert metrics["candidates"] == 16 and metrics["best_reward_mean"] > metrics["single_reward_mean"]
     info = json.loads((tmp_path / "ray" / "bon" / "armature_run.json").read_text())
@@ -117,8 +134,10 @@ def test_bon_job_logs_kept_and_rejected_and_writes_pairs(ray_cluster, tmp_path):
     assert run.data.metrics["kept_reward_mean"] == pytest.approx(metrics["kept_reward_mean"])
     files = {a.path for a in client.list_artifacts(run.info.run_id, "candidates")}
     assert files == {"candidates/prompt_000_kept.png", "candidates/prompt_000_rejected.png"}
-    table = json.loads(client.download_artifacts(run.info.run_id, "candidates.json", str(tmp_path)) and
-                       (tmp_path / "candidates.json").read_text())
+    table = json.loads(
+        client.download_artifacts(run.info.run_id, "candidates.json", str(tmp_path))
+        and (tmp_path / "candidates.json").read_text()
+    )
     assert len(table) == 16 and sum(r["kept"] for r in table) == 4
     for i in range(4):  # the kept candidate is each prompt's highest reward
         rows = [r for r in table if r["prompt_index"] == i]

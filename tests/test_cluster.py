@@ -62,17 +62,45 @@ def multinode(tmp_path_factory):
     common = ["--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
 
     def own_ports():  # each node's agents on free ports: other Rays on this machine hold the defaults
-        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+        return [
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+        ]
 
     try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                        f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                        "--resources={\"node_head\": 10}", *common, *own_ports()],
-                       env=env, check=True, timeout=120)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                        "--resources={\"node_b\": 10}", *common, *own_ports()],
-                       env=env, check=True, timeout=120)
+        subprocess.run(
+            [
+                ray_bin,
+                "start",
+                "--head",
+                f"--port={gcs}",
+                "--node-ip-address=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                "--dashboard-host=127.0.0.1",
+                '--resources={"node_head": 10}',
+                *common,
+                *own_ports(),
+            ],
+            env=env,
+            check=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                ray_bin,
+                "start",
+                f"--address=127.0.0.1:{gcs}",
+                "--node-ip-address=127.0.0.1",
+                '--resources={"node_b": 10}',
+                *common,
+                *own_ports(),
+            ],
+            env=env,
+            check=True,
+            timeout=120,
+        )
         address = f"http://127.0.0.1:{dashboard}"
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": address, "env": env}
     finally:
@@ -87,29 +115,54 @@ def test_submitted_job_spreads_over_two_nodes(multinode, tmp_path):
         time.sleep(2)
 
     overrides = [
-        "model=tiny", "reward=compressibility", "prompts.file=null", "algo.learning_rate=1e-3", "algo.num_epochs=2", "algo.samples_per_epoch=8", "algo.train_batch_size=4",
-        "algo.stat_min_count=4", "algo.stat_buffer_size=8", "sampling.num_steps=2", "sampling.batch_size=2",
-        "trainer.num_workers=2", "trainer.placement_strategy=SPREAD", "trainer.cpus_per_worker=0.5",
-        "cluster.num_samplers=2", "cluster.sampler_num_cpus=0.5", "cluster.actor_scheduling=SPREAD",
-        "reward.num_actors=2", "reward.num_cpus=0.25",
-        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
+        "model=tiny",
+        "reward=compressibility",
+        "prompts.file=null",
+        "algo.learning_rate=1e-3",
+        "algo.num_epochs=2",
+        "algo.samples_per_epoch=8",
+        "algo.train_batch_size=4",
+        "algo.stat_min_count=4",
+        "algo.stat_buffer_size=8",
+        "sampling.num_steps=2",
+        "sampling.batch_size=2",
+        "trainer.num_workers=2",
+        "trainer.placement_strategy=SPREAD",
+        "trainer.cpus_per_worker=0.5",
+        "cluster.num_samplers=2",
+        "cluster.sampler_num_cpus=0.5",
+        "cluster.actor_scheduling=SPREAD",
+        "reward.num_actors=2",
+        "reward.num_cpus=0.25",
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={tmp_path / 'track'}",
     ]
-    out = subprocess.run([sys.executable, "-m", "armature.cli", "submit", "train", *overrides, "--wait"],
-                         env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "armature.cli", "submit", "train", *overrides, "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert "submission_id" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     submitted = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
     sid = submitted["submission_id"]
-    logs = subprocess.run([sys.executable, "-m", "armature.cli", "jobs", "logs", sid],
-                          env=env, capture_output=True, text=True).stdout
+    logs = subprocess.run(
+        [sys.executable, "-m", "armature.cli", "jobs", "logs", sid], env=env, capture_output=True, text=True
+    ).stdout
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + logs[-5000:]
     assert "epoch 2/2" in logs
 
     # `armature jobs` finds it; its metadata leads to a finished MLflow run, tagged back.
-    listed = subprocess.run([sys.executable, "-m", "armature.cli", "jobs", "list"],
-                            env=env, capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "armature.cli", "jobs", "list"], env=env, capture_output=True, text=True
+    ).stdout
     assert sid in listed and "SUCCEEDED" in listed
-    status = json.loads(subprocess.run([sys.executable, "-m", "armature.cli", "jobs", "status", sid],
-                                       env=env, capture_output=True, text=True).stdout)
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "armature.cli", "jobs", "status", sid], env=env, capture_output=True, text=True
+        ).stdout
+    )
     meta = status["metadata"]
     from mlflow.tracking import MlflowClient
 

@@ -78,10 +78,13 @@ def test_a_relative_prompt_file_becomes_absolute_for_the_ray_workers(tmp_path, m
     assert os.path.isabs(compose("train", [f"prompts.file={tmp_path / 'p.txt'}"]).prompts.file)
     # not in the working folder: the packaged configs' suites (the default's pose prompts)
     assert compose("train", ["prompts.file=suites/gym_poses.txt"]).prompts.file == os.path.join(
-        config_dir(), "suites", "gym_poses.txt")
+        config_dir(), "suites", "gym_poses.txt"
+    )
     (tmp_path / "suites").mkdir()
     (tmp_path / "suites" / "gym_poses.txt").write_text("my own poses\n")  # the working folder's comes first
-    assert compose("train", ["prompts.file=suites/gym_poses.txt"]).prompts.file == str(tmp_path / "suites" / "gym_poses.txt")
+    assert compose("train", ["prompts.file=suites/gym_poses.txt"]).prompts.file == str(
+        tmp_path / "suites" / "gym_poses.txt"
+    )
 
 
 def test_gym_bench_is_configured_through_hydra():

@@ -32,8 +32,8 @@ def layouts(seed: int, n: int = 2) -> np.ndarray:
     for img in out:
         for _ in range(5):
             y, x = rng.integers(2, 30, 2)
-            img[y, max(0, x - 6): x + 6] = rng.integers(64, 256, 3)
-            img[max(0, y - 6): y + 6, x] = rng.integers(64, 256, 3)
+            img[y, max(0, x - 6) : x + 6] = rng.integers(64, 256, 3)
+            img[max(0, y - 6) : y + 6, x] = rng.integers(64, 256, 3)
     return out
 
 
@@ -92,8 +92,9 @@ def test_zero_initialised_controlnet_leaves_the_unet_unchanged(policy):
     t = torch.tensor([901, 301])
     unet_kwargs = policy.denoiser_inputs(cond, guided=False)
     with torch.no_grad():
-        down, mid = policy.unet.residuals(latents, t, unet_kwargs["encoder_hidden_states"],
-                                          unet_kwargs["controlnet_cond"])
+        down, mid = policy.unet.residuals(
+            latents, t, unet_kwargs["encoder_hidden_states"], unet_kwargs["controlnet_cond"]
+        )
         assert len(down) > 0
         assert all(torch.count_nonzero(r) == 0 for r in (*down, mid))
         controlled = policy.unet(latents, t, **unet_kwargs).sample
@@ -101,8 +102,9 @@ def test_zero_initialised_controlnet_leaves_the_unet_unchanged(policy):
     assert torch.equal(controlled, plain)
     # whole rollouts too: the same images as the plain tiny policy with the same seeds
     base = load_policy("tiny", sampling=SamplingParams(**SAMPLING))
-    assert np.array_equal(policy.rollout(PROMPTS, gens(5), layouts=layouts(1)).images,
-                          base.rollout(PROMPTS, gens(5)).images)
+    assert np.array_equal(
+        policy.rollout(PROMPTS, gens(5), layouts=layouts(1)).images, base.rollout(PROMPTS, gens(5)).images
+    )
 
 
 def test_the_condition_image_changes_the_output(trained):
@@ -113,8 +115,12 @@ def test_the_condition_image_changes_the_output(trained):
     cond = trained.encode(PROMPTS, layouts=layouts(1))
     k = trained.denoiser_inputs(cond, guided=False)
     with torch.no_grad():
-        down, _ = trained.unet.residuals(torch.zeros((2,) + trained.latent_shape), torch.tensor([500, 500]),
-                                         k["encoder_hidden_states"], k["controlnet_cond"])
+        down, _ = trained.unet.residuals(
+            torch.zeros((2,) + trained.latent_shape),
+            torch.tensor([500, 500]),
+            k["encoder_hidden_states"],
+            k["controlnet_cond"],
+        )
     assert all(torch.count_nonzero(r) > 0 for r in down)
 
 
@@ -132,8 +138,16 @@ def test_lora_trains_only_the_configured_controlnet_modules(targets, zero_convs)
     assert {t for t in allowed for m in adapted if m.endswith("." + t)} == set(allowed)
     others = [n for n in names if "lora_" not in n]
     if zero_convs:
-        assert others and all(n.startswith(("controlnet.controlnet_down_blocks", "controlnet.controlnet_mid_block",
-                                            "controlnet.controlnet_cond_embedding.conv_out")) for n in others)
+        assert others and all(
+            n.startswith(
+                (
+                    "controlnet.controlnet_down_blocks",
+                    "controlnet.controlnet_mid_block",
+                    "controlnet.controlnet_cond_embedding.conv_out",
+                )
+            )
+            for n in others
+        )
     else:
         assert others == []
     if targets == "qkv":  # nothing but Q/K/V of the attention layers
@@ -146,10 +160,14 @@ def test_adapter_and_controlnet_folders_round_trip(trained, tmp_path):
     trained.save_controlnet(tmp_path / "merged", merge_lora=True)
     ref = trained.render(PROMPTS, layouts(1), seed=3, deterministic=True)
     # a ControlNet folder (or a hub id) loads through ControlNetParams.pretrained; + the adapter: the same
-    base = build_controlnet_policy({"family": "tiny"}, SAMPLING, ControlNetParams(pretrained=str(tmp_path / "controlnet")))
+    base = build_controlnet_policy(
+        {"family": "tiny"}, SAMPLING, ControlNetParams(pretrained=str(tmp_path / "controlnet"))
+    )
     base.load_adapter(tmp_path / "adapter")
     assert np.array_equal(base.render(PROMPTS, layouts(1), seed=3, deterministic=True), ref)
-    merged = build_controlnet_policy({"family": "tiny"}, SAMPLING, ControlNetParams(pretrained=str(tmp_path / "merged")))
+    merged = build_controlnet_policy(
+        {"family": "tiny"}, SAMPLING, ControlNetParams(pretrained=str(tmp_path / "merged"))
+    )
     diff = np.abs(merged.render(PROMPTS, layouts(1), seed=3, deterministic=True).astype(int) - ref.astype(int))
     assert diff.max() <= 1
 
@@ -160,8 +178,17 @@ def test_agrees_with_the_diffusers_controlnet_pipeline(trained):
     from PIL import Image
 
     with torch.no_grad():
-        theirs = pipe(PROMPTS, image=[Image.fromarray(x) for x in layouts(1)], num_inference_steps=STEPS,
-                      guidance_scale=3.0, eta=0.0, generator=gens(11), output_type="np", height=32, width=32).images
+        theirs = pipe(
+            PROMPTS,
+            image=[Image.fromarray(x) for x in layouts(1)],
+            num_inference_steps=STEPS,
+            guidance_scale=3.0,
+            eta=0.0,
+            generator=gens(11),
+            output_type="np",
+            height=32,
+            width=32,
+        ).images
     diff = np.abs(ours.astype(int) - np.round(theirs * 255).astype(int))
     assert diff.max() <= 1, diff.max()
 
@@ -175,25 +202,60 @@ def tiny_sdxl_pipeline():
     from armature.policies.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer(32)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=32, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, projection_dim=32)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        projection_dim=32,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
         )
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                            norm_num_groups=8, sample_size=32)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
         pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tok,
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=tok, unet=unet,
-            scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+            vae=vae,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+            tokenizer=tok,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+            tokenizer_2=tok,
+            unet=unet,
+            scheduler=DDIMScheduler(
+                beta_schedule="scaled_linear",
+                beta_start=0.00085,
+                beta_end=0.012,
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            ),
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -211,7 +273,9 @@ def test_sdxl_controlnet_zero_init_and_conditioning():
     assert np.array_equal(ours.images, plain.rollout(PROMPTS, gens(4)).images)  # zero residuals
     with torch.no_grad():  # as if trained: the residual convolutions are no longer zero
         for name, q in p.controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
                 q.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     a = p.render(PROMPTS, layouts(1), seed=2, deterministic=True)
     assert not np.array_equal(a, p.render(PROMPTS, layouts(2), seed=2, deterministic=True))
@@ -221,7 +285,15 @@ def test_sdxl_controlnet_zero_init_and_conditioning():
     from PIL import Image
 
     with torch.no_grad():
-        theirs = p.diffusers_pipeline()(PROMPTS, image=[Image.fromarray(x) for x in layouts(1)], height=32, width=32,
-                                        num_inference_steps=STEPS, guidance_scale=1.0, eta=0.0, generator=gens(2),
-                                        output_type="np").images
+        theirs = p.diffusers_pipeline()(
+            PROMPTS,
+            image=[Image.fromarray(x) for x in layouts(1)],
+            height=32,
+            width=32,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            eta=0.0,
+            generator=gens(2),
+            output_type="np",
+        ).images
     assert np.abs(a.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1

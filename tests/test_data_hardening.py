@@ -34,6 +34,7 @@ FLAG = "data.allow_outside_root"
 def gray_png(width: int, height: int, pixels: bool = True) -> bytes:
     """A valid grayscale PNG of zeros, compressed a block of rows at a time (its full size is
     never in memory); ``pixels=False``: the header alone, so decoding it would fail."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -41,7 +42,9 @@ def gray_png(width: int, height: int, pixels: bool = True) -> bytes:
     if pixels:
         compressor, rows = zlib.compressobj(9), max(1, 2**23 // (width + 1))
         block = bytes((width + 1) * rows)  # each row: filter byte 0, then the row's zeros
-        parts = [compressor.compress(block[:(width + 1) * min(rows, height - done)]) for done in range(0, height, rows)]
+        parts = [
+            compressor.compress(block[: (width + 1) * min(rows, height - done)]) for done in range(0, height, rows)
+        ]
         body = chunk(b"IDAT", b"".join(parts) + compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IEND", b"")
@@ -59,8 +62,9 @@ def test_a_one_pixel_wide_strip_is_refused_from_its_header():
         assert np.asarray(image).shape == (1_000_000, 1)  # a valid image ...
     record = {**pairs(1)[0], "image_l": strip}
     # ... refused before decoding: scaled to a square, its short side would have grown a million-fold
-    assert check_record(record)[0] == ("image_aspect: image_l: 1x1000000: the long side may be at most "
-                                       "8 times the short one (read from its header)")
+    assert check_record(record)[0] == (
+        "image_aspect: image_l: 1x1000000: the long side may be at most 8 times the short one (read from its header)"
+    )
 
 
 def test_a_144_megapixel_image_is_refused_from_its_header():
@@ -76,7 +80,9 @@ def test_a_144_megapixel_image_is_refused_from_its_header():
     with pytest.raises(ImageSizeError) as err:
         decode_image(gray_png(20_000, 20_000, pixels=False))
     assert err.value.code == "image_too_large"
-    assert check_record({**record, "mask": gray_png(20_000, 20_000, pixels=False)})[0].startswith("image_too_large: mask")
+    assert check_record({**record, "mask": gray_png(20_000, 20_000, pixels=False)})[0].startswith(
+        "image_too_large: mask"
+    )
 
 
 def test_only_plain_image_formats_are_decoded():
@@ -113,7 +119,11 @@ def test_the_stream_quarantines_pixel_bombs(ray_cluster, tmp_path):
     kept = {r["pair_id"] for r in ds.materialize().take_all()}
     assert kept == {r["pair_id"] for i, r in enumerate(records) if i not in (2, 5)}
     assert stream.quarantine_summary(tmp_path / "q") == {
-        "quarantined": 2, "tie_dropped": 0, "image_aspect": 1, "image_too_large": 1}
+        "quarantined": 2,
+        "tie_dropped": 0,
+        "image_aspect": 1,
+        "image_too_large": 1,
+    }
     reasons = dict(zip(*pq.read_table(tmp_path / "q", columns=["pair_id", "reason"]).to_pydict().values()))
     assert reasons[records[2]["pair_id"]].startswith("image_aspect: image_l: 1x1000000")
     assert reasons[records[5]["pair_id"]].startswith("image_too_large: image_w: 12000x12000")
@@ -125,9 +135,13 @@ HOSTILE = {  # pair_id: (image_w as the index names it, the reason's start witho
     "absolute": ("{outside}/o.png", "path_outside_root: image_w: '{outside}/o.png'", None),
     "file_uri": ("file://{outside}/o.png", "path_outside_root: image_w: 'file://{outside}/o.png'", None),
     "symlink_out": ("link_out.png", "path_outside_root: image_w: 'link_out.png'", None),
-    "dev_zero": ("/dev/zero", "path_outside_root: image_w: '/dev/zero'",
-                 "unreadable_image: image_w: ValueError: /dev/zero: not a regular file (a character device)"),
-    "fifo": ("pipe.png",) + ("unreadable_image: image_w: ValueError: {root}/pipe.png: not a regular file (a FIFO)",) * 2,
+    "dev_zero": (
+        "/dev/zero",
+        "path_outside_root: image_w: '/dev/zero'",
+        "unreadable_image: image_w: ValueError: /dev/zero: not a regular file (a character device)",
+    ),
+    "fifo": ("pipe.png",)
+    + ("unreadable_image: image_w: ValueError: {root}/pipe.png: not a regular file (a FIFO)",) * 2,
     "huge": ("huge.png",) + ("unreadable_image: image_w: ValueError: {root}/huge.png: 67,108,865 bytes, over the",) * 2,
 }
 
@@ -143,7 +157,9 @@ def hostile_folder(tmp_path):
     for i, record in enumerate(pairs(4, seed=5)):
         (root / f"w{i}.png").write_bytes(record["image_w"])
         (root / f"l{i}.png").write_bytes(record["image_l"])
-        lines.append({"pair_id": f"good{i}", "prompt": "p", "image_w": f"w{i}.png", "image_l": f"l{i}.png", "label": "w"})
+        lines.append(
+            {"pair_id": f"good{i}", "prompt": "p", "image_w": f"w{i}.png", "image_l": f"l{i}.png", "label": "w"}
+        )
     os.symlink(root / "w0.png", root / "link_in.png")
     lines[0]["image_w"] = "link_in.png"
     (outside / "o.png").write_bytes(encode_image(np.zeros((SIZE, SIZE, 3), np.uint8)))
@@ -152,8 +168,15 @@ def hostile_folder(tmp_path):
     with open(root / "huge.png", "wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
     for pair_id, (path, _, _) in HOSTILE.items():
-        lines.append({"pair_id": pair_id, "prompt": "p", "image_w": path.format(outside=outside), "image_l": "l1.png",
-                      "label": "w"})
+        lines.append(
+            {
+                "pair_id": pair_id,
+                "prompt": "p",
+                "image_w": path.format(outside=outside),
+                "image_l": "l1.png",
+                "label": "w",
+            }
+        )
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     pq.write_table(pa.Table.from_pylist(lines), root / "as_paths.parquet")  # the same records, paths as strings
     return root, outside
@@ -222,8 +245,11 @@ def broken_parquet_folders(tmp_path):
 
 def test_a_broken_parquet_file_is_named_with_its_column(tmp_path):
     listed, truncated = broken_parquet_folders(tmp_path)
-    with pytest.raises(ValueError, match=rf"{listed}/b_listed.parquet: column 'label' is list<.*string>, "
-                                         r"expected one string per pair \(w, l or tie\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{listed}/b_listed.parquet: column 'label' is list<.*string>, "
+        r"expected one string per pair \(w, l or tie\)",
+    ):
         read_pairs(listed)
     with pytest.raises(ValueError, match=rf"{truncated}/b_truncated.parquet: not a readable Parquet file .*truncated"):
         read_pairs(truncated)

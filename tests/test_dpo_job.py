@@ -13,8 +13,15 @@ import torch
 
 from armature.data.synthetic import make_pair, procedural_sources
 
-TINY_LORA = {"family": "tiny", "lora": {"enabled": True, "rank": 4, "alpha": 4.0,
-                                        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}}
+TINY_LORA = {
+    "family": "tiny",
+    "lora": {
+        "enabled": True,
+        "rank": 4,
+        "alpha": 4.0,
+        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    },
+}
 SAMPLING = {"num_steps": 2, "guidance_scale": 1.0}
 
 
@@ -58,8 +65,13 @@ def _batch(policy, n=4, identical=False):
     w = torch.from_numpy(np.stack([decode_image(p["image_w"]) for p in pairs]))
     l = w.clone() if identical else torch.from_numpy(np.stack([decode_image(p["image_l"]) for p in pairs]))
     mask = torch.from_numpy(np.stack([decode_image(p["mask"], "L") for p in pairs])).float() / 255
-    return {"pixels_w": w, "pixels_l": l, "mask": mask, "prompt": [p["prompt"] for p in pairs],
-            "tie": torch.zeros(n, dtype=torch.bool)}
+    return {
+        "pixels_w": w,
+        "pixels_l": l,
+        "mask": mask,
+        "prompt": [p["prompt"] for p in pairs],
+        "tie": torch.zeros(n, dtype=torch.bool),
+    }
 
 
 def test_pair_errors_share_timestep_and_noise_and_start_at_the_reference():
@@ -98,9 +110,13 @@ def test_configs_compose_and_check():
     cfg = compose("train", ["algo=dpo"])
     assert (cfg.algo.alpha, cfg.algo.tau, cfg.data.pairs) == (0.0, None, None)
     assert get("dpo").run is get("asap_dpo").run and get("dpo").run.__module__ == "armature.jobs.dpo"
-    for bad, message in (("algo.beta=0", "algo.beta"), ("algo.prediction_type=sample", "prediction_type"),
-                         ("data.heldout_fraction=1.5", "heldout_fraction"), ("algo.clip_range=0.1", "clip_range"),
-                         ("data.unknown=1", "unknown")):
+    for bad, message in (
+        ("algo.beta=0", "algo.beta"),
+        ("algo.prediction_type=sample", "prediction_type"),
+        ("data.heldout_fraction=1.5", "heldout_fraction"),
+        ("algo.clip_range=0.1", "clip_range"),
+        ("data.unknown=1", "unknown"),
+    ):
         with pytest.raises(ConfigError, match=message):
             compose("train", ["algo=dpo", bad])
 
@@ -124,10 +140,21 @@ def test_dpo_job_learns_the_preference_and_accounts_for_bad_records(ray_cluster,
     write_pairs(records, tmp_path / "pairs" / "pairs.parquet")
 
     command = [
-        sys.executable, "-m", "armature.cli", "train", "algo=dpo", "model=tiny_lora",
-        f"data.pairs={tmp_path / 'pairs'}", "data.heldout_fraction=0.25", "data.encoder_num_cpus=1",
-        "algo.num_epochs=5", "algo.heldout_draws=8", "trainer.cpus_per_worker=1", "tracking.registered_model=null",
-        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "algo=dpo",
+        "model=tiny_lora",
+        f"data.pairs={tmp_path / 'pairs'}",
+        "data.heldout_fraction=0.25",
+        "data.encoder_num_cpus=1",
+        "algo.num_epochs=5",
+        "algo.heldout_draws=8",
+        "trainer.cpus_per_worker=1",
+        "tracking.registered_model=null",
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={tmp_path / 'track'}",
         "tracking.run_name=dpo-e2e",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}

@@ -48,8 +48,11 @@ def test_gym_oracle_reward_is_minus_severity_at_any_size():
     reward = load("gym_oracle")
     rng = np.random.default_rng(3)
     intact, broken = sample_defective(rng, "missing")
-    images = [Image.fromarray(render(intact)), Image.fromarray(render(broken)),
-              Image.fromarray(render(broken)).resize((128, 128), Image.NEAREST)]
+    images = [
+        Image.fromarray(render(intact)),
+        Image.fromarray(render(broken)),
+        Image.fromarray(render(broken)).resize((128, 128), Image.NEAREST),
+    ]
     scores = reward(images, [intact.prompt] * 3)
     assert scores.tolist() == [0.0, -reward.last_verdicts[1].severity, -reward.last_verdicts[1].severity]
     assert scores[1] <= -2
@@ -74,8 +77,13 @@ def test_suites(tmp_path):
 def test_summary_rows():
     base = np.array([[0.0, -3.0], [-1.0, 0.0], [-3.0, -3.0]])  # 3 prompts x 2 samples
     tuned = np.array([[0.0, 0.0], [-1.0, -3.0], [0.0, -3.0]])
-    rows = summarize({"base": base, "tuned": tuned}, ["a", "a", "b"], threshold=0.0, tie_tolerance=0.0,
-                     components={"base": {"gym_oracle": base}, "tuned": {"gym_oracle": tuned}})
+    rows = summarize(
+        {"base": base, "tuned": tuned},
+        ["a", "a", "b"],
+        threshold=0.0,
+        tie_tolerance=0.0,
+        components={"base": {"gym_oracle": base}, "tuned": {"gym_oracle": tuned}},
+    )
     assert rows[0]["aer"] == pytest.approx(4 / 6) and rows[1]["aer"] == pytest.approx(3 / 6)
     assert rows[0]["aer/a"] == pytest.approx(2 / 4) and rows[0]["aer/b"] == 1.0 and rows[1]["aer/b"] == 0.5
     # tuned vs base per (prompt, seed): tie, win, tie, lose, win, tie
@@ -99,8 +107,14 @@ def test_best_of_n_selection_by_hand():
     assert two["j"].tolist() == [[1, 3], [6, 10]]  # ties keep the first (argmax)
     assert three["j"].tolist() == [[2, 3], [8, 10]]
     assert three["s"].tolist() == [[0.9, 0.3], [1.0, 0.8]]
-    rows = summarize({"x": np.array([[0.0, -3.0, -1.0]])}, ["c"], threshold=0.0, tie_tolerance=0.0,
-                     components={"x": {}}, severe_at=-3.0)
+    rows = summarize(
+        {"x": np.array([[0.0, -3.0, -1.0]])},
+        ["c"],
+        threshold=0.0,
+        tie_tolerance=0.0,
+        components={"x": {}},
+        severe_at=-3.0,
+    )
     assert rows[0]["severe_rate"] == pytest.approx(1 / 3) and rows[0]["aer"] == pytest.approx(2 / 3)
 
 
@@ -132,23 +146,42 @@ def test_eval_job_two_policies(ray_cluster, tmp_path):
     from armature.platform.config import compose
     from armature.policies import build_policy
 
-    trained = build_policy({"family": "tiny", "tiny": {"image_size": 16}, "lora": {"enabled": True, "rank": 2}},
-                           {"num_steps": 3})
+    trained = build_policy(
+        {"family": "tiny", "tiny": {"image_size": 16}, "lora": {"enabled": True, "rank": 2}}, {"num_steps": 3}
+    )
     with torch.no_grad():
         for p in trained.trainable_parameters():
             p.add_(0.5 * torch.randn_like(p))
     adapter = trained.save_adapter(tmp_path / "adapter")
     suite = tmp_path / "suite.jsonl"
     suite.write_text("\n".join(json.dumps({"prompt": f"a person {i}", "category": "ab"[i % 2]}) for i in range(4)))
-    cfg = compose("train", [
-        "algo=eval", "model=tiny", "reward=gym_oracle", "+reward.components.brightness={weight: 0.0}",
-        "+reward.components.colorfulness={weight: 0.0}", "algo.best_of=[1,2]", "algo.selector=colorfulness",
-        "algo.judge=brightness", "algo.threshold=0.5", f"algo.suite={suite}", "algo.samples_per_prompt=2",
-        "+algo.policies.same=null", f"+algo.policies.tuned={adapter}",
-        "sampling.num_steps=3", "sampling.batch_size=8", "model.tiny.image_size=16",
-        "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.5", "cluster.torch_threads=1",
-        f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=ev",
-    ])
+    cfg = compose(
+        "train",
+        [
+            "algo=eval",
+            "model=tiny",
+            "reward=gym_oracle",
+            "+reward.components.brightness={weight: 0.0}",
+            "+reward.components.colorfulness={weight: 0.0}",
+            "algo.best_of=[1,2]",
+            "algo.selector=colorfulness",
+            "algo.judge=brightness",
+            "algo.threshold=0.5",
+            f"algo.suite={suite}",
+            "algo.samples_per_prompt=2",
+            "+algo.policies.same=null",
+            f"+algo.policies.tuned={adapter}",
+            "sampling.num_steps=3",
+            "sampling.batch_size=8",
+            "model.tiny.image_size=16",
+            "cluster.sampler_num_cpus=0.5",
+            "reward.num_cpus=0.5",
+            "cluster.torch_threads=1",
+            f"trainer.storage_path={tmp_path / 'ray'}",
+            f"tracking.local_dir={tmp_path / 'track'}",
+            "tracking.run_name=ev",
+        ],
+    )
     evaluate.run(cfg)
     info = json.loads((tmp_path / "ray" / "ev" / "armature_run.json").read_text())
     client = MlflowClient(info["tracking_uri"])
@@ -176,11 +209,12 @@ def test_best_of_n_expectation_matches_every_subset(n):
     with values = scores the expected maximum."""
     import itertools
 
-
     rng = np.random.default_rng(n)
     scores, values = rng.normal(size=7), rng.integers(0, 4, size=7).astype(float)
     subsets = [list(s) for s in itertools.combinations(range(7), n)]
-    assert best_of_n_expectation(scores, values, n) == pytest.approx(np.mean([values[s][np.argmax(scores[s])] for s in subsets]))
+    assert best_of_n_expectation(scores, values, n) == pytest.approx(
+        np.mean([values[s][np.argmax(scores[s])] for s in subsets])
+    )
     assert best_of_n_expectation(scores, scores, n) == pytest.approx(np.mean([scores[s].max() for s in subsets]))
     with pytest.raises(ValueError, match="candidates"):
         best_of_n_expectation(scores, values, 8)
@@ -201,9 +235,17 @@ def test_gym_reward_ranking_refuses_bad_flags_before_sampling(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "benchmarks" / "gym_reward_ranking.py"
-    run = subprocess.run([sys.executable, str(script), "--scorer", str(tmp_path), "--per-prompt", "8"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(script), "--scorer", str(tmp_path), "--per-prompt", "8"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "--per-prompt" in run.stderr and "--ns" in run.stderr
-    run = subprocess.run([sys.executable, str(script), "--scorer", str(tmp_path), "--ns", "1", "4"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(script), "--scorer", str(tmp_path), "--ns", "1", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "--scorer" in run.stderr and "scorer.json" in run.stderr

@@ -19,7 +19,9 @@ from armature.feedback.store import PreferenceStore
 CHROMIUM = os.environ.get("ARMATURE_CHROMIUM", "/usr/bin/chromium")
 RED, BLUE = (220, 10, 10), (10, 10, 220)
 
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+)
 
 
 @pytest.fixture
@@ -35,7 +37,9 @@ def server(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(str(db), severity=severity), host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(str(db), severity=severity), host="127.0.0.1", port=port, log_level="warning"
+        )
         srv = uvicorn.Server(config)
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
@@ -63,8 +67,16 @@ def browser():
 
 def seed(db, n):
     store = PreferenceStore(db)
-    store.add_pairs([{"prompt": f"a person waving, take {i}", "image_a": np.full((16, 16, 3), RED, np.uint8),
-                      "image_b": np.full((16, 16, 3), BLUE, np.uint8)} for i in range(n)])
+    store.add_pairs(
+        [
+            {
+                "prompt": f"a person waving, take {i}",
+                "image_a": np.full((16, 16, 3), RED, np.uint8),
+                "image_b": np.full((16, 16, 3), BLUE, np.uint8),
+            }
+            for i in range(n)
+        ]
+    )
     token = store.add_annotator("bob")
     store.close()
     return token
@@ -85,8 +97,9 @@ def expected(color_on_left, choice):
 
 def wait_next(page, previous):
     # CSS selectors, not wait_for_function: the page's CSP forbids the eval that it polls with
-    page.wait_for_selector(f"body[data-state='done'], body[data-state='ready']:not([data-pair='{previous}'])",
-                           state="attached")
+    page.wait_for_selector(
+        f"body[data-state='done'], body[data-state='ready']:not([data-pair='{previous}'])", state="attached"
+    )
 
 
 def test_clicks_and_keys_store_the_right_winner(tmp_path, server, browser):
@@ -102,9 +115,16 @@ def test_clicks_and_keys_store_the_right_winner(tmp_path, server, browser):
     assert page.evaluate("localStorage.getItem('armature-token')") is None
     assert page.evaluate("sessionStorage.getItem('armature-token')") == token
     # (how, what, choice): buttons and both key sets
-    actions = [("click", "#btn-left", "left"), ("click", "#btn-right", "right"), ("click", "#btn-none", "none"),
-               ("key", "ArrowLeft", "left"), ("key", "ArrowRight", "right"), ("key", "ArrowDown", "none"),
-               ("key", "1", "left"), ("key", "2", "right")]
+    actions = [
+        ("click", "#btn-left", "left"),
+        ("click", "#btn-right", "right"),
+        ("click", "#btn-none", "none"),
+        ("key", "ArrowLeft", "left"),
+        ("key", "ArrowRight", "right"),
+        ("key", "ArrowDown", "none"),
+        ("key", "1", "left"),
+        ("key", "2", "right"),
+    ]
     wanted, lefts = {}, set()
     for how, what, choice in actions:
         pair_id = page.evaluate("document.body.dataset.pair")
@@ -135,7 +155,9 @@ def test_token_form_and_severity_keys(tmp_path, server, browser):
     page.fill("#token", token)
     page.click("#save-token")
     page.wait_for_selector("body[data-state='ready']", state="attached")
-    assert page.evaluate("localStorage.length") == 0 and page.evaluate("sessionStorage.getItem('armature-token')") == token
+    assert (
+        page.evaluate("localStorage.length") == 0 and page.evaluate("sessionStorage.getItem('armature-token')") == token
+    )
     pair_id, color = page.evaluate("document.body.dataset.pair"), left_color(page)
     page.keyboard.press("ArrowLeft")  # no severity yet: refused on the page, nothing stored
     assert "severity" in page.text_content("#status")

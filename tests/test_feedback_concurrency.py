@@ -54,11 +54,33 @@ def postgres_url():
     port = _free_port()
     env = {**os.environ, "LC_ALL": "C"}
     try:
-        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "armature",
-                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, env=env, timeout=120)
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-w", "-t", "60",
-                        "-l", str(data / "log"), "-o", f"-h 127.0.0.1 -p {port} -k {data}", "start"],
-                       check=True, capture_output=True, env=env, timeout=120)
+        subprocess.run(
+            [*as_user, str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "armature", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                *as_user,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data / "db"),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(data / "log"),
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {data}",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=120,
+        )
     except (OSError, subprocess.SubprocessError) as err:
         shutil.rmtree(data, ignore_errors=True)
         detail = getattr(err, "stderr", b"") or b""
@@ -66,8 +88,12 @@ def postgres_url():
     try:
         yield f"postgresql+psycopg://armature@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True, env=env, timeout=60)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -106,8 +132,10 @@ def _race(url: str) -> Counter:
 
 def _assert_once_each(per_pair: Counter) -> None:
     twice = {pair: n for pair, n in per_pair.items() if n > 1}
-    assert not twice, (f"labels_per_pair=1 but {len(twice)} of {PAIRS} pairs were labeled more than once "
-                       f"({sum(per_pair.values())} labels)")
+    assert not twice, (
+        f"labels_per_pair=1 but {len(twice)} of {PAIRS} pairs were labeled more than once "
+        f"({sum(per_pair.values())} labels)"
+    )
 
 
 def test_labels_per_pair_holds_with_concurrent_annotators_sqlite(tmp_path):

@@ -19,8 +19,10 @@ def _gray_pairs(n, seed=0):
     rng = np.random.default_rng(seed)
     levels = rng.integers(0, 256, size=(n, 2))
     levels[levels[:, 0] == levels[:, 1], 1] ^= 1  # no exact ties
-    pairs = [{"prompt": "p", "image_a": np.full((8, 8, 3), a, np.uint8), "image_b": np.full((8, 8, 3), b, np.uint8)}
-             for a, b in levels]
+    pairs = [
+        {"prompt": "p", "image_a": np.full((8, 8, 3), a, np.uint8), "image_b": np.full((8, 8, 3), b, np.uint8)}
+        for a, b in levels
+    ]
     return pairs, levels
 
 
@@ -75,12 +77,21 @@ def test_online_dpo_config_and_errors():
     from armature.platform.config import ConfigError, compose
 
     cfg = compose("train", ["algo=online_dpo"])
-    assert cfg.algo.name == "online_dpo" and cfg.data.heldout_fraction == 0.25 and "brightness" in cfg.algo.annotator_reward
+    assert (
+        cfg.algo.name == "online_dpo"
+        and cfg.data.heldout_fraction == 0.25
+        and "brightness" in cfg.algo.annotator_reward
+    )
     assert get("online_dpo").run.__module__ == "armature.jobs.online_dpo"
-    for bad, key in (("algo.prefilter_keep=0", "algo.prefilter_keep"), ("algo.annotator=crowd", "algo.annotator"),
-                     ("algo.labels_per_pair=3", "algo.labels_per_pair"), ("algo.annotator_noise=2", "annotator_noise"),
-                     ("data.heldout_fraction=0", "data.heldout_fraction"), ("algo.probe_pairs=-1", "algo.probe_pairs"),
-                     ("algo.prefilter_order=random", "algo.prefilter_order")):
+    for bad, key in (
+        ("algo.prefilter_keep=0", "algo.prefilter_keep"),
+        ("algo.annotator=crowd", "algo.annotator"),
+        ("algo.labels_per_pair=3", "algo.labels_per_pair"),
+        ("algo.annotator_noise=2", "annotator_noise"),
+        ("data.heldout_fraction=0", "data.heldout_fraction"),
+        ("algo.probe_pairs=-1", "algo.probe_pairs"),
+        ("algo.prefilter_order=random", "algo.prefilter_order"),
+    ):
         with pytest.raises(ConfigError, match=key):
             compose("train", ["algo=online_dpo", bad])
 
@@ -96,11 +107,26 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
     noise-like textures whose global statistics barely differ (brightness std 0.003 across
     seeds), so a few dozen on-policy pairs carry too little signal (see the closing note)."""
     command = [
-        sys.executable, "-m", "armature.cli", "train", "algo=online_dpo", "model=tiny_lora", "reward=brightness",
-        "algo.num_rounds=3", "algo.pairs_per_round=16", "algo.epochs_per_round=2", "algo.train_batch_size=4",
-        "algo.learning_rate=1e-3", "algo.heldout_draws=4", "algo.probe_pairs=6", "sampling.num_steps=2", "reward.num_cpus=0.5",
-        "tracking.registered_model=null", f"trainer.storage_path={tmp_path / 'ray'}",
-        f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=online",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "algo=online_dpo",
+        "model=tiny_lora",
+        "reward=brightness",
+        "algo.num_rounds=3",
+        "algo.pairs_per_round=16",
+        "algo.epochs_per_round=2",
+        "algo.train_batch_size=4",
+        "algo.learning_rate=1e-3",
+        "algo.heldout_draws=4",
+        "algo.probe_pairs=6",
+        "sampling.num_steps=2",
+        "reward.num_cpus=0.5",
+        "tracking.registered_model=null",
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={tmp_path / 'track'}",
+        "tracking.run_name=online",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -112,11 +138,20 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
 
     info = json.loads((tmp_path / "ray" / "online" / "armature_run.json").read_text())
     client = MlflowClient(info["tracking_uri"])
-    history = lambda key: [m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key),
-                                                   key=lambda m: m.step)]
+    history = lambda key: [
+        m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key), key=lambda m: m.step)
+    ]
     accuracy = history("heldout_implicit_acc")
-    print("held-out implicit accuracy by round:", accuracy, "by pair:", history("heldout_pair_acc"),
-          "held-out pairs:", history("heldout_pairs"), "agreement:", history("annotators_agreement"))
+    print(
+        "held-out implicit accuracy by round:",
+        accuracy,
+        "by pair:",
+        history("heldout_pair_acc"),
+        "held-out pairs:",
+        history("heldout_pairs"),
+        "agreement:",
+        history("annotators_agreement"),
+    )
     assert "[armature] probe: 6 base-policy pairs, 12 labels" in out  # labeled before round 1
     assert history("store_labels") == [44, 76, 108]  # the probe's 12, then 16 pairs a round, 2 annotators each
     assert history("labels_new") == [32, 32, 32] and history("pairs_new") == [16, 16, 16]

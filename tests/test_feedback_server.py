@@ -26,9 +26,12 @@ def free_port() -> int:
 
 
 def start_server(db, port, *extra):
-    proc = subprocess.Popen([sys.executable, "-m", "armature.cli", "label", "serve", "--db", str(db),
-                             "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "armature.cli", "label", "serve", "--db", str(db), "--port", str(port), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -45,8 +48,16 @@ def start_server(db, port, *extra):
 def seed_store(db, n):
     """n pairs whose image a is red and image b blue; one annotator; returns the token."""
     store = PreferenceStore(db)
-    store.add_pairs([{"prompt": f"prompt {i}", "image_a": np.full((16, 16, 3), RED, np.uint8),
-                      "image_b": np.full((16, 16, 3), BLUE, np.uint8)} for i in range(n)])
+    store.add_pairs(
+        [
+            {
+                "prompt": f"prompt {i}",
+                "image_a": np.full((16, 16, 3), RED, np.uint8),
+                "image_b": np.full((16, 16, 3), BLUE, np.uint8),
+            }
+            for i in range(n)
+        ]
+    )
     token = store.add_annotator("alice")
     store.close()
     return token
@@ -137,13 +148,14 @@ def test_severity_required_when_configured(tmp_path):
     client = TestClient(create_app(str(db), severity=True), headers={"Authorization": f"Bearer {token}"})
     pair = client.get("/api/next").json()
     assert client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left"}).status_code == 422
-    assert client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left", "severity": 9}).status_code == 422
+    assert (
+        client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left", "severity": 9}).status_code == 422
+    )
     ok = client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left", "severity": 2})
     assert ok.status_code == 200
     again = client.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "right", "severity": 1})
     assert again.status_code == 409  # one label per person and pair
     assert PreferenceStore(db).labels()[0]["severity"] == 2
-
 
 
 def test_page_headers_url_tokens_and_unasked_severity(tmp_path):

@@ -16,8 +16,16 @@ def _image(color):
 
 
 def _pairs(n, round_=0):
-    return [{"prompt": f"a hand {i}", "image_a": _image((200, 0, 0)), "image_b": _image((0, 0, 200)),
-             "policy_version": 3, "round": round_} for i in range(n)]
+    return [
+        {
+            "prompt": f"a hand {i}",
+            "image_a": _image((200, 0, 0)),
+            "image_b": _image((0, 0, 200)),
+            "policy_version": 3,
+            "round": round_,
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -29,8 +37,14 @@ def store(tmp_path):
 
 def test_decision_for_every_click_and_order():
     # written out by hand: which stored image wins for each (click, image on the left)
-    table = {("left", "a"): "w", ("right", "a"): "l", ("left", "b"): "l", ("right", "b"): "w",
-             ("none", "a"): "tie", ("none", "b"): "tie"}
+    table = {
+        ("left", "a"): "w",
+        ("right", "a"): "l",
+        ("left", "b"): "l",
+        ("right", "b"): "w",
+        ("none", "a"): "tie",
+        ("none", "b"): "tie",
+    }
     for (choice, left), expected in table.items():
         assert decision_for(choice, left) == expected
     with pytest.raises(ValueError, match="choice"):
@@ -161,8 +175,13 @@ def test_label_cli_roundtrip(tmp_path, capsys):
     from armature.data.pairs import write_pairs
 
     db = str(tmp_path / "cli.db")
-    write_pairs([{"pair_id": f"p{i}", "prompt": "a hand", "image_w": _image((9, 9, 9)), "image_l": _image(0),
-                  "label": "w"} for i in range(3)], tmp_path / "in.parquet")
+    write_pairs(
+        [
+            {"pair_id": f"p{i}", "prompt": "a hand", "image_w": _image((9, 9, 9)), "image_l": _image(0), "label": "w"}
+            for i in range(3)
+        ],
+        tmp_path / "in.parquet",
+    )
     assert main(["label", "import", str(tmp_path / "in.parquet"), "--db", db, "--policy-version", "2"]) == 0
     assert main(["label", "annotator", "carol", "--db", db]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
@@ -191,9 +210,11 @@ def test_label_import_refuses_pairs_the_stream_would_quarantine(tmp_path, capsys
         (tmp_path / "pairs" / name).write_bytes(encode_image(_image(color)))
     (tmp_path / "pairs" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "secret.png").write_bytes(encode_image(_image((1, 2, 3))))
-    rows = [{"pair_id": "ok", "prompt": "a hand", "image_w": "good_w.png", "image_l": "good_l.png", "label": "w"},
-            {"pair_id": "out", "prompt": "a hand", "image_w": "../secret.png", "image_l": "good_l.png", "label": "w"},
-            {"pair_id": "bad", "prompt": "a hand", "image_w": "broken.png", "image_l": "good_l.png", "label": "w"}]
+    rows = [
+        {"pair_id": "ok", "prompt": "a hand", "image_w": "good_w.png", "image_l": "good_l.png", "label": "w"},
+        {"pair_id": "out", "prompt": "a hand", "image_w": "../secret.png", "image_l": "good_l.png", "label": "w"},
+        {"pair_id": "bad", "prompt": "a hand", "image_w": "broken.png", "image_l": "good_l.png", "label": "w"},
+    ]
     (tmp_path / "pairs" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     db = str(tmp_path / "imp.db")
     assert main(["label", "import", str(tmp_path / "pairs"), "--db", db]) == 0

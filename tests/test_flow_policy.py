@@ -30,11 +30,15 @@ def build(arch, lora=False, guidance=3.0):
 
 def rescore(policy, traj, num_steps=STEPS):
     with torch.no_grad():
-        return torch.stack([
-            policy.step_log_prob(traj.cond, traj.latents[:, j], traj.timesteps[:, j], traj.latents[:, j + 1],
-                                 num_steps=num_steps)
-            for j in range(traj.timesteps.shape[1])
-        ], dim=1)
+        return torch.stack(
+            [
+                policy.step_log_prob(
+                    traj.cond, traj.latents[:, j], traj.timesteps[:, j], traj.latents[:, j + 1], num_steps=num_steps
+                )
+                for j in range(traj.timesteps.shape[1])
+            ],
+            dim=1,
+        )
 
 
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
@@ -56,9 +60,16 @@ def test_ode_rollout_equals_the_diffusers_pipeline():
     policy = build("sd3")
     traj = policy.rollout(PROMPTS, torch.Generator().manual_seed(3), sde_window=(0, 0))
     assert torch.equal(traj.log_probs, torch.zeros(3, STEPS))
-    out = policy.pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=3.0, height=32, width=32,
-                      generator=torch.Generator().manual_seed(3), output_type="latent",
-                      max_sequence_length=policy.max_sequence_length)
+    out = policy.pipe(
+        PROMPTS,
+        num_inference_steps=STEPS,
+        guidance_scale=3.0,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+        max_sequence_length=policy.max_sequence_length,
+    )
     torch.testing.assert_close(traj.latents[:, -1], out.images, rtol=1e-5, atol=1e-5)
 
 
@@ -69,8 +80,15 @@ def test_denoising_reduction_and_window():
     assert torch.all(traj.log_probs[:, [0, 1, 4, 5]] == 0) and torch.all(traj.log_probs[:, 2:4] != 0)
     window = [2, 3]
     with torch.no_grad():
-        lp = torch.stack([policy.step_log_prob(traj.cond, traj.latents[:, j], traj.timesteps[:, j],
-                                               traj.latents[:, j + 1], num_steps=6) for j in window], 1)
+        lp = torch.stack(
+            [
+                policy.step_log_prob(
+                    traj.cond, traj.latents[:, j], traj.timesteps[:, j], traj.latents[:, j + 1], num_steps=6
+                )
+                for j in window
+            ],
+            1,
+        )
     torch.testing.assert_close(lp, traj.log_probs[:, window], rtol=1e-5, atol=1e-5)
 
 

@@ -11,19 +11,48 @@ import pytest
 pytestmark = pytest.mark.slow
 
 EPOCHS = 6
-DETERMINISTIC = ["epoch", "samples", "reward_mean", "reward_std", "reward_group_std", "loss", "approx_kl",
-                 "clipfrac", "grad_norm"]
+DETERMINISTIC = [
+    "epoch",
+    "samples",
+    "reward_mean",
+    "reward_std",
+    "reward_group_std",
+    "loss",
+    "approx_kl",
+    "clipfrac",
+    "grad_norm",
+]
 
 
 def _train(tmp, ray_address, name, epochs, samplers):
     command = [
-        sys.executable, "-m", "armature.cli", "train", "algo=grpo", "model=tiny_flow", "reward=brightness",
-        f"algo.num_epochs={epochs}", "algo.prompts_per_epoch=4", "algo.group_size=4", "algo.train_batch_size=8",
-        "algo.learning_rate=1e-2", "algo.train_num_steps=6", "algo.sde_window_size=4", "algo.sde_window_stride=1",
-        "algo.sde_window_shift_every=3", "sampling.num_steps=12", "sampling.batch_size=8",
-        f"cluster.num_samplers={samplers}", "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.25",
-        "cluster.torch_threads=1", "tracking.images_per_grid=4", "tracking.registered_model=null",
-        f"trainer.storage_path={tmp / 'ray'}", f"tracking.local_dir={tmp / 'track'}", f"tracking.run_name={name}",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "algo=grpo",
+        "model=tiny_flow",
+        "reward=brightness",
+        f"algo.num_epochs={epochs}",
+        "algo.prompts_per_epoch=4",
+        "algo.group_size=4",
+        "algo.train_batch_size=8",
+        "algo.learning_rate=1e-2",
+        "algo.train_num_steps=6",
+        "algo.sde_window_size=4",
+        "algo.sde_window_stride=1",
+        "algo.sde_window_shift_every=3",
+        "sampling.num_steps=12",
+        "sampling.batch_size=8",
+        f"cluster.num_samplers={samplers}",
+        "cluster.sampler_num_cpus=0.5",
+        "reward.num_cpus=0.25",
+        "cluster.torch_threads=1",
+        "tracking.images_per_grid=4",
+        "tracking.registered_model=null",
+        f"trainer.storage_path={tmp / 'ray'}",
+        f"tracking.local_dir={tmp / 'track'}",
+        f"tracking.run_name={name}",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -32,8 +61,10 @@ def _train(tmp, ray_address, name, epochs, samplers):
 
     info = json.loads((tmp / "ray" / name / "armature_run.json").read_text())
     client = MlflowClient(info["tracking_uri"])
-    history = {key: [m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key),
-                                             key=lambda m: m.step)] for key in DETERMINISTIC + ["sde_window_start"]}
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key), key=lambda m: m.step)]
+        for key in DETERMINISTIC + ["sde_window_start"]
+    }
     return history
 
 

@@ -57,8 +57,10 @@ def test_grpo_loss_matches_an_explicit_loop_and_its_gradient(beta):
         up, down = lp.detach().clone(), lp.detach().clone()
         up[i] += h
         down[i] -= h
-        fd = (_reference_loss(up.tolist(), old.tolist(), adv.tolist(), ref.tolist(), 0.05, 4.0, beta)[0]
-              - _reference_loss(down.tolist(), old.tolist(), adv.tolist(), ref.tolist(), 0.05, 4.0, beta)[0]) / (2 * h)
+        fd = (
+            _reference_loss(up.tolist(), old.tolist(), adv.tolist(), ref.tolist(), 0.05, 4.0, beta)[0]
+            - _reference_loss(down.tolist(), old.tolist(), adv.tolist(), ref.tolist(), 0.05, 4.0, beta)[0]
+        ) / (2 * h)
         assert lp.grad[i].item() == pytest.approx(fd, rel=1e-4, abs=1e-8)
 
 

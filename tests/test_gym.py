@@ -61,7 +61,7 @@ def test_severity_follows_the_worst_defect():
     assert ("missing", "head") in verdict.defects and verdict.severity == 3
     no_hand = image.copy()
     hands = (image == PALETTE["hand"]).all(-1)
-    hands[:, SIZE // 2:] = False  # one hand (the figure's right: the image's left half)
+    hands[:, SIZE // 2 :] = False  # one hand (the figure's right: the image's left half)
     no_hand[hands] = image[0, 0]
     assert oracle(no_hand).defects == [("missing", "hand")] and oracle(no_hand).severity == 2
 

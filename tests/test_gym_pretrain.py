@@ -25,8 +25,18 @@ def test_miniature_pretrain_writes_a_policy_model_gym_loads(tmp_path, monkeypatc
     from armature.gym.base_policy import policy_path
     from armature.policies.diffusion import SamplingParams, load_policy
 
-    cfg = PretrainConfig(images=64, vae_steps=3, unet_steps=4, batch_size=4, eval_per_prompt=1, eval_steps=2,
-                         unet_channels=[16, 32], vae_channels=[16, 16], latent_channels=4, threads=1)
+    cfg = PretrainConfig(
+        images=64,
+        vae_steps=3,
+        unet_steps=4,
+        batch_size=4,
+        eval_per_prompt=1,
+        eval_steps=2,
+        unet_channels=[16, 32],
+        vae_channels=[16, 16],
+        latent_channels=4,
+        threads=1,
+    )
     stats = pretrain(cfg, tmp_path / "policy", log=lambda m: None)
     assert stats["unet_steps_done"] == 4 and stats["eval"]["samples"] == 9
     assert json.loads((tmp_path / "policy" / "stats.json").read_text())["eval"]["samples"] == 9

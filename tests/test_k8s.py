@@ -70,8 +70,11 @@ def one(docs: list[dict], kind: str, name: str) -> dict:
 
 def ray_cluster_spec(doc: dict) -> dict:
     """The RayCluster spec inside a RayCluster, RayJob or RayService."""
-    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+    return {
+        "RayCluster": lambda s: s,
+        "RayJob": lambda s: s["rayClusterSpec"],
+        "RayService": lambda s: s["rayClusterConfig"],
+    }[doc["kind"]](doc["spec"])
 
 
 def ray_groups(doc: dict) -> list[tuple[str, dict]]:
@@ -141,8 +144,11 @@ def openapi_to_jsonschema(schema: dict) -> dict:
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if schema.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
-    if ("properties" in schema and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -205,8 +211,10 @@ def validate(doc: dict) -> list[str]:
             errors = [err]
         except kubernetes_validate.SchemaNotFoundError as err:
             return [f"{where}: {err.message}"]
-        errors += [SimpleNamespace(absolute_path=path, message=f"{value!r} is not a Kubernetes quantity")
-                   for path, value in quantity_errors(doc)]
+        errors += [
+            SimpleNamespace(absolute_path=path, message=f"{value!r} is not a Kubernetes quantity")
+            for path, value in quantity_errors(doc)
+        ]
     return [f"{where}: {json_path(e.absolute_path)}: {e.message}" for e in errors]
 
 
@@ -217,7 +225,8 @@ def test_core_objects_match_the_kubernetes_schemas(target):
     errors = [message for doc in docs for message in validate(doc)]
     assert not errors, f"{target}: schema errors:\n  " + "\n  ".join(errors)
     assert {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim", "ConfigMap", "Job"} <= {
-        d["kind"] for d in docs}
+        d["kind"] for d in docs
+    }
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -235,13 +244,13 @@ def test_a_planted_error_fails_with_a_message_naming_its_path():
 
     deployment = one(docs, "Deployment", "armature-mlflow")
     deployment["spec"]["replicas"] = "two"
-    assert validate(deployment) == [
-        "Deployment/armature-mlflow: spec.replicas: 'two' is not of type 'integer', 'null'"]
+    assert validate(deployment) == ["Deployment/armature-mlflow: spec.replicas: 'two' is not of type 'integer', 'null'"]
 
     claim = one(docs, "PersistentVolumeClaim", "armature-minio")
     claim["spec"]["resources"]["requests"]["storage"] = "lots"
     assert validate(claim) == [
-        "PersistentVolumeClaim/armature-minio: spec.resources.requests.storage: 'lots' is not a Kubernetes quantity"]
+        "PersistentVolumeClaim/armature-minio: spec.resources.requests.storage: 'lots' is not a Kubernetes quantity"
+    ]
 
     cluster = one(docs, "RayCluster", "armature-interactive")
     bad = copy.deepcopy(cluster)
@@ -250,8 +259,9 @@ def test_a_planted_error_fails_with_a_message_naming_its_path():
 
     job = one(docs, "RayJob", "armature-train")
     job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
-    assert validate(job) == ["RayJob/armature-train: spec.rayClusterSpec.workerGroupSpecs[0].replicas: "
-                             "'two' is not of type 'integer'"]
+    assert validate(job) == [
+        "RayJob/armature-train: spec.rayClusterSpec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'"
+    ]
 
     # A misspelt field is an error, not silently dropped (x-kubernetes-preserve-unknown-fields aside).
     bad = copy.deepcopy(cluster)
@@ -267,8 +277,9 @@ def test_a_planted_error_fails_with_a_message_naming_its_path():
     assert validate(cluster) == []
     resources["limits"]["cpu"] = "two"
     [message] = validate(cluster)
-    assert message.startswith("RayCluster/armature-interactive: "
-                              "spec.headGroupSpec.template.spec.containers[0].resources.limits.cpu: 'two'")
+    assert message.startswith(
+        "RayCluster/armature-interactive: spec.headGroupSpec.template.spec.containers[0].resources.limits.cpu: 'two'"
+    )
 
 
 # =========================================================================== the training job
@@ -305,18 +316,26 @@ def test_rayjob_entrypoint_is_an_armature_command_whose_overrides_compose(target
     assert cfg["tracking"]["run_name"], "a fixed run name lets a retried job resume"
 
     # The job's actors fit its cluster: Ray counts each pod's CPU and GPU limits.
-    limits = [(group.get("maxReplicas", 1) if name != "head" else 1,
-               group["template"]["spec"]["containers"][0]["resources"]["limits"])
-              for name, group in ray_groups(job)]
+    limits = [
+        (
+            group.get("maxReplicas", 1) if name != "head" else 1,
+            group["template"]["spec"]["containers"][0]["resources"]["limits"],
+        )
+        for name, group in ray_groups(job)
+    ]
     have_cpus = sum(n * cpus(lim["cpu"]) for n, lim in limits)
     have_gpus = sum(n * int(lim.get("nvidia.com/gpu", 0)) for n, lim in limits)
     trainer, cluster, reward = cfg["trainer"], cfg["cluster"], cfg["reward"]
-    need_cpus = (trainer["num_workers"] * trainer["cpus_per_worker"]
-                 + cluster["num_samplers"] * cluster["sampler_num_cpus"]
-                 + reward["num_actors"] * reward["num_cpus"])
-    need_gpus = (trainer["num_workers"] * trainer["use_gpu"]
-                 + cluster["num_samplers"] * cluster["sampler_num_gpus"]
-                 + reward["num_actors"] * reward["num_gpus"])
+    need_cpus = (
+        trainer["num_workers"] * trainer["cpus_per_worker"]
+        + cluster["num_samplers"] * cluster["sampler_num_cpus"]
+        + reward["num_actors"] * reward["num_cpus"]
+    )
+    need_gpus = (
+        trainer["num_workers"] * trainer["use_gpu"]
+        + cluster["num_samplers"] * cluster["sampler_num_gpus"]
+        + reward["num_actors"] * reward["num_gpus"]
+    )
     assert need_cpus <= have_cpus, f"{target}: the job asks for {need_cpus} CPUs, its cluster has {have_cpus}"
     assert need_gpus <= have_gpus, f"{target}: the job asks for {need_gpus} GPUs, its cluster has {have_gpus}"
 
@@ -469,10 +488,13 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
 
 
 def restricted(security_context: dict) -> bool:
-    return (security_context.get("allowPrivilegeEscalation") is False
-            and security_context.get("readOnlyRootFilesystem") is True
-            and security_context.get("capabilities", {}).get("drop") == ["ALL"]
-            and not security_context.get("privileged") and security_context.get("runAsUser", 1) != 0)
+    return (
+        security_context.get("allowPrivilegeEscalation") is False
+        and security_context.get("readOnlyRootFilesystem") is True
+        and security_context.get("capabilities", {}).get("drop") == ["ALL"]
+        and not security_context.get("privileged")
+        and security_context.get("runAsUser", 1) != 0
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -503,22 +525,32 @@ def test_generator_api_key_comes_from_a_secret(target):
     for group, spec in ray_groups(service):
         env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0].get("env", [])}
         assert env["ARMATURE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
-            "name": "armature-generator", "key": "ARMATURE_API_KEY"}, f"generator {group}: keyless"
+            "name": "armature-generator",
+            "key": "ARMATURE_API_KEY",
+        }, f"generator {group}: keyless"
 
 
 def test_only_minio_and_its_job_hold_the_root_key_and_ray_pods_a_scoped_one():
     docs = render("base")
     examples = {s["metadata"]["name"]: s["stringData"] for s in yaml.safe_load_all(SECRET_EXAMPLE.read_text())}
     root_user = examples["armature-minio-root"]["MINIO_ROOT_USER"]
-    assert root_user not in (examples["armature-s3"]["AWS_ACCESS_KEY_ID"],
-                             examples["armature-s3-mlflow"]["AWS_ACCESS_KEY_ID"])
-    holders = {where for doc in docs for where, pod in pod_specs(doc)
-               if any(ref["name"] == "armature-minio-root" for ref in [*walk(pod, "secretRef"), *walk(pod, "secretKeyRef")])}
+    assert root_user not in (
+        examples["armature-s3"]["AWS_ACCESS_KEY_ID"],
+        examples["armature-s3-mlflow"]["AWS_ACCESS_KEY_ID"],
+    )
+    holders = {
+        where
+        for doc in docs
+        for where, pod in pod_specs(doc)
+        if any(ref["name"] == "armature-minio-root" for ref in [*walk(pod, "secretRef"), *walk(pod, "secretKeyRef")])
+    }
     assert holders == {"Deployment/armature-minio", "Job/armature-minio-buckets"}
     for doc in [d for d in docs if d["kind"] in RAY_KINDS]:
         for group, spec in ray_groups(doc):
             secrets = {ref["name"] for ref in walk(spec, "secretRef")}
-            assert "armature-s3" in secrets and "armature-s3-mlflow" not in secrets, f"{doc['metadata']['name']} {group}"
+            assert "armature-s3" in secrets and "armature-s3-mlflow" not in secrets, (
+                f"{doc['metadata']['name']} {group}"
+            )
     # the bucket Job makes the Ray pods' key a MinIO user whose policy names bucket "armature" alone
     job = one(docs, "Job", "armature-minio-buckets")["spec"]["template"]["spec"]["containers"][0]
     script = job["args"][0]
@@ -539,8 +571,12 @@ def selects(selector: dict, labels: dict) -> bool:
         return False
     for expression in selector.get("matchExpressions", []):
         key, op, values = expression["key"], expression["operator"], expression.get("values", [])
-        ok = {"Exists": key in labels, "DoesNotExist": key not in labels,
-              "In": labels.get(key) in values, "NotIn": labels.get(key) not in values}[op]
+        ok = {
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+        }[op]
         if not ok:
             return False
     return True
@@ -550,23 +586,29 @@ def peer_matches(peer: dict, pod: PodRef) -> bool:
     namespace, labels = pod
     if "ipBlock" in peer:
         return False  # pods are matched by selectors here; ipBlocks are for outside the cluster
-    in_namespace = selects(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer else namespace == HOME_NS
+    in_namespace = (
+        selects(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer else namespace == HOME_NS
+    )
     return in_namespace and selects(peer.get("podSelector", {}), labels)
 
 
 def allowed(policies: list[dict], direction: str, pod: PodRef, peer: PodRef, port: int) -> bool:
     """Kubernetes' reading: a pod no policy of ``direction`` selects is open; else some rule of
     one of the policies that select it must admit the peer and the port."""
-    applying = [p["spec"] for p in policies
-                if pod[0] == HOME_NS and selects(p["spec"]["podSelector"], pod[1]) and direction in p["spec"]["policyTypes"]]
+    applying = [
+        p["spec"]
+        for p in policies
+        if pod[0] == HOME_NS and selects(p["spec"]["podSelector"], pod[1]) and direction in p["spec"]["policyTypes"]
+    ]
     if not applying:
         return True
     key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     for spec in applying:
         for rule in spec.get(key, []):
-            if ((peers not in rule or any(peer_matches(x, peer) for x in rule[peers]))
-                    and ("ports" not in rule or any(r["port"] == port and r.get("protocol", "TCP") == "TCP"
-                                                    for r in rule["ports"]))):
+            if (peers not in rule or any(peer_matches(x, peer) for x in rule[peers])) and (
+                "ports" not in rule
+                or any(r["port"] == port and r.get("protocol", "TCP") == "TCP" for r in rule["ports"])
+            ):
                 return True
     return False
 
@@ -583,9 +625,13 @@ def test_network_policies_deny_by_default_and_open_only_what_each_part_needs(tar
     pods: dict[str, PodRef] = {}
     for doc in docs:
         for where, _ in pod_specs(doc):
-            template = (doc["spec"]["submitterPodTemplate"] if where.endswith("submitter")
-                        else dict(ray_groups(doc))[where.split()[-1]]["template"] if doc["kind"] in RAY_KINDS
-                        else doc["spec"]["template"])
+            template = (
+                doc["spec"]["submitterPodTemplate"]
+                if where.endswith("submitter")
+                else dict(ray_groups(doc))[where.split()[-1]]["template"]
+                if doc["kind"] in RAY_KINDS
+                else doc["spec"]["template"]
+            )
             pods[where] = (HOME_NS, template["metadata"]["labels"])
     pods["stranger"] = (HOME_NS, {"app": "notebook"})  # any other pod of the namespace
     pods["operator"] = ({"kubernetes.io/metadata.name": "kuberay", "armature/ray-operator": "true"}, {"app": "kuberay"})
@@ -595,23 +641,48 @@ def test_network_policies_deny_by_default_and_open_only_what_each_part_needs(tar
     mlflow, minio, pg = "Deployment/armature-mlflow", "Deployment/armature-minio", "StatefulSet/armature-postgres"
     buckets = "Job/armature-minio-buckets"
     opened = [
-        (f"{train} workers", f"{train} head", 6379), (f"{train} head", f"{train} workers", 10002),
-        (f"{gen} workers", f"{gen} head", 6379), (f"{inter} head", f"{inter} workers", 10002),
+        (f"{train} workers", f"{train} head", 6379),
+        (f"{train} head", f"{train} workers", 10002),
+        (f"{gen} workers", f"{gen} head", 6379),
+        (f"{inter} head", f"{inter} workers", 10002),
         (f"{train} submitter", f"{train} head", 8265),
-        ("operator", f"{train} head", 8265), ("operator", f"{gen} head", 8265), ("operator", f"{inter} head", 8265),
-        ("ingress", f"{gen} head", 8000), ("ingress", f"{gen} workers", 8000),
-        (f"{train} head", mlflow, 5000), (f"{inter} workers", mlflow, 5000), (f"{train} workers", minio, 9000),
-        (f"{gen} workers", minio, 9000), (mlflow, pg, 5432), (mlflow, minio, 9000), (buckets, minio, 9000),
+        ("operator", f"{train} head", 8265),
+        ("operator", f"{gen} head", 8265),
+        ("operator", f"{inter} head", 8265),
+        ("ingress", f"{gen} head", 8000),
+        ("ingress", f"{gen} workers", 8000),
+        (f"{train} head", mlflow, 5000),
+        (f"{inter} workers", mlflow, 5000),
+        (f"{train} workers", minio, 9000),
+        (f"{gen} workers", minio, 9000),
+        (mlflow, pg, 5432),
+        (mlflow, minio, 9000),
+        (buckets, minio, 9000),
     ]
     closed = [
-        ("stranger", f"{train} head", 8265), ("stranger", f"{inter} head", 8265), ("stranger", f"{gen} head", 8000),
-        ("stranger", mlflow, 5000), ("stranger", minio, 9000), ("stranger", pg, 5432),
-        ("elsewhere", f"{inter} head", 8265), ("elsewhere", mlflow, 5000), ("elsewhere", f"{gen} head", 8000),
-        (f"{train} head", pg, 5432), (f"{train} workers", f"{gen} head", 8000), (f"{gen} head", f"{train} head", 8265),
-        (f"{inter} workers", f"{train} head", 6379), (f"{train} submitter", f"{train} head", 6379),
-        (f"{train} submitter", mlflow, 5000), ("ingress", f"{gen} head", 8265), ("ingress", mlflow, 5000),
-        ("operator", f"{train} head", 6379), (minio, pg, 5432), (buckets, mlflow, 5000), (f"{train} head", minio, 9001),
-        (mlflow, f"{train} head", 8265), (pg, minio, 9000),
+        ("stranger", f"{train} head", 8265),
+        ("stranger", f"{inter} head", 8265),
+        ("stranger", f"{gen} head", 8000),
+        ("stranger", mlflow, 5000),
+        ("stranger", minio, 9000),
+        ("stranger", pg, 5432),
+        ("elsewhere", f"{inter} head", 8265),
+        ("elsewhere", mlflow, 5000),
+        ("elsewhere", f"{gen} head", 8000),
+        (f"{train} head", pg, 5432),
+        (f"{train} workers", f"{gen} head", 8000),
+        (f"{gen} head", f"{train} head", 8265),
+        (f"{inter} workers", f"{train} head", 6379),
+        (f"{train} submitter", f"{train} head", 6379),
+        (f"{train} submitter", mlflow, 5000),
+        ("ingress", f"{gen} head", 8265),
+        ("ingress", mlflow, 5000),
+        ("operator", f"{train} head", 6379),
+        (minio, pg, 5432),
+        (buckets, mlflow, 5000),
+        (f"{train} head", minio, 9001),
+        (mlflow, f"{train} head", 8265),
+        (pg, minio, 9000),
     ]
     wrong = [f"{s} -> {t}:{port} is closed" for s, t, port in opened if not reachable(policies, pods[s], pods[t], port)]
     wrong += [f"{s} -> {t}:{port} is open" for s, t, port in closed if reachable(policies, pods[s], pods[t], port)]

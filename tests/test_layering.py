@@ -21,8 +21,9 @@ def lint_imports(root: Path) -> tuple[int, dict[str, str], str]:
     """Run `lint-imports` on the package under ``root`` with ``root``'s pyproject.toml:
     ``(exit status, {contract name: "KEPT" or "BROKEN"}, the report)``."""
     env = {**os.environ, "PYTHONPATH": str(root)}  # this copy of armature, not an installed one
-    out = subprocess.run([*LINT_IMPORTS, "--no-cache", "--no-logo"], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [*LINT_IMPORTS, "--no-cache", "--no-logo"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     report = out.stdout + out.stderr
     verdicts = dict(re.findall(r"^(.+?) (KEPT|BROKEN)\b", report, flags=re.M))
     return out.returncode, verdicts, report
@@ -30,9 +31,15 @@ def lint_imports(root: Path) -> tuple[int, dict[str, str], str]:
 
 def copy_tree(tmp_path: Path) -> Path:
     """The package's Python files and pyproject.toml, under ``tmp_path``."""
+
     def not_python(folder, names):
-        return [n for n in names if n == "__pycache__" or n == "conf" or
-                (not n.endswith(".py") and not os.path.isdir(os.path.join(folder, n)))]
+        return [
+            n
+            for n in names
+            if n == "__pycache__"
+            or n == "conf"
+            or (not n.endswith(".py") and not os.path.isdir(os.path.join(folder, n)))
+        ]
 
     shutil.copytree(ROOT / "armature", tmp_path / "armature", ignore=not_python)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
@@ -53,18 +60,21 @@ def test_the_tree_keeps_every_contract():
     assert verdicts == {name: "KEPT" for name in CONTRACTS.values()}, report
 
 
-@pytest.mark.parametrize("module, line, broken, shown", [
-    # the losses import Ray: pure math no more
-    ("losses/advantages.py", "import ray", {"pure-losses"}, "armature.losses.advantages -> ray"),
-    # the gym (a leaf) reaches up into the learners
-    ("gym/oracle.py", "import armature.jobs.ddpo", {"layers"}, "armature.gym.oracle -> armature.jobs.ddpo"),
-    # a reward starts a Ray actor
-    ("rewards/analytic.py", "import ray", {"no-ray"}, "armature.rewards.analytic -> ray"),
-    # a cycle inside one layer: the family interface imports the policy that uses it
-    ("policies/families.py", "import armature.policies.diffusion", {"acyclic"}, ".families"),
-    # serve and jobs are independent siblings
-    ("serve/client.py", "import armature.jobs.bon", {"layers"}, "armature.serve.client -> armature.jobs.bon"),
-])
+@pytest.mark.parametrize(
+    "module, line, broken, shown",
+    [
+        # the losses import Ray: pure math no more
+        ("losses/advantages.py", "import ray", {"pure-losses"}, "armature.losses.advantages -> ray"),
+        # the gym (a leaf) reaches up into the learners
+        ("gym/oracle.py", "import armature.jobs.ddpo", {"layers"}, "armature.gym.oracle -> armature.jobs.ddpo"),
+        # a reward starts a Ray actor
+        ("rewards/analytic.py", "import ray", {"no-ray"}, "armature.rewards.analytic -> ray"),
+        # a cycle inside one layer: the family interface imports the policy that uses it
+        ("policies/families.py", "import armature.policies.diffusion", {"acyclic"}, ".families"),
+        # serve and jobs are independent siblings
+        ("serve/client.py", "import armature.jobs.bon", {"layers"}, "armature.serve.client -> armature.jobs.bon"),
+    ],
+)
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, broken, shown):
     root = copy_tree(tmp_path)
     path = root / "armature" / module
@@ -87,13 +97,16 @@ def private_imports(package: Path) -> list[str]:
             if not isinstance(node, ast.ImportFrom):
                 continue
             if node.level:
-                base = package_parts[:len(package_parts) - node.level + 1]
+                base = package_parts[: len(package_parts) - node.level + 1]
                 source = ".".join([*base, *([node.module] if node.module else [])])
             else:
                 source = node.module or ""
             if source.startswith("armature") and source != module:
-                found += [f"{module}: {source}.{a.name}" for a in node.names
-                          if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [
+                    f"{module}: {source}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     return found
 
 

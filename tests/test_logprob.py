@@ -19,9 +19,7 @@ SHAPE = (3, 4, 8, 8)  # [B, C, h, w]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def make_scheduler(
-    prediction_type="epsilon", set_alpha_to_one=False, clip_sample=False, steps=10, steps_offset=1
-):
+def make_scheduler(prediction_type="epsilon", set_alpha_to_one=False, clip_sample=False, steps=10, steps_offset=1):
     # steps_offset=1 as in SD 1.5 / SDXL: timesteps 901, 801, ..., 1. With steps_offset=0 the last
     # step starts at t=0, where alpha_t == final_alpha_cumprod and the step has no variance.
     scheduler = DDIMScheduler(

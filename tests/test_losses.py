@@ -51,8 +51,11 @@ def hand_grad(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
 def run_loss(lp, old, adv, clip_range, adv_clip_max):
     lp_t = torch.tensor(lp, dtype=torch.float64, requires_grad=True)
     loss, info = ddpo_loss(
-        lp_t, torch.tensor(old, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64),
-        clip_range, adv_clip_max,
+        lp_t,
+        torch.tensor(old, dtype=torch.float64),
+        torch.tensor(adv, dtype=torch.float64),
+        clip_range,
+        adv_clip_max,
     )
     return lp_t, loss, info
 
@@ -172,9 +175,7 @@ def test_normalize_rewards_hand_calc():
     # a constant batch gives zeros, not NaNs
     np.testing.assert_array_equal(normalize_rewards(np.full(4, 3.0)), np.zeros(4, np.float32))
     # eps is used
-    np.testing.assert_allclose(
-        normalize_rewards(np.array([0.0, 2.0]), eps=1.0), [-0.5, 0.5], rtol=1e-6
-    )
+    np.testing.assert_allclose(normalize_rewards(np.array([0.0, 2.0]), eps=1.0), [-0.5, 0.5], rtol=1e-6)
 
 
 def test_per_prompt_uses_prompt_stats_after_min_count_and_batch_stats_before():

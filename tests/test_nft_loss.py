@@ -39,7 +39,10 @@ def test_nft_loss_matches_an_elementwise_loop():
     total = 0.0
     for b in range(3):
         pos = neg = 0.0
-        flat = [(v_theta[b].flatten()[k].item(), v_old[b].flatten()[k].item(), target[b].flatten()[k].item()) for k in range(8)]
+        flat = [
+            (v_theta[b].flatten()[k].item(), v_old[b].flatten()[k].item(), target[b].flatten()[k].item())
+            for k in range(8)
+        ]
         for vt, vo, tg in flat:
             pos += (vo + beta * (vt - vo) - tg) ** 2 / 8  # (1 - beta) vo + beta vt
             neg += (vo - beta * (vt - vo) - tg) ** 2 / 8  # (1 + beta) vo - beta vt
@@ -68,6 +71,8 @@ def test_forward_process_and_soft_update():
     torch.testing.assert_close(xt, torch.tensor([[1.5] * 3, [3.0] * 3]))
     torch.testing.assert_close(v, torch.full((2, 3), 2.0))
     old, new = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
-    torch.testing.assert_close(ema_update(old, new, 0.25)["w"], torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 6]))
+    torch.testing.assert_close(
+        ema_update(old, new, 0.25)["w"], torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 6])
+    )
     with pytest.raises(ValueError, match="beta"):
         nft_loss(x0, x0, x0, torch.ones(2), 0.0)

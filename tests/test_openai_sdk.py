@@ -66,14 +66,26 @@ def server(ray_cluster, tmp_path_factory):
     MlflowClient(uri).set_registered_model_alias("armature-adapter", "production", "1")
     SkeleGuidePipeline.build({"num_steps": 2}).save_pretrained(tmp / "skeleguide")
 
-    cfg = compose("serve", [
-        f"tracking.local_dir={tmp / 'track'}", "tracking.experiment=openai-test",
-        f"adapters.cache_dir={tmp / 'cache'}", "api_key_env=ARMATURE_SDK_TEST_KEY",
-        f"sampling.num_steps={STEPS}", "generator.torch_threads=1", "generator.num_cpus=0.5",
-        "batching.max_batch_size=4", f"batching.pass_size={PASS}",
-        f"edits.pipeline={tmp / 'skeleguide'}", "edits.num_steps=2", "edits.editor.torch_threads=1",
-        "limits.max_steps=8", "limits.max_images=4", "limits.request_timeout_s=60",
-    ])
+    cfg = compose(
+        "serve",
+        [
+            f"tracking.local_dir={tmp / 'track'}",
+            "tracking.experiment=openai-test",
+            f"adapters.cache_dir={tmp / 'cache'}",
+            "api_key_env=ARMATURE_SDK_TEST_KEY",
+            f"sampling.num_steps={STEPS}",
+            "generator.torch_threads=1",
+            "generator.num_cpus=0.5",
+            "batching.max_batch_size=4",
+            f"batching.pass_size={PASS}",
+            f"edits.pipeline={tmp / 'skeleguide'}",
+            "edits.num_steps=2",
+            "edits.editor.torch_threads=1",
+            "limits.max_steps=8",
+            "limits.max_images=4",
+            "limits.request_timeout_s=60",
+        ],
+    )
     os.environ["ARMATURE_SDK_TEST_KEY"] = KEY
     try:
         app = build_application(cfg)
@@ -112,8 +124,9 @@ def _png(array) -> bytes:
 
 def test_generate_n_images_as_the_sdk_asks(server):
     client = server["client"]
-    answer = client.images.generate(prompt="a red cube", n=2, size="64x64", response_format="b64_json",
-                                    extra_body={"seed": 11})
+    answer = client.images.generate(
+        prompt="a red cube", n=2, size="64x64", response_format="b64_json", extra_body={"seed": 11}
+    )
     assert [d.seed for d in answer.data] == [11, 12]  # Armature's own fields ride along
     assert answer.size == "64x64" and answer.output_format == "png"
     expected = _local(None, [ImageJob("a red cube", "", 11), ImageJob("a red cube", "", 12)], 64, 64)
@@ -121,15 +134,30 @@ def test_generate_n_images_as_the_sdk_asks(server):
 
     # Best-of-N through extra_body: the n best of 4 candidates by the reward, their scores attached.
     every = client.images.generate(prompt="a yellow star", n=4, extra_body={"seed": 40, "reward": "compressibility"})
-    best = client.images.generate(prompt="a yellow star", n=2, user="app-user-7", quality="standard",
-                                  style="vivid", extra_body={"seed": 40, "reward": "compressibility", "best_of": 4})
+    best = client.images.generate(
+        prompt="a yellow star",
+        n=2,
+        user="app-user-7",
+        quality="standard",
+        style="vivid",
+        extra_body={"seed": 40, "reward": "compressibility", "best_of": 4},
+    )
     ranked = sorted(every.data, key=lambda d: -d.score)[:2]
     assert [(d.seed, d.b64_json) for d in best.data] == [(d.seed, d.b64_json) for d in ranked]
 
 
 # the OpenAI API's documented sizes, drawn at the tiny model's scale (short side 32) beyond its 64 px limit
-SIZES = {"auto": "32x32", "256x256": "32x32", "512x512": "32x32", "1024x1024": "32x32", "1536x1024": "48x32",
-         "1024x1536": "32x48", "1792x1024": "56x32", "1024x1792": "32x56", "48x16": "48x16"}
+SIZES = {
+    "auto": "32x32",
+    "256x256": "32x32",
+    "512x512": "32x32",
+    "1024x1024": "32x32",
+    "1536x1024": "48x32",
+    "1024x1536": "32x48",
+    "1792x1024": "56x32",
+    "1024x1792": "32x56",
+    "48x16": "48x16",
+}
 
 
 def test_every_documented_size(server):
@@ -150,8 +178,9 @@ def test_model_names_an_adapter_or_the_base(server):
     assert client.models.retrieve("armature-adapter@production").id == "armature-adapter@production"
 
     jobs = [ImageJob("a green sphere", "", 5)]
-    adapted = client.images.generate(prompt="a green sphere", model="armature-adapter@production",
-                                     extra_body={"seed": 5})
+    adapted = client.images.generate(
+        prompt="a green sphere", model="armature-adapter@production", extra_body={"seed": 5}
+    )
     assert adapted.model == "armature-adapter@production"
     assert adapted.model_extra["adapter_version"] == "armature-adapter/1"
     assert np.array_equal(_pixels(adapted.data[0]), _local(server["adapter"], jobs)[0])
@@ -176,10 +205,16 @@ def test_unknown_model_bad_key_and_limits_raise_the_sdk_errors(server):
         with pytest.raises(openai.AuthenticationError):
             stranger.models.list()
 
-    refused = [({"n": 5}, "n"), ({"prompt": "x" * 501}, "prompt"), ({"response_format": "url"}, "response_format"),
-               ({"output_format": "jpeg"}, "output_format"), ({"background": "transparent"}, "background"),
-               ({"extra_body": {"steps": 9}}, "steps"), ({"extra_body": {"colour": "red"}}, "colour"),
-               ({"model": "armature-adapter", "extra_body": {"adapter": "armature-adapter"}}, "model")]
+    refused = [
+        ({"n": 5}, "n"),
+        ({"prompt": "x" * 501}, "prompt"),
+        ({"response_format": "url"}, "response_format"),
+        ({"output_format": "jpeg"}, "output_format"),
+        ({"background": "transparent"}, "background"),
+        ({"extra_body": {"steps": 9}}, "steps"),
+        ({"extra_body": {"colour": "red"}}, "colour"),
+        ({"model": "armature-adapter", "extra_body": {"adapter": "armature-adapter"}}, "model"),
+    ]
     for change, field in refused:
         with pytest.raises(openai.BadRequestError) as err:
             client.images.generate(**{"prompt": "x", **change})
@@ -195,8 +230,13 @@ def test_edit_repaints_the_transparent_region_only(server):
     region = triple.person_mask
     mask = np.full((EDIT_SIZE, EDIT_SIZE, 4), 255, np.uint8)
     mask[region, 3] = 0  # the API's mask: transparent where to edit
-    answer = client.images.edit(image=("scene.png", _png(triple.scene), "image/png"), prompt=triple.prompt,
-                                mask=("mask.png", _png(mask), "image/png"), size="64x64", extra_body={"seed": 1})
+    answer = client.images.edit(
+        image=("scene.png", _png(triple.scene), "image/png"),
+        prompt=triple.prompt,
+        mask=("mask.png", _png(mask), "image/png"),
+        size="64x64",
+        extra_body={"seed": 1},
+    )
     image = _pixels(answer.data[0])
     assert image.shape == triple.scene.shape and answer.data[0].seed == 1
     assert np.array_equal(image[~region], triple.scene[~region])
@@ -205,14 +245,19 @@ def test_edit_repaints_the_transparent_region_only(server):
 
     # Without a mask, the image's own transparent pixels are the region.
     rgba = np.concatenate([triple.scene, np.where(region, 0, 255).astype(np.uint8)[..., None]], axis=-1)
-    alone = client.images.edit(image=("scene.png", _png(rgba), "image/png"), prompt=triple.prompt,
-                               extra_body={"seed": 1})
+    alone = client.images.edit(
+        image=("scene.png", _png(rgba), "image/png"), prompt=triple.prompt, extra_body={"seed": 1}
+    )
     assert np.array_equal(_pixels(alone.data[0])[~region], triple.scene[~region])
 
-    for change, field in [({"n": 2}, "n"), ({"size": "32x32"}, "size"), ({"model": "armature-adapter"}, "model"),
-                          ({"mask": ("mask.png", _png(np.full((EDIT_SIZE, EDIT_SIZE, 4), 255, np.uint8)),
-                                     "image/png")}, "mask")]:
+    for change, field in [
+        ({"n": 2}, "n"),
+        ({"size": "32x32"}, "size"),
+        ({"model": "armature-adapter"}, "model"),
+        ({"mask": ("mask.png", _png(np.full((EDIT_SIZE, EDIT_SIZE, 4), 255, np.uint8)), "image/png")}, "mask"),
+    ]:
         with pytest.raises(openai.BadRequestError) as err:
-            client.images.edit(**{"image": ("scene.png", _png(triple.scene), "image/png"),
-                                  "prompt": triple.prompt, **change})
+            client.images.edit(
+                **{"image": ("scene.png", _png(triple.scene), "image/png"), "prompt": triple.prompt, **change}
+            )
         assert err.value.param == field, (change, err.value.body)

@@ -51,8 +51,15 @@ def test_bad_records_are_quarantined_with_reasons(ray_cluster, planted, tmp_path
     bad = {records[i]["pair_id"] for i in range(8)}
     assert len(rows) == 29 - 8 and not bad & set(rows)  # 7 invalid and the tie left out ...
     counts = quarantine_summary(tmp_path / "q")  # ... and every one of them accounted for
-    assert counts == {"quarantined": 7, "tie_dropped": 1, "corrupt_image": 2, "unknown_label": 1,
-                      "missing_field": 2, "severity_range": 1, "mask_size": 1}
+    assert counts == {
+        "quarantined": 7,
+        "tie_dropped": 1,
+        "corrupt_image": 2,
+        "unknown_label": 1,
+        "missing_field": 2,
+        "severity_range": 1,
+        "mask_size": 1,
+    }
     quarantined = pq.read_table(tmp_path / "q")
     reasons = dict(zip(quarantined["pair_id"].to_pylist(), quarantined["reason"].to_pylist()))
     assert reasons[records[0]["pair_id"]].startswith("corrupt_image: image_w")
@@ -109,15 +116,23 @@ def test_index_folder_and_held_out_split(ray_cluster, tmp_path):
     for i in range(12):
         (tmp_path / f"w{i}.png").write_bytes(encode_image(np.full((40, 40, 3), i * 10, np.uint8)))
         (tmp_path / f"l{i}.png").write_bytes(encode_image(np.full((40, 40, 3), 255 - i, np.uint8)))
-    lines = [json.dumps({"pair_id": f"id{i}", "prompt": "p", "image_w": f"w{i}.png", "image_l": f"l{i}.png",
-                         "label": "w"}) for i in range(12)]
+    lines = [
+        json.dumps({"pair_id": f"id{i}", "prompt": "p", "image_w": f"w{i}.png", "image_l": f"l{i}.png", "label": "w"})
+        for i in range(12)
+    ]
     lines.insert(5, "not json")
-    lines.insert(7, json.dumps({"pair_id": "x", "prompt": "p", "image_w": "gone.png", "image_l": "l0.png", "label": "w"}))
+    lines.insert(
+        7, json.dumps({"pair_id": "x", "prompt": "p", "image_w": "gone.png", "image_l": "l0.png", "label": "w"})
+    )
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
     ds = stream.prepare(stream.read_dataset(tmp_path), 16, tmp_path / "q", heldout_fraction=0.3).materialize()
     assert ds.count() == 12
     assert stream.quarantine_summary(tmp_path / "q") == {
-        "quarantined": 2, "tie_dropped": 0, "corrupt_record": 1, "unreadable_image": 1}
+        "quarantined": 2,
+        "tie_dropped": 0,
+        "corrupt_record": 1,
+        "unreadable_image": 1,
+    }
     reasons = pq.read_table(tmp_path / "q").to_pydict()
     assert sorted(r.split(":")[0] for r in reasons["reason"]) == ["corrupt_record", "unreadable_image"]
     assert "not json" in reasons["_raw"]  # the line as it came

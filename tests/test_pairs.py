@@ -27,8 +27,17 @@ def image(seed, h=32, w=32):
 def good(i, **changes):
     mask = np.zeros((32, 32), bool)
     mask[4:12, 8:20] = True
-    record = {"pair_id": f"p{i}", "prompt": f"prompt {i}", "image_w": image(2 * i), "image_l": image(2 * i + 1),
-              "label": "w", "mask": mask, "severity_w": 0, "severity_l": 3, "source": "test"}
+    record = {
+        "pair_id": f"p{i}",
+        "prompt": f"prompt {i}",
+        "image_w": image(2 * i),
+        "image_l": image(2 * i + 1),
+        "label": "w",
+        "mask": mask,
+        "severity_w": 0,
+        "severity_l": 3,
+        "source": "test",
+    }
     record.update(changes)
     return record
 
@@ -64,8 +73,18 @@ def test_validator_names_every_problem(tmp_path):
     write_pairs(records, tmp_path / "p.parquet")
     reasons = validate_pairs(read_pairs(tmp_path / "p.parquet"))
     codes = [r.split(":")[0] if r else None for r in reasons]
-    assert codes == [None, "corrupt_image", "corrupt_image", "missing_field", "missing_field", "unknown_label",
-                     "mask_size", "severity_range", "severity_range", "missing_field"]
+    assert codes == [
+        None,
+        "corrupt_image",
+        "corrupt_image",
+        "missing_field",
+        "missing_field",
+        "unknown_label",
+        "mask_size",
+        "severity_range",
+        "severity_range",
+        "missing_field",
+    ]
     assert "image_w" in reasons[1] and "image_l" in reasons[2]
     assert reasons[3] == "missing_field: prompt" and reasons[4] == "missing_field: image_l"
     assert "16x16" in reasons[6] and "32x32" in reasons[6]
@@ -86,12 +105,30 @@ def _image_folder(tmp_path):
 def test_jsonl_index_folder(tmp_path):
     folder = _image_folder(tmp_path)
     lines = [
-        json.dumps({"pair_id": "a", "prompt": "x", "image_w": "w0.png", "image_l": "l0.png", "label": "w",
-                    "mask": "m0.png", "severity_l": 2, "source": "raters"}),
+        json.dumps(
+            {
+                "pair_id": "a",
+                "prompt": "x",
+                "image_w": "w0.png",
+                "image_l": "l0.png",
+                "label": "w",
+                "mask": "m0.png",
+                "severity_l": 2,
+                "source": "raters",
+            }
+        ),
         json.dumps({"pair_id": "b", "prompt": "y", "image_w": "w1.png", "image_l": "l1.png", "label": "l"}),
         "{this is not json",
-        json.dumps({"pair_id": "c", "prompt": "z", "image_w": "w2.png", "image_l": "missing.png", "label": "tie",
-                    "severity_w": "high"}),
+        json.dumps(
+            {
+                "pair_id": "c",
+                "prompt": "z",
+                "image_w": "w2.png",
+                "image_l": "missing.png",
+                "label": "tie",
+                "severity_w": "high",
+            }
+        ),
         json.dumps({"pair_id": "d", "prompt": "z", "image_w": "w2.png", "image_l": "missing.png", "label": "w"}),
     ]
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
@@ -140,8 +177,10 @@ def test_fit_pair_keeps_the_mask_aligned():
 
 
 def test_data_package_imports_no_ray():
-    code = ("import sys, armature.data, armature.data.pairs, armature.data.synthetic; "
-            "assert 'ray' not in sys.modules, 'ray imported'")
+    code = (
+        "import sys, armature.data, armature.data.pairs, armature.data.synthetic; "
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

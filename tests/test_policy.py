@@ -164,9 +164,7 @@ def test_lora_changes_the_policy_and_log_probs_reproduce(lora_policy, lora_traj,
     assert torch.equal(lora_traj.latents[:, 0], traj.latents[:, 0])
     assert not torch.allclose(lora_traj.latents[:, -1], traj.latents[:, -1], atol=1e-3)
     torch.testing.assert_close(rescore(lora_policy, lora_traj), lora_traj.log_probs, atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        rescore(lora_policy, lora_traj.select([1])), lora_traj.log_probs[[1]], atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(rescore(lora_policy, lora_traj.select([1])), lora_traj.log_probs[[1]], atol=1e-5, rtol=0)
 
 
 def test_fresh_lora_is_a_noop_and_add_lora_twice_raises():

@@ -37,7 +37,7 @@ def test_anchor_layout():
     assert anchors.shape == (2254, 2)  # 28*28*2 + 14*14*2 + 7*7*6
     # the first stride-32 anchor: cell (0, 0) of the 7x7 map, 6 anchors a cell
     first32 = 28 * 28 * 2 + 14 * 14 * 2
-    assert np.allclose(anchors[first32:first32 + 6], [0.5 / 7, 0.5 / 7])
+    assert np.allclose(anchors[first32 : first32 + 6], [0.5 / 7, 0.5 / 7])
     # row-major: anchor 2 * (28 * row + col) of the stride-8 map is at ((col + .5) / 28, (row + .5) / 28)
     row, col = 5, 17
     assert np.allclose(anchors[2 * (28 * row + col)], [(col + 0.5) / 28, (row + 0.5) / 28])
@@ -218,5 +218,6 @@ def test_intact_photos_beat_locally_degraded_copies(pose_assets):
     REGION_SETS["one-seed"] = (REGION_SETS["limbs"][0], REGION_SETS["limbs"][1], (0,), False)
     records = evaluate(load("pose"), "one-seed")
     assert len(records) >= 30
-    assert win_rate(records) >= 0.9, [(r["photo"], r["region"], r["kind"]) for r in records
-                                      if r["intact"]["reward"] <= r["degraded"]["reward"]]
+    assert win_rate(records) >= 0.9, [
+        (r["photo"], r["region"], r["kind"]) for r in records if r["intact"]["reward"] <= r["degraded"]["reward"]
+    ]

@@ -15,10 +15,23 @@ from armature.platform.config import ConfigError, compose
 TESTS = Path(__file__).resolve().parent
 SEARCHPATH = f"hydra.searchpath=[file://{TESTS / 'toy_configs'}]"
 # every algorithm `armature train` ran before the registry (cli.JOBS), by the module that runs it
-SHIPPED = {"ddpo": "ddpo", "dpo": "dpo", "asap_dpo": "dpo", "grpo": "grpo", "nft": "nft", "alignprop": "alignprop",
-           "draft": "alignprop", "refl": "alignprop", "online_dpo": "online_dpo", "eval": "evaluate", "bon": "bon",
-           "hps_prefix": "hps_prefix", "skeleguide": "skeleguide", "reward_model": "reward_model",
-           "reward_eval": "reward_eval"}
+SHIPPED = {
+    "ddpo": "ddpo",
+    "dpo": "dpo",
+    "asap_dpo": "dpo",
+    "grpo": "grpo",
+    "nft": "nft",
+    "alignprop": "alignprop",
+    "draft": "alignprop",
+    "refl": "alignprop",
+    "online_dpo": "online_dpo",
+    "eval": "evaluate",
+    "bon": "bon",
+    "hps_prefix": "hps_prefix",
+    "skeleguide": "skeleguide",
+    "reward_model": "reward_model",
+    "reward_eval": "reward_eval",
+}
 
 
 def test_every_shipped_algorithm_is_registered_by_its_own_file():
@@ -63,11 +76,23 @@ def test_a_registered_toy_learner_is_composed_and_checked_by_its_own_schema():
 def test_toy_learner_runs_through_armature_train(ray_cluster, tmp_path):
     """Ray Train + DeepSpeed through the learner core: the loss it logs falls, epoch after epoch."""
     path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "armature.cli", "train", SEARCHPATH, "algo=toy", "model=tiny",
-               "reward=brightness", "sampling.guidance_scale=1.0", "cluster.torch_threads=1",
-               f"+cluster.runtime_env.env_vars={{PYTHONPATH:'{path}'}}",  # the workers import it too
-               f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}",
-               "tracking.run_name=toy", "tracking.registered_model=null"]
+    command = [
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        SEARCHPATH,
+        "algo=toy",
+        "model=tiny",
+        "reward=brightness",
+        "sampling.guidance_scale=1.0",
+        "cluster.torch_threads=1",
+        f"+cluster.runtime_env.env_vars={{PYTHONPATH:'{path}'}}",  # the workers import it too
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={tmp_path / 'track'}",
+        "tracking.run_name=toy",
+        "tracking.registered_model=null",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "ARMATURE_ALGORITHMS": "toy_learner", "PYTHONPATH": path}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]

@@ -65,8 +65,9 @@ def _word_tokenizer(specials_first, specials_last, post):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{post['bos']} $A {post['eos']}", special_tokens=[(post["bos"], vocab[post["bos"]]),
-                                                                  (post["eos"], vocab[post["eos"]])])
+        single=f"{post['bos']} $A {post['eos']}",
+        special_tokens=[(post["bos"], vocab[post["bos"]]), (post["eos"], vocab[post["eos"]])],
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **post["kwargs"])
 
 
@@ -120,8 +121,20 @@ class OpenClipVisual(nn.Module):
 class OpenClip(nn.Module):
     """open_clip's CLIP (ViT image tower, causal text tower pooled at argmax of the token ids)."""
 
-    def __init__(self, image_size=32, patch=8, vision_width=192, vision_heads=3, text_width=128, text_heads=2,
-                 layers=2, mlp=96, embed_dim=48, vocab_size=41, context=16):
+    def __init__(
+        self,
+        image_size=32,
+        patch=8,
+        vision_width=192,
+        vision_heads=3,
+        text_width=128,
+        text_heads=2,
+        layers=2,
+        mlp=96,
+        embed_dim=48,
+        vocab_size=41,
+        context=16,
+    ):
         super().__init__()
         self.visual = OpenClipVisual(image_size, patch, vision_width, layers, vision_heads, mlp, embed_dim)
         self.token_embedding = nn.Embedding(vocab_size, text_width)
@@ -147,10 +160,18 @@ class OpenClip(nn.Module):
 
 def _clip_tokenizer():
     """Like CLIP's BPE tokenizer where it matters here: the end-of-text id is the largest id."""
-    return _word_tokenizer(["<|pad|>"], ["<|unk|>", "<|startoftext|>", "<|endoftext|>"],
-                           {"unk": "<|unk|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>",
-                            "kwargs": dict(pad_token="<|pad|>", unk_token="<|unk|>", bos_token="<|startoftext|>",
-                                           eos_token="<|endoftext|>")})
+    return _word_tokenizer(
+        ["<|pad|>"],
+        ["<|unk|>", "<|startoftext|>", "<|endoftext|>"],
+        {
+            "unk": "<|unk|>",
+            "bos": "<|startoftext|>",
+            "eos": "<|endoftext|>",
+            "kwargs": dict(
+                pad_token="<|pad|>", unk_token="<|unk|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>"
+            ),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +198,12 @@ def test_open_clip_conversion_matches_open_clip_forward(open_clip_model):
     from armature.rewards.clip_score import _features
 
     source, tokenizer = open_clip_model
-    model = _converted_clip(source, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    model = _converted_clip(
+        source,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     cfg = model.config
     assert (cfg.vision_config.num_attention_heads, cfg.text_config.num_attention_heads) == (3, 2)
     assert (cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.projection_dim) == (32, 8, 48)
@@ -187,8 +212,9 @@ def test_open_clip_conversion_matches_open_clip_forward(open_clip_model):
     with torch.no_grad():
         image, text = source.encode_image(pixels), source.encode_text(tokens["input_ids"])
         image_hf = _features(model.get_image_features(pixel_values=pixels))
-        text_hf = _features(model.get_text_features(input_ids=tokens["input_ids"],
-                                                    attention_mask=tokens["attention_mask"]))
+        text_hf = _features(
+            model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        )
         hps = source.hps(pixels, tokens["input_ids"])
     assert image.abs().mean() > 0.1 and (text[0] - text[1]).abs().max() > 0.1  # not degenerate
     torch.testing.assert_close(image_hf, image, rtol=1e-5, atol=1e-5)
@@ -202,8 +228,10 @@ def test_hps_v2_loads_an_open_clip_checkpoint_file(open_clip_model, tmp_path):
     source, tokenizer = open_clip_model
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     # HPS v2's layout: {"state_dict": ...}, half precision as in the "compressed" release
-    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}},
-               tmp_path / "HPS_v2.1_compressed.pt")
+    torch.save(
+        {"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}},
+        tmp_path / "HPS_v2.1_compressed.pt",
+    )
     half = _randomize(OpenClip(vocab_size=len(tokenizer)), seed=1)
     half.load_state_dict({k: v.half().float() for k, v in source.state_dict().items()})
     images = _images()
@@ -211,8 +239,13 @@ def test_hps_v2_loads_an_open_clip_checkpoint_file(open_clip_model, tmp_path):
         expected = half.hps(_pixels(images), _text_ids(tokenizer, PROMPTS)["input_ids"]).numpy()
     reward = load("hps_v2", path=str(tmp_path / "HPS_v2.1_compressed.pt"), processor=str(tmp_path / "tokenizer"))
     np.testing.assert_allclose(reward(images, PROMPTS), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(load("hps_v2", path=str(tmp_path / "HPS_v2.1_compressed.pt"), scale=100,
-                                    processor=str(tmp_path / "tokenizer"))(images, PROMPTS), 100 * expected, rtol=1e-4)
+    np.testing.assert_allclose(
+        load("hps_v2", path=str(tmp_path / "HPS_v2.1_compressed.pt"), scale=100, processor=str(tmp_path / "tokenizer"))(
+            images, PROMPTS
+        ),
+        100 * expected,
+        rtol=1e-4,
+    )
 
 
 def test_open_clip_conversion_is_sensitive_to_the_qkv_split(open_clip_model):
@@ -241,10 +274,12 @@ def test_open_clip_unknown_or_missing_keys_are_listed(open_clip_model):
     missing = {k: v for k, v in state_dict.items() if k not in dropped}
     with pytest.raises(CheckpointMismatchError, match="post_layernorm.bias") as info:
         open_clip_to_transformers(missing, config)
-    assert info.value.missing == ["text_model.encoder.layers.1.self_attn.k_proj.weight",
-                                  "text_model.encoder.layers.1.self_attn.q_proj.weight",
-                                  "text_model.encoder.layers.1.self_attn.v_proj.weight",
-                                  "vision_model.post_layernorm.bias"]
+    assert info.value.missing == [
+        "text_model.encoder.layers.1.self_attn.k_proj.weight",
+        "text_model.encoder.layers.1.self_attn.q_proj.weight",
+        "text_model.encoder.layers.1.self_attn.v_proj.weight",
+        "vision_model.post_layernorm.bias",
+    ]
     wrong = clip_config_from_open_clip(state_dict)
     wrong.projection_dim = 32
     with pytest.raises(CheckpointMismatchError, match="visual_projection.weight: checkpoint \\(48, 192\\)"):
@@ -377,20 +412,42 @@ class ImageRewardSource(nn.Module):
     """ImageReward.py's ImageReward: blip (BLIP_Pretrain: visual_encoder, text_encoder, vision_proj,
     text_proj) and mlp (Linear-Dropout x3, Linear, Linear) on the text encoder's [CLS] state."""
 
-    def __init__(self, vocab, image_size=32, patch=8, vision_width=192, vision_heads=3, text_width=128, text_heads=2,
-                 layers=2, mlp=96, hidden=(64, 32, 24, 16), text_layers=None, text_mlp=None, max_positions=40,
-                 embed_dim=24):
+    def __init__(
+        self,
+        vocab,
+        image_size=32,
+        patch=8,
+        vision_width=192,
+        vision_heads=3,
+        text_width=128,
+        text_heads=2,
+        layers=2,
+        mlp=96,
+        hidden=(64, 32, 24, 16),
+        text_layers=None,
+        text_mlp=None,
+        max_positions=40,
+        embed_dim=24,
+    ):
         super().__init__()
         self.blip = nn.Module()
         self.blip.visual_encoder = BlipViT(image_size, patch, vision_width, layers, vision_heads, mlp)
-        self.blip.text_encoder = BlipBert(vocab, text_width, text_layers or layers, text_heads, text_mlp or mlp,
-                                          vision_width, max_positions)
+        self.blip.text_encoder = BlipBert(
+            vocab, text_width, text_layers or layers, text_heads, text_mlp or mlp, vision_width, max_positions
+        )
         self.blip.vision_proj = nn.Linear(vision_width, embed_dim)
         self.blip.text_proj = nn.Linear(text_width, embed_dim)
         self.mlp = nn.Module()
         self.mlp.layers = nn.Sequential(
-            nn.Linear(text_width, hidden[0]), nn.Dropout(0.2), nn.Linear(hidden[0], hidden[1]), nn.Dropout(0.2),
-            nn.Linear(hidden[1], hidden[2]), nn.Dropout(0.1), nn.Linear(hidden[2], hidden[3]), nn.Linear(hidden[3], 1))
+            nn.Linear(text_width, hidden[0]),
+            nn.Dropout(0.2),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.Dropout(0.2),
+            nn.Linear(hidden[1], hidden[2]),
+            nn.Dropout(0.1),
+            nn.Linear(hidden[2], hidden[3]),
+            nn.Linear(hidden[3], 1),
+        )
 
     def score(self, pixels, ids, attention_mask):
         image_tokens = self.blip.visual_encoder(pixels)
@@ -400,9 +457,16 @@ class ImageRewardSource(nn.Module):
 
 def _bert_tokenizer():
     """A character-level stand-in for bert-base-uncased: [PAD]=0, [CLS] ... [SEP]."""
-    return _word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], [],
-                           {"unk": "[UNK]", "bos": "[CLS]", "eos": "[SEP]",
-                            "kwargs": dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")})
+    return _word_tokenizer(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+        [],
+        {
+            "unk": "[UNK]",
+            "bos": "[CLS]",
+            "eos": "[SEP]",
+            "kwargs": dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -430,8 +494,12 @@ def test_image_reward_conversion_matches_blip_forward(image_reward_model):
         text = source.blip.text_encoder(tokens["input_ids"], tokens["attention_mask"], image_tokens)
         image_hf = modules["vision"](pixel_values=pixels).last_hidden_state
         image_mask = torch.ones(image_hf.shape[:2], dtype=torch.long)
-        text_hf = modules["text"](input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                                  encoder_hidden_states=image_hf, encoder_attention_mask=image_mask).last_hidden_state
+        text_hf = modules["text"](
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            encoder_hidden_states=image_hf,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
         head = modules["head"](text_hf[:, 0]).squeeze(-1)
     torch.testing.assert_close(image_hf, image_tokens, rtol=1e-5, atol=1e-5)
     # every non-padding position; padded ones are masked out of the [CLS] state either way
@@ -461,13 +529,19 @@ def test_image_reward_loads_the_released_checkpoint_format(image_reward_model, t
 def test_image_reward_unknown_or_missing_keys_are_listed(image_reward_model, tmp_path):
     source, tokenizer = image_reward_model
     state_dict = dict(source.state_dict())
-    extra = {**state_dict, "blip.itm_head.weight": torch.zeros(2, 128),
-             "blip.visual_encoder.blocks.0.ls1.gamma": torch.ones(192)}
+    extra = {
+        **state_dict,
+        "blip.itm_head.weight": torch.zeros(2, 128),
+        "blip.visual_encoder.blocks.0.ls1.gamma": torch.ones(192),
+    }
     with pytest.raises(CheckpointMismatchError, match="itm_head") as info:
         image_reward_to_transformers(extra)
     assert info.value.unmatched == ["blip.itm_head.weight", "blip.visual_encoder.blocks.0.ls1.gamma"]
-    missing = {k: v for k, v in state_dict.items()
-               if k not in ("mlp.layers.7.bias", "blip.text_encoder.encoder.layer.1.crossattention.self.value.weight")}
+    missing = {
+        k: v
+        for k, v in state_dict.items()
+        if k not in ("mlp.layers.7.bias", "blip.text_encoder.encoder.layer.1.crossattention.self.value.weight")
+    }
     with pytest.raises(CheckpointMismatchError) as info:
         image_reward_to_transformers(missing)
     assert info.value.missing == ["head.layers.7.bias", "text.encoder.layer.1.crossattention.self.value.weight"]
@@ -487,27 +561,46 @@ def _open_clip_block_keys(prefix, layers, width, mlp):
     keys = {}
     for i in range(layers):
         p = f"{prefix}{i}."
-        keys.update({p + "ln_1.weight": _meta(width), p + "ln_1.bias": _meta(width),
-                     p + "attn.in_proj_weight": _meta(3 * width, width), p + "attn.in_proj_bias": _meta(3 * width),
-                     p + "attn.out_proj.weight": _meta(width, width), p + "attn.out_proj.bias": _meta(width),
-                     p + "ln_2.weight": _meta(width), p + "ln_2.bias": _meta(width),
-                     p + "mlp.c_fc.weight": _meta(mlp, width), p + "mlp.c_fc.bias": _meta(mlp),
-                     p + "mlp.c_proj.weight": _meta(width, mlp), p + "mlp.c_proj.bias": _meta(width)})
+        keys.update(
+            {
+                p + "ln_1.weight": _meta(width),
+                p + "ln_1.bias": _meta(width),
+                p + "attn.in_proj_weight": _meta(3 * width, width),
+                p + "attn.in_proj_bias": _meta(3 * width),
+                p + "attn.out_proj.weight": _meta(width, width),
+                p + "attn.out_proj.bias": _meta(width),
+                p + "ln_2.weight": _meta(width),
+                p + "ln_2.bias": _meta(width),
+                p + "mlp.c_fc.weight": _meta(mlp, width),
+                p + "mlp.c_fc.bias": _meta(mlp),
+                p + "mlp.c_proj.weight": _meta(width, mlp),
+                p + "mlp.c_proj.bias": _meta(width),
+            }
+        )
     return keys
 
 
 def test_hps_v2_sized_open_clip_keys_convert():
     """open_clip ViT-H-14's shapes (HPS v2's): 32 image layers of width 1280 (16 heads of 80), 24 text
     layers of width 1024 (16 heads), 224 px in 14 px patches, 77 tokens, 1024-d embeddings."""
-    state_dict = {"visual.conv1.weight": _meta(1280, 3, 14, 14), "visual.class_embedding": _meta(1280),
-                  "visual.positional_embedding": _meta(257, 1280), "visual.ln_pre.weight": _meta(1280),
-                  "visual.ln_pre.bias": _meta(1280), "visual.ln_post.weight": _meta(1280),
-                  "visual.ln_post.bias": _meta(1280), "visual.proj": _meta(1280, 1024),
-                  "token_embedding.weight": _meta(49408, 1024), "positional_embedding": _meta(77, 1024),
-                  "ln_final.weight": _meta(1024), "ln_final.bias": _meta(1024), "text_projection": _meta(1024, 1024),
-                  "logit_scale": _meta(()),
-                  **_open_clip_block_keys("visual.transformer.resblocks.", 32, 1280, 5120),
-                  **_open_clip_block_keys("transformer.resblocks.", 24, 1024, 4096)}
+    state_dict = {
+        "visual.conv1.weight": _meta(1280, 3, 14, 14),
+        "visual.class_embedding": _meta(1280),
+        "visual.positional_embedding": _meta(257, 1280),
+        "visual.ln_pre.weight": _meta(1280),
+        "visual.ln_pre.bias": _meta(1280),
+        "visual.ln_post.weight": _meta(1280),
+        "visual.ln_post.bias": _meta(1280),
+        "visual.proj": _meta(1280, 1024),
+        "token_embedding.weight": _meta(49408, 1024),
+        "positional_embedding": _meta(77, 1024),
+        "ln_final.weight": _meta(1024),
+        "ln_final.bias": _meta(1024),
+        "text_projection": _meta(1024, 1024),
+        "logit_scale": _meta(()),
+        **_open_clip_block_keys("visual.transformer.resblocks.", 32, 1280, 5120),
+        **_open_clip_block_keys("transformer.resblocks.", 24, 1024, 4096),
+    }
     config = clip_config_from_open_clip({"state_dict": state_dict})
     v, t = config.vision_config, config.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads) == (1280, 32, 16)
@@ -524,9 +617,22 @@ def test_image_reward_sized_keys_convert():
     cross-attention to 1024-wide image tokens (12 layers, 768, 12 heads, vocabulary 30522 + [DEC] + [ENC],
     512 positions), ITC projections to 256, MLP head 768-1024-128-64-16-1."""
     with torch.device("meta"):
-        source = ImageRewardSource(vocab=30524, image_size=224, patch=16, vision_width=1024, vision_heads=16,
-                                   text_width=768, text_heads=12, layers=24, mlp=4096, hidden=(1024, 128, 64, 16),
-                                   text_layers=12, text_mlp=3072, max_positions=512, embed_dim=256)
+        source = ImageRewardSource(
+            vocab=30524,
+            image_size=224,
+            patch=16,
+            vision_width=1024,
+            vision_heads=16,
+            text_width=768,
+            text_heads=12,
+            layers=24,
+            mlp=4096,
+            hidden=(1024, 128, 64, 16),
+            text_layers=12,
+            text_mlp=3072,
+            max_positions=512,
+            embed_dim=256,
+        )
     state_dict = source.state_dict()
     config = image_reward_config_from_state_dict(state_dict)
     v, t = config.vision_config, config.text_config

@@ -21,9 +21,14 @@ def _batch(n=5, seed=0):
     w = torch.tensor(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
     w[1] = w[0]  # pairs 0, 1, 2 share a prompt and a chosen image: one choice set of 4
     w[2] = w[0]
-    return {"pixels_w": w, "pixels_l": torch.tensor(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)),
-            "prompt": ["a cat", "a cat", "a cat", "a dog", "a dog"], "tie": torch.tensor([False, False, False, False, True]),
-            "severity_w": torch.tensor([0, 0, 0, -1, 1]), "severity_l": torch.tensor([3, 1, 2, -1, 1])}
+    return {
+        "pixels_w": w,
+        "pixels_l": torch.tensor(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)),
+        "prompt": ["a cat", "a cat", "a cat", "a dog", "a dog"],
+        "tie": torch.tensor([False, False, False, False, True]),
+        "severity_w": torch.tensor([0, 0, 0, -1, 1]),
+        "severity_l": torch.tensor([3, 1, 2, -1, 1]),
+    }
 
 
 def test_choice_sets():
@@ -52,7 +57,8 @@ def test_batch_losses_match_the_loss_functions(tiny_backbone):
     assert loss.item() == pytest.approx(((first + second) / 2).item(), rel=1e-5)
     assert info["choice_set_size"] == pytest.approx(3.0)
     assert listwise_loss(torch.stack([s_w[3:4], s_l[3:4]], 1), torch.tensor([0])).item() == pytest.approx(
-        second.item(), rel=1e-5)
+        second.item(), rel=1e-5
+    )
     loss_sev, info = batch_loss(scorer, batch, {**algo, "severity_weight": 0.5})
     assert loss_sev.item() == pytest.approx(info["ranking_loss"] + 0.5 * info["ordinal_loss"], rel=1e-5)
 
@@ -64,13 +70,30 @@ def test_severity_follows_the_preferred_image(tmp_path):
     from armature.jobs.reward_model import prepare_with_severity
 
     image = lambda v: encode_image(np.full((8, 8, 3), v, np.uint8))  # noqa: E731
-    write_pairs([
-        {"pair_id": "a", "prompt": "x", "image_w": image(10), "image_l": image(20), "label": "w",
-         "severity_w": 0, "severity_l": 3},
-        {"pair_id": "b", "prompt": "x", "image_w": image(10), "image_l": image(20), "label": "l",
-         "severity_w": 2, "severity_l": 1},
-        {"pair_id": "c", "prompt": "x", "image_w": image(10), "image_l": image(20), "label": "tie"},
-    ], tmp_path / "p.parquet")
+    write_pairs(
+        [
+            {
+                "pair_id": "a",
+                "prompt": "x",
+                "image_w": image(10),
+                "image_l": image(20),
+                "label": "w",
+                "severity_w": 0,
+                "severity_l": 3,
+            },
+            {
+                "pair_id": "b",
+                "prompt": "x",
+                "image_w": image(10),
+                "image_l": image(20),
+                "label": "l",
+                "severity_w": 2,
+                "severity_l": 1,
+            },
+            {"pair_id": "c", "prompt": "x", "image_w": image(10), "image_l": image(20), "label": "tie"},
+        ],
+        tmp_path / "p.parquet",
+    )
     out = prepare_with_severity(pq.read_table(tmp_path / "p.parquet"), 8, str(tmp_path / "q"), True, 0.0)
     assert list(out["pair_id"]) == ["a", "b", "c"]
     assert out["severity_w"].tolist() == [0, 1, -1] and out["severity_l"].tolist() == [3, 2, -1]
@@ -86,8 +109,9 @@ def test_saved_scorer_is_the_learned_reward(tiny_backbone, tmp_path):
     scorer = Scorer(tiny_backbone, None)
     with torch.no_grad():  # move the weights off their initial values
         scorer.clip.visual_projection.weight.add_(0.1)
-    folder = save_scorer(scorer, tmp_path / "scorer", tiny_backbone, {"processor": None, "severity_weight": 1.0,
-                                                                      "loss": "bradley_terry"})
+    folder = save_scorer(
+        scorer, tmp_path / "scorer", tiny_backbone, {"processor": None, "severity_weight": 1.0, "loss": "bradley_terry"}
+    )
     reward = load("learned", path=str(folder))
     pixels = _batch()["pixels_w"][3:5]
     with torch.no_grad():
@@ -110,10 +134,22 @@ def test_reward_model_job_learns(ray_cluster, tmp_path, backbone):
     from armature.platform.config import compose
 
     extra = ["algo.backbone=conv", "algo.conv_widths=[16,32]", "algo.learning_rate=1e-3"] if backbone == "conv" else []
-    cfg = compose("train", ["algo=reward_model", "tracking.run_name=rm", "data.keep_ties=true", "data.image_size=32",
-                            "data.synthetic_pairs=128", "data.heldout_fraction=0.2", "algo.num_epochs=4",
-                            "algo.severity_weight=0.2", f"tracking.local_dir={tmp_path}/runs",
-                            f"trainer.storage_path={tmp_path}/ray", *extra])
+    cfg = compose(
+        "train",
+        [
+            "algo=reward_model",
+            "tracking.run_name=rm",
+            "data.keep_ties=true",
+            "data.image_size=32",
+            "data.synthetic_pairs=128",
+            "data.heldout_fraction=0.2",
+            "algo.num_epochs=4",
+            "algo.severity_weight=0.2",
+            f"tracking.local_dir={tmp_path}/runs",
+            f"trainer.storage_path={tmp_path}/ray",
+            *extra,
+        ],
+    )
     metrics = reward_model.run(cfg)
     assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
     meta = json.loads((tmp_path / "ray" / "rm" / "scorer" / "scorer.json").read_text())
@@ -129,12 +165,26 @@ def test_reward_eval_job_logs_a_table(ray_cluster, tmp_path, tiny_backbone):
     from armature.jobs.reward_model import Scorer, save_scorer
     from armature.platform.config import compose
 
-    scorer = save_scorer(Scorer(tiny_backbone, None), tmp_path / "scorer", tiny_backbone,
-                         {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"})
-    cfg = compose("train", ["algo=reward_eval", "tracking.run_name=ev", "data.synthetic_pairs=32", "data.image_size=32",
-                            "~algo.rewards", f"+algo.rewards={{learned: {{learned: {{path: {scorer}}}}}, "
-                            "small: {compressibility: {}}, large: {incompressibility: {}}}",
-                            f"tracking.local_dir={tmp_path}/runs", f"trainer.storage_path={tmp_path}/ray"])
+    scorer = save_scorer(
+        Scorer(tiny_backbone, None),
+        tmp_path / "scorer",
+        tiny_backbone,
+        {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+    )
+    cfg = compose(
+        "train",
+        [
+            "algo=reward_eval",
+            "tracking.run_name=ev",
+            "data.synthetic_pairs=32",
+            "data.image_size=32",
+            "~algo.rewards",
+            f"+algo.rewards={{learned: {{learned: {{path: {scorer}}}}}, "
+            "small: {compressibility: {}}, large: {incompressibility: {}}}",
+            f"tracking.local_dir={tmp_path}/runs",
+            f"trainer.storage_path={tmp_path}/ray",
+        ],
+    )
     metrics = reward_eval.run(cfg)
     assert metrics["learned/pairs"] > 50
     # compressibility and incompressibility are one score with opposite signs: they never order
@@ -142,8 +192,7 @@ def test_reward_eval_job_logs_a_table(ray_cluster, tmp_path, tiny_backbone):
     assert 0.9 <= metrics["small/acc"] + metrics["large/acc"] <= 1.0
     assert metrics["agreement/small:large"] == 0.0
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
-    run = client.search_runs([client.get_experiment_by_name("armature").experiment_id],
-                             "tags.mlflow.runName = 'ev'")[0]
+    run = client.search_runs([client.get_experiment_by_name("armature").experiment_id], "tags.mlflow.runName = 'ev'")[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"reward_eval.md", "reward_eval.json"}
 
 
@@ -164,8 +213,9 @@ def test_conv_scorer_is_the_learned_reward_and_differentiable(tmp_path):
     with torch.no_grad():
         s_w, s_l = scorer(batch["pixels_w"], batch["prompt"]), scorer(batch["pixels_l"], ["x"] * 5)
     assert loss.item() == pytest.approx(bradley_terry_loss(s_w, s_l, batch["tie"]).item(), rel=1e-5)
-    folder = save_scorer(scorer, tmp_path / "scorer", "conv", {"processor": None, "severity_weight": 0.0,
-                                                               "loss": "bradley_terry"})
+    folder = save_scorer(
+        scorer, tmp_path / "scorer", "conv", {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"}
+    )
     assert json.loads((folder / "scorer.json").read_text())["widths"] == [8, 16]
     reward = load("learned", path=str(folder))
     pixels = batch["pixels_w"][3:5]
@@ -195,8 +245,16 @@ def test_a_list_of_scorer_paths_is_the_mean_of_their_scores(tmp_path):
     for seed in range(3):
         torch.manual_seed(seed)
         scorer = Scorer("conv", None, conv_widths=(8, 16), image_size=32).eval()
-        folders.append(str(save_scorer(scorer, tmp_path / f"s{seed}", "conv",
-                                       {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"})))
+        folders.append(
+            str(
+                save_scorer(
+                    scorer,
+                    tmp_path / f"s{seed}",
+                    "conv",
+                    {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+                )
+            )
+        )
     pixels = _batch()["pixels_w"]
     images = [Image.fromarray(p.numpy()) for p in pixels]
     alone = np.stack([load("learned", path=f)(images, ["x"] * len(images)) for f in folders])

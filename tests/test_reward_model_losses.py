@@ -32,7 +32,8 @@ def test_bradley_terry_with_ties_matches_a_loop():
     assert bradley_terry_loss(s_w, s_l, tie).item() == pytest.approx(np.mean(expected), rel=1e-6)
     # a tie's loss is smallest at d = 0: log 2
     assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([True])).item() == pytest.approx(
-        math.log(2))
+        math.log(2)
+    )
     # its gradient pushes d toward 0 from both sides
     d = torch.tensor([0.7, -0.7], requires_grad=True)
     bradley_terry_loss(d, torch.zeros(2), torch.tensor([True, True])).backward()
@@ -50,7 +51,8 @@ def test_listwise_matches_softmax_by_hand_and_reduces_to_bt():
     assert listwise_loss(scores, chosen, valid).item() == pytest.approx(np.mean(expected), rel=1e-6)
     pair = torch.tensor([[0.8, -0.4]])
     assert listwise_loss(pair, torch.tensor([0])).item() == pytest.approx(
-        bradley_terry_loss(pair[:, 0], pair[:, 1]).item(), rel=1e-6)
+        bradley_terry_loss(pair[:, 0], pair[:, 1]).item(), rel=1e-6
+    )
 
 
 def test_ordinal_loss_matches_cumulative_link_by_hand():
@@ -76,8 +78,10 @@ def test_accuracies():
     assert pairwise_accuracy(s_w, s_l, tie) == pytest.approx(2 / 3)
     accuracy, eps = tie_calibrated_accuracy(s_w, s_l, tie)
     # brute force over a fine grid of bands
-    best = max(np.mean([(abs(w - l) <= e) if t else (abs(w - l) > e and w > l) for w, l, t in zip(s_w, s_l, tie)])
-               for e in np.linspace(0, 3, 3001))
+    best = max(
+        np.mean([(abs(w - l) <= e) if t else (abs(w - l) > e and w > l) for w, l, t in zip(s_w, s_l, tie)])
+        for e in np.linspace(0, 3, 3001)
+    )
     assert accuracy == pytest.approx(best) and accuracy == pytest.approx(4 / 5) and 0.1 <= eps < 1.0
 
 

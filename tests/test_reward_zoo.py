@@ -43,8 +43,11 @@ def _clip_reference(path, images, prompts):
     pixels = np.stack([(np.asarray(i, np.float64) / 255 - mean) / std for i in images]).transpose(0, 3, 1, 2)
     tokens = tok(prompts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                    pixel_values=torch.tensor(pixels, dtype=torch.float32))
+        out = model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            pixel_values=torch.tensor(pixels, dtype=torch.float32),
+        )
     logits = out.logits_per_image.diagonal().numpy()
     return logits, model.logit_scale.exp().item()
 
@@ -56,8 +59,9 @@ def test_clip_family_match_clip_forward(zoo):
     np.testing.assert_allclose(load("pickscore", path=zoo["clip"], processor=None)(images, PROMPTS), logits, rtol=1e-4)
     np.testing.assert_allclose(load("hps_v2", path=zoo["clip"])(images, PROMPTS), cos, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(load("hps_v2", path=zoo["clip"], scale=100)(images, PROMPTS), 100 * cos, rtol=1e-4)
-    np.testing.assert_allclose(load("clip_score", path=zoo["clip"])(images, PROMPTS), 2.5 * np.maximum(cos, 0),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        load("clip_score", path=zoo["clip"])(images, PROMPTS), 2.5 * np.maximum(cos, 0), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_clip_scores_are_differentiable(zoo):
@@ -88,25 +92,46 @@ def test_image_reward_matches_its_definition(zoo):
     expected = []
     with torch.no_grad():
         for image, prompt in zip(images, PROMPTS):
-            pixels = torch.tensor(((np.asarray(image) / 255 - mean) / std).transpose(2, 0, 1)[None], dtype=torch.float32)
+            pixels = torch.tensor(
+                ((np.asarray(image) / 255 - mean) / std).transpose(2, 0, 1)[None], dtype=torch.float32
+            )
             v = blip.vision_model(pixel_values=pixels)[0]
             t = tok([prompt], padding="max_length", max_length=35, truncation=True, return_tensors="pt")
-            cls = blip.text_encoder(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                                    encoder_hidden_states=v).last_hidden_state[0, 0]
+            cls = blip.text_encoder(
+                input_ids=t["input_ids"], attention_mask=t["attention_mask"], encoder_hidden_states=v
+            ).last_hidden_state[0, 0]
             expected.append((head(cls).item() - 0.16717362830052426) / 1.0333394966054072)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("text, scale, expected", [
-    ("4", 5, 4), ("Rating: 3.", 5, 3), ("4/5", 5, 4), (" 5 - excellent", 5, 5), ("I'd say 2 out of 5", 5, 2),
-    ("excellent", 5, None), ("7", 5, None), ("", 5, None), ("0", 5, None), ("3.5", 5, None), ("10", 9, None),
-])
+@pytest.mark.parametrize(
+    "text, scale, expected",
+    [
+        ("4", 5, 4),
+        ("Rating: 3.", 5, 3),
+        ("4/5", 5, 4),
+        (" 5 - excellent", 5, 5),
+        ("I'd say 2 out of 5", 5, 2),
+        ("excellent", 5, None),
+        ("7", 5, None),
+        ("", 5, None),
+        ("0", 5, None),
+        ("3.5", 5, None),
+        ("10", 9, None),
+    ],
+)
 def test_parse_likert(text, scale, expected):
     assert parse_likert(text, scale) == expected
 
 
 def test_parse_choice():
-    assert [parse_choice(t) for t in ("2", "Image 1 is better", "the second one", "neither", "")] == [2, 1, 2, None, None]
+    assert [parse_choice(t) for t in ("2", "Image 1 is better", "the second one", "neither", "")] == [
+        2,
+        1,
+        2,
+        None,
+        None,
+    ]
 
 
 def test_judge_counts_malformed_answers(zoo):
@@ -121,7 +146,7 @@ def test_judge_counts_malformed_answers(zoo):
     # recompute the scores from the recorded answers: image i asked anatomy, artifacts, style in order
     weights = [1.0, 1.0, 2.0]
     for i in range(3):
-        ratings = [parse_likert(a, 5) for a in judge.last_answers[3 * i:3 * i + 3]]
+        ratings = [parse_likert(a, 5) for a in judge.last_answers[3 * i : 3 * i + 3]]
         valid = [(w, r) for w, r in zip(weights, ratings) if r is not None]
         expected = sum(w * (r - 1) / 4 for w, r in valid) / sum(w for w, _ in valid) if valid else 0.5
         assert scores[i] == pytest.approx(expected)
@@ -161,8 +186,9 @@ def test_zoo_in_reward_actors(ray_cluster, zoo):
     expected = local(_images(2), PROMPTS)
     for out in outs:
         assert set(out) == {"reward", "pickscore", "image_reward", "mllm_judge"}
-        np.testing.assert_allclose(out["reward"], 0.5 * out["pickscore"] + out["image_reward"] + 2 * out["mllm_judge"],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            out["reward"], 0.5 * out["pickscore"] + out["image_reward"] + 2 * out["mllm_judge"], rtol=1e-5
+        )
         np.testing.assert_allclose(out["reward"], expected, rtol=1e-4)
     stats = ray.get(actors[0].stats.remote())
     assert stats["mllm_judge/anatomy/asked"] == 2  # each component scores each image once

@@ -51,8 +51,7 @@ def varied_images(n=16, size=48, seed=0):
 
 
 def to_tensor(images):
-    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-                        for im in images])
+    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images])
 
 
 def jpeg_kb(image, quality=95):
@@ -90,8 +89,7 @@ def test_compressibility_quality_option():
 def test_incompressibility_is_minus_compressibility():
     images = [flat_image(), noise_image(seed=1), noise_image(size=32, seed=2)]
     prompts = ["x"] * 3
-    np.testing.assert_array_equal(jpeg_incompressibility()(images, prompts),
-                                  -jpeg_compressibility()(images, prompts))
+    np.testing.assert_array_equal(jpeg_incompressibility()(images, prompts), -jpeg_compressibility()(images, prompts))
     assert load("incompressibility").name == "incompressibility"
     assert not load("compressibility").differentiable
 
@@ -158,10 +156,12 @@ def test_register_custom_reward_and_duplicate(monkeypatch):
 def test_weighted_sum_matches_hand_computation():
     images = [flat_image(), noise_image(), noise_image(size=32, seed=3)]
     prompts = ["a", "b", "c"]
-    total = WeightedSum({
-        "compressibility": (jpeg_compressibility(), 0.7),
-        "constant": (Constant([1.0, -2.0, 4.0]), -1.5),
-    })
+    total = WeightedSum(
+        {
+            "compressibility": (jpeg_compressibility(), 0.7),
+            "constant": (Constant([1.0, -2.0, 4.0]), -1.5),
+        }
+    )
     expected = [-0.7 * jpeg_kb(im) - 1.5 * c for im, c in zip(images, [1.0, -2.0, 4.0])]
     np.testing.assert_allclose(total(images, prompts), expected, rtol=1e-5)
     parts = total.components(images, prompts)
@@ -263,8 +263,7 @@ def test_aesthetic_call_matches_score_tensor(scorer):
 
 
 def test_aesthetic_mixed_sizes_and_aspect(scorer):
-    images = [noise_image(32, seed=1), PIL.Image.fromarray(np.asarray(noise_image(64, seed=2))[:40]),
-              flat_image(20)]
+    images = [noise_image(32, seed=1), PIL.Image.fromarray(np.asarray(noise_image(64, seed=2))[:40]), flat_image(20)]
     scores = scorer(images, ["", "", ""])
     singles = [scorer([im], [""])[0] for im in images]
     np.testing.assert_allclose(scores, singles, atol=1e-5)

@@ -47,7 +47,9 @@ def test_brightness_and_colorfulness_match_closed_forms():
     red = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
     red[:, 0] = 1
     assert Colorfulness().score_tensor(grey, [""]).item() == pytest.approx(0, abs=1e-3)
-    assert Colorfulness().score_tensor(red, [""]).item() == pytest.approx(0.3 * np.sqrt(1.25), abs=2e-4)  # eps: sqrt(1e-8)
+    assert Colorfulness().score_tensor(red, [""]).item() == pytest.approx(
+        0.3 * np.sqrt(1.25), abs=2e-4
+    )  # eps: sqrt(1e-8)
 
 
 def test_brightness_gradient_is_the_luma_weights():
@@ -93,7 +95,9 @@ def test_weighted_sum_gradient_is_the_weighted_sum_of_gradients():
 
 def test_require_differentiable_names_the_key_and_the_fix():
     assert require_differentiable(load("brightness")).name == "brightness"
-    with pytest.raises(ValueError, match=r"reward.components: .*'compressibility' is not differentiable.*reward=brightness"):
+    with pytest.raises(
+        ValueError, match=r"reward.components: .*'compressibility' is not differentiable.*reward=brightness"
+    ):
         require_differentiable(load("compressibility"))
     mixed = load_weighted({"brightness": {"weight": 1.0}, "compressibility": {"weight": 0.1}})
     with pytest.raises(ValueError, match=r"\['compressibility'\] are not differentiable"):

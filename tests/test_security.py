@@ -63,10 +63,21 @@ def test_reward_model_job_does_not_run_a_planted_checkpoint(ray_cluster, tmp_pat
     from armature.platform.config import compose
 
     def run(epochs):
-        cfg = compose("train", ["algo=reward_model", "tracking.run_name=rm", "data.image_size=16",
-                                "data.synthetic_pairs=32", "data.heldout_fraction=0.25", f"algo.num_epochs={epochs}",
-                                "algo.backbone=conv", "algo.conv_widths=[8,16]", f"tracking.local_dir={tmp_path}/runs",
-                                f"trainer.storage_path={tmp_path}/ray"])
+        cfg = compose(
+            "train",
+            [
+                "algo=reward_model",
+                "tracking.run_name=rm",
+                "data.image_size=16",
+                "data.synthetic_pairs=32",
+                "data.heldout_fraction=0.25",
+                f"algo.num_epochs={epochs}",
+                "algo.backbone=conv",
+                "algo.conv_widths=[8,16]",
+                f"tracking.local_dir={tmp_path}/runs",
+                f"trainer.storage_path={tmp_path}/ray",
+            ],
+        )
         return reward_model.run(cfg)
 
     assert run(1)["epoch"] == 0
@@ -142,10 +153,18 @@ def test_deepspeed_resume_loads_its_own_state_and_refuses_a_planted_pickle(tmp_p
     marker = tmp_path / "pwned"
     script = tmp_path / "resume.py"
     script.write_text(DEEPSPEED_RESUME)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(marker)], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     refused = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("refused")]
-    assert refused == [["0", "mp_rank_00_model_states.pt"], ["2", "mp_rank_00_model_states.pt"],
-                       ["2", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]], out.stdout
+    assert refused == [
+        ["0", "mp_rank_00_model_states.pt"],
+        ["2", "mp_rank_00_model_states.pt"],
+        ["2", "zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+    ], out.stdout
     assert not marker.exists()

@@ -74,8 +74,12 @@ def server(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     tracking = {"local_dir": str(tmp / "track"), "experiment": "serve-test"}
     uri, _ = resolve_tracking(tracking)
-    folders = {"lora-adapter/1": _lora(tmp / "l1", 1), "lora-adapter/2": _lora(tmp / "l2", 2),
-               "full-adapter/1": _full(tmp / "full"), "local-lora": _lora(tmp / "l3", 3)}
+    folders = {
+        "lora-adapter/1": _lora(tmp / "l1", 1),
+        "lora-adapter/2": _lora(tmp / "l2", 2),
+        "full-adapter/1": _full(tmp / "full"),
+        "local-lora": _lora(tmp / "l3", 3),
+    }
     for ref in ("lora-adapter/1", "lora-adapter/2", "full-adapter/1"):
         assert _register(tracking, uri, ref.split("/")[0], folders[ref]) == int(ref[-1])
     MlflowClient(uri).set_registered_model_alias("lora-adapter", "prod", "1")
@@ -84,12 +88,21 @@ def server(ray_cluster, tmp_path_factory):
     _register(tracking, uri, "pickled-adapter", tmp / "pickled")
 
     overrides = [
-        f"tracking.local_dir={tmp / 'track'}", "tracking.experiment=serve-test",
-        f"adapters.cache_dir={tmp / 'cache'}", "adapters.max_per_replica=2",
-        "sampling.num_steps=4", "generator.torch_threads=1",
-        "generator.max_ongoing_requests=8", "generator.max_queued_requests=16",
-        "batching.max_batch_size=4", f"batching.pass_size={PASS}", "batching.batch_wait_timeout_s=0.05",
-        "limits.max_steps=200", "limits.request_timeout_s=4", "limits.max_images=4", "limits.max_best_of=8",
+        f"tracking.local_dir={tmp / 'track'}",
+        "tracking.experiment=serve-test",
+        f"adapters.cache_dir={tmp / 'cache'}",
+        "adapters.max_per_replica=2",
+        "sampling.num_steps=4",
+        "generator.torch_threads=1",
+        "generator.max_ongoing_requests=8",
+        "generator.max_queued_requests=16",
+        "batching.max_batch_size=4",
+        f"batching.pass_size={PASS}",
+        "batching.batch_wait_timeout_s=0.05",
+        "limits.max_steps=200",
+        "limits.request_timeout_s=4",
+        "limits.max_images=4",
+        "limits.max_best_of=8",
     ]
     open_cfg = compose("serve", overrides + ["api_key_env=null"])
     open_cfg.adapters.local = {"local-lora": str(folders["local-lora"])}
@@ -104,9 +117,14 @@ def server(ray_cluster, tmp_path_factory):
         del os.environ["ARMATURE_TEST_KEY"]
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as client:
-        yield {"client": client, "base": base, "folders": folders, "uri": uri,
-               "stats": serve.get_deployment_handle("Generator", app_name="open").stats,
-               "config": OmegaConf.to_container(open_cfg)}
+        yield {
+            "client": client,
+            "base": base,
+            "folders": folders,
+            "uri": uri,
+            "stats": serve.get_deployment_handle("Generator", app_name="open").stats,
+            "config": OmegaConf.to_container(open_cfg),
+        }
     serve.shutdown()
     torch.set_num_threads(threads)
 
@@ -142,8 +160,7 @@ def test_generation_is_reproducible_batched_or_not(server):
     assert np.array_equal(np.stack(images), expected)
 
     # Concurrent compatible requests share passes; each image is what it is alone.
-    bodies = [{"prompt": f"shape {i}", "seed": 100 + i, "negative_prompt": "blue" if i % 2 else None}
-              for i in range(6)]
+    bodies = [{"prompt": f"shape {i}", "seed": 100 + i, "negative_prompt": "blue" if i % 2 else None} for i in range(6)]
     before = _stats(server)
 
     async def burst():
@@ -163,9 +180,14 @@ def test_adapters_by_name_version_alias_and_local_folder(server):
     body = {"prompt": "a green sphere", "seed": 5}
     jobs = [ImageJob("a green sphere", "", 5)]
     base = _images(client.post("/v1/images/generations", json=body))[0]
-    cases = [("lora-adapter", "lora-adapter/2"), ("lora-adapter/1", "lora-adapter/1"),
-             ("lora-adapter@prod", "lora-adapter/1"), ("full-adapter", "full-adapter/1"),
-             ("local-lora", "local:local-lora"), ("lora-adapter/2", "lora-adapter/2")]
+    cases = [
+        ("lora-adapter", "lora-adapter/2"),
+        ("lora-adapter/1", "lora-adapter/1"),
+        ("lora-adapter@prod", "lora-adapter/1"),
+        ("full-adapter", "full-adapter/1"),
+        ("local-lora", "local:local-lora"),
+        ("lora-adapter/2", "lora-adapter/2"),
+    ]
     loads = _stats(server)["adapter_loads"]
     for reference, resolved in cases:
         response = client.post("/v1/images/generations", json={**body, "adapter": reference})
@@ -180,16 +202,25 @@ def test_adapters_by_name_version_alias_and_local_folder(server):
     assert np.array_equal(_images(client.post("/v1/images/generations", json=body))[0], base)
 
     listed = {a["id"] for a in client.get("/v1/adapters").json()["data"]}
-    assert {"lora-adapter/1", "lora-adapter/2", "lora-adapter", "lora-adapter@prod", "full-adapter/1",
-            "local-lora"} <= listed
+    assert {
+        "lora-adapter/1",
+        "lora-adapter/2",
+        "lora-adapter",
+        "lora-adapter@prod",
+        "full-adapter/1",
+        "local-lora",
+    } <= listed
 
 
-@pytest.mark.parametrize("reference, status, words", [
-    ("no-such-adapter", 404, "no registered model"),
-    ("lora-adapter/9", 404, "not found"),
-    ("lora-adapter@nope", 404, "nope"),
-    ("pickled-adapter", 400, "only safetensors"),
-])
+@pytest.mark.parametrize(
+    "reference, status, words",
+    [
+        ("no-such-adapter", 404, "no registered model"),
+        ("lora-adapter/9", 404, "not found"),
+        ("lora-adapter@nope", 404, "nope"),
+        ("pickled-adapter", 400, "only safetensors"),
+    ],
+)
 def test_unservable_adapters(server, reference, status, words):
     response = server["client"].post("/v1/images/generations", json={"prompt": "x", "adapter": reference})
     assert response.status_code == status, response.text
@@ -233,8 +264,11 @@ def test_limits_refuse_before_the_model(server):
         response = client.post("/v1/images/generations", json=body)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["field"] == field, (body, response.json())
-    big = client.post("/v1/images/generations", content=b'{"prompt": "' + b"x" * 70000 + b'"}',
-                      headers={"content-type": "application/json"})
+    big = client.post(
+        "/v1/images/generations",
+        content=b'{"prompt": "' + b"x" * 70000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
     assert big.status_code == 413 and big.json()["error"]["field"] == "body"
     assert _stats(server)["requests"] == before["requests"]  # none reached a generator
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ImageRequest"]["properties"]

@@ -18,9 +18,18 @@ from PIL import Image
 from armature.skeleton import COCO17, Skeleton
 
 SIZE = 32
-LIMITS = {"max_prompt_chars": 40, "max_steps": 8, "min_size": 16, "max_size": 64, "size_multiple": 8,
-          "max_images": 2, "max_best_of": 4, "max_guidance_scale": 10.0, "max_body_bytes": 4096,
-          "request_timeout_s": 5.0}
+LIMITS = {
+    "max_prompt_chars": 40,
+    "max_steps": 8,
+    "min_size": 16,
+    "max_size": 64,
+    "size_multiple": 8,
+    "max_images": 2,
+    "max_best_of": 4,
+    "max_guidance_scale": 10.0,
+    "max_body_bytes": 4096,
+    "request_timeout_s": 5.0,
+}
 
 
 def png(array) -> str:
@@ -41,10 +50,25 @@ def scene(size=SIZE, seed=0) -> np.ndarray:
 def standing(size=SIZE, dx=0) -> dict:
     """A person standing in the middle of a ``size`` canvas, integer pixels, all joints visible."""
     s = size / 32
-    at = {"nose": (16, 5), "left_eye": (17, 4), "right_eye": (15, 4), "left_ear": (18, 5), "right_ear": (14, 5),
-          "left_shoulder": (19, 9), "right_shoulder": (13, 9), "left_elbow": (21, 13), "right_elbow": (11, 13),
-          "left_wrist": (22, 17), "right_wrist": (10, 17), "left_hip": (18, 18), "right_hip": (14, 18),
-          "left_knee": (18, 23), "right_knee": (14, 23), "left_ankle": (18, 28), "right_ankle": (14, 28)}
+    at = {
+        "nose": (16, 5),
+        "left_eye": (17, 4),
+        "right_eye": (15, 4),
+        "left_ear": (18, 5),
+        "right_ear": (14, 5),
+        "left_shoulder": (19, 9),
+        "right_shoulder": (13, 9),
+        "left_elbow": (21, 13),
+        "right_elbow": (11, 13),
+        "left_wrist": (22, 17),
+        "right_wrist": (10, 17),
+        "left_hip": (18, 18),
+        "right_hip": (14, 18),
+        "left_knee": (18, 23),
+        "right_knee": (14, 23),
+        "left_ankle": (18, 28),
+        "right_ankle": (14, 28),
+    }
     keypoints = {n: [float(round((at[n][0] + dx) * s)), float(round(at[n][1] * s)), 1.0] for n in COCO17}
     return {"format": "coco17", "width": size, "height": size, "people": [{"keypoints": keypoints}]}
 
@@ -93,12 +117,18 @@ def _bad_pose(edit):
 REFUSED = [
     ({"pose": [1, 2, 3]}, "pose"),
     ({"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].pop("left_knee"))}, "pose.people[0].keypoints.left_knee"),
-    ({"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].update(nose=[40.0, 3.0, 1.0]))},
-     "pose.people[0].keypoints.nose"),
-    ({"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].update(nose=[4.0, 3.0, 2.0]))},
-     "pose.people[0].keypoints.nose"),
-    ({"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].update(tail=[4.0, 3.0, 1.0]))},
-     "pose.people[0].keypoints.tail"),
+    (
+        {"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].update(nose=[40.0, 3.0, 1.0]))},
+        "pose.people[0].keypoints.nose",
+    ),
+    (
+        {"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].update(nose=[4.0, 3.0, 2.0]))},
+        "pose.people[0].keypoints.nose",
+    ),
+    (
+        {"pose": _bad_pose(lambda p: p["people"][0]["keypoints"].update(tail=[4.0, 3.0, 1.0]))},
+        "pose.people[0].keypoints.tail",
+    ),
     ({"pose": _bad_pose(lambda p: p.update(format="openpose"))}, "pose.format"),
     ({"pose": _bad_pose(lambda p: p.update(people="everyone"))}, "pose.people"),
     ({"pose": _bad_pose(lambda p: p.update(colour="red"))}, "pose"),
@@ -125,8 +155,11 @@ REFUSED = [
 def test_edit_requests_are_refused_naming_the_field(api, change, field):
     client, service = api
     body = {"image": png(scene()), "prompt": "a person standing", **change}
-    response = client.post("/v1/images/edits", content=json.dumps(body),  # json.dumps writes Infinity
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/images/edits",
+        content=json.dumps(body),  # json.dumps writes Infinity
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["field"] == field, error
@@ -183,12 +216,22 @@ def server(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("edits")
     SkeleGuidePipeline.build({"num_steps": 2}).save_pretrained(tmp / "skeleguide")
-    cfg = compose("serve", [
-        f"tracking.local_dir={tmp / 'track'}", f"adapters.cache_dir={tmp / 'cache'}", "api_key_env=null",
-        "sampling.num_steps=2", "generator.torch_threads=1", "generator.num_cpus=0.5",
-        f"edits.pipeline={tmp / 'skeleguide'}", "edits.num_steps=2", "edits.editor.torch_threads=1",
-        "limits.max_steps=4", "limits.request_timeout_s=60",
-    ])
+    cfg = compose(
+        "serve",
+        [
+            f"tracking.local_dir={tmp / 'track'}",
+            f"adapters.cache_dir={tmp / 'cache'}",
+            "api_key_env=null",
+            "sampling.num_steps=2",
+            "generator.torch_threads=1",
+            "generator.num_cpus=0.5",
+            f"edits.pipeline={tmp / 'skeleguide'}",
+            "edits.num_steps=2",
+            "edits.editor.torch_threads=1",
+            "limits.max_steps=4",
+            "limits.request_timeout_s=60",
+        ],
+    )
     threads = torch.get_num_threads()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -243,8 +286,13 @@ def test_planned_then_edited_pose_round_trip(server, triple):
 @pytest.mark.slow
 def test_mask_region_keeps_the_background_and_bad_poses_get_400(server, triple):
     client = server["client"]
-    body = {"image": png(triple.scene), "prompt": triple.prompt, "seed": 1,
-            "mask": png(triple.person_mask.astype(np.uint8) * 255), "pose": triple.skeleton.to_json()}
+    body = {
+        "image": png(triple.scene),
+        "prompt": triple.prompt,
+        "seed": 1,
+        "mask": png(triple.person_mask.astype(np.uint8) * 255),
+        "pose": triple.skeleton.to_json(),
+    }
     answer = client.post("/v1/images/edits", json=body)
     assert answer.status_code == 200, answer.text
     image = unpng(answer.json()["data"][0]["b64_json"])

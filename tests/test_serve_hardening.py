@@ -37,15 +37,23 @@ def server(ray_cluster, tmp_path_factory):
     from armature.serve.app import build_application, http_options
 
     tmp = tmp_path_factory.mktemp("hardening")
-    broken = build_policy({"family": "tiny", "lora": {"enabled": True, "rank": 2}},
-                          {"num_steps": 4, "guidance_scale": 1.0, "eta": 1.0}).save_adapter(tmp / "broken")
+    broken = build_policy(
+        {"family": "tiny", "lora": {"enabled": True, "rank": 2}}, {"num_steps": 4, "guidance_scale": 1.0, "eta": 1.0}
+    ).save_adapter(tmp / "broken")
     (broken / "adapter_config.json").write_text('{"lora": {"rank": 2,')  # cut short
     port = _free_port()
-    cfg = compose("serve", [
-        f"tracking.local_dir={tmp / 'track'}", f"adapters.cache_dir={tmp / 'cache'}", f"http.port={port}",
-        "sampling.num_steps=4", "generator.torch_threads=1", "api_key_env=ARMATURE_HARDENING_KEY",
-        f"limits.body_timeout_s={BODY_TIMEOUT_S}",
-    ])
+    cfg = compose(
+        "serve",
+        [
+            f"tracking.local_dir={tmp / 'track'}",
+            f"adapters.cache_dir={tmp / 'cache'}",
+            f"http.port={port}",
+            "sampling.num_steps=4",
+            "generator.torch_threads=1",
+            "api_key_env=ARMATURE_HARDENING_KEY",
+            f"limits.body_timeout_s={BODY_TIMEOUT_S}",
+        ],
+    )
     cfg.adapters.local = {"broken": str(broken)}
     options = http_options(OmegaConf.to_container(cfg))
     serve.start(http_options=options)
@@ -56,16 +64,17 @@ def server(ray_cluster, tmp_path_factory):
         del os.environ["ARMATURE_HARDENING_KEY"]
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=ANSWER_WITHIN_S) as client:
-        yield {"client": client, "port": port, "options": options,
-               "per_client": cfg.limits.max_requests_per_client}
+        yield {"client": client, "port": port, "options": options, "per_client": cfg.limits.max_requests_per_client}
     serve.shutdown()
 
 
 def _stall(port: int, key: str | None = None) -> socket.socket:
     """A connection that sends a generation request's headers and the start of its body, then stalls."""
     sock = socket.create_connection(("127.0.0.1", port))
-    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n")
+    head = (
+        f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n"
+    )
     if key:
         head += f"Authorization: Bearer {key}\r\n"
     sock.sendall(head.encode() + b'\r\n{"prompt": ')
@@ -107,8 +116,11 @@ def test_unauthenticated_stalled_bodies_get_401_from_the_headers(server):
         generated = client.post("/v1/images/generations", json={"prompt": "a red cube", "seed": 1}, headers=ok)
         assert generated.status_code == 200 and len(generated.json()["data"]) == 1
         # A chunked body (no Content-Length) is read too, counted against the byte limit.
-        chunked = client.post("/v1/images/generations", content=iter([b'{"prompt": "a red', b' cube", "seed": 1}']),
-                              headers={**ok, "Content-Type": "application/json"})
+        chunked = client.post(
+            "/v1/images/generations",
+            content=iter([b'{"prompt": "a red', b' cube", "seed": 1}']),
+            headers={**ok, "Content-Type": "application/json"},
+        )
         assert chunked.status_code == 200 and chunked.json()["data"] == generated.json()["data"]
         answers = [_answer(sock) for sock in stalled]  # each answered, then closed
     finally:
@@ -139,8 +151,9 @@ def test_authorized_stalled_bodies_get_429_past_the_client_limit_then_408(server
 
 
 def test_a_malformed_adapter_config_is_a_4xx_naming_the_adapter(server):
-    response = server["client"].post("/v1/images/generations", json={"prompt": "x", "adapter": "broken"},
-                                     headers={"Authorization": f"Bearer {KEY}"})
+    response = server["client"].post(
+        "/v1/images/generations", json={"prompt": "x", "adapter": "broken"}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["field"] == "adapter" and "'local:broken'" in error["message"]

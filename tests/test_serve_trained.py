@@ -30,11 +30,26 @@ def test_trained_adapter_is_served_by_name(ray_cluster, tmp_path):
     # 1. A short DDPO job (the tiny model: a full fine-tune, saved as unet.safetensors).
     track = tmp_path / "track"
     command = [
-        sys.executable, "-m", "armature.cli", "train", "model=tiny", "reward=compressibility",
-        "prompts.file=null", "algo.num_epochs=1", "algo.samples_per_epoch=8",
-        "algo.train_batch_size=4", "algo.stat_min_count=2", "sampling.num_steps=3", "sampling.batch_size=4",
-        "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.25", "algo.learning_rate=0.01",
-        "algo.final_eval_per_prompt=2", f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={track}", "tracking.run_name=serve-e2e",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "model=tiny",
+        "reward=compressibility",
+        "prompts.file=null",
+        "algo.num_epochs=1",
+        "algo.samples_per_epoch=8",
+        "algo.train_batch_size=4",
+        "algo.stat_min_count=2",
+        "sampling.num_steps=3",
+        "sampling.batch_size=4",
+        "cluster.sampler_num_cpus=0.5",
+        "reward.num_cpus=0.25",
+        "algo.learning_rate=0.01",
+        "algo.final_eval_per_prompt=2",
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={track}",
+        "tracking.run_name=serve-e2e",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -43,9 +58,17 @@ def test_trained_adapter_is_served_by_name(ray_cluster, tmp_path):
     assert "[armature] fixed seeds (4 prompts x 2), before -> after training: reward" in done.stdout
 
     # 2. The generator, on the same tracking store, serves it as `armature-adapter`.
-    cfg = compose("serve", [f"tracking.local_dir={track}", f"adapters.cache_dir={tmp_path / 'cache'}",
-                            "generator.torch_threads=1", "batching.pass_size=2", "sampling.num_steps=4",
-                            "api_key_env=null"])
+    cfg = compose(
+        "serve",
+        [
+            f"tracking.local_dir={track}",
+            f"adapters.cache_dir={tmp_path / 'cache'}",
+            "generator.torch_threads=1",
+            "batching.pass_size=2",
+            "sampling.num_steps=4",
+            "api_key_env=null",
+        ],
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": 8791})
     serve.run(build_application(cfg), name="trained", route_prefix="/")
     try:
@@ -89,8 +112,9 @@ def test_trained_adapter_is_served_by_name(ray_cluster, tmp_path):
     torch.set_num_threads(1)
     try:
         for name, trained in (("before", False), ("after", True)):
-            policy = build_policy({"family": "tiny", "lora": {"enabled": False}},
-                                  {"num_steps": 3, "guidance_scale": 1.0, "eta": 1.0})
+            policy = build_policy(
+                {"family": "tiny", "lora": {"enabled": False}}, {"num_steps": 3, "guidance_scale": 1.0, "eta": 1.0}
+            )
             if trained:
                 policy.load_adapter(resolve_adapter(uri, "armature-adapter", tmp_path / "local"))
             with torch.no_grad():

@@ -116,15 +116,17 @@ def test_adapter_bank_refuses_what_it_cannot_serve(tmp_path):
         AdapterBank(_policy(), {"family": "tiny", "tiny": {"seed": 0}}).load("other", tmp_path / "other")
 
 
-
-@pytest.mark.parametrize("text, words", [
-    ('{"lora": {"rank": 2,', "not valid JSON"),
-    ("\udcff", "not valid JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    ('{"lora": [2]}', "'lora' must be a JSON object"),
-    ('{"lora": {"rank": 2}, "model": "tiny"}', "'model' must be a JSON object"),
-    ('{"lora": {"rank": 2}, "model": {"tiny": 3}}', "'model.tiny' must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"lora": {"rank": 2,', "not valid JSON"),
+        ("\udcff", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"lora": [2]}', "'lora' must be a JSON object"),
+        ('{"lora": {"rank": 2}, "model": "tiny"}', "'model' must be a JSON object"),
+        ('{"lora": {"rank": 2}, "model": {"tiny": 3}}', "'model.tiny' must be a JSON object"),
+    ],
+)
 def test_adapter_bank_names_the_adapter_of_a_malformed_config(tmp_path, text, words):
     folder = _lora_adapter(tmp_path / "broken", 1)
     (folder / "adapter_config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
@@ -132,14 +134,24 @@ def test_adapter_bank_names_the_adapter_of_a_malformed_config(tmp_path, text, wo
         AdapterBank(_policy(), BASE).load("broken", folder)
     assert words in str(err.value)
 
+
 def test_best_of_keeps_the_best_first():
     assert best_of(np.array([0.1, 0.9, np.nan, 0.9, 0.5]), 3).tolist() == [1, 3, 4]
 
 
 # --------------------------------------------------------------------------- HTTP schema
-LIMITS = {"max_prompt_chars": 20, "max_steps": 8, "min_size": 16, "max_size": 64, "size_multiple": 8,
-          "max_images": 2, "max_best_of": 4, "max_guidance_scale": 10.0, "max_body_bytes": 2048,
-          "request_timeout_s": 5.0}
+LIMITS = {
+    "max_prompt_chars": 20,
+    "max_steps": 8,
+    "min_size": 16,
+    "max_size": 64,
+    "size_multiple": 8,
+    "max_images": 2,
+    "max_best_of": 4,
+    "max_guidance_scale": 10.0,
+    "max_body_bytes": 2048,
+    "request_timeout_s": 5.0,
+}
 
 
 class FakeService:
@@ -209,8 +221,11 @@ def test_body_size_and_auth(api):
     chunked = client.post("/v1/images/generations", content=iter([b"{", b" " * 4096, b"}"]), headers=ok)
     assert chunked.status_code == 413 and chunked.json()["error"]["field"] == "body"
     assert chunked.headers["connection"] == "close"
-    chunked = client.post("/v1/images/generations", content=iter([b'{"prompt": ', b'"x", "seed": 4}']),
-                          headers={**ok, "Content-Type": "application/json"})
+    chunked = client.post(
+        "/v1/images/generations",
+        content=iter([b'{"prompt": ', b'"x", "seed": 4}']),
+        headers={**ok, "Content-Type": "application/json"},
+    )
     assert chunked.status_code == 200 and service.calls[-1].seed == 4
     service.calls.clear()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
@@ -234,8 +249,12 @@ def test_serve_config_composes_and_names_bad_keys(capsys):
 
     cfg = compose("serve", ["limits.max_steps=30"])
     assert cfg.limits.max_steps == 30 and cfg.model.family == "tiny"
-    for override, named in ((["limits.max_stps=3"], "max_stps"), (["sampling.num_steps=99"], "sampling.num_steps"),
-                            (["+rewards.nope={}"], "nope"), (["limits.min_size=12"], "size_multiple")):
+    for override, named in (
+        (["limits.max_stps=3"], "max_stps"),
+        (["sampling.num_steps=99"], "sampling.num_steps"),
+        (["+rewards.nope={}"], "nope"),
+        (["limits.min_size=12"], "size_multiple"),
+    ):
         with pytest.raises(ConfigError, match=named):
             compose("serve", override)
     assert main(["serve", "--serve-config", "limits.max_steps=30"]) == 0
@@ -257,8 +276,14 @@ def test_serve_config_composes_and_names_bad_keys(capsys):
     # The Serve application builder takes its `args` as Hydra overrides, mappings included.
     from armature.serve.app import _overrides
 
-    args = {"model": "tiny", "limits.max_steps": 30, "batching.enabled": False, "api_key_env": None,
-            "sampling.negative_prompt": "ugly, it's blurry", "adapters.local": {"mine": "/tmp/my adapter"}}
+    args = {
+        "model": "tiny",
+        "limits.max_steps": 30,
+        "batching.enabled": False,
+        "api_key_env": None,
+        "sampling.negative_prompt": "ugly, it's blurry",
+        "adapters.local": {"mine": "/tmp/my adapter"},
+    }
     cfg = compose("serve", [o for k, v in args.items() for o in _overrides(k, v)])
     assert (cfg.limits.max_steps, cfg.batching.enabled, cfg.api_key_env) == (30, False, None)
     assert cfg.sampling.negative_prompt == "ugly, it's blurry" and cfg.adapters.local == {"mine": "/tmp/my adapter"}
@@ -270,9 +295,17 @@ def test_deployment_options_from_config(tmp_path):
     from armature.platform.config import compose
     from armature.serve.app import build_application, deployment_options
 
-    cfg = compose("serve", ["generator.autoscaling.max_replicas=4", "generator.num_gpus=1",
-                            "generator.max_queued_requests=10", "api_key_env=null",
-                            f"tracking.local_dir={tmp_path}", f"adapters.cache_dir={tmp_path / 'cache'}"])
+    cfg = compose(
+        "serve",
+        [
+            "generator.autoscaling.max_replicas=4",
+            "generator.num_gpus=1",
+            "generator.max_queued_requests=10",
+            "api_key_env=null",
+            f"tracking.local_dir={tmp_path}",
+            f"adapters.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     options = deployment_options(OmegaConf.to_container(cfg.generator))
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert options["max_queued_requests"] == 10 and options["max_ongoing_requests"] == 32

@@ -59,8 +59,9 @@ def _grads(pipe, loss):
     from armature.policies.skeleguide import ADAPTERS
 
     loss.backward()
-    out = {a: sum(float(p.grad.abs().sum()) for p in pipe.adapter_parameters(a) if p.grad is not None)
-           for a in ADAPTERS}
+    out = {
+        a: sum(float(p.grad.abs().sum()) for p in pipe.adapter_parameters(a) if p.grad is not None) for a in ADAPTERS
+    }
     for p in pipe.transformer.parameters():
         p.grad = None
     return out
@@ -75,8 +76,9 @@ def test_each_phase_trains_its_adapters_only(setup, phase, trained):
     loss, terms = phase_loss(pipe, batch, phase, algo, torch.Generator().manual_seed(0))
     grads = _grads(pipe, loss)
     assert {a for a, g in grads.items() if g > 0} == trained, grads
-    assert set(terms) == {1: {"reason_loss"}, 2: {"reason_loss", "render_loss", "layout_error"},
-                          3: {"render_loss"}}[phase]
+    assert (
+        set(terms) == {1: {"reason_loss"}, 2: {"reason_loss", "render_loss", "layout_error"}, 3: {"render_loss"}}[phase]
+    )
     if phase == 2:
         assert loss.item() == pytest.approx(0.5 * terms["reason_loss"] + terms["render_loss"], rel=1e-5)
 
@@ -100,12 +102,23 @@ STEPS = (3, 3, 3)
 
 def _command(tmp: Path) -> list[str]:
     return [
-        sys.executable, "-m", "armature.jobs.skeleguide",
-        f"algo.phase1_steps={STEPS[0]}", f"algo.phase2_steps={STEPS[1]}", f"algo.phase3_steps={STEPS[2]}",
-        "algo.steps_per_epoch=1", "algo.train_batch_size=2", "algo.heldout_triples=2", "algo.sample_steps=2",
-        "trainer.num_workers=1", "trainer.cpus_per_worker=1", "cluster.torch_threads=1",
-        f"trainer.storage_path={tmp / 'ray'}", f"tracking.local_dir={tmp / 'track'}",
-        "tracking.run_name=sg", "tracking.images_per_grid=6",
+        sys.executable,
+        "-m",
+        "armature.jobs.skeleguide",
+        f"algo.phase1_steps={STEPS[0]}",
+        f"algo.phase2_steps={STEPS[1]}",
+        f"algo.phase3_steps={STEPS[2]}",
+        "algo.steps_per_epoch=1",
+        "algo.train_batch_size=2",
+        "algo.heldout_triples=2",
+        "algo.sample_steps=2",
+        "trainer.num_workers=1",
+        "trainer.cpus_per_worker=1",
+        "cluster.torch_threads=1",
+        f"trainer.storage_path={tmp / 'ray'}",
+        f"tracking.local_dir={tmp / 'track'}",
+        "tracking.run_name=sg",
+        "tracking.images_per_grid=6",
     ]
 
 

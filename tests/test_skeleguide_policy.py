@@ -135,8 +135,9 @@ def test_eq3_lora_gets_gradient_only_through_condition_tokens():
     torch.testing.assert_close(q[:, 6:], want, rtol=1e-5, atol=1e-5)
     # the base weights never require gradients; only the trained adapter's LoRA does
     assert all(not p.requires_grad for n, p in pipe.transformer.named_parameters() if ".lora_" not in n)
-    assert {n.split(".lora_")[1].split(".")[1] for n, p in pipe.transformer.named_parameters() if p.requires_grad} \
-        == {"skeletal"}
+    assert {n.split(".lora_")[1].split(".")[1] for n, p in pipe.transformer.named_parameters() if p.requires_grad} == {
+        "skeletal"
+    }
 
 
 def test_all_projections_option_adapts_every_token():
@@ -171,11 +172,16 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.params == pipe.params
     x, cond, text = _inputs(pipe)
     for adapter in ("skeletal", "appearance"):
-        torch.testing.assert_close(loaded.flow(adapter, x, 0.2, cond, text, (SIZE, SIZE)),
-                                   pipe.flow(adapter, x, 0.2, cond, text, (SIZE, SIZE)), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.flow(adapter, x, 0.2, cond, text, (SIZE, SIZE)),
+            pipe.flow(adapter, x, 0.2, cond, text, (SIZE, SIZE)),
+            rtol=0,
+            atol=0,
+        )
     scenes = _scenes(1)
-    np.testing.assert_array_equal(loaded(scenes, ["a person"], seed=3, num_steps=2).images,
-                                  pipe(scenes, ["a person"], seed=3, num_steps=2).images)
+    np.testing.assert_array_equal(
+        loaded(scenes, ["a person"], seed=3, num_steps=2).images, pipe(scenes, ["a person"], seed=3, num_steps=2).images
+    )
     with pytest.raises(FileNotFoundError, match="skeleguide.json"):
         SkeleGuidePipeline.from_pretrained(tmp_path)
 
@@ -202,13 +208,20 @@ def test_save_with_base_keeps_a_trained_backbone(tmp_path):
 def test_a_trained_vae_folder_replaces_the_random_one(tmp_path):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        scaling_factor=0.5)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+    )
     vae.save_pretrained(tmp_path / "policy" / "vae")  # a pipeline folder's layout
     pipe = SkeleGuidePipeline.build(SkeleGuideParams(vae=str(tmp_path / "policy")))
     assert pipe.vae_scale_factor == 2 and pipe.vae.config.scaling_factor == 0.5
-    torch.testing.assert_close(pipe.vae.state_dict()["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"])
+    torch.testing.assert_close(
+        pipe.vae.state_dict()["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"]
+    )
     layouts = pipe.plan(_scenes(1), ["a person"], seed=0, num_steps=1)
     assert layouts.shape == (1, SIZE, SIZE, 3)
 
@@ -226,11 +239,16 @@ def test_the_gym_autoencoder_tiny_round_trips_as_the_gym_policy_does(tmp_path):
     pipe = SkeleGuidePipeline.build(SkeleGuideParams(vae=str(policy_path())))
     assert type(pipe.vae).__name__ == "AutoencoderTiny" and pipe.vae_scale_factor == 2
     images = _scenes(2)
-    np.testing.assert_allclose(pipe.decode(pipe.encode_images(images), SIZE, SIZE).astype(int),
-                               load_round_trip(policy_path())(np.stack(images)).astype(int), atol=1)
+    np.testing.assert_allclose(
+        pipe.decode(pipe.encode_images(images), SIZE, SIZE).astype(int),
+        load_round_trip(policy_path())(np.stack(images)).astype(int),
+        atol=1,
+    )
     shutil.copytree(Path(policy_path()) / "vae", tmp_path / "vae")
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "block_out_channels"}))
+    (tmp_path / "vae" / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "block_out_channels"})
+    )
     with pytest.raises(ValueError, match="block_out_channels"):
         SkeleGuidePipeline.build(SkeleGuideParams(vae=str(tmp_path)))
     (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
@@ -248,13 +266,21 @@ def test_real_weights_load_through_the_same_code_from_a_diffusers_folder(tmp_pat
     loaded = SkeleGuidePipeline.build(SkeleGuideParams(pretrained=str(tmp_path / "kontext")))
     assert type(loaded.pipe).__name__ == "FluxKontextPipeline"
     x, cond, text = _inputs(tiny)
-    torch.testing.assert_close(loaded.flow("skeletal", x, 0.4, cond, text, (SIZE, SIZE)),
-                               tiny.flow("skeletal", x, 0.4, cond, text, (SIZE, SIZE)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loaded.flow("skeletal", x, 0.4, cond, text, (SIZE, SIZE)),
+        tiny.flow("skeletal", x, 0.4, cond, text, (SIZE, SIZE)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     _randomise_adapters(loaded, seed=7)
     loaded.save_pretrained(tmp_path / "sg")  # the folder records the base's path, not its weights
     again = SkeleGuidePipeline.from_pretrained(tmp_path / "sg")
-    torch.testing.assert_close(again.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)),
-                               loaded.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        again.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)),
+        loaded.flow("appearance", x, 0.4, cond, text, (SIZE, SIZE)),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_bench_backbone_fits_either_lora_targets():
@@ -269,8 +295,16 @@ def test_bench_backbone_fits_either_lora_targets():
     import skeleguide as bench
 
     def flags(targets, layers=2):
-        return argparse.Namespace(vae_channels=[16, 32, 64], latent_channels=8, transformer_layers=layers,
-                                  transformer_heads=4, head_dim=8, lora_rank=4, lora_targets=targets, steps=4)
+        return argparse.Namespace(
+            vae_channels=[16, 32, 64],
+            latent_channels=8,
+            transformer_layers=layers,
+            transformer_heads=4,
+            head_dim=8,
+            lora_rank=4,
+            lora_targets=targets,
+            steps=4,
+        )
 
     qkv = bench.build(flags("qkv"))
     with torch.no_grad():

@@ -10,8 +10,9 @@ from armature.policies import build_policy
 
 
 def _policy(*overrides):
-    cfg = compose("train", ["model=skeleguide_stage", "sampling.num_steps=4", "sampling.guidance_scale=1.0",
-                            *overrides])
+    cfg = compose(
+        "train", ["model=skeleguide_stage", "sampling.num_steps=4", "sampling.guidance_scale=1.0", *overrides]
+    )
     c = OmegaConf.to_container(cfg, resolve=True)
     return build_policy(c["model"], c["sampling"], seed=0)
 
@@ -89,8 +90,9 @@ def test_adapter_round_trip_and_into_the_pipeline(tmp_path):
     for (n, p), q in zip(a.trainable_state_dict().items(), b.trainable_state_dict().values()):
         assert torch.equal(p, q), n
     b.load_trainable_state_dict(_policy().trainable_state_dict(), version=3)
-    assert b.weights_version == 3 and not torch.equal(next(iter(b.trainable_state_dict().values())),
-                                                      next(iter(a.trainable_state_dict().values())))
+    assert b.weights_version == 3 and not torch.equal(
+        next(iter(b.trainable_state_dict().values())), next(iter(a.trainable_state_dict().values()))
+    )
 
 
 def test_appearance_stage_is_conditioned_on_the_ground_truth_layout():
@@ -137,12 +139,28 @@ def test_grpo_trains_the_skeletal_stage_with_the_skeleton_reward(ray_cluster, tm
     from mlflow.tracking import MlflowClient
 
     command = [
-        sys.executable, "-m", "armature.cli", "train", "algo=grpo", "model=skeleguide_stage", "reward=skeleton",
-        "prompts.file=configs/suites/gym_poses.txt", "algo.num_epochs=2", "algo.prompts_per_epoch=2",
-        "algo.group_size=4", "algo.train_batch_size=8", "sampling.num_steps=4", "sampling.batch_size=8",
-        "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.25", "cluster.torch_threads=1",
-        "tracking.images_per_grid=4", "tracking.registered_model=null", f"trainer.storage_path={tmp_path / 'ray'}",
-        f"tracking.local_dir={tmp_path / 'track'}", "tracking.run_name=skel",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "algo=grpo",
+        "model=skeleguide_stage",
+        "reward=skeleton",
+        "prompts.file=configs/suites/gym_poses.txt",
+        "algo.num_epochs=2",
+        "algo.prompts_per_epoch=2",
+        "algo.group_size=4",
+        "algo.train_batch_size=8",
+        "sampling.num_steps=4",
+        "sampling.batch_size=8",
+        "cluster.sampler_num_cpus=0.5",
+        "reward.num_cpus=0.25",
+        "cluster.torch_threads=1",
+        "tracking.images_per_grid=4",
+        "tracking.registered_model=null",
+        f"trainer.storage_path={tmp_path / 'ray'}",
+        f"tracking.local_dir={tmp_path / 'track'}",
+        "tracking.run_name=skel",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "HF_HUB_OFFLINE": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -33,17 +33,29 @@ from armature.skeleton.render import JOINT_COLOURS
 # a person facing us on a 64x64 canvas (the person's left on the image's right), drawn by hand:
 # upper arm (2, 9), forearm (1, 8), thigh (1, 11), shin (0, 10), torso 16 (mid-shoulders to mid-hips)
 HAND = {
-    "nose": (32, 10), "left_eye": (34, 8), "right_eye": (30, 8), "left_ear": (36, 9), "right_ear": (28, 9),
-    "left_shoulder": (38, 16), "right_shoulder": (26, 16), "left_elbow": (40, 25), "right_elbow": (24, 25),
-    "left_wrist": (41, 33), "right_wrist": (23, 33), "left_hip": (35, 32), "right_hip": (29, 32),
-    "left_knee": (36, 43), "right_knee": (28, 43), "left_ankle": (36, 53), "right_ankle": (28, 53),
+    "nose": (32, 10),
+    "left_eye": (34, 8),
+    "right_eye": (30, 8),
+    "left_ear": (36, 9),
+    "right_ear": (28, 9),
+    "left_shoulder": (38, 16),
+    "right_shoulder": (26, 16),
+    "left_elbow": (40, 25),
+    "right_elbow": (24, 25),
+    "left_wrist": (41, 33),
+    "right_wrist": (23, 33),
+    "left_hip": (35, 32),
+    "right_hip": (29, 32),
+    "left_knee": (36, 43),
+    "right_knee": (28, 43),
+    "left_ankle": (36, 53),
+    "right_ankle": (28, 53),
 }
 
 
 def _hand(**moved) -> Skeleton:
     points = {**HAND, **moved}
-    return Skeleton(64, 64, np.array([[(*points[n][:2], points[n][2] if len(points[n]) > 2 else 1.0)
-                                       for n in COCO17]]))
+    return Skeleton(64, 64, np.array([[(*points[n][:2], points[n][2] if len(points[n]) > 2 else 1.0) for n in COCO17]]))
 
 
 def _json(**keypoints):
@@ -65,18 +77,21 @@ def test_json_round_trip_and_views():
     assert two.array.shape == (2, 17, 3)
 
 
-@pytest.mark.parametrize("broken, message", [
-    (_json(left_wrist=[41, 33]), r"people\[0\]\.keypoints\.left_wrist: expected \[x, y, visibility\]"),
-    (_json(left_wrist="41,33,1"), r"people\[0\]\.keypoints\.left_wrist: expected \[x, y, visibility\]"),
-    (_json(left_wrist=[70, 33, 1]), r"left_wrist: \(70, 33\) is outside the 64x64 canvas; x must be in \[0, 63\]"),
-    (_json(left_wrist=[41, 33, 1.5]), r"left_wrist: visibility 1.5 is outside \[0, 1\]"),
-    (_json(left_hand=[1, 1, 1]), r"people\[0\]\.keypoints\.left_hand: unknown joint name; COCO-17 names are nose"),
-    ({**_json(), "width": 0}, r"width: expected a positive integer"),
-    ({**_json(), "format": "openpose"}, r"format: 'openpose' is not supported; use \"coco17\""),
-    ({**_json(), "people": {}}, r"people: expected a list"),
-    ({**_json(), "people": [{"points": {}}]}, r"people\[0\]: expected an object with a \"keypoints\""),
-    ("{not json", r"pose: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        (_json(left_wrist=[41, 33]), r"people\[0\]\.keypoints\.left_wrist: expected \[x, y, visibility\]"),
+        (_json(left_wrist="41,33,1"), r"people\[0\]\.keypoints\.left_wrist: expected \[x, y, visibility\]"),
+        (_json(left_wrist=[70, 33, 1]), r"left_wrist: \(70, 33\) is outside the 64x64 canvas; x must be in \[0, 63\]"),
+        (_json(left_wrist=[41, 33, 1.5]), r"left_wrist: visibility 1.5 is outside \[0, 1\]"),
+        (_json(left_hand=[1, 1, 1]), r"people\[0\]\.keypoints\.left_hand: unknown joint name; COCO-17 names are nose"),
+        ({**_json(), "width": 0}, r"width: expected a positive integer"),
+        ({**_json(), "format": "openpose"}, r"format: 'openpose' is not supported; use \"coco17\""),
+        ({**_json(), "people": {}}, r"people: expected a list"),
+        ({**_json(), "people": [{"points": {}}]}, r"people\[0\]: expected an object with a \"keypoints\""),
+        ("{not json", r"pose: not valid JSON"),
+    ],
+)
 def test_schema_errors_name_the_field_and_the_fix(broken, message):
     with pytest.raises(ValueError, match=message):
         Skeleton.from_json(broken)
@@ -107,7 +122,7 @@ def test_layout_encoding():
     layout = render_layout(skeleton)
     assert layout.shape == (64, 64, 3) and layout.dtype == np.uint8
     x, y = HAND["left_elbow"]
-    assert np.all(layout[y - 1:y + 2, x - 1:x + 2] == JOINT_COLOURS[INDEX["left_elbow"]])  # a 3x3 mark
+    assert np.all(layout[y - 1 : y + 2, x - 1 : x + 2] == JOINT_COLOURS[INDEX["left_elbow"]])  # a 3x3 mark
     assert len({tuple(c) for c in JOINT_COLOURS}) == 17
     scene = sample_background(np.random.default_rng(0))
     over = render_layout(skeleton, scene)
@@ -130,8 +145,10 @@ def test_round_trip_is_exact_on_2000_gym_skeletons():
         exact += back.equals(canonical(skeleton), atol=0)
         ambiguous += counts["ambiguous"]
     rate = exact / count
-    print(f"\nlayout round trip: {exact}/{count} exact ({rate:.2%}), {ambiguous} ambiguous marks, "
-          f"{(time.perf_counter() - start) / count * 1e3:.2f} ms each")
+    print(
+        f"\nlayout round trip: {exact}/{count} exact ({rate:.2%}), {ambiguous} ambiguous marks, "
+        f"{(time.perf_counter() - start) / count * 1e3:.2f} ms each"
+    )
     assert count == 2000 and exact == count
 
 
@@ -272,8 +289,9 @@ def test_skeleton_reward_intact_figures_score_one():
     for _ in range(20):
         assert skeleton_score(from_figure(sample_figure(rng))) == pytest.approx(1.0)
     terms = skeleton_terms(_hand())
-    assert terms == pytest.approx({"angles": 1.0, "proportions": 1.0, "symmetry": 1.0, "completeness": 1.0,
-                                   "score": 1.0})
+    assert terms == pytest.approx(
+        {"angles": 1.0, "proportions": 1.0, "symmetry": 1.0, "completeness": 1.0, "score": 1.0}
+    )
 
 
 def test_skeleton_reward_reversed_elbow():
@@ -388,8 +406,10 @@ def test_pose_adherence_on_a_photo_with_blazepose():
     reward = load("pose_adherence", method="auto")  # 512x512: BlazePose
     start = time.perf_counter()
     (score,) = reward([Image.fromarray(photo)], ["an astronaut"], plans=[plan])
-    print(f"\npose_adherence reward (BlazePose, 512x512, first call: loads the models): "
-          f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    print(
+        f"\npose_adherence reward (BlazePose, 512x512, first call: loads the models): "
+        f"{(time.perf_counter() - start) * 1e3:.0f} ms"
+    )
     assert score == pytest.approx(1.0)
     moved = plan.array.copy()
     moved[0, :, 1] = np.clip(moved[0, :, 1] + 60, 0, 511)  # 60 px lower: > 0.1 * the plan's size

@@ -17,15 +17,34 @@ EPOCHS = 3
 
 def _command(tmp: Path) -> list[str]:
     return [
-        sys.executable, "-m", "armature.cli", "train", "model=tiny", "reward=compressibility", "prompts.file=null", "algo.learning_rate=1e-3",
-        f"algo.num_epochs={EPOCHS}", "algo.samples_per_epoch=16", "algo.train_batch_size=4",
-        "algo.gradient_accumulation_batches=2", "algo.stat_min_count=4", "algo.stat_buffer_size=8",
-        "sampling.num_steps=3", "sampling.batch_size=4",
-        "trainer.num_workers=2", "trainer.zero_stage=2", "trainer.cpus_per_worker=1",
-        "cluster.num_samplers=2", "cluster.sampler_num_cpus=0.5", "reward.num_cpus=0.25",
-        "model.lora.enabled=true", "model.lora.rank=2",
-        f"trainer.storage_path={tmp / 'ray'}", f"tracking.local_dir={tmp / 'track'}",
-        "tracking.run_name=e2e", "tracking.images_per_grid=4",
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        "model=tiny",
+        "reward=compressibility",
+        "prompts.file=null",
+        "algo.learning_rate=1e-3",
+        f"algo.num_epochs={EPOCHS}",
+        "algo.samples_per_epoch=16",
+        "algo.train_batch_size=4",
+        "algo.gradient_accumulation_batches=2",
+        "algo.stat_min_count=4",
+        "algo.stat_buffer_size=8",
+        "sampling.num_steps=3",
+        "sampling.batch_size=4",
+        "trainer.num_workers=2",
+        "trainer.zero_stage=2",
+        "trainer.cpus_per_worker=1",
+        "cluster.num_samplers=2",
+        "cluster.sampler_num_cpus=0.5",
+        "reward.num_cpus=0.25",
+        "model.lora.enabled=true",
+        "model.lora.rank=2",
+        f"trainer.storage_path={tmp / 'ray'}",
+        f"tracking.local_dir={tmp / 'track'}",
+        "tracking.run_name=e2e",
+        "tracking.images_per_grid=4",
     ]
 
 
@@ -45,8 +64,7 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
 
     # 1. Start the job; kill it (driver and its Ray job) once the first checkpoint is persisted.
     log1 = open(tmp_path / "run1.log", "w")
-    proc = subprocess.Popen(_command(tmp_path), env=env, stdout=log1, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(_command(tmp_path), env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -82,8 +100,16 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
     assert run.data.params["algo.clip_range"] == "0.05"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
     assert steps == list(range(EPOCHS)), steps
-    for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "learning_rate",
-                "grad_norm", "samples_per_s"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "loss",
+        "approx_kl",
+        "clipfrac",
+        "learning_rate",
+        "grad_norm",
+        "samples_per_s",
+    ):
         assert len(client.get_metric_history(run.info.run_id, key)) == EPOCHS, key
     # The first inner update starts on-policy: the learner recomputes the samplers' log-probs.
     assert client.get_metric_history(run.info.run_id, "approx_kl")[0].value < 1e-2

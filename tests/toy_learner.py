@@ -60,8 +60,12 @@ def train_loop(config: dict) -> None:
             loss = toy_loss(policy.predict(cond, x, t), torch.zeros_like(x))
             w.step(loss)
             losses.append(loss.item())
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)), **w.optimizer_metrics(),
-                   "epoch_time_s": time.perf_counter() - start}
+        metrics = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            **w.optimizer_metrics(),
+            "epoch_time_s": time.perf_counter() - start,
+        }
         w.end_epoch(epoch, metrics, progress=lambda e, n, m: print(f"[toy] epoch {e + 1}/{n} loss {m['loss']:.5f}"))
     w.finish(policy)
 

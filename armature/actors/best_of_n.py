@@ -67,13 +67,18 @@ class BestOfN:
         single, kept = self.scores.reshape(-1), self.kept_scores.reshape(-1)
         best = self.scores.max(axis=1)
         return {
-            "single_reward_mean": float(np.mean(single)), "single_reward_std": float(np.std(single)),
-            "single_reward_p50": float(np.median(single)), "single_reward_p90": float(np.quantile(single, 0.9)),
-            "kept_reward_mean": float(np.mean(kept)), "kept_reward_std": float(np.std(kept)),
-            "kept_reward_p50": float(np.median(kept)), "kept_reward_p90": float(np.quantile(kept, 0.9)),
+            "single_reward_mean": float(np.mean(single)),
+            "single_reward_std": float(np.std(single)),
+            "single_reward_p50": float(np.median(single)),
+            "single_reward_p90": float(np.quantile(single, 0.9)),
+            "kept_reward_mean": float(np.mean(kept)),
+            "kept_reward_std": float(np.std(kept)),
+            "kept_reward_p50": float(np.median(kept)),
+            "kept_reward_p90": float(np.quantile(kept, 0.9)),
             "best_reward_mean": float(np.mean(best)),
             "best_minus_single": float(np.mean(best) - np.mean(single)),
-            "candidates": float(single.size), "seconds_per_prompt": self.elapsed_s / max(1, len(self.prompts)),
+            "candidates": float(single.size),
+            "seconds_per_prompt": self.elapsed_s / max(1, len(self.prompts)),
         }
 
     def preference_pairs(self, source: str = "best_of_n") -> list[dict]:
@@ -84,17 +89,32 @@ class BestOfN:
             best, worst = order[0], order[-1]
             if not self.scores[i, best] > self.scores[i, worst]:
                 continue
-            records.append({
-                "pair_id": f"{source}-{i:06d}", "prompt": self.prompts[i],
-                "image_w": self.images[i, best], "image_l": self.images[i, worst], "label": "w",
-                "source": f"{source}:{self.scores[i, best]:.6g}>{self.scores[i, worst]:.6g}",
-            })
+            records.append(
+                {
+                    "pair_id": f"{source}-{i:06d}",
+                    "prompt": self.prompts[i],
+                    "image_w": self.images[i, best],
+                    "image_l": self.images[i, worst],
+                    "label": "w",
+                    "source": f"{source}:{self.scores[i, best]:.6g}>{self.scores[i, worst]:.6g}",
+                }
+            )
         return records
 
 
-def best_of_n(samplers: list, rewards: list, prompts: list[str], n: int, k: int = 1, *, seed: int = 0,
-              batch_size: int = 8, weights: list | None = None, version: int = 0,
-              keep_latents: bool = False) -> BestOfN:
+def best_of_n(
+    samplers: list,
+    rewards: list,
+    prompts: list[str],
+    n: int,
+    k: int = 1,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    weights: list | None = None,
+    version: int = 0,
+    keep_latents: bool = False,
+) -> BestOfN:
     """Sample ``n`` candidates for every prompt, score them and keep the best ``k`` of each.
 
     Args:
@@ -140,7 +160,12 @@ def best_of_n(samplers: list, rewards: list, prompts: list[str], n: int, k: int 
         latents = latents.reshape(shape + latents.shape[1:])
     del trajectories
     return BestOfN(
-        prompts=list(prompts), images=images.reshape(shape + images.shape[1:]), scores=scores,
-        components=components, seeds=seeds.reshape(shape), k=k, elapsed_s=time.perf_counter() - start,
+        prompts=list(prompts),
+        images=images.reshape(shape + images.shape[1:]),
+        scores=scores,
+        components=components,
+        seeds=seeds.reshape(shape),
+        k=k,
+        elapsed_s=time.perf_counter() - start,
         latents=latents,
     )

@@ -35,17 +35,30 @@ class RewardScorer:
     def stats(self) -> dict[str, int]:
         """Counters the rewards keep (e.g. the MLLM judge's ``<attribute>/failed`` answers), by component."""
         rewards = self.reward.rewards if isinstance(self.reward, WeightedSum) else {self.reward.name: self.reward}
-        return {f"{name}/{key}": int(value) for name, reward in rewards.items()
-                for key, value in dict(getattr(reward, "stats", None) or {}).items()}
+        return {
+            f"{name}/{key}": int(value)
+            for name, reward in rewards.items()
+            for key, value in dict(getattr(reward, "stats", None) or {}).items()
+        }
 
 
-def start_reward_actors(n: int, components: dict, *, num_cpus: float, num_gpus: float,
-                        max_restarts: int, resources: dict | None = None,
-                        scheduling: str = "DEFAULT") -> list:
+def start_reward_actors(
+    n: int,
+    components: dict,
+    *,
+    num_cpus: float,
+    num_gpus: float,
+    max_restarts: int,
+    resources: dict | None = None,
+    scheduling: str = "DEFAULT",
+) -> list:
     """``n`` scorers; a crashed one restarts and its in-flight scoring calls are retried."""
     actor = ray.remote(RewardScorer).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
-        scheduling_strategy=scheduling, max_restarts=max_restarts,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=dict(resources or {}),
+        scheduling_strategy=scheduling,
+        max_restarts=max_restarts,
         max_task_retries=max_restarts if max_restarts else 0,
     )
     actors = [actor.remote(components) for _ in range(n)]

@@ -42,8 +42,15 @@ class PolicySampler:
         return version
 
     @ray.method(num_returns=2)
-    def rollout(self, prompts: list[str], seed: int | list[int], weights: list | None = None, version: int = 0,
-                num_steps: int | None = None, sde_window: tuple[int, int] | None = None):
+    def rollout(
+        self,
+        prompts: list[str],
+        seed: int | list[int],
+        weights: list | None = None,
+        version: int = 0,
+        num_steps: int | None = None,
+        sde_window: tuple[int, int] | None = None,
+    ):
         """Sample one trajectory per prompt. Returns ``(trajectory, images)``.
 
         ``seed``: one seed for the batch, or a list of one seed per prompt (then each sample is
@@ -60,23 +67,36 @@ class PolicySampler:
             generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
         else:
             generator = torch.Generator(device=device).manual_seed(seed)
-        traj = self.policy.rollout(prompts, generator, num_steps=num_steps,
-                                   sde_window=None if sde_window is None else tuple(sde_window))
+        traj = self.policy.rollout(
+            prompts, generator, num_steps=num_steps, sde_window=None if sde_window is None else tuple(sde_window)
+        )
         traj.images, images = None, traj.images
         traj.elapsed_s = time.perf_counter() - start
         return traj, images
 
 
-def start_samplers(n: int, model: dict, sampling: dict, *, seed: int, num_cpus: float,
-                   num_gpus: float, max_restarts: int, threads: int | None = None,
-                   resources: dict | None = None, scheduling: str = "DEFAULT") -> list:
+def start_samplers(
+    n: int,
+    model: dict,
+    sampling: dict,
+    *,
+    seed: int,
+    num_cpus: float,
+    num_gpus: float,
+    max_restarts: int,
+    threads: int | None = None,
+    resources: dict | None = None,
+    scheduling: str = "DEFAULT",
+) -> list:
     """``n`` sampler actors; a crashed one restarts and its in-flight rollouts are retried."""
     actor = ray.remote(PolicySampler).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
-        scheduling_strategy=scheduling, max_restarts=max_restarts,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=dict(resources or {}),
+        scheduling_strategy=scheduling,
+        max_restarts=max_restarts,
         max_task_retries=max_restarts if max_restarts else 0,
     )
     samplers = [actor.remote(model, sampling, seed, threads) for _ in range(n)]
     ray.get([s.ready.remote() for s in samplers])
     return samplers
-

@@ -82,8 +82,16 @@ SEVERITY_LEVELS = (0, 1, 2, 3)
 INDEX_FILES = ("pairs.jsonl", "pairs.csv")
 # The first word of every reason check_record gives.
 REASON_CODES = (
-    "corrupt_record", "missing_field", "unknown_label", "unreadable_image", "corrupt_image", "mask_size", "severity_range",
-    "path_outside_root", "image_too_large", "image_aspect",
+    "corrupt_record",
+    "missing_field",
+    "unknown_label",
+    "unreadable_image",
+    "corrupt_image",
+    "mask_size",
+    "severity_range",
+    "path_outside_root",
+    "image_too_large",
+    "image_aspect",
 )
 MAX_FILE_BYTES = 64 * 2**20  # an image file larger than this is not read
 OUTSIDE_ROOT_FLAG = "data.allow_outside_root"  # the config flag that lets image paths leave the dataset's folder
@@ -93,12 +101,19 @@ def schema():
     """The Parquet schema :func:`write_pairs` writes."""
     import pyarrow as pa
 
-    return pa.schema([
-        ("pair_id", pa.string()), ("prompt", pa.string()),
-        ("image_w", pa.binary()), ("image_l", pa.binary()), ("label", pa.string()),
-        ("mask", pa.binary()), ("severity_w", pa.int8()), ("severity_l", pa.int8()),
-        ("source", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("prompt", pa.string()),
+            ("image_w", pa.binary()),
+            ("image_l", pa.binary()),
+            ("label", pa.string()),
+            ("mask", pa.binary()),
+            ("severity_w", pa.int8()),
+            ("severity_l", pa.int8()),
+            ("source", pa.string()),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- images
@@ -128,7 +143,9 @@ def load_bytes(value: Any, root: str | os.PathLike | None = None, max_bytes: int
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); only regular files are read")
+                raise ValueError(
+                    f"{path}: not a regular file ({_file_kind(info.st_mode)}); only regular files are read"
+                )
             _check_file_size(path, info.st_size, max_bytes)
             with open(fd, "rb", closefd=False) as f:
                 data = f.read(max_bytes + 1)
@@ -144,8 +161,13 @@ def _check_file_size(name, size: int, max_bytes: int) -> None:
 
 
 def _file_kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
     return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
@@ -241,7 +263,12 @@ def column_problem(name: str, type) -> str | None:
         wanted = "an integer (0, 1, 2 or 3)"
     elif name in COLUMNS:
         text = t.is_string(type) or t.is_large_string(type)
-        ok = text or t.is_integer(type) or t.is_floating(type) or (t.is_dictionary(type) and t.is_string(type.value_type))
+        ok = (
+            text
+            or t.is_integer(type)
+            or t.is_floating(type)
+            or (t.is_dictionary(type) and t.is_string(type.value_type))
+        )
         wanted = "one string per pair" + (" (w, l or tie)" if name == "label" else "")
     else:
         return None
@@ -264,12 +291,19 @@ def parquet_files(path: str | os.PathLike) -> list[str]:
     info = filesystem.get_file_info(location)
     if info.type == fs.FileType.Directory:
         infos = filesystem.get_file_info(fs.FileSelector(location, recursive=True))
-        files = sorted(i.path for i in infos if i.type == fs.FileType.File and i.base_name.endswith(".parquet")
-                       and not i.base_name.startswith((".", "_")))
+        files = sorted(
+            i.path
+            for i in infos
+            if i.type == fs.FileType.File
+            and i.base_name.endswith(".parquet")
+            and not i.base_name.startswith((".", "_"))
+        )
     elif info.type == fs.FileType.File:
         files = [location]
     elif info.type == fs.FileType.NotFound:
-        raise FileNotFoundError(f"{path}: no such Parquet file or folder (nor a folder with {' or '.join(INDEX_FILES)})")
+        raise FileNotFoundError(
+            f"{path}: no such Parquet file or folder (nor a folder with {' or '.join(INDEX_FILES)})"
+        )
     else:
         raise ValueError(f"{path}: not a regular file or folder; a pair dataset is a Parquet file or folder")
     for name in files:
@@ -285,8 +319,10 @@ def parquet_files(path: str | os.PathLike) -> list[str]:
 
 
 def _unreadable(name: str, err: Exception) -> ValueError:
-    return ValueError(f"{name}: not a readable Parquet file ({type(err).__name__}: {_first_line(err)}); "
-                      "it may be truncated: rewrite it or move it out of the dataset")
+    return ValueError(
+        f"{name}: not a readable Parquet file ({type(err).__name__}: {_first_line(err)}); "
+        "it may be truncated: rewrite it or move it out of the dataset"
+    )
 
 
 def parquet_root(path: str | os.PathLike) -> str:
@@ -322,8 +358,10 @@ def _outside_root(path: str, root: str) -> bool:
 def _path_error(key: str, path: str | None, resolved: str | None, root, allow_outside_root: bool) -> str | None:
     if allow_outside_root or not resolved or not _outside_root(resolved, str(root)):
         return None
-    return (f"path_outside_root: {key}: {path!r} is outside the dataset's folder {root}; "
-            f"set {OUTSIDE_ROOT_FLAG}=true to read images from elsewhere")
+    return (
+        f"path_outside_root: {key}: {path!r} is outside the dataset's folder {root}; "
+        f"set {OUTSIDE_ROOT_FLAG}=true to read images from elsewhere"
+    )
 
 
 def text_schema():
@@ -334,8 +372,13 @@ def text_schema():
     return pa.schema([(name, pa.string()) for name in COLUMNS] + [("_error", pa.string()), ("_raw", pa.string())])
 
 
-def parse_index_lines(lines: Iterable[str], fmt: str, root: str | os.PathLike, header: list[str] | None = None,
-                      allow_outside_root: bool = False):
+def parse_index_lines(
+    lines: Iterable[str],
+    fmt: str,
+    root: str | os.PathLike,
+    header: list[str] | None = None,
+    allow_outside_root: bool = False,
+):
     """Records of a ``pairs.jsonl`` (``fmt="jsonl"``) or ``pairs.csv`` (``fmt="csv"``: one record
     a line, ``header`` its first line's fields) as a Table of :func:`text_schema`.
 

@@ -68,8 +68,10 @@ def read_dataset(path: str | os.PathLike, allow_outside_root: bool = False) -> r
     index = index_file(path)
     if index is None:
         return ray.data.read_parquet(parquet_files(path)).map_batches(
-            normalize_table, fn_kwargs={"root": parquet_root(path), "allow_outside_root": allow_outside_root},
-            batch_format="pyarrow")
+            normalize_table,
+            fn_kwargs={"root": parquet_root(path), "allow_outside_root": allow_outside_root},
+            batch_format="pyarrow",
+        )
     fmt = "csv" if index.suffix == ".csv" else "jsonl"
     header = None
     if fmt == "csv":
@@ -116,8 +118,9 @@ def is_heldout(pair_id: str, fraction: float) -> bool:
     return fraction > 0 and zlib.crc32(str(pair_id).encode()) % 10_000 < fraction * 10_000
 
 
-def prepare_batch(batch: pa.Table, size: int, quarantine_dir: str, keep_ties: bool = True,
-                  heldout_fraction: float = 0.0) -> dict[str, np.ndarray]:
+def prepare_batch(
+    batch: pa.Table, size: int, quarantine_dir: str, keep_ties: bool = True, heldout_fraction: float = 0.0
+) -> dict[str, np.ndarray]:
     """``map_batches`` function: raw records in, checked and decoded pairs out.
 
     Output columns: ``pair_id``, ``prompt``, ``pixels_w`` / ``pixels_l`` (``[size, size, 3]``
@@ -147,23 +150,38 @@ def prepare_batch(batch: pa.Table, size: int, quarantine_dir: str, keep_ties: bo
         "pixels_w": np.stack([f["image_w"] for _, f, _ in good]) if good else np.zeros((0, size, size, 3), np.uint8),
         "pixels_l": np.stack([f["image_l"] for _, f, _ in good]) if good else np.zeros((0, size, size, 3), np.uint8),
         "mask": np.stack([f["mask"] if m else zeros for _, f, m in good]).astype(np.float32)
-        if good else np.zeros((0, size, size), np.float32),
+        if good
+        else np.zeros((0, size, size), np.float32),
         "has_mask": np.array([m for _, _, m in good], dtype=bool),
         "tie": np.array([r["label"] == "tie" for r, _, _ in good], dtype=bool),
         "heldout": np.array([is_heldout(r["pair_id"], heldout_fraction) for r, _, _ in good], dtype=bool),
     }
 
 
-def prepare(ds: ray.data.Dataset, size: int, quarantine_dir: str | os.PathLike, keep_ties: bool = True,
-            heldout_fraction: float = 0.0, batch_size: int = 64, num_cpus: float = 1.0) -> ray.data.Dataset:
+def prepare(
+    ds: ray.data.Dataset,
+    size: int,
+    quarantine_dir: str | os.PathLike,
+    keep_ties: bool = True,
+    heldout_fraction: float = 0.0,
+    batch_size: int = 64,
+    num_cpus: float = 1.0,
+) -> ray.data.Dataset:
     """Validate, decode and resize every pair (Ray tasks); bad records go to quarantine.
 
     Blocks are first cut to ``batch_size`` rows (streaming, no shuffle): readers hand over few,
     large blocks of encoded images, and a block is the unit that runs in parallel."""
     return ds.repartition(target_num_rows_per_block=batch_size).map_batches(
-        prepare_batch, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus,
-        fn_kwargs={"size": size, "quarantine_dir": str(quarantine_dir), "keep_ties": keep_ties,
-                   "heldout_fraction": heldout_fraction},
+        prepare_batch,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+        fn_kwargs={
+            "size": size,
+            "quarantine_dir": str(quarantine_dir),
+            "keep_ties": keep_ties,
+            "heldout_fraction": heldout_fraction,
+        },
     )
 
 
@@ -192,12 +210,17 @@ def load_vae(model: dict):
                 entry = json.load(f).get("vae") or [None, kind]
             kind = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
             if kind not in ("AutoencoderKL", "AutoencoderTiny"):
-                raise ValueError(f"model.pretrained={pretrained}: model_index.json names the vae {entry!r}; "
-                                 "the DPO jobs encode with AutoencoderKL or AutoencoderTiny (fix the folder, "
-                                 "or point model.pretrained at a diffusers pipeline saved with save_pretrained)")
+                raise ValueError(
+                    f"model.pretrained={pretrained}: model_index.json names the vae {entry!r}; "
+                    "the DPO jobs encode with AutoencoderKL or AutoencoderTiny (fix the folder, "
+                    "or point model.pretrained at a diffusers pipeline saved with save_pretrained)"
+                )
         vae = getattr(diffusers, kind).from_pretrained(
-            pretrained, subfolder="vae", revision=model.get("revision"),
-            variant=model.get("variant"), torch_dtype=torch.float32,
+            pretrained,
+            subfolder="vae",
+            revision=model.get("revision"),
+            variant=model.get("variant"),
+            torch_dtype=torch.float32,
         )
     return vae.requires_grad_(False).eval()
 
@@ -245,13 +268,24 @@ class LatentEncoder:
         return out
 
 
-def encode_latents(ds: ray.data.Dataset, model: dict, num_actors: int = 1, num_cpus: float = 1.0,
-                   num_gpus: float = 0.0, batch_size: int = 32, threads: int | None = None) -> ray.data.Dataset:
+def encode_latents(
+    ds: ray.data.Dataset,
+    model: dict,
+    num_actors: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    batch_size: int = 32,
+    threads: int | None = None,
+) -> ray.data.Dataset:
     """Replace pixels by VAE latents (and the mask by its latent-grid version) on an actor pool."""
     return ds.map_batches(
-        LatentEncoder, fn_constructor_kwargs={"model": model, "threads": threads},
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=num_cpus, num_gpus=num_gpus,
+        LatentEncoder,
+        fn_constructor_kwargs={"model": model, "threads": threads},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
     )
 
 
@@ -263,8 +297,10 @@ def _select(batch: dict[str, np.ndarray], heldout: bool) -> dict[str, np.ndarray
 
 def split(ds: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(training pairs, held-out pairs) by the ``heldout`` column."""
-    return (ds.map_batches(_select, fn_kwargs={"heldout": False}, batch_format="numpy"),
-            ds.map_batches(_select, fn_kwargs={"heldout": True}, batch_format="numpy"))
+    return (
+        ds.map_batches(_select, fn_kwargs={"heldout": False}, batch_format="numpy"),
+        ds.map_batches(_select, fn_kwargs={"heldout": True}, batch_format="numpy"),
+    )
 
 
 def quarantine_summary(directory: str | os.PathLike) -> dict[str, int]:
@@ -303,16 +339,36 @@ def collate(batch: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def build_datasets(data: dict, model: dict, size: int, quarantine_dir: str | os.PathLike,
-                   pairs_path: str | os.PathLike | None = None, threads: int | None = None):
+def build_datasets(
+    data: dict,
+    model: dict,
+    size: int,
+    quarantine_dir: str | os.PathLike,
+    pairs_path: str | os.PathLike | None = None,
+    threads: int | None = None,
+):
     """The job's pipeline from its ``data`` config section: ``(train, heldout)`` datasets,
     materialized when ``data.materialize`` (then the decode and VAE run once, not per epoch)."""
     ds = read_dataset(pairs_path or data["pairs"], allow_outside_root=data["allow_outside_root"])
-    ds = prepare(ds, size, quarantine_dir, keep_ties=data["keep_ties"], heldout_fraction=data["heldout_fraction"],
-                 batch_size=data["batch_size"], num_cpus=data["decode_num_cpus"])
+    ds = prepare(
+        ds,
+        size,
+        quarantine_dir,
+        keep_ties=data["keep_ties"],
+        heldout_fraction=data["heldout_fraction"],
+        batch_size=data["batch_size"],
+        num_cpus=data["decode_num_cpus"],
+    )
     if data["cache_latents"]:
-        ds = encode_latents(ds, model, num_actors=data["encoder_actors"], num_cpus=data["encoder_num_cpus"],
-                            num_gpus=data["encoder_num_gpus"], batch_size=data["batch_size"], threads=threads)
+        ds = encode_latents(
+            ds,
+            model,
+            num_actors=data["encoder_actors"],
+            num_cpus=data["encoder_num_cpus"],
+            num_gpus=data["encoder_num_gpus"],
+            batch_size=data["batch_size"],
+            threads=threads,
+        )
     if data["materialize"]:
         ds = ds.materialize()
     return split(ds)

@@ -231,8 +231,14 @@ def synthesize_batch(batch, kinds=DEGRADATIONS, seed: int = 0, pad: float = 0.08
 
 
 # --------------------------------------------------------------------------- sources
-COLORS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
-          "purple": (140, 50, 170), "orange": (230, 130, 30)}
+COLORS = {
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (220, 200, 40),
+    "purple": (140, 50, 170),
+    "orange": (230, 130, 30),
+}
 
 
 def procedural_sources(n: int, size: int = 32, seed: int = 0) -> list[dict]:
@@ -271,18 +277,21 @@ def procedural_sources(n: int, size: int = 32, seed: int = 0) -> list[dict]:
             draw.line([cx, hip_y, cx + side * s * 0.15, s * 0.95], fill=color, width=int(s * 0.05))
         image = image.resize((size, size), Image.LANCZOS)
         hand = hands[int(rng.integers(2))]
-        sources.append({
-            "id": f"figure-{seed}-{i}",
-            "prompt": f"a {name} figure waving",
-            "image": np.asarray(image),
-            "keypoints": [[hand[0] / scale, hand[1] / scale]],
-        })
+        sources.append(
+            {
+                "id": f"figure-{seed}-{i}",
+                "prompt": f"a {name} figure waving",
+                "image": np.asarray(image),
+                "keypoints": [[hand[0] / scale, hand[1] / scale]],
+            }
+        )
     return sources
 
 
 # --------------------------------------------------------------------------- the Ray Data job
-def build_pairs(sources, out: str | os.PathLike, kinds=DEGRADATIONS, seed: int = 0, pad: float = 0.08,
-                batch_size: int = 32) -> int:
+def build_pairs(
+    sources, out: str | os.PathLike, kinds=DEGRADATIONS, seed: int = 0, pad: float = 0.08, batch_size: int = 32
+) -> int:
     """Build pairs from ``sources`` with Ray Data and write them to the Parquet folder ``out``.
 
     ``sources``: a list of source dicts, a ``sources.jsonl`` file or a folder holding one
@@ -299,13 +308,17 @@ def build_pairs(sources, out: str | os.PathLike, kinds=DEGRADATIONS, seed: int =
         index = index / "sources.jsonl" if index.is_dir() else index
         ds = ray.data.read_json(str(index)).map(_resolve, fn_kwargs={"root": str(index.parent)})
     elif isinstance(sources, list):
-        rows = [{k: encode_image(v) if isinstance(v, np.ndarray) and k in ("image", "mask") else v
-                 for k, v in s.items()} for s in sources]
+        rows = [
+            {k: encode_image(v) if isinstance(v, np.ndarray) and k in ("image", "mask") else v for k, v in s.items()}
+            for s in sources
+        ]
         ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
     else:
         ds = sources
     pairs = ds.map_batches(
-        synthesize_batch, batch_format="pyarrow", batch_size=batch_size,
+        synthesize_batch,
+        batch_format="pyarrow",
+        batch_size=batch_size,
         fn_kwargs={"kinds": tuple(kinds), "seed": seed, "pad": pad},
     )
     pairs.write_parquet(str(out))

@@ -19,13 +19,20 @@ import sys
 
 
 def add_parser(sub) -> None:
-    label = sub.add_parser("label", help="human feedback: the labeling page and the preference store",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    label = sub.add_parser(
+        "label",
+        help="human feedback: the labeling page and the preference store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     actions = label.add_subparsers(dest="action", required=True)
 
     def db(parser):
-        parser.add_argument("--db", default=os.environ.get("ARMATURE_FEEDBACK_DB", "feedback.db"),
-                            help="SQLite path or SQLAlchemy URL (default $ARMATURE_FEEDBACK_DB or feedback.db)")
+        parser.add_argument(
+            "--db",
+            default=os.environ.get("ARMATURE_FEEDBACK_DB", "feedback.db"),
+            help="SQLite path or SQLAlchemy URL (default $ARMATURE_FEEDBACK_DB or feedback.db)",
+        )
         parser.add_argument("--labels-per-pair", type=int, default=1, help="people who label each pair")
 
     serve = actions.add_parser("serve", help="run the labeling web page")
@@ -78,9 +85,16 @@ def run(args) -> int:
                 refused += 1
                 print(f"armature: pair {r.get('pair_id')!r} not imported: {reason}", file=sys.stderr)
                 continue
-            good.append({"pair_id": r["pair_id"], "prompt": r["prompt"], "image_a": load_bytes(r["image_w"]),
-                         "image_b": load_bytes(r["image_l"]), "source": r.get("source"),
-                         "policy_version": args.policy_version})
+            good.append(
+                {
+                    "pair_id": r["pair_id"],
+                    "prompt": r["prompt"],
+                    "image_a": load_bytes(r["image_w"]),
+                    "image_b": load_bytes(r["image_l"]),
+                    "source": r.get("source"),
+                    "policy_version": args.policy_version,
+                }
+            )
         ids = store.add_pairs(good)
         print(f"[armature] {len(ids)} pairs to label in {store.url}" + (f" ({refused} refused)" if refused else ""))
     elif args.action == "status":

@@ -173,16 +173,16 @@ class PreferenceStore:
     labeled for this long no longer counts against ``labels_per_pair`` (the person left).
     """
 
-    def __init__(self, url: str | os.PathLike = "feedback.db", labels_per_pair: int = 1,
-                 assignment_ttl_s: float = 600.0):
+    def __init__(
+        self, url: str | os.PathLike = "feedback.db", labels_per_pair: int = 1, assignment_ttl_s: float = 600.0
+    ):
         if int(labels_per_pair) < 1:
             raise ValueError(f"labels_per_pair={labels_per_pair}: must be at least 1")
         self.url = database_url(url)
         self.labels_per_pair = int(labels_per_pair)
         self.assignment_ttl_s = float(assignment_ttl_s)
         sqlite = self.url.startswith("sqlite")
-        self.engine = create_engine(self.url, connect_args={"timeout": 30} if sqlite else {},
-                                    pool_pre_ping=not sqlite)
+        self.engine = create_engine(self.url, connect_args={"timeout": 30} if sqlite else {}, pool_pre_ping=not sqlite)
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
@@ -227,9 +227,15 @@ class PreferenceStore:
 
         rows, now = [], time.time()
         for record in records:
-            row = PairRow(pair_id=str(record.get("pair_id") or uuid.uuid4().hex), prompt=str(record["prompt"]),
-                          policy_version=int(record.get("policy_version", 0)), round=int(record.get("round", 0)),
-                          priority=float(record.get("priority", 0.0)), source=record.get("source"), created=now)
+            row = PairRow(
+                pair_id=str(record.get("pair_id") or uuid.uuid4().hex),
+                prompt=str(record["prompt"]),
+                policy_version=int(record.get("policy_version", 0)),
+                round=int(record.get("round", 0)),
+                priority=float(record.get("priority", 0.0)),
+                source=record.get("source"),
+                created=now,
+            )
             for side in ("a", "b"):
                 value = record[f"image_{side}"]
                 if isinstance(value, (str, os.PathLike)):
@@ -260,8 +266,15 @@ class PreferenceStore:
             row = s.get(PairRow, pair_id)
             if row is None:
                 return None
-            return {"pair_id": row.pair_id, "prompt": row.prompt, "policy_version": row.policy_version,
-                    "round": row.round, "priority": row.priority, "source": row.source, "created": row.created}
+            return {
+                "pair_id": row.pair_id,
+                "prompt": row.prompt,
+                "policy_version": row.policy_version,
+                "round": row.round,
+                "priority": row.priority,
+                "source": row.source,
+                "created": row.created,
+            }
 
     def _live(self, now: float):
         """Assignments that count against ``labels_per_pair``: labeled, or served within the TTL."""
@@ -269,8 +282,12 @@ class PreferenceStore:
 
     def _open_count(self, s: Session, now: float):
         """Per pair: labels plus served-but-unlabeled assignments younger than the TTL."""
-        return (select(AssignmentRow.pair_id, func.count().label("n")).where(self._live(now))
-                .group_by(AssignmentRow.pair_id).subquery())
+        return (
+            select(AssignmentRow.pair_id, func.count().label("n"))
+            .where(self._live(now))
+            .group_by(AssignmentRow.pair_id)
+            .subquery()
+        )
 
     def next_pair(self, annotator: str, rng: random.Random | None = None) -> dict | None:
         """Serve the annotator a pair: their pending one if they have it (a reloaded page),
@@ -284,22 +301,30 @@ class PreferenceStore:
         while True:  # lost a pair to another annotator: they used up its capacity, so this ends
             now = time.time()
             with Session(self.engine) as s:
-                pending = s.scalar(select(AssignmentRow).where(AssignmentRow.annotator == annotator,
-                                                               AssignmentRow.done == 0)
-                                   .order_by(AssignmentRow.served.desc()))
+                pending = s.scalar(
+                    select(AssignmentRow)
+                    .where(AssignmentRow.annotator == annotator, AssignmentRow.done == 0)
+                    .order_by(AssignmentRow.served.desc())
+                )
                 if pending is not None:
                     return {**self.pair(pending.pair_id), "left": pending.left}
                 mine = select(AssignmentRow.pair_id).where(AssignmentRow.annotator == annotator)
                 counts = self._open_count(s, now)
                 candidate = s.scalar(
-                    select(PairRow.pair_id).outerjoin(counts, counts.c.pair_id == PairRow.pair_id)
+                    select(PairRow.pair_id)
+                    .outerjoin(counts, counts.c.pair_id == PairRow.pair_id)
                     .where(PairRow.pair_id.not_in(mine), func.coalesce(counts.c.n, 0) < self.labels_per_pair)
-                    .order_by(PairRow.priority.desc(), PairRow.created, PairRow.pair_id).limit(1))
+                    .order_by(PairRow.priority.desc(), PairRow.created, PairRow.pair_id)
+                    .limit(1)
+                )
                 if candidate is None:
                     return None
                 s.execute(update(PairRow).where(PairRow.pair_id == candidate).values(priority=PairRow.priority))
-                taken = s.scalar(select(func.count()).select_from(AssignmentRow)
-                                 .where(AssignmentRow.pair_id == candidate, self._live(now)))
+                taken = s.scalar(
+                    select(func.count())
+                    .select_from(AssignmentRow)
+                    .where(AssignmentRow.pair_id == candidate, self._live(now))
+                )
                 if taken >= self.labels_per_pair:
                     s.rollback()
                     continue
@@ -319,17 +344,26 @@ class PreferenceStore:
         if choice not in CHOICES:
             raise ValueError(f"choice {choice!r}: expected one of {', '.join(CHOICES)}")
         with Session(self.engine) as s:
-            served = s.scalar(select(AssignmentRow).where(AssignmentRow.pair_id == pair_id,
-                                                          AssignmentRow.annotator == annotator))
+            served = s.scalar(
+                select(AssignmentRow).where(AssignmentRow.pair_id == pair_id, AssignmentRow.annotator == annotator)
+            )
             if served is None:
                 raise PermissionError(f"pair {pair_id!r} was not served to {annotator!r}")
             left, served_at = served.left, served.served
         decision = decision_for(choice, left)
-        return self.add_label(annotator, pair_id, decision, severity=severity, shown_left=left,
-                              elapsed_s=time.time() - served_at)
+        return self.add_label(
+            annotator, pair_id, decision, severity=severity, shown_left=left, elapsed_s=time.time() - served_at
+        )
 
-    def add_label(self, annotator: str, pair_id: str, decision: str, severity: int | None = None,
-                  shown_left: str | None = None, elapsed_s: float | None = None) -> dict:
+    def add_label(
+        self,
+        annotator: str,
+        pair_id: str,
+        decision: str,
+        severity: int | None = None,
+        shown_left: str | None = None,
+        elapsed_s: float | None = None,
+    ) -> dict:
         """Store one label (``decision``: ``w`` image a preferred, ``l`` image b, ``tie``).
         One label per (pair, annotator): a second one raises ``ValueError``."""
         if decision not in DECISIONS:
@@ -340,37 +374,63 @@ class PreferenceStore:
         with Session(self.engine) as s:
             if s.get(PairRow, pair_id) is None:
                 raise KeyError(f"no pair {pair_id!r}")
-            assignment = s.scalar(select(AssignmentRow).where(AssignmentRow.pair_id == pair_id,
-                                                              AssignmentRow.annotator == annotator))
+            assignment = s.scalar(
+                select(AssignmentRow).where(AssignmentRow.pair_id == pair_id, AssignmentRow.annotator == annotator)
+            )
             if assignment is None:  # labeled without being served (a simulated annotator)
                 s.add(AssignmentRow(pair_id=pair_id, annotator=annotator, left=shown_left or "a", served=now, done=1))
             else:
                 assignment.done = 1
-            s.add(LabelRow(pair_id=pair_id, annotator=annotator, decision=decision,
-                           severity=None if severity is None else int(severity), shown_left=shown_left,
-                           created=now, elapsed_s=elapsed_s))
+            s.add(
+                LabelRow(
+                    pair_id=pair_id,
+                    annotator=annotator,
+                    decision=decision,
+                    severity=None if severity is None else int(severity),
+                    shown_left=shown_left,
+                    created=now,
+                    elapsed_s=elapsed_s,
+                )
+            )
             try:
                 s.commit()
             except IntegrityError as err:
                 s.rollback()
                 raise ValueError(f"{annotator!r} has labeled pair {pair_id!r} already") from err
-        return {"pair_id": pair_id, "annotator": annotator, "decision": decision, "severity": severity,
-                "shown_left": shown_left, "created": now}
+        return {
+            "pair_id": pair_id,
+            "annotator": annotator,
+            "decision": decision,
+            "severity": severity,
+            "shown_left": shown_left,
+            "created": now,
+        }
 
     def labels(self, since_id: int = 0) -> list[dict]:
         """Every label (or those after row ``since_id``), oldest first, with its row ``id``."""
         with Session(self.engine) as s:
             rows = s.scalars(select(LabelRow).where(LabelRow.id > since_id).order_by(LabelRow.id))
-            return [{"id": r.id, "pair_id": r.pair_id, "annotator": r.annotator, "decision": r.decision,
-                     "severity": r.severity, "shown_left": r.shown_left, "created": r.created,
-                     "elapsed_s": r.elapsed_s} for r in rows]
+            return [
+                {
+                    "id": r.id,
+                    "pair_id": r.pair_id,
+                    "annotator": r.annotator,
+                    "decision": r.decision,
+                    "severity": r.severity,
+                    "shown_left": r.shown_left,
+                    "created": r.created,
+                    "elapsed_s": r.elapsed_s,
+                }
+                for r in rows
+            ]
 
     def unlabeled(self, annotator: str, limit: int | None = None) -> list[str]:
         """Ids of pairs the annotator has not been served yet, oldest first."""
         with Session(self.engine) as s:
             mine = select(AssignmentRow.pair_id).where(AssignmentRow.annotator == annotator)
-            query = select(PairRow.pair_id).where(PairRow.pair_id.not_in(mine)).order_by(PairRow.created,
-                                                                                        PairRow.pair_id)
+            query = (
+                select(PairRow.pair_id).where(PairRow.pair_id.not_in(mine)).order_by(PairRow.created, PairRow.pair_id)
+            )
             return list(s.scalars(query.limit(limit) if limit else query))
 
     # ------------------------------------------------------------------ summaries
@@ -380,27 +440,40 @@ class PreferenceStore:
         now = time.time()
         with Session(self.engine) as s:
             labeled = s.scalar(select(func.count()).select_from(LabelRow).where(LabelRow.annotator == annotator))
-            recent = list(s.scalars(select(LabelRow.created).where(LabelRow.annotator == annotator,
-                                                                   LabelRow.created > now - 3600)
-                                    .order_by(LabelRow.created)))
+            recent = list(
+                s.scalars(
+                    select(LabelRow.created)
+                    .where(LabelRow.annotator == annotator, LabelRow.created > now - 3600)
+                    .order_by(LabelRow.created)
+                )
+            )
             mine = select(AssignmentRow.pair_id).where(AssignmentRow.annotator == annotator)
             counts = self._open_count(s, now)
             remaining = s.scalar(
-                select(func.count()).select_from(PairRow).outerjoin(counts, counts.c.pair_id == PairRow.pair_id)
-                .where(PairRow.pair_id.not_in(mine), func.coalesce(counts.c.n, 0) < self.labels_per_pair))
+                select(func.count())
+                .select_from(PairRow)
+                .outerjoin(counts, counts.c.pair_id == PairRow.pair_id)
+                .where(PairRow.pair_id.not_in(mine), func.coalesce(counts.c.n, 0) < self.labels_per_pair)
+            )
         per_minute = 0.0
         if len(recent) >= 2:
             per_minute = 60.0 * (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
-        return {"annotator": annotator, "labeled": int(labeled), "remaining": int(remaining),
-                "per_minute": round(per_minute, 2)}
+        return {
+            "annotator": annotator,
+            "labeled": int(labeled),
+            "remaining": int(remaining),
+            "per_minute": round(per_minute, 2),
+        }
 
     def counts(self) -> dict[str, int]:
         """Pairs, labels by decision, labeled pairs, annotators."""
         with Session(self.engine) as s:
-            out = {"pairs": s.scalar(select(func.count()).select_from(PairRow)),
-                   "labels": s.scalar(select(func.count()).select_from(LabelRow)),
-                   "labeled_pairs": s.scalar(select(func.count(func.distinct(LabelRow.pair_id)))),
-                   "annotators": s.scalar(select(func.count()).select_from(AnnotatorRow))}
+            out = {
+                "pairs": s.scalar(select(func.count()).select_from(PairRow)),
+                "labels": s.scalar(select(func.count()).select_from(LabelRow)),
+                "labeled_pairs": s.scalar(select(func.count(func.distinct(LabelRow.pair_id)))),
+                "annotators": s.scalar(select(func.count()).select_from(AnnotatorRow)),
+            }
             for decision, n in s.execute(select(LabelRow.decision, func.count()).group_by(LabelRow.decision)):
                 out[f"labels_{decision}"] = n
         for decision in DECISIONS:
@@ -462,10 +535,16 @@ class PreferenceStore:
             label = resolve_decisions(lab["decision"] for lab in labels)
             severities = [lab["severity"] for lab in labels if lab["severity"] is not None]
             severity = round(sum(severities) / len(severities)) if severities else None
-            records.append({
-                "pair_id": pair_id, "prompt": info["prompt"], "label": label,
-                "image_w": self.image(pair_id, "a"), "image_l": self.image(pair_id, "b"),
-                "severity_w": severity if label == "l" else None, "severity_l": severity if label == "w" else None,
-                "source": info["source"] or f"feedback:v{info['policy_version']}",
-            })
+            records.append(
+                {
+                    "pair_id": pair_id,
+                    "prompt": info["prompt"],
+                    "label": label,
+                    "image_w": self.image(pair_id, "a"),
+                    "image_l": self.image(pair_id, "b"),
+                    "severity_w": severity if label == "l" else None,
+                    "severity_l": severity if label == "w" else None,
+                    "source": info["source"] or f"feedback:v{info['policy_version']}",
+                }
+            )
         return write_pairs(records, path)

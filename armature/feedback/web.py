@@ -58,8 +58,12 @@ def _data_uri(data: bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def create_app(store: PreferenceStore | str, severity: bool = False, title: str = "Armature: which image is better?",
-               labels_per_pair: int = 1) -> FastAPI:
+def create_app(
+    store: PreferenceStore | str,
+    severity: bool = False,
+    title: str = "Armature: which image is better?",
+    labels_per_pair: int = 1,
+) -> FastAPI:
     """The labeling app. ``store``: a store, or its database URL / path (opened with
     ``labels_per_pair``); ``severity``: ask for the rejected image's error severity (0 none .. 3
     severe) with each preference."""
@@ -75,15 +79,21 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
 
     def annotator(request: Request) -> str:
         if "token" in request.query_params:
-            raise HTTPException(400, "token: send it in the Authorization header (Authorization: Bearer <token>), "
-                                     "never in the URL, where logs and browser history keep it")
+            raise HTTPException(
+                400,
+                "token: send it in the Authorization header (Authorization: Bearer <token>), "
+                "never in the URL, where logs and browser history keep it",
+            )
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         name = store.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if name is None:
-            raise HTTPException(401, "a valid annotator token is required: Authorization: Bearer <token> "
-                                     "(make one with `armature label annotator NAME --db ...`)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "a valid annotator token is required: Authorization: Bearer <token> "
+                "(make one with `armature label annotator NAME --db ...`)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return name
 
     @app.get("/", response_class=HTMLResponse)
@@ -104,10 +114,14 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
         if pair is None:
             return {"pair_id": None, "progress": store.progress(name)}
         left, right = ("a", "b") if pair["left"] == "a" else ("b", "a")
-        return {"pair_id": pair["pair_id"], "prompt": pair["prompt"],
-                "left": _data_uri(store.image(pair["pair_id"], left)),
-                "right": _data_uri(store.image(pair["pair_id"], right)),
-                "severity": severity, "progress": store.progress(name)}
+        return {
+            "pair_id": pair["pair_id"],
+            "prompt": pair["prompt"],
+            "left": _data_uri(store.image(pair["pair_id"], left)),
+            "right": _data_uri(store.image(pair["pair_id"], right)),
+            "severity": severity,
+            "progress": store.progress(name),
+        }
 
     @app.post("/api/label")
     def label(body: LabelIn, name: str = Depends(annotator)) -> dict:
@@ -116,8 +130,11 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
         if severity and body.choice != "none" and body.severity is None:
             raise HTTPException(422, "this page asks for a severity (0-3) with each preference")
         if body.severity is not None and (not severity or body.choice == "none"):
-            raise HTTPException(422, "severity: this page does not ask for one" + (
-                " with no preference (choice none)" if severity else " (the server runs without --severity)"))
+            raise HTTPException(
+                422,
+                "severity: this page does not ask for one"
+                + (" with no preference (choice none)" if severity else " (the server runs without --severity)"),
+            )
         try:
             stored = store.submit(name, body.pair_id, body.choice, body.severity)
         except PermissionError as err:
@@ -129,14 +146,16 @@ def create_app(store: PreferenceStore | str, severity: bool = False, title: str 
     return app
 
 
-def serve(db: str, host: str = "127.0.0.1", port: int = 8300, severity: bool = False,
-          labels_per_pair: int = 1) -> None:
+def serve(db: str, host: str = "127.0.0.1", port: int = 8300, severity: bool = False, labels_per_pair: int = 1) -> None:
     """Run the labeling app with uvicorn until interrupted."""
     import uvicorn
 
     store = PreferenceStore(db, labels_per_pair=labels_per_pair)
-    print(f"[armature] labeling page on http://{host}:{port}/  (store {store.url}, "
-          f"{store.counts()['pairs']} pairs, {len(store.annotators())} annotators)", flush=True)
+    print(
+        f"[armature] labeling page on http://{host}:{port}/  (store {store.url}, "
+        f"{store.counts()['pairs']} pairs, {len(store.annotators())} annotators)",
+        flush=True,
+    )
     uvicorn.run(create_app(store, severity=severity), host=host, port=port, log_level="warning")
 
 
@@ -291,9 +310,11 @@ def _csp_hash(tag: str) -> str:
 
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": (f"default-src 'none'; script-src {_csp_hash('script')}; "
-                                f"style-src {_csp_hash('style')}; img-src data:; connect-src 'self'; "
-                                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {_csp_hash('script')}; "
+        f"style-src {_csp_hash('style')}; img-src data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",

@@ -12,5 +12,16 @@ from armature.gym.defects import KINDS, agreement, inject, make_pair, pairs, sam
 from armature.gym.figures import Figure, render, sample_figure
 from armature.gym.oracle import AnatomyOracle, Verdict
 
-__all__ = ["KINDS", "AnatomyOracle", "Figure", "Verdict", "agreement", "inject", "make_pair", "pairs",
-           "render", "sample_defective", "sample_figure"]
+__all__ = [
+    "KINDS",
+    "AnatomyOracle",
+    "Figure",
+    "Verdict",
+    "agreement",
+    "inject",
+    "make_pair",
+    "pairs",
+    "render",
+    "sample_defective",
+    "sample_figure",
+]

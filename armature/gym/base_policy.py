@@ -19,8 +19,10 @@ def shipped_scorers() -> list[str]:
     """The shipped anatomy reward's members (``anatomy_scorer/seed-*``): its score is their mean."""
     members = sorted(str(p) for p in SHIPPED_SCORER.glob("seed-*") if (p / "scorer.json").is_file())
     if not members:
-        raise FileNotFoundError(f"gym_anatomy: no scorer folders seed-* in {SHIPPED_SCORER}; reinstall armature "
-                                "or pass reward.components.gym_anatomy.path=<your scorer folder>")
+        raise FileNotFoundError(
+            f"gym_anatomy: no scorer folders seed-* in {SHIPPED_SCORER}; reinstall armature "
+            "or pass reward.components.gym_anatomy.path=<your scorer folder>"
+        )
     return members
 
 
@@ -36,4 +38,5 @@ def policy_path() -> Path:
             return path
     raise FileNotFoundError(
         f"model.family=gym: no gym base policy in {cache_path()} or {SHIPPED}; "
-        "run `armature gym pretrain` (about 25 minutes on 2 CPU cores) or set model.pretrained to its folder")
+        "run `armature gym pretrain` (about 25 minutes on 2 CPU cores) or set model.pretrained to its folder"
+    )

@@ -142,8 +142,14 @@ def detached(figure: Figure, rng) -> tuple[list[Part], list]:
     return parts, [("detached", root)]
 
 
-INJECTORS = {"extra": extra, "missing": missing, "reversed": reversed_joint, "overbent": overbent,
-             "proportion": proportion, "detached": detached}
+INJECTORS = {
+    "extra": extra,
+    "missing": missing,
+    "reversed": reversed_joint,
+    "overbent": overbent,
+    "proportion": proportion,
+    "detached": detached,
+}
 
 
 def inject(figure: Figure, kind: str, rng: np.random.Generator, max_tries: int = 50) -> Figure:
@@ -161,8 +167,9 @@ def severity(defects) -> int:
     return max((severity_of(k, p) for k, p in defects), default=0)
 
 
-def sample_defective(rng: np.random.Generator, kind: str | None = None, pose: str | None = None,
-                     max_tries: int = 20) -> tuple[Figure, Figure]:
+def sample_defective(
+    rng: np.random.Generator, kind: str | None = None, pose: str | None = None, max_tries: int = 20
+) -> tuple[Figure, Figure]:
     """An intact figure and a broken copy of it (``kind`` random when None)."""
     for _ in range(max_tries):
         intact = sample_figure(rng, pose)
@@ -196,8 +203,9 @@ def difference_mask(a: np.ndarray, b: np.ndarray, grow: int = 2) -> np.ndarray:
     return changed.astype(np.uint8) * 255
 
 
-def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
-              images: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def make_pair(
+    intact: Figure, broken: Figure, pair_id: str | None = None, images: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict:
     """A preference-pair record (``armature.data.pairs`` format): the first figure preferred
     (intact, or in a graded pair a milder defect), the region mask where the two drawings differ,
     the severities of both. ``images`` replaces the drawings stored (e.g. the same two after a
@@ -214,8 +222,9 @@ def make_pair(intact: Figure, broken: Figure, pair_id: str | None = None,
         "mask": encode_image(difference_mask(good, bad)),
         "severity_w": severity(intact.defects),
         "severity_l": severity(broken.defects),
-        "source": "gym:" + "+".join(kinds) + (" over " + "+".join(sorted({k for k, _ in intact.defects}))
-                                              if intact.defects else ""),
+        "source": "gym:"
+        + "+".join(kinds)
+        + (" over " + "+".join(sorted({k for k, _ in intact.defects})) if intact.defects else ""),
     }
 
 
@@ -247,8 +256,12 @@ def agreement(n_intact: int, n_per_kind: int, seed: int = 0, oracle=None, transf
         by_kind[name] = (hits + ok, total + 1)
         if not ok:
             mistakes.append({"truth": truth, "found": verdict.defects})
-    return {"figures": len(cases), "agreement": right / max(len(cases), 1),
-            "by_kind": {k: h / t for k, (h, t) in by_kind.items()}, "mistakes": mistakes}
+    return {
+        "figures": len(cases),
+        "agreement": right / max(len(cases), 1),
+        "by_kind": {k: h / t for k, (h, t) in by_kind.items()},
+        "mistakes": mistakes,
+    }
 
 
 def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0, graded: float = 0.0) -> list[dict]:
@@ -280,5 +293,7 @@ def pairs(n: int, seed: int = 0, transform=None, crossed: float = 0.0, graded: f
         good = transform(np.stack([render(intact) for intact, _ in figures]))
         bad = transform(np.stack([render(broken) for _, broken in figures]))
         images = list(zip(good, bad))
-    return [make_pair(intact, broken, pair_id=f"gym-{seed}-{i}", images=images[i])
-            for i, (intact, broken) in enumerate(figures)]
+    return [
+        make_pair(intact, broken, pair_id=f"gym-{seed}-{i}", images=images[i])
+        for i, (intact, broken) in enumerate(figures)
+    ]

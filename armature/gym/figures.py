@@ -40,8 +40,15 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "foot": (0, 0, 0),
 }
 TYPES = list(PALETTE)
-PARENT = {"head": "torso", "upper_arm": "torso", "forearm": "upper_arm", "hand": "forearm",
-          "thigh": "torso", "shin": "thigh", "foot": "shin"}
+PARENT = {
+    "head": "torso",
+    "upper_arm": "torso",
+    "forearm": "upper_arm",
+    "hand": "forearm",
+    "thigh": "torso",
+    "shin": "thigh",
+    "foot": "shin",
+}
 EXPECTED_COUNT = {t: (1 if t in ("head", "torso") else 2) for t in TYPES}
 # parts this close (px, chessboard distance) count as joined: the oracle's tolerance for the blurred
 # seam a generated image draws between two parts (ATTACH_GAP - 1 pixels of neither colour)
@@ -54,29 +61,67 @@ WIDTH = {"upper_arm": 4, "forearm": 4, "thigh": 4, "shin": 4, "foot": 4}
 LIMITS = {"shoulder": (10.0, 165.0), "elbow": (0.0, 100.0), "hip": (3.0, 60.0), "knee": (0.0, 90.0)}
 
 # bone lengths at scale 1 (px); an intact figure jitters each by at most 4 %, both sides alike
-BONES = {"torso": 16.0, "head_radius": 4.5, "upper_arm": 9.0, "forearm": 8.0, "hand_radius": 2.0,
-         "thigh": 11.0, "shin": 10.0, "foot": 4.0, "shoulder_half": 5.0, "hip_half": 3.5}
+BONES = {
+    "torso": 16.0,
+    "head_radius": 4.5,
+    "upper_arm": 9.0,
+    "forearm": 8.0,
+    "hand_radius": 2.0,
+    "thigh": 11.0,
+    "shin": 10.0,
+    "foot": 4.0,
+    "shoulder_half": 5.0,
+    "hip_half": 3.5,
+}
 
 # pose classes: (prompt, {angle: (low, high)}) per side; unlisted angles: STANDING's
 STANDING = {"shoulder": (18, 35), "elbow": (0, 15), "hip": (3, 12), "knee": (0, 10)}
 POSES: dict[str, tuple[str, dict, dict]] = {
-    "standing": ("a person standing", {"shoulder": (18, 35), "elbow": (0, 15), "hip": (3, 12), "knee": (0, 10)},
-                 {"shoulder": (18, 35), "elbow": (0, 15), "hip": (3, 12), "knee": (0, 10)}),
-    "arms_up": ("a person raising both arms", {"shoulder": (125, 150), "elbow": (0, 40)},
-                {"shoulder": (125, 150), "elbow": (0, 40)}),
-    "left_arm_up": ("a person raising the left arm", {"shoulder": (125, 155), "elbow": (0, 40)},
-                    {"shoulder": (18, 35), "elbow": (0, 15)}),
-    "right_arm_up": ("a person raising the right arm", {"shoulder": (18, 35), "elbow": (0, 15)},
-                     {"shoulder": (125, 155), "elbow": (0, 40)}),
-    "arms_out": ("a person with arms stretched out", {"shoulder": (75, 100), "elbow": (10, 35)},
-                 {"shoulder": (75, 100), "elbow": (10, 35)}),
-    "waving": ("a person waving", {"shoulder": (70, 110), "elbow": (60, 100)}, {"shoulder": (18, 35), "elbow": (0, 15)}),
-    "striding": ("a person striding", {"shoulder": (35, 60), "elbow": (0, 20), "hip": (25, 45), "knee": (20, 50)},
-                 {"shoulder": (35, 60), "elbow": (0, 20), "hip": (25, 45), "knee": (20, 50)}),
-    "kneeling": ("a person kneeling", {"shoulder": (60, 90), "elbow": (0, 30), "hip": (35, 60), "knee": (60, 90)},
-                 {"shoulder": (60, 90), "elbow": (0, 30), "hip": (35, 60), "knee": (60, 90)}),
-    "jumping": ("a person jumping", {"shoulder": (120, 160), "hip": (20, 45), "knee": (40, 80)},
-                {"shoulder": (120, 160), "hip": (20, 45), "knee": (40, 80)}),
+    "standing": (
+        "a person standing",
+        {"shoulder": (18, 35), "elbow": (0, 15), "hip": (3, 12), "knee": (0, 10)},
+        {"shoulder": (18, 35), "elbow": (0, 15), "hip": (3, 12), "knee": (0, 10)},
+    ),
+    "arms_up": (
+        "a person raising both arms",
+        {"shoulder": (125, 150), "elbow": (0, 40)},
+        {"shoulder": (125, 150), "elbow": (0, 40)},
+    ),
+    "left_arm_up": (
+        "a person raising the left arm",
+        {"shoulder": (125, 155), "elbow": (0, 40)},
+        {"shoulder": (18, 35), "elbow": (0, 15)},
+    ),
+    "right_arm_up": (
+        "a person raising the right arm",
+        {"shoulder": (18, 35), "elbow": (0, 15)},
+        {"shoulder": (125, 155), "elbow": (0, 40)},
+    ),
+    "arms_out": (
+        "a person with arms stretched out",
+        {"shoulder": (75, 100), "elbow": (10, 35)},
+        {"shoulder": (75, 100), "elbow": (10, 35)},
+    ),
+    "waving": (
+        "a person waving",
+        {"shoulder": (70, 110), "elbow": (60, 100)},
+        {"shoulder": (18, 35), "elbow": (0, 15)},
+    ),
+    "striding": (
+        "a person striding",
+        {"shoulder": (35, 60), "elbow": (0, 20), "hip": (25, 45), "knee": (20, 50)},
+        {"shoulder": (35, 60), "elbow": (0, 20), "hip": (25, 45), "knee": (20, 50)},
+    ),
+    "kneeling": (
+        "a person kneeling",
+        {"shoulder": (60, 90), "elbow": (0, 30), "hip": (35, 60), "knee": (60, 90)},
+        {"shoulder": (60, 90), "elbow": (0, 30), "hip": (35, 60), "knee": (60, 90)},
+    ),
+    "jumping": (
+        "a person jumping",
+        {"shoulder": (120, 160), "hip": (20, 45), "knee": (40, 80)},
+        {"shoulder": (120, 160), "hip": (20, 45), "knee": (40, 80)},
+    ),
 }
 SIDES = {"left": 1, "right": -1}  # the figure's left is the image's right (it faces us)
 
@@ -155,9 +200,19 @@ def build_parts(pose: Pose) -> list[Part]:
     neck = pelvis + b["torso"] * up
     head_radius = b["head_radius"] * pose.bone_scale.get("head_radius", 1.0)
     head = neck + (head_radius + 0.5) * up
-    parts = [Part("torso", None, [tuple(neck + b["shoulder_half"] * across), tuple(neck - b["shoulder_half"] * across),
-                                  tuple(pelvis - b["hip_half"] * across), tuple(pelvis + b["hip_half"] * across)]),
-             Part("head", None, [tuple(head)], radius=head_radius)]
+    parts = [
+        Part(
+            "torso",
+            None,
+            [
+                tuple(neck + b["shoulder_half"] * across),
+                tuple(neck - b["shoulder_half"] * across),
+                tuple(pelvis - b["hip_half"] * across),
+                tuple(pelvis + b["hip_half"] * across),
+            ],
+        ),
+        Part("head", None, [tuple(head)], radius=head_radius),
+    ]
     tilt = pose.lean
     for side, s in SIDES.items():
         ang = pose.angles[side]
@@ -167,24 +222,29 @@ def build_parts(pose: Pose) -> list[Part]:
         shin_dir = _direction(ang["hip"] + ang["knee"] - s * tilt, s)
         ankle = knee + bone(side, "shin") * shin_dir
         foot_dir = _direction(ang["hip"] + ang["knee"] + 80 - s * tilt, s)
-        parts += [Part("thigh", side, [tuple(hip), tuple(knee)], width=WIDTH["thigh"]),
-                  Part("shin", side, [tuple(knee), tuple(ankle)], width=WIDTH["shin"]),
-                  Part("foot", side, [tuple(ankle), tuple(ankle + b["foot"] * foot_dir)], width=WIDTH["foot"])]
+        parts += [
+            Part("thigh", side, [tuple(hip), tuple(knee)], width=WIDTH["thigh"]),
+            Part("shin", side, [tuple(knee), tuple(ankle)], width=WIDTH["shin"]),
+            Part("foot", side, [tuple(ankle), tuple(ankle + b["foot"] * foot_dir)], width=WIDTH["foot"]),
+        ]
     for side, s in SIDES.items():
         ang = pose.angles[side]
         shoulder = neck + s * (b["shoulder_half"] + 0.5) * across - 1.5 * up
         elbow = shoulder + bone(side, "upper_arm") * _direction(ang["shoulder"] - s * tilt, s)
         fore_dir = _direction(ang["shoulder"] - ang["elbow"] - s * tilt, s)
         wrist = elbow + bone(side, "forearm") * fore_dir
-        parts += [Part("upper_arm", side, [tuple(shoulder), tuple(elbow)], width=WIDTH["upper_arm"]),
-                  Part("forearm", side, [tuple(elbow), tuple(wrist)], width=WIDTH["forearm"]),
-                  Part("hand", side, [tuple(wrist + (b["hand_radius"] + 0.5) * fore_dir)], radius=b["hand_radius"])]
+        parts += [
+            Part("upper_arm", side, [tuple(shoulder), tuple(elbow)], width=WIDTH["upper_arm"]),
+            Part("forearm", side, [tuple(elbow), tuple(wrist)], width=WIDTH["forearm"]),
+            Part("hand", side, [tuple(wrist + (b["hand_radius"] + 0.5) * fore_dir)], radius=b["hand_radius"]),
+        ]
     return parts
 
 
 def sample_background(rng: np.random.Generator) -> np.ndarray:
     """A muted scene: a tinted vertical gradient, a floor band and a few soft blocks, all of
     low saturation (so no background pixel is mistaken for a part)."""
+
     def muted() -> np.ndarray:
         while True:
             grey = rng.uniform(70, 235)
@@ -200,7 +260,7 @@ def sample_background(rng: np.random.Generator) -> np.ndarray:
     for _ in range(int(rng.integers(0, 4))):
         x0, y0 = rng.integers(0, SIZE - 8, 2)
         w, h = rng.integers(6, 24, 2)
-        image[y0:y0 + h, x0:x0 + w] = muted()
+        image[y0 : y0 + h, x0 : x0 + w] = muted()
     return image.astype(np.uint8)
 
 
@@ -284,8 +344,10 @@ def is_attached(parts: list[Part]) -> bool:
         if parent is None or "detached" in part.tag:
             continue
         grown = _dilate(mask)
-        if not any(q.type == parent and (q.side is None or q.side == part.side) and (grown & m).any()
-                   for q, m in zip(parts, masks)):
+        if not any(
+            q.type == parent and (q.side is None or q.side == part.side) and (grown & m).any()
+            for q, m in zip(parts, masks)
+        ):
             return False
     return True
 

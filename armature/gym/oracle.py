@@ -82,8 +82,15 @@ class Region:
 
 
 class AnatomyOracle:
-    def __init__(self, colour_radius: float = 70.0, min_area: int = 4, reversed_below: float = -25.0,
-                 overbent_above: dict | None = None, proportion_factor: float = 1.5, attach_gap: int = ATTACH_GAP):
+    def __init__(
+        self,
+        colour_radius: float = 70.0,
+        min_area: int = 4,
+        reversed_below: float = -25.0,
+        overbent_above: dict | None = None,
+        proportion_factor: float = 1.5,
+        attach_gap: int = ATTACH_GAP,
+    ):
         self.colour_radius = colour_radius
         self._near = np.ones((2 * attach_gap + 1,) * 2, bool)  # grows a mask by attach_gap pixels
         self.min_area = min_area
@@ -129,7 +136,8 @@ class AnatomyOracle:
         for type_, parent in PARENT.items():
             for region in regions[type_]:
                 touches = bool(regions[parent]) and any(
-                    (ndimage.binary_dilation(region.mask, self._near) & p.mask).any() for p in regions[parent])
+                    (ndimage.binary_dilation(region.mask, self._near) & p.mask).any() for p in regions[parent]
+                )
                 attached[id(region)] = touches
                 if not touches:
                     defects.add(("detached", type_))
@@ -139,7 +147,7 @@ class AnatomyOracle:
             torso_len = torso.axis_ends()[2]
             measurements["torso"] = torso_len
             if len(regions["head"]) == 1:
-                ratio = regions["head"][0].mask.sum() / torso_len ** 2 / HEAD_RATIO
+                ratio = regions["head"][0].mask.sum() / torso_len**2 / HEAD_RATIO
                 measurements["head"] = ratio
                 if not 1 / self.proportion_factor <= ratio <= self.proportion_factor:
                     defects.add(("proportion", "head"))

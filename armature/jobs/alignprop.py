@@ -63,8 +63,10 @@ def check(cfg: DictConfig) -> list[str]:
     """K within the sampling steps; batch sizes."""
     algo, errors = cfg.algo, []
     if not 1 <= algo.truncation_min <= algo.truncation_max <= cfg.sampling.num_steps:
-        errors.append(f"algo.truncation_min={algo.truncation_min}, algo.truncation_max={algo.truncation_max}: "
-                      f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}")
+        errors.append(
+            f"algo.truncation_min={algo.truncation_min}, algo.truncation_max={algo.truncation_max}: "
+            f"need 1 <= truncation_min <= truncation_max <= sampling.num_steps={cfg.sampling.num_steps}"
+        )
     if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
         errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
     return errors
@@ -110,11 +112,21 @@ def train_loop(config: dict) -> None:
             batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=micro)]
             k = int(rng.integers(algo["truncation_min"], algo["truncation_max"] + 1))
             cond = policy.encode(batch_prompts)
-            noise = torch.randn((micro,) + policy.latent_shape, generator=generator, device=policy.device,
-                                dtype=policy.unet.dtype) * policy.scheduler.init_noise_sigma
+            noise = (
+                torch.randn(
+                    (micro,) + policy.latent_shape, generator=generator, device=policy.device, dtype=policy.unet.dtype
+                )
+                * policy.scheduler.init_noise_sigma
+            )
             sample = sample_with_grad(
-                policy, cond, noise, k, checkpoint=algo["gradient_checkpointing"],
-                predict_x0=algo["predict_x0"], complete=algo["predict_x0"], generator=generator,
+                policy,
+                cond,
+                noise,
+                k,
+                checkpoint=algo["gradient_checkpointing"],
+                predict_x0=algo["predict_x0"],
+                complete=algo["predict_x0"],
+                generator=generator,
             )
             scores = reward.score_tensor(sample.images, batch_prompts)
             loss = -algo["reward_scale"] * scores.mean()
@@ -131,8 +143,12 @@ def train_loop(config: dict) -> None:
 
         scores = torch.cat(rewards).numpy()
         sampled = torch.cat(sampled_rewards).numpy() if sampled_rewards else scores
-        local = {"reward_mean": float(scores.mean()), "sampled_reward_mean": float(sampled.mean()),
-                 "loss": float(np.mean(losses)), "backprop_steps": float(np.mean(ks))}
+        local = {
+            "reward_mean": float(scores.mean()),
+            "sampled_reward_mean": float(sampled.mean()),
+            "loss": float(np.mean(losses)),
+            "backprop_steps": float(np.mean(ks)),
+        }
         metrics = {
             "epoch": epoch,
             **all_reduce_mean(local),
@@ -148,5 +164,8 @@ def train_loop(config: dict) -> None:
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:
-    print(f"[armature] epoch {epoch + 1}/{total}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}  sampled "
-          f"{m['sampled_reward_mean']:+.4f}  K {m['backprop_steps']:.1f}  {m['epoch_time_s']:.1f}s", flush=True)
+    print(
+        f"[armature] epoch {epoch + 1}/{total}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}  sampled "
+        f"{m['sampled_reward_mean']:+.4f}  K {m['backprop_steps']:.1f}  {m['epoch_time_s']:.1f}s",
+        flush=True,
+    )

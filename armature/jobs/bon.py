@@ -45,8 +45,9 @@ class BestOfNConfig:
 def check(cfg: DictConfig) -> list[str]:
     algo = cfg.algo
     if algo.n < 1 or not 1 <= algo.k <= algo.n or algo.repeats < 1:
-        return [(f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: "
-                 "need n >= 1, 1 <= k <= n, repeats >= 1")]
+        return [
+            (f"algo.n={algo.n}, algo.k={algo.k}, algo.repeats={algo.repeats}: need n >= 1, 1 <= k <= n, repeats >= 1")
+        ]
     return []
 
 
@@ -65,8 +66,15 @@ def run(cfg: DictConfig) -> dict:
     try:
         samplers, rewards = start_actors(job)
         prompts = prompt_list(c["prompts"]) * algo["repeats"]
-        result = best_of_n(samplers, rewards, prompts, algo["n"], algo["k"], seed=c["trainer"]["seed"],
-                           batch_size=c["sampling"]["batch_size"])
+        result = best_of_n(
+            samplers,
+            rewards,
+            prompts,
+            algo["n"],
+            algo["k"],
+            seed=c["trainer"]["seed"],
+            batch_size=c["sampling"]["batch_size"],
+        )
         metrics = {"epoch": 0, "n": algo["n"], "k": algo["k"], **result.summary()}
         metrics["reward_mean"] = metrics["kept_reward_mean"]
 
@@ -74,15 +82,17 @@ def run(cfg: DictConfig) -> dict:
             from armature.data.pairs import write_pairs
 
             metrics["pairs_written"] = write_pairs(result.preference_pairs(f"best_of_{algo['n']}"), algo["pairs_path"])
-            print(f"[armature] {int(metrics['pairs_written'])} (best, worst) pairs written to {algo['pairs_path']}",
-                  flush=True)
+            print(
+                f"[armature] {int(metrics['pairs_written'])} (best, worst) pairs written to {algo['pairs_path']}",
+                flush=True,
+            )
         logger.log_metrics(metrics, step=0)
         logger.log_text(json.dumps(_candidate_table(result), indent=1), "candidates.json")
         for i in range(min(algo["log_prompts"], len(prompts))):
             order = result.order[i]
             logger.log_images(result.images[i, order[: algo["k"]]], f"candidates/prompt_{i:03d}_kept.png")
             if algo["k"] < algo["n"]:
-                logger.log_images(result.images[i, order[algo["k"]:]], f"candidates/prompt_{i:03d}_rejected.png")
+                logger.log_images(result.images[i, order[algo["k"] :]], f"candidates/prompt_{i:03d}_rejected.png")
         logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
         _print_summary(metrics)
     except BaseException:
@@ -94,26 +104,39 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-
 register(Algorithm("bon", BestOfNConfig, run, check))
+
 
 def _candidate_table(result) -> list[dict]:
     rank = np.argsort(result.order, axis=1)  # rank[i, j]: position of candidate j, 0 = best
     rows = []
     for i, prompt in enumerate(result.prompts):
         for j in range(result.n):
-            rows.append({
-                "prompt_index": i, "prompt": prompt, "candidate": j, "seed": int(result.seeds[i, j]),
-                "reward": float(result.scores[i, j]), "rank": int(rank[i, j]), "kept": bool(rank[i, j] < result.k),
-                **{f"reward_{name}": float(v[i, j]) for name, v in result.components.items()},
-            })
+            rows.append(
+                {
+                    "prompt_index": i,
+                    "prompt": prompt,
+                    "candidate": j,
+                    "seed": int(result.seeds[i, j]),
+                    "reward": float(result.scores[i, j]),
+                    "rank": int(rank[i, j]),
+                    "kept": bool(rank[i, j] < result.k),
+                    **{f"reward_{name}": float(v[i, j]) for name, v in result.components.items()},
+                }
+            )
     return rows
 
 
 def _print_summary(m: dict) -> None:
-    print(f"[armature] best-of-{int(m['n'])} (keep {int(m['k'])}), {int(m['candidates'])} candidates, "
-          f"{m['seconds_per_prompt']:.2f} s per prompt", flush=True)
+    print(
+        f"[armature] best-of-{int(m['n'])} (keep {int(m['k'])}), {int(m['candidates'])} candidates, "
+        f"{m['seconds_per_prompt']:.2f} s per prompt",
+        flush=True,
+    )
     print("[armature]            mean      std   median      p90", flush=True)
     for name in ("single", "kept"):
-        print(f"[armature] {name:>7} {m[name + '_reward_mean']:+8.4f} {m[name + '_reward_std']:8.4f} "
-              f"{m[name + '_reward_p50']:+8.4f} {m[name + '_reward_p90']:+8.4f}", flush=True)
+        print(
+            f"[armature] {name:>7} {m[name + '_reward_mean']:+8.4f} {m[name + '_reward_std']:8.4f} "
+            f"{m[name + '_reward_p50']:+8.4f} {m[name + '_reward_p90']:+8.4f}",
+            flush=True,
+        )

@@ -75,15 +75,18 @@ def check(cfg: DictConfig) -> list[str]:
     algo, workers, errors = cfg.algo, cfg.trainer.num_workers, []
     per_worker = algo.samples_per_epoch // workers
     if algo.samples_per_epoch % workers:
-        errors.append(f"algo.samples_per_epoch={algo.samples_per_epoch} must divide evenly over "
-                      f"trainer.num_workers={workers}")
+        errors.append(
+            f"algo.samples_per_epoch={algo.samples_per_epoch} must divide evenly over trainer.num_workers={workers}"
+        )
     else:
         errors.extend(micro_batch_errors(algo, per_worker, "algo.samples_per_epoch / trainer.num_workers"))
     if not 0 < algo.timestep_fraction <= 1:
         errors.append(f"algo.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
     if algo.final_eval_per_prompt < 0:
-        errors.append(f"algo.final_eval_per_prompt={algo.final_eval_per_prompt}: seeds per prompt of the "
-                      "evaluation after training; use 0 to skip it, e.g. 16")
+        errors.append(
+            f"algo.final_eval_per_prompt={algo.final_eval_per_prompt}: seeds per prompt of the "
+            "evaluation after training; use 0 to skip it, e.g. 16"
+        )
     return errors
 
 
@@ -103,8 +106,11 @@ def train_loop(config: dict) -> None:
     w = Worker(config)
     c, algo, rank, world = w.c, w.algo, w.rank, w.world
     policy = w.build_policy()
-    before = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}  # the final evaluation's
-              if algo["final_eval_per_prompt"] else None)
+    before = (
+        {k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}  # the final evaluation's
+        if algo["final_eval_per_prompt"]
+        else None
+    )
     num_steps = c["sampling"]["num_steps"]
     train_steps = max(1, int(num_steps * algo["timestep_fraction"]))
     per_worker = algo["samples_per_epoch"] // world
@@ -162,12 +168,17 @@ def train_loop(config: dict) -> None:
                 for k in range(train_steps):
                     j = step_order[mb, k]  # each trajectory trains on its own random steps
                     log_prob = policy.step_log_prob(
-                        batch.cond, batch.latents[rows, j], batch.timesteps[rows, j],
+                        batch.cond,
+                        batch.latents[rows, j],
+                        batch.timesteps[rows, j],
                         batch.latents[rows, j + 1],
                     )
                     loss, info = ddpo_loss(
-                        log_prob, batch.log_probs[rows, j].to(log_prob.device), adv.to(log_prob.device),
-                        algo["clip_range"], algo["adv_clip_max"],
+                        log_prob,
+                        batch.log_probs[rows, j].to(log_prob.device),
+                        adv.to(log_prob.device),
+                        algo["clip_range"],
+                        algo["adv_clip_max"],
                     )
                     w.step(loss)
                     stats["loss"].append(loss.item())
@@ -189,8 +200,13 @@ def train_loop(config: dict) -> None:
             "train_transitions_per_s": algo["num_inner_epochs"] * per_worker * train_steps * world / train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(epoch, metrics, lambda refs=image_refs: np.concatenate([ray.get(ref) for ref in refs]),
-                    state={"tracker": tracker.state_dict()}, progress=print_progress)
+        w.end_epoch(
+            epoch,
+            metrics,
+            lambda refs=image_refs: np.concatenate([ray.get(ref) for ref in refs]),
+            state={"tracker": tracker.state_dict()},
+            progress=print_progress,
+        )
 
     if w.logger is not None and algo["final_eval_per_prompt"]:
         final = before_and_after(prompts, w.samplers, w.rewards, c, before, policy.trainable_state_dict())
@@ -224,9 +240,10 @@ def before_and_after(prompts, samplers, rewards, c: dict, before: dict, after: d
         weights = [ray.put(state)]
         scores = []
         for b, start in enumerate(range(0, len(plan), size)):
-            _, images = samplers[b % len(samplers)].rollout.remote(plan[start:start + size], seeds[start:start + size],
-                                                                   weights, version)
-            scores.append(rewards[b % len(rewards)].score.remote(images, plan[start:start + size]))
+            _, images = samplers[b % len(samplers)].rollout.remote(
+                plan[start : start + size], seeds[start : start + size], weights, version
+            )
+            scores.append(rewards[b % len(rewards)].score.remote(images, plan[start : start + size]))
         reward, components = score_batches(ray.get(scores))
         metrics[f"final_{name}_reward_mean"] = float(np.mean(reward))
         metrics.update({f"final_{name}_{k}": v for k, v in reward_metrics(components).items()})
@@ -234,7 +251,9 @@ def before_and_after(prompts, samplers, rewards, c: dict, before: dict, after: d
 
 
 def _print_before_and_after(m: dict, n_prompts: int, per_prompt: int) -> None:
-    line = (f"[armature] fixed seeds ({n_prompts} prompts x {per_prompt}), before -> after training: "
-            f"reward {m['final_before_reward_mean']:+.4f} -> {m['final_after_reward_mean']:+.4f}")
+    line = (
+        f"[armature] fixed seeds ({n_prompts} prompts x {per_prompt}), before -> after training: "
+        f"reward {m['final_before_reward_mean']:+.4f} -> {m['final_after_reward_mean']:+.4f}"
+    )
     before, after = reward_summary_line(m, "final_before_reward_"), reward_summary_line(m, "final_after_reward_")
     print(line + (f";  before:{before};  after:{after}" if before else ""), flush=True)

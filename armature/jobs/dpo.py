@@ -92,8 +92,12 @@ def result(metrics: dict) -> str:
 def run(cfg: DictConfig) -> dict:
     """Run a DPO job as configured; returns the last epoch's metrics."""
     data = cfg.data
-    return run_learner(cfg, train_loop, extra_cpus=data.encoder_actors * data.encoder_num_cpus + 1,  # + data tasks
-                       prepare=_prepare)
+    return run_learner(
+        cfg,
+        train_loop,
+        extra_cpus=data.encoder_actors * data.encoder_num_cpus + 1,  # + data tasks
+        prepare=_prepare,
+    )
 
 
 register(Algorithm("dpo", DPOConfig, run, check, result), Algorithm("asap_dpo", DPOConfig, run, check, result))
@@ -115,11 +119,17 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     pairs = data["pairs"] or _synthetic_pairs(f"{run_dir}/synthetic_pairs", data, size, trainer_cfg["seed"])
     quarantine = data["quarantine_path"] or f"{run_dir}/quarantine"
     train_ds, heldout_ds = build_datasets(data, c["model"], size, quarantine, pairs_path=pairs, threads=job.threads)
-    counts = {"data_train_pairs": train_ds.count(), "data_heldout_pairs": heldout_ds.count(),
-              **quarantine_metrics(quarantine)}
-    print(f"[armature] pairs {pairs}: {counts['data_train_pairs']} for training, "
-          f"{counts['data_heldout_pairs']} held out, {counts['data_quarantined']} quarantined, "
-          f"{counts['data_ties_dropped']} ties dropped (quarantine: {quarantine})", flush=True)
+    counts = {
+        "data_train_pairs": train_ds.count(),
+        "data_heldout_pairs": heldout_ds.count(),
+        **quarantine_metrics(quarantine),
+    }
+    print(
+        f"[armature] pairs {pairs}: {counts['data_train_pairs']} for training, "
+        f"{counts['data_heldout_pairs']} held out, {counts['data_quarantined']} quarantined, "
+        f"{counts['data_ties_dropped']} ties dropped (quarantine: {quarantine})",
+        flush=True,
+    )
     if counts["data_train_pairs"] < trainer_cfg["num_workers"] * algo["train_batch_size"]:
         raise ValueError(f"{counts['data_train_pairs']} training pairs: fewer than one micro-batch per worker")
     return LoopInputs({"quarantine": quarantine, "counts": counts}, {"train": train_ds, "heldout": heldout_ds})
@@ -160,8 +170,11 @@ def train_loop(config: dict) -> None:
         # ---- 1. one pass over this worker's training pairs -------------------------------
         epoch_stats, pairs_seen = [], 0
         batches = shard.iter_torch_batches(
-            batch_size=micro, drop_last=True, collate_fn=collate,
-            local_shuffle_buffer_size=4 * micro, local_shuffle_seed=w.seed * 10_000 + epoch,
+            batch_size=micro,
+            drop_last=True,
+            collate_fn=collate,
+            local_shuffle_buffer_size=4 * micro,
+            local_shuffle_seed=w.seed * 10_000 + epoch,
         )
         for batch in batches:
             loss, info = loss_fn(errors(batch), batch["tie"].to(policy.device))
@@ -200,8 +213,16 @@ def train_loop(config: dict) -> None:
 
 
 # ============================================================================ helpers
-def pair_errors(policy, denoiser, batch: dict, alpha: float, prediction_type: str, frozen=None,
-                generator: torch.Generator | None = None, grad: bool = True):
+def pair_errors(
+    policy,
+    denoiser,
+    batch: dict,
+    alpha: float,
+    prediction_type: str,
+    frozen=None,
+    generator: torch.Generator | None = None,
+    grad: bool = True,
+):
     """``(pol_err_w, pol_err_l, ref_err_w, ref_err_l)``, each ``[B]``, for a batch of pairs.
 
     One timestep and one noise draw per pair, shared by its two images (and its prompt), so
@@ -279,10 +300,12 @@ def evaluate_heldout(shard, errors, loss_fn, engine, algo: dict, seed: int) -> d
     engine.module.train()
     if not totals["pairs"]:
         return {}
-    return {"heldout_implicit_acc": totals["draw_right"] / totals["draws"],
-            "heldout_pair_acc": totals["pair_right"] / totals["pairs"],
-            "heldout_margin": totals["margin"] / totals["draws"],
-            "heldout_loss": totals["loss"] / totals["losses"]}
+    return {
+        "heldout_implicit_acc": totals["draw_right"] / totals["draws"],
+        "heldout_pair_acc": totals["pair_right"] / totals["pairs"],
+        "heldout_margin": totals["margin"] / totals["draws"],
+        "heldout_loss": totals["loss"] / totals["losses"],
+    }
 
 
 def native_size(model: dict) -> int:
@@ -315,8 +338,12 @@ def print_progress(epoch: int, total: int, m: dict) -> None:
     """The progress line of a preference learner's epoch."""
     done = epoch + 1
     bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
-    heldout = (f"  held-out acc {m['heldout_implicit_acc']:.3f} (by pair {m['heldout_pair_acc']:.3f})"
-               f" margin {m['heldout_margin']:+.2e}" if "heldout_implicit_acc" in m else "")
+    heldout = (
+        f"  held-out acc {m['heldout_implicit_acc']:.3f} (by pair {m['heldout_pair_acc']:.3f})"
+        f" margin {m['heldout_margin']:+.2e}"
+        if "heldout_implicit_acc" in m
+        else ""
+    )
     print(
         f"[armature] [{bar}] epoch {done}/{total}  loss {m['loss']:.4f}  acc {m['implicit_acc']:.3f}"
         f"  margin {m['margin']:+.2e}{heldout}  {m['pairs_per_s']:.1f} pairs/s  {m['epoch_time_s']:.1f}s",

@@ -76,13 +76,17 @@ def check(cfg: DictConfig) -> list[str]:
     """Samples and policies to evaluate; a selector other than the judge for Best-of-N rows."""
     algo, errors = cfg.algo, []
     if algo.samples_per_prompt < 1 or not algo.policies:
-        errors.append(f"algo.samples_per_prompt={algo.samples_per_prompt}, algo.policies={dict(algo.policies)}: "
-                      "need at least one sample per prompt and one policy (name: adapter folder or null)")
+        errors.append(
+            f"algo.samples_per_prompt={algo.samples_per_prompt}, algo.policies={dict(algo.policies)}: "
+            "need at least one sample per prompt and one policy (name: adapter folder or null)"
+        )
     if not algo.best_of or min(algo.best_of) < 1:
         errors.append(f"algo.best_of={list(algo.best_of)}: a list of N >= 1, e.g. [1, 4, 8]")
     elif max(algo.best_of) > 1 and (not algo.selector or algo.selector == algo.judge):
-        errors.append(f"algo.best_of={list(algo.best_of)} needs algo.selector: a reward component other than "
-                      f"the judge ({algo.judge}) to rank the candidates, e.g. algo.selector=learned")
+        errors.append(
+            f"algo.best_of={list(algo.best_of)} needs algo.selector: a reward component other than "
+            f"the judge ({algo.judge}) to rank the candidates, e.g. algo.selector=learned"
+        )
     return errors
 
 
@@ -110,7 +114,9 @@ def load_suite(suite: str) -> list[tuple[str, str]]:
                 record = json.loads(line)
                 rows.append((str(record["prompt"]), str(record.get("category", "all"))))
             except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"algo.suite={suite}: line {n} is not {{\"prompt\": ..., \"category\": ...}}: {err}") from err
+                raise ValueError(
+                    f'algo.suite={suite}: line {n} is not {{"prompt": ..., "category": ...}}: {err}'
+                ) from err
         else:
             rows.append((line, "all"))
     if not rows:
@@ -136,9 +142,14 @@ def pool_expectation(selector: np.ndarray, judge: np.ndarray, n: int, severe_at:
     return {"pool/severe_rate": float(np.mean(severe)), "pool/judge": float(np.mean(score))}
 
 
-def summarize(judge_scores: dict[str, np.ndarray], categories: list[str], threshold: float,
-              tie_tolerance: float, components: dict[str, dict[str, np.ndarray]],
-              severe_at: float | None = None) -> list[dict]:
+def summarize(
+    judge_scores: dict[str, np.ndarray],
+    categories: list[str],
+    threshold: float,
+    tie_tolerance: float,
+    components: dict[str, dict[str, np.ndarray]],
+    severe_at: float | None = None,
+) -> list[dict]:
     """One row per policy (``judge_scores[policy]``: ``[P, n]``; the first policy is the baseline)."""
     names = list(judge_scores)
     baseline = judge_scores[names[0]]
@@ -181,8 +192,10 @@ def run(cfg: DictConfig) -> dict:
     cluster, reward = cfg.cluster, cfg.reward
     algo = cfg.algo
     if algo.judge not in reward.components:
-        raise ValueError(f"algo.judge={algo.judge!r} is not one of reward.components "
-                         f"{sorted(reward.components)}; add it, e.g. reward=gym_oracle")
+        raise ValueError(
+            f"algo.judge={algo.judge!r} is not one of reward.components "
+            f"{sorted(reward.components)}; add it, e.g. reward=gym_oracle"
+        )
     suite = load_suite(algo.suite)
     prompts = [p for p, _ in suite]
     categories = [c for _, c in suite]
@@ -192,22 +205,34 @@ def run(cfg: DictConfig) -> dict:
     rewards, judge_scores, components, samplers, seconds, pooled = [], {}, {}, [], {}, {}
     try:
         rewards = start_reward_actors(
-            reward.num_actors, c["reward"]["components"], num_cpus=reward.num_cpus, num_gpus=reward.num_gpus,
-            max_restarts=cluster.max_restarts, resources=c["reward"]["resources"], scheduling=cluster.actor_scheduling,
+            reward.num_actors,
+            c["reward"]["components"],
+            num_cpus=reward.num_cpus,
+            num_gpus=reward.num_gpus,
+            max_restarts=cluster.max_restarts,
+            resources=c["reward"]["resources"],
+            scheduling=cluster.actor_scheduling,
         )
         for name, adapter in c["algo"]["policies"].items():
             samplers = start_samplers(
-                cluster.num_samplers, c["model"], c["sampling"], seed=c["trainer"]["seed"],
-                num_cpus=cluster.sampler_num_cpus, num_gpus=cluster.sampler_num_gpus,
-                max_restarts=cluster.max_restarts, threads=job.threads,
-                resources=c["cluster"]["sampler_resources"], scheduling=cluster.actor_scheduling,
+                cluster.num_samplers,
+                c["model"],
+                c["sampling"],
+                seed=c["trainer"]["seed"],
+                num_cpus=cluster.sampler_num_cpus,
+                num_gpus=cluster.sampler_num_gpus,
+                max_restarts=cluster.max_restarts,
+                threads=job.threads,
+                resources=c["cluster"]["sampler_resources"],
+                scheduling=cluster.actor_scheduling,
             )
             if adapter:
                 ray.get([s.load_adapter.remote(str(adapter)) for s in samplers])
             n = algo.samples_per_prompt * max(algo.best_of)  # the candidate pool; N = 1 is each group's first
             start = time.perf_counter()
-            result = best_of_n(samplers, rewards, prompts, n, n, seed=c["trainer"]["seed"],
-                               batch_size=c["sampling"]["batch_size"])
+            result = best_of_n(
+                samplers, rewards, prompts, n, n, seed=c["trainer"]["seed"], batch_size=c["sampling"]["batch_size"]
+            )
             pool = dict(result.components) or {algo.judge: result.scores}
             per_candidate_s = (time.perf_counter() - start) / n / len(prompts)
             for best in sorted(set(algo.best_of)):
@@ -216,8 +241,9 @@ def run(cfg: DictConfig) -> dict:
                 judge_scores[row_name], components[row_name] = kept[algo.judge], kept
                 seconds[row_name] = per_candidate_s * best
                 if algo.severe_at is not None:
-                    pooled[row_name] = pool_expectation(pool[algo.selector or algo.judge], pool[algo.judge],
-                                                        best, algo.severe_at)
+                    pooled[row_name] = pool_expectation(
+                        pool[algo.selector or algo.judge], pool[algo.judge], best, algo.severe_at
+                    )
             logger.log_images(result.images[:, 0][: c["tracking"]["images_per_grid"]], f"samples/{name}.png")
             for actor in samplers:
                 ray.kill(actor)
@@ -227,14 +253,19 @@ def run(cfg: DictConfig) -> dict:
             row["sample_s"] = seconds[row["policy"]]  # sampling (and scoring) seconds per kept image
             row.update(pooled.get(row["policy"], {}))
         for step, row in enumerate(rows):
-            logger.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
-                                and math.isfinite(float(v))}, step=step)
+            logger.log_metrics(
+                {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(float(v))},
+                step=step,
+            )
         table = markdown(rows)
         logger.log_text(table, "eval.md")
         logger.log_text(json.dumps(rows, indent=1, default=str), "eval.json")
         logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
-        print(f"[armature] judge {algo.judge} (pass: score >= {algo.threshold}), suite {algo.suite}, "
-              f"{len(prompts)} prompts x {algo.samples_per_prompt} samples\n{table}", flush=True)
+        print(
+            f"[armature] judge {algo.judge} (pass: score >= {algo.threshold}), suite {algo.suite}, "
+            f"{len(prompts)} prompts x {algo.samples_per_prompt} samples\n{table}",
+            flush=True,
+        )
     except BaseException:
         logger.finish("FAILED")
         raise

@@ -77,8 +77,10 @@ def check(cfg: DictConfig) -> list[str]:
     if algo.train_num_steps is not None and algo.train_num_steps < 1:
         errors.append(f"algo.train_num_steps={algo.train_num_steps}: must be >= 1 (or null: sampling.num_steps)")
     if not 0 <= algo.sde_window_size <= steps:
-        errors.append(f"algo.sde_window_size={algo.sde_window_size}: must be in [0, {steps}] "
-                      "(0: every step; at most the training rollout's steps)")
+        errors.append(
+            f"algo.sde_window_size={algo.sde_window_size}: must be in [0, {steps}] "
+            "(0: every step; at most the training rollout's steps)"
+        )
     if algo.sde_window_stride < 0 or algo.sde_window_shift_every < 1:
         errors.append("algo.sde_window_stride must be >= 0 and algo.sde_window_shift_every >= 1")
     if algo.beta < 0 or algo.clip_range < 0:
@@ -134,15 +136,26 @@ def train_loop(config: dict) -> None:
         weights = [ray.put(policy.trainable_state_dict())]
         plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
         window = sde_window(epoch, num_steps, algo)
-        sampled = sample_and_score(plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version,
-                                   rank, world, num_steps=num_steps, sde_window=window)
+        sampled = sample_and_score(
+            plan,
+            w.samplers,
+            w.rewards,
+            c["sampling"]["batch_size"],
+            weights,
+            version,
+            rank,
+            world,
+            num_steps=num_steps,
+            sde_window=window,
+        )
         traj = sampled.traj
         sample_time = time.perf_counter() - t_epoch
 
         # ---- 2. advantages within each prompt's group (all workers) -----------------------
         all_groups, all_rewards = all_gather(plan.groups, sampled.rewards)
-        all_adv = group_advantages(all_rewards, all_groups, eps=algo["adv_eps"],
-                                   scale_by_std=algo["scale_by_group_std"])
+        all_adv = group_advantages(
+            all_rewards, all_groups, eps=algo["adv_eps"], scale_by_std=algo["scale_by_group_std"]
+        )
         n = len(plan.prompts)
         advantages = torch.as_tensor(all_adv[rank * n : (rank + 1) * n])
 
@@ -161,8 +174,14 @@ def train_loop(config: dict) -> None:
                         with torch.no_grad(), policy.reference(frozen):
                             ref_log_prob = policy.step_log_prob(*args, num_steps=num_steps)
                     loss, info = grpo_loss(
-                        log_prob, batch.log_probs[:, j].to(log_prob.device), adv.to(log_prob.device),
-                        algo["clip_range"], algo["adv_clip_max"], ref_log_prob, beta)
+                        log_prob,
+                        batch.log_probs[:, j].to(log_prob.device),
+                        adv.to(log_prob.device),
+                        algo["clip_range"],
+                        algo["adv_clip_max"],
+                        ref_log_prob,
+                        beta,
+                    )
                     w.step(loss)
                     stats["loss"].append(loss.item())
                     for key in ("policy_loss", "kl", "approx_kl", "clipfrac"):

@@ -95,8 +95,14 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     out = Path(cfg.out).resolve()
     # One local Ray serves every stage, sized for the largest (DDPO's learner, samplers and reward
     # actors): logical CPUs, the stages take turns on the cores. A cluster address overrides it.
-    base = [f"trainer.storage_path={out / 'ray'}", f"tracking.run_name=bench-{name}", f"trainer.seed={cfg.seed if seed is None else seed}",
-            "cluster.num_cpus=8", "sampling.num_steps=20", "sampling.guidance_scale=1.0"]  # as pretrain measures
+    base = [
+        f"trainer.storage_path={out / 'ray'}",
+        f"tracking.run_name=bench-{name}",
+        f"trainer.seed={cfg.seed if seed is None else seed}",
+        "cluster.num_cpus=8",
+        "sampling.num_steps=20",
+        "sampling.guidance_scale=1.0",
+    ]  # as pretrain measures
     job_cfg = compose("train", base + overrides + list(cfg.overrides))
     log(f"stage {name}: {' '.join(overrides)}")
     start = time.perf_counter()
@@ -129,7 +135,9 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     if not 0.0 <= cfg.graded <= 1.0:
         raise ValueError(f"bench.graded={cfg.graded} (--graded): a share of the severe pairs, between 0 and 1")
     if not cfg.best_of or min(cfg.best_of) < 1:
-        raise ValueError(f"bench.best_of={cfg.best_of} (--best-of): Best-of-N sizes, each at least 1 (1: the policy alone)")
+        raise ValueError(
+            f"bench.best_of={cfg.best_of} (--best-of): Best-of-N sizes, each at least 1 (1: the policy alone)"
+        )
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / BENCH_PROMPTS
@@ -141,25 +149,40 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         from armature.jobs.gym_pretrain import load_round_trip
 
         transform = load_round_trip(policy_path())
-    pair_dirs = [out / ("pairs" if k == 0 else f"pairs-{k}") for k in range(1 if cfg.shared_pairs else cfg.reward_seeds)]
+    pair_dirs = [
+        out / ("pairs" if k == 0 else f"pairs-{k}") for k in range(1 if cfg.shared_pairs else cfg.reward_seeds)
+    ]
     for k, pair_dir in enumerate(pair_dirs):  # the first also feeds the DPO learners
-        n = write_pairs(injector_pairs(cfg.pairs, seed=cfg.seed + k, transform=transform, crossed=cfg.crossed,
-                                        graded=cfg.graded),
-                        str(pair_dir / "gym_pairs.parquet"))
+        n = write_pairs(
+            injector_pairs(cfg.pairs, seed=cfg.seed + k, transform=transform, crossed=cfg.crossed, graded=cfg.graded),
+            str(pair_dir / "gym_pairs.parquet"),
+        )
     log(f"{len(pair_dirs)} x {n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
 
-    reward_recipe = ["algo=reward_model", f"algo.num_epochs={cfg.reward_epochs}",
-                     f"algo.backbone={cfg.reward_backbone}"]
+    reward_recipe = [
+        "algo=reward_model",
+        f"algo.num_epochs={cfg.reward_epochs}",
+        f"algo.backbone={cfg.reward_backbone}",
+    ]
     if cfg.reward_backbone == "conv":  # from scratch, at the figures' own 64 px
-        reward_recipe += ["data.image_size=64", "algo.learning_rate=1e-3", "algo.weight_decay=1e-4",
-                          "algo.train_batch_size=32",
-                          f"algo.conv_widths=[{','.join(map(str, cfg.reward_conv_widths))}]"]
+        reward_recipe += [
+            "data.image_size=64",
+            "algo.learning_rate=1e-3",
+            "algo.weight_decay=1e-4",
+            "algo.train_batch_size=32",
+            f"algo.conv_widths=[{','.join(map(str, cfg.reward_conv_widths))}]",
+        ]
     # one scorer per seed; several are averaged (the learned reward's list of paths): the training
     # seed alone moves a scorer's ranking of the policy's samples by several AUC points
     scorers, reward_s = [], 0.0
     for k in range(cfg.reward_seeds):
-        _, took, reward_dir = _stage(cfg, "reward" if k == 0 else f"reward-{k}",
-                                     [*reward_recipe, f"data.pairs={pair_dirs[k % len(pair_dirs)]}"], log, seed=cfg.seed + k)
+        _, took, reward_dir = _stage(
+            cfg,
+            "reward" if k == 0 else f"reward-{k}",
+            [*reward_recipe, f"data.pairs={pair_dirs[k % len(pair_dirs)]}"],
+            log,
+            seed=cfg.seed + k,
+        )
         scorers.append(str(reward_dir / "scorer"))
         reward_s += took
     paths = scorers[0] if len(scorers) == 1 else f"[{', '.join(scorers)}]"
@@ -174,32 +197,63 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     # (held-out 0.889 in the README's bench) is about 121 x the unweighted
     # gap Diffusion-DPO reaches on these pairs (0.015 there).
     recipes = {
-        "ddpo": ["algo=ddpo", "model=gym_lora", "algo.learning_rate=3e-4", "reward=gym_oracle",
-                 "reward.components.gym_oracle.weight=0.0", learned, f"prompts.file={prompts}",
-                 f"algo.num_epochs={cfg.ddpo_epochs}", "algo.final_eval_per_prompt=0"],  # the eval stage judges
+        "ddpo": [
+            "algo=ddpo",
+            "model=gym_lora",
+            "algo.learning_rate=3e-4",
+            "reward=gym_oracle",
+            "reward.components.gym_oracle.weight=0.0",
+            learned,
+            f"prompts.file={prompts}",
+            f"algo.num_epochs={cfg.ddpo_epochs}",
+            "algo.final_eval_per_prompt=0",
+        ],  # the eval stage judges
         "dpo": ["algo=dpo", "model=gym_lora", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={cfg.dpo_epochs}"],
-        "asap_dpo": ["algo=asap_dpo", "model=gym_lora", "algo.tau=1.0", f"data.pairs={out / 'pairs'}",
-                     f"algo.num_epochs={cfg.dpo_epochs}"],
+        "asap_dpo": [
+            "algo=asap_dpo",
+            "model=gym_lora",
+            "algo.tau=1.0",
+            f"data.pairs={out / 'pairs'}",
+            f"algo.num_epochs={cfg.dpo_epochs}",
+        ],
     }
     for name in cfg.learners:
         _, seconds[name], run_dir = _stage(cfg, name, recipes[name], log)
         policies[name] = str(_artifact(run_dir, "adapter", out / "adapters" / name))
 
     policy_args = [f"+algo.policies.{k}={v}" for k, v in policies.items() if k != "base"]
-    metrics, eval_s, eval_dir = _stage(cfg, "eval", [
-        "algo=eval", "reward=gym_oracle", learned, f"algo.samples_per_prompt={cfg.samples_per_prompt}",
-        f"algo.best_of=[{','.join(map(str, cfg.best_of))}]", "algo.selector=learned", "model=gym",
-        *policy_args], log)
+    metrics, eval_s, eval_dir = _stage(
+        cfg,
+        "eval",
+        [
+            "algo=eval",
+            "reward=gym_oracle",
+            learned,
+            f"algo.samples_per_prompt={cfg.samples_per_prompt}",
+            f"algo.best_of=[{','.join(map(str, cfg.best_of))}]",
+            "algo.selector=learned",
+            "model=gym",
+            *policy_args,
+        ],
+        log,
+    )
     rows = json.loads(_artifact(eval_dir, "eval.json", out / "eval").read_text())
     table = []
     for row in rows:
-        table.append({
-            "policy": row["policy"], "samples": row["samples"], "severe_rate": row["severe_rate"],
-            "pool_severe_rate": row["pool/severe_rate"], "pool_mean_severity": -row["pool/judge"],
-            "mean_severity": -row["mean/gym_oracle"], "any_error_rate": row["aer"],
-            "learned_reward": row["mean/learned"],
-            "train_s": training_seconds(row["policy"], seconds, reward_s),
-            "sample_s_per_image": row["sample_s"]})
+        table.append(
+            {
+                "policy": row["policy"],
+                "samples": row["samples"],
+                "severe_rate": row["severe_rate"],
+                "pool_severe_rate": row["pool/severe_rate"],
+                "pool_mean_severity": -row["pool/judge"],
+                "mean_severity": -row["mean/gym_oracle"],
+                "any_error_rate": row["aer"],
+                "learned_reward": row["mean/learned"],
+                "train_s": training_seconds(row["policy"], seconds, reward_s),
+                "sample_s_per_image": row["sample_s"],
+            }
+        )
     text = markdown(table, reward_s, cfg.samples_per_prompt * max(cfg.best_of))
     (out / "bench.md").write_text(text)
     log("\n" + text)
@@ -214,16 +268,23 @@ def training_seconds(row_policy: str, seconds: dict[str, float], reward_s: float
 
 
 def markdown(table: list[dict], reward_s: float, pool: int) -> str:
-    head = ("| policy | severe-error rate (pool) | mean severity (pool) | severe-error rate (picks) "
-            "| mean severity (picks) | any-error rate (picks) | learned reward (picks) | picks "
-            "| training (s) | sampling (s / image) |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['policy']} | {r['pool_severe_rate']:.3f} | {r['pool_mean_severity']:.3f} | "
-             f"{r['severe_rate']:.3f} | {r['mean_severity']:.3f} | "
-             f"{r['any_error_rate']:.3f} | {r['learned_reward']:.3f} | {r['samples']} | {r['train_s']:.0f} | "
-             f"{r['sample_s_per_image']:.3f} |" for r in table]
-    note = (f"\n(pool): exact expectation of Best-of-N over every N-subset of the {pool} candidates each "
-            "policy drew per prompt, averaged over prompts. (picks): the fixed-seed figures, each the best "
-            "of its group's first N. The learned reward (trained on injector pairs only, "
-            f"{reward_s:.0f} s, counted in the training time of DDPO and of every Best-of-N row) ranks "
-            "Best-of-N; the oracle judges.\n")
+    head = (
+        "| policy | severe-error rate (pool) | mean severity (pool) | severe-error rate (picks) "
+        "| mean severity (picks) | any-error rate (picks) | learned reward (picks) | picks "
+        "| training (s) | sampling (s / image) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['policy']} | {r['pool_severe_rate']:.3f} | {r['pool_mean_severity']:.3f} | "
+        f"{r['severe_rate']:.3f} | {r['mean_severity']:.3f} | "
+        f"{r['any_error_rate']:.3f} | {r['learned_reward']:.3f} | {r['samples']} | {r['train_s']:.0f} | "
+        f"{r['sample_s_per_image']:.3f} |"
+        for r in table
+    ]
+    note = (
+        f"\n(pool): exact expectation of Best-of-N over every N-subset of the {pool} candidates each "
+        "policy drew per prompt, averaged over prompts. (picks): the fixed-seed figures, each the best "
+        "of its group's first N. The learned reward (trained on injector pairs only, "
+        f"{reward_s:.0f} s, counted in the training time of DDPO and of every Best-of-N row) ranks "
+        "Best-of-N; the oracle judges.\n"
+    )
     return head + "\n".join(lines) + "\n" + note

@@ -69,9 +69,14 @@ class PretrainConfig:
 def tiny_config(cfg: PretrainConfig) -> TinySDConfig:
     from armature.gym.figures import SIZE
 
-    return TinySDConfig(seed=cfg.seed, image_size=SIZE, unet_channels=tuple(cfg.unet_channels),
-                        vae_channels=tuple(cfg.vae_channels), latent_channels=cfg.latent_channels,
-                        vae_kind=cfg.vae_kind)
+    return TinySDConfig(
+        seed=cfg.seed,
+        image_size=SIZE,
+        unet_channels=tuple(cfg.unet_channels),
+        vae_channels=tuple(cfg.vae_channels),
+        latent_channels=cfg.latent_channels,
+        vae_kind=cfg.vae_kind,
+    )
 
 
 def render_dataset(n: int, defect_share: float, seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -109,7 +114,7 @@ def train_vae(vae, images: np.ndarray, cfg: PretrainConfig, log) -> float:
         # Random crops (the autoencoder is convolutional, without attention or normalisation):
         # a quarter of the pixels per image at crop 32, four times the steps for the same time.
         y0, x0 = rng.integers(0, images.shape[1] - crop + 1, 2) // 2 * 2
-        x = _to_pixels(images[rng.integers(len(images), size=cfg.batch_size)][:, y0:y0 + crop, x0:x0 + crop])
+        x = _to_pixels(images[rng.integers(len(images), size=cfg.batch_size)][:, y0 : y0 + crop, x0 : x0 + crop])
         # The mean, not a sample: the diffusion model is trained on the means, and the sampling
         # noise of an untrained posterior (std ~1) would teach the decoder to blur.
         latents = encode_mean(vae, x)
@@ -132,12 +137,19 @@ def encode_dataset(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """The latents (posterior means) of every image, unscaled."""
     from armature.data.stream import encode_mean
 
-    out = [encode_mean(vae, _to_pixels(images[i:i + batch])) for i in range(0, len(images), batch)]
+    out = [encode_mean(vae, _to_pixels(images[i : i + batch])) for i in range(0, len(images), batch)]
     return torch.cat(out)
 
 
-def train_unet(pipe, latents: torch.Tensor, prompt_ids: np.ndarray, embeddings: torch.Tensor,
-               cfg: PretrainConfig, deadline: float, log) -> tuple[torch.nn.Module, dict]:
+def train_unet(
+    pipe,
+    latents: torch.Tensor,
+    prompt_ids: np.ndarray,
+    embeddings: torch.Tensor,
+    cfg: PretrainConfig,
+    deadline: float,
+    log,
+) -> tuple[torch.nn.Module, dict]:
     """Epsilon-prediction denoising training; returns the EMA UNet and the loss trace."""
     unet, scheduler = pipe.unet, pipe.scheduler
     rng = np.random.default_rng(cfg.seed + 2)
@@ -194,7 +206,7 @@ def round_trip(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
 
     out = []
     for i in range(0, len(images), batch):
-        recon = vae.decode(encode_mean(vae, _to_pixels(images[i:i + batch]))).sample
+        recon = vae.decode(encode_mean(vae, _to_pixels(images[i : i + batch]))).sample
         out.append(((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 
@@ -233,8 +245,13 @@ def measure(policy_path: str | Path, per_prompt: int, num_steps: int, eta: float
         severities += [oracle(image).severity for image in batch]
         images.append(batch)
     s = np.array(severities)
-    return {"samples": int(len(s)), "severe_rate": float((s == 3).mean()), "any_error_rate": float((s > 0).mean()),
-            "mean_severity": float(s.mean()), "images": np.concatenate(images)}
+    return {
+        "samples": int(len(s)),
+        "severe_rate": float((s == 3).mean()),
+        "any_error_rate": float((s > 0).mean()),
+        "mean_severity": float(s.mean()),
+        "images": np.concatenate(images),
+    }
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
@@ -246,8 +263,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     images, prompts, true_severity = render_dataset(cfg.images, cfg.defect_share, cfg.seed)
     t_data = time.monotonic() - start
-    log(f"data: {len(images)} figures ({(true_severity == 3).mean():.1%} severe, "
-        f"{(true_severity > 0).mean():.1%} with a defect) in {t_data:.0f} s")
+    log(
+        f"data: {len(images)} figures ({(true_severity == 3).mean():.1%} severe, "
+        f"{(true_severity > 0).mean():.1%} with a defect) in {t_data:.0f} s"
+    )
 
     pipe = build_tiny_sd_pipeline(tiny_config(cfg))
     pipe.set_progress_bar_config(disable=True)
@@ -273,16 +292,24 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
     train_s = time.monotonic() - start
-    stats = {"config": asdict(cfg), "vae_l1": vae_l1, "vae_oracle_pass": vae_pass, "latent_scale": scale, **trace,
-             "data_severe_rate": float((true_severity == 3).mean()),
-             "data_any_error_rate": float((true_severity > 0).mean()),
-             "seconds": {"data": t_data, "vae": t_vae, "unet": t_unet, "total": train_s}}
+    stats = {
+        "config": asdict(cfg),
+        "vae_l1": vae_l1,
+        "vae_oracle_pass": vae_pass,
+        "latent_scale": scale,
+        **trace,
+        "data_severe_rate": float((true_severity == 3).mean()),
+        "data_any_error_rate": float((true_severity > 0).mean()),
+        "seconds": {"data": t_data, "vae": t_vae, "unet": t_unet, "total": train_s},
+    }
     if cfg.eval_per_prompt:
         result = measure(out, cfg.eval_per_prompt, cfg.eval_steps, cfg.eval_eta)
         stats["eval"] = {k: v for k, v in result.items() if k != "images"}
         _save_grid(result["images"], out / "samples.png", per_row=cfg.eval_per_prompt)
-        log(f"base policy: severe {stats['eval']['severe_rate']:.1%}, any error {stats['eval']['any_error_rate']:.1%} "
-            f"over {stats['eval']['samples']} samples")
+        log(
+            f"base policy: severe {stats['eval']['severe_rate']:.1%}, any error {stats['eval']['any_error_rate']:.1%} "
+            f"over {stats['eval']['samples']} samples"
+        )
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     log(f"pretrained in {train_s / 60:.1f} min -> {out}")
     return stats
@@ -291,5 +318,5 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
 def _save_grid(images: np.ndarray, path: Path, per_row: int) -> None:
     from PIL import Image
 
-    rows = [np.concatenate(list(images[i:i + per_row]), axis=1) for i in range(0, len(images), per_row)]
+    rows = [np.concatenate(list(images[i : i + per_row]), axis=1) for i in range(0, len(images), per_row)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)

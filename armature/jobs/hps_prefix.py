@@ -60,12 +60,16 @@ def check(cfg: DictConfig) -> list[str]:
     """The selection's sizes and strength; an identifier that guidance can steer away from."""
     algo, errors = cfg.algo, []
     if algo.candidates < 2 or algo.repeats < 1 or algo.eval_repeats < 2 or algo.alpha <= 0:
-        errors.append(f"algo.candidates={algo.candidates}, algo.repeats={algo.repeats}, algo.eval_repeats="
-                      f"{algo.eval_repeats}, algo.alpha={algo.alpha}: need candidates >= 2, repeats >= 1, "
-                      "eval_repeats >= 2, alpha > 0")
+        errors.append(
+            f"algo.candidates={algo.candidates}, algo.repeats={algo.repeats}, algo.eval_repeats="
+            f"{algo.eval_repeats}, algo.alpha={algo.alpha}: need candidates >= 2, repeats >= 1, "
+            "eval_repeats >= 2, alpha > 0"
+        )
     if not algo.identifier.strip() or algo.eval_guidance_scale <= 1:
-        errors.append(f"algo.identifier={algo.identifier!r}, algo.eval_guidance_scale={algo.eval_guidance_scale}: "
-                      "the identifier must be non-empty and the guidance scale > 1 (it is the negative prompt)")
+        errors.append(
+            f"algo.identifier={algo.identifier!r}, algo.eval_guidance_scale={algo.eval_guidance_scale}: "
+            "the identifier must be non-empty and the guidance scale > 1 (it is the negative prompt)"
+        )
     return errors
 
 
@@ -75,10 +79,13 @@ def run(cfg: DictConfig) -> dict:
     identifier as negative prompt; returns the last metrics."""
     cluster, reward = cfg.cluster, cfg.reward
     # the actors are gone before training starts: the local Ray holds the larger of the two
-    required = max(cfg.trainer.num_workers * cfg.trainer.cpus_per_worker,
-                   cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
-    return run_learner(cfg, train_loop, actors=True, required_cpus=required, prepare=_prepare,
-                       actor_sampling={"guidance_scale": 1.0})  # the data: the base model's own samples
+    required = max(
+        cfg.trainer.num_workers * cfg.trainer.cpus_per_worker,
+        cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus,
+    )
+    return run_learner(
+        cfg, train_loop, actors=True, required_cpus=required, prepare=_prepare, actor_sampling={"guidance_scale": 1.0}
+    )  # the data: the base model's own samples
 
 
 register(Algorithm("hps_prefix", HPSPrefixConfig, run, check))
@@ -91,8 +98,15 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
 
     c, algo = job.cfg, job.cfg["algo"]
     try:
-        groups = best_of_n(samplers, rewards, prompt_list(c["prompts"]) * algo["repeats"], algo["candidates"],
-                           seed=c["trainer"]["seed"], batch_size=c["sampling"]["batch_size"], keep_latents=True)
+        groups = best_of_n(
+            samplers,
+            rewards,
+            prompt_list(c["prompts"]) * algo["repeats"],
+            algo["candidates"],
+            seed=c["trainer"]["seed"],
+            batch_size=c["sampling"]["batch_size"],
+            keep_latents=True,
+        )
     finally:
         stop_actors(samplers + rewards)
     preferred, rejected = hps_select(groups.scores, algo["alpha"], algo["score_scale"])
@@ -108,15 +122,26 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     if len(latents) < c["trainer"]["num_workers"] * algo["train_batch_size"]:
         raise ValueError(
             f"algo.alpha={algo['alpha']}, algo.score_scale={algo['score_scale']}: only {len(latents)} images passed "
-            "HPS's selectivity test; lower algo.alpha, raise algo.score_scale or algo.repeats")
+            "HPS's selectivity test; lower algo.alpha, raise algo.score_scale or algo.repeats"
+        )
     data = {"latents": np.stack(latents), "captions": captions, "labels": np.array(labels)}
-    print(f"[armature] hps_prefix: {sum(labels)} preferred and {len(labels) - sum(labels)} non-preferred images "
-          f"of {groups.scores.size} candidates", flush=True)
+    print(
+        f"[armature] hps_prefix: {sum(labels)} preferred and {len(labels) - sum(labels)} non-preferred images "
+        f"of {groups.scores.size} candidates",
+        flush=True,
+    )
 
-    return LoopInputs({"data": data, "data_metrics": {"data_preferred": float(sum(labels)),
-                                                    "data_non_preferred": float(len(labels) - sum(labels)),
-                                                    "data_candidates": float(groups.scores.size),
-                                                    "data_reward_mean": float(groups.scores.mean())}})
+    return LoopInputs(
+        {
+            "data": data,
+            "data_metrics": {
+                "data_preferred": float(sum(labels)),
+                "data_non_preferred": float(len(labels) - sum(labels)),
+                "data_candidates": float(groups.scores.size),
+                "data_reward_mean": float(groups.scores.mean()),
+            },
+        }
+    )
 
 
 # ============================================================================ learner
@@ -152,8 +177,12 @@ def train_loop(config: dict) -> None:
             loss = torch.nn.functional.mse_loss(policy.predict(batch_cond, noisy, t).float(), noise.float())
             w.step(loss)
             losses.append(loss.item())
-        metrics = {"epoch": epoch, **all_reduce_mean({"loss": float(np.mean(losses))}), **w.optimizer_metrics(),
-                   "epoch_time_s": time.perf_counter() - t_epoch}
+        metrics = {
+            "epoch": epoch,
+            **all_reduce_mean({"loss": float(np.mean(losses))}),
+            **w.optimizer_metrics(),
+            "epoch_time_s": time.perf_counter() - t_epoch,
+        }
         last = epoch + 1 == algo["num_epochs"]
         if last and rank == 0:
             metrics.update(_compare(policy, reward, c))
@@ -164,9 +193,14 @@ def train_loop(config: dict) -> None:
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:
-    extra = (f"  reward with identifier {m['reward_with_identifier']:+.4f}, with identifier + prompt "
-             f"{m['reward_with_identifier_prompt']:+.4f}, without {m['reward_without_identifier']:+.4f}"
-             ) if "reward_with_identifier" in m else ""
+    extra = (
+        (
+            f"  reward with identifier {m['reward_with_identifier']:+.4f}, with identifier + prompt "
+            f"{m['reward_with_identifier_prompt']:+.4f}, without {m['reward_without_identifier']:+.4f}"
+        )
+        if "reward_with_identifier" in m
+        else ""
+    )
     print(f"[armature] hps_prefix epoch {epoch + 1}/{total}  loss {m['loss']:.4f}{extra}", flush=True)
 
 
@@ -184,8 +218,11 @@ def _compare(policy, reward, c: dict, prefix: str = "") -> dict[str, float]:
     from armature.policies import SamplingParams
 
     algo, identifier = c["algo"], c["algo"]["identifier"]
-    negatives = {"without_identifier": lambda p: "", "with_identifier": lambda p: identifier,
-                 "with_identifier_prompt": lambda p: f"{identifier} {p}"}
+    negatives = {
+        "without_identifier": lambda p: "",
+        "with_identifier": lambda p: identifier,
+        "with_identifier_prompt": lambda p: f"{identifier} {p}",
+    }
     saved, out = policy.sampling, {name: [] for name in negatives}
     policy.unet.eval()
     try:
@@ -193,8 +230,11 @@ def _compare(policy, reward, c: dict, prefix: str = "") -> dict[str, float]:
             prompts = [prompt] * algo["eval_repeats"]
             for name, negative in negatives.items():
                 policy.sampling = SamplingParams(
-                    num_steps=c["sampling"]["num_steps"], eta=c["sampling"]["eta"],
-                    guidance_scale=algo["eval_guidance_scale"], negative_prompt=negative(prompt))
+                    num_steps=c["sampling"]["num_steps"],
+                    eta=c["sampling"]["eta"],
+                    guidance_scale=algo["eval_guidance_scale"],
+                    negative_prompt=negative(prompt),
+                )
                 generator = torch.Generator(device=policy.device).manual_seed(algo["eval_seed"] + i)
                 images = policy.rollout(prompts, generator).images
                 out[name].append(reward([Image.fromarray(a) for a in images], prompts).astype(np.float64))

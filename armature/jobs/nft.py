@@ -67,8 +67,10 @@ def check(cfg: DictConfig) -> list[str]:
     """The groups; a flow-matching model; the sampler, reward normalisation and EMA settings."""
     algo, errors = cfg.algo, group_errors(cfg)
     if cfg.model.family not in FLOW_MODEL_FAMILIES:
-        errors.append(f"model.family={cfg.model.family}: DiffusionNFT trains flow-matching models; "
-                      "use model=tiny_flow (or family sd3 / flux, or model=skeleguide_stage)")
+        errors.append(
+            f"model.family={cfg.model.family}: DiffusionNFT trains flow-matching models; "
+            "use model=tiny_flow (or family sd3 / flux, or model=skeleguide_stage)"
+        )
     if algo.sampler not in ("ode", "sde"):
         errors.append(f"algo.sampler={algo.sampler}: use ode or sde")
     if algo.reward_norm not in ("group", "global"):
@@ -122,8 +124,9 @@ def train_loop(config: dict) -> None:
         weights = [ray.put(old_state)]
         plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
         window = (0, 0) if algo["sampler"] == "ode" else None
-        sampled = sample_and_score(plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version,
-                                   rank, world, sde_window=window)
+        sampled = sample_and_score(
+            plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version, rank, world, sde_window=window
+        )
         sample_time = time.perf_counter() - t_epoch
 
         # ---- 2. optimality probabilities within each prompt's group -----------------------

@@ -99,28 +99,40 @@ def check(cfg: DictConfig) -> list[str]:
     if algo.num_rounds < 1 or algo.pairs_per_round < 1 or algo.epochs_per_round < 1:
         errors.append("algo.num_rounds, algo.pairs_per_round and algo.epochs_per_round must be >= 1")
     if algo.probe_pairs < 0:
-        errors.append(f"algo.probe_pairs={algo.probe_pairs}: use 0 (the first round's held-out pairs are the probe) "
-                      "or a number of pairs for a fixed probe, e.g. 96")
+        errors.append(
+            f"algo.probe_pairs={algo.probe_pairs}: use 0 (the first round's held-out pairs are the probe) "
+            "or a number of pairs for a fixed probe, e.g. 96"
+        )
     if not 0 < algo.prefilter_keep <= 1:
         errors.append(f"algo.prefilter_keep={algo.prefilter_keep}: must be in (0, 1] (1 keeps every pair)")
     if algo.prefilter_order not in ("uncertain", "confident"):
-        errors.append(f"algo.prefilter_order={algo.prefilter_order}: use uncertain (the pairs the reward is least "
-                      "sure of first) or confident (the clearest gaps first)")
+        errors.append(
+            f"algo.prefilter_order={algo.prefilter_order}: use uncertain (the pairs the reward is least "
+            "sure of first) or confident (the clearest gaps first)"
+        )
     if algo.annotator not in ("simulated", "human"):
         errors.append(f"algo.annotator={algo.annotator}: use simulated or human")
     if algo.annotator == "simulated" and not algo.annotator_reward:
-        errors.append("algo.annotator_reward is empty: name the simulated annotator's reward, e.g. {brightness: {weight: 1}}")
+        errors.append(
+            "algo.annotator_reward is empty: name the simulated annotator's reward, e.g. {brightness: {weight: 1}}"
+        )
     if not 0 <= algo.annotator_noise <= 1 or not 0 <= algo.annotator_tie_rate <= 1:
-        errors.append(f"algo.annotator_noise={algo.annotator_noise}, algo.annotator_tie_rate={algo.annotator_tie_rate}: "
-                      "probabilities in [0, 1]")
+        errors.append(
+            f"algo.annotator_noise={algo.annotator_noise}, algo.annotator_tie_rate={algo.annotator_tie_rate}: "
+            "probabilities in [0, 1]"
+        )
     if algo.labels_per_pair < 1 or (algo.annotator == "simulated" and algo.labels_per_pair > algo.num_annotators):
-        errors.append(f"algo.labels_per_pair={algo.labels_per_pair}: must be >= 1 and, with simulated annotators, "
-                      f"<= algo.num_annotators={algo.num_annotators}")
+        errors.append(
+            f"algo.labels_per_pair={algo.labels_per_pair}: must be >= 1 and, with simulated annotators, "
+            f"<= algo.num_annotators={algo.num_annotators}"
+        )
     if algo.beta <= 0 or algo.prediction_type not in (None, "epsilon", "v_prediction"):
         errors.append(f"algo.beta={algo.beta} must be > 0; algo.prediction_type: epsilon, v_prediction or null")
     if not 0 < cfg.data.heldout_fraction < 1:
-        errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: online_dpo measures held-out accuracy, "
-                      "use a value in (0, 1), e.g. 0.25")
+        errors.append(
+            f"data.heldout_fraction={cfg.data.heldout_fraction}: online_dpo measures held-out accuracy, "
+            "use a value in (0, 1), e.g. 0.25"
+        )
     return errors
 
 
@@ -143,9 +155,11 @@ def _local_dir(run_dir: str) -> str:
     if "://" in run_dir:
         from armature.platform.config import ConfigError
 
-        raise ConfigError(f"trainer.storage_path={run_dir}: algo=online_dpo keeps its label exports in the "
-                          "run folder, so it needs a local trainer.storage_path (the store may still be a "
-                          "database URL: algo.store)")
+        raise ConfigError(
+            f"trainer.storage_path={run_dir}: algo=online_dpo keeps its label exports in the "
+            "run folder, so it needs a local trainer.storage_path (the store may still be a "
+            "database URL: algo.store)"
+        )
     return run_dir
 
 
@@ -170,8 +184,9 @@ def train_loop(config: dict) -> None:
     engine = w.start(policy, algo["gradient_accumulation_batches"], route=False)
 
     def errors(batch, generator=None, train=True):
-        return pair_errors(policy, engine if train else engine.module, batch, algo["alpha"], prediction_type,
-                           frozen, generator, train)
+        return pair_errors(
+            policy, engine if train else engine.module, batch, algo["alpha"], prediction_type, frozen, generator, train
+        )
 
     def loss_fn(errs, tie):
         if algo["tau"] is not None:
@@ -189,12 +204,25 @@ def train_loop(config: dict) -> None:
         # ---- 0. the fixed probe: base-policy pairs, labeled first, held out for good ------------
         t_probe = time.perf_counter()
         engine.module.eval()
-        probe_info = _sample_into_store(store, -1, prompts, config["samplers"], config["rewards"],
-                                        [ray.put(policy.trainable_state_dict())], c, seed, probe=True)
-        probe_info.update(_collect_labels(store, annotators, algo, -1,
-                                          wanted=probe_info["pairs_new"] * algo["labels_per_pair"]))
-        print(f"[armature] probe: {probe_info['pairs_new']} base-policy pairs, {probe_info['labels_new']} labels, "
-              f"{time.perf_counter() - t_probe:.1f}s", flush=True)
+        probe_info = _sample_into_store(
+            store,
+            -1,
+            prompts,
+            config["samplers"],
+            config["rewards"],
+            [ray.put(policy.trainable_state_dict())],
+            c,
+            seed,
+            probe=True,
+        )
+        probe_info.update(
+            _collect_labels(store, annotators, algo, -1, wanted=probe_info["pairs_new"] * algo["labels_per_pair"])
+        )
+        print(
+            f"[armature] probe: {probe_info['pairs_new']} base-policy pairs, {probe_info['labels_new']} labels, "
+            f"{time.perf_counter() - t_probe:.1f}s",
+            flush=True,
+        )
     for rnd in range(start_round, algo["num_rounds"]):
         t_round = time.perf_counter()
         engine.module.eval()
@@ -202,8 +230,9 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             # ---- 1-2. sample pairs with the current weights; pre-filter; into the store -----
             weights = [ray.put(policy.trainable_state_dict())]
-            metrics.update(_sample_into_store(store, rnd, prompts, config["samplers"], config["rewards"],
-                                              weights, c, seed))
+            metrics.update(
+                _sample_into_store(store, rnd, prompts, config["samplers"], config["rewards"], weights, c, seed)
+            )
             t_label = time.perf_counter()
             metrics["sample_time_s"] = t_label - t_round
             # ---- 3. labels: simulated annotators, or people on the labeling page -------------
@@ -226,10 +255,15 @@ def train_loop(config: dict) -> None:
         engine.module.train()
         stats = []
         for epoch in range(algo["epochs_per_round"]):
-            batches = list(train_ds.iter_torch_batches(
-                batch_size=algo["train_batch_size"], drop_last=True, collate_fn=_collate(),
-                local_shuffle_buffer_size=4 * algo["train_batch_size"],
-                local_shuffle_seed=seed * 10_000 + rnd * 100 + epoch))
+            batches = list(
+                train_ds.iter_torch_batches(
+                    batch_size=algo["train_batch_size"],
+                    drop_last=True,
+                    collate_fn=_collate(),
+                    local_shuffle_buffer_size=4 * algo["train_batch_size"],
+                    local_shuffle_seed=seed * 10_000 + rnd * 100 + epoch,
+                )
+            )
             usable = len(batches) // world * world  # every rank takes as many steps
             for batch in batches[rank:usable:world]:
                 loss, info = loss_fn(errors(batch), batch["tie"].to(policy.device))
@@ -244,15 +278,22 @@ def train_loop(config: dict) -> None:
         # ---- 6. held-out implicit accuracy against the annotators; log; checkpoint -----------
         if rank == 0:
             probe_prefix = PROBE_PREFIX if algo["probe_pairs"] else "r0000-"
-            rounds_ds = (heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith(PROBE_PREFIX))
-                         if algo["probe_pairs"] else heldout_ds)
+            rounds_ds = (
+                heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith(PROBE_PREFIX))
+                if algo["probe_pairs"]
+                else heldout_ds
+            )
             metrics.update(evaluate_heldout(rounds_ds, errors, loss_fn, engine, algo, seed))
             # The held-out set grows each round with pairs from the moving policy; the probe
             # stays fixed and compares round with round: algo.probe_pairs pairs of the base
             # policy, labeled before round 1, or else the first round's held-out pairs.
             probe = heldout_ds.filter(lambda row, prefix=probe_prefix: str(row["pair_id"]).startswith(prefix))
-            metrics.update({k.replace("heldout_", "probe_"): v
-                            for k, v in evaluate_heldout(probe, errors, loss_fn, engine, algo, seed).items()})
+            metrics.update(
+                {
+                    k.replace("heldout_", "probe_"): v
+                    for k, v in evaluate_heldout(probe, errors, loss_fn, engine, algo, seed).items()
+                }
+            )
             metrics["probe_pairs"] = probe.count()
             metrics["train_pairs"], metrics["heldout_pairs"] = train_ds.count(), rounds_ds.count()
             metrics.update(quarantine_metrics(quarantine))
@@ -268,12 +309,17 @@ def _simulated_annotators(algo: dict, seed: int) -> list:
     from armature.rewards import load_weighted
 
     reward = load_weighted(algo["annotator_reward"])
-    return [SimulatedAnnotator(reward, name=f"sim-{i}", noise=algo["annotator_noise"],
-                               tie_rate=algo["annotator_tie_rate"], seed=seed) for i in range(algo["num_annotators"])]
+    return [
+        SimulatedAnnotator(
+            reward, name=f"sim-{i}", noise=algo["annotator_noise"], tie_rate=algo["annotator_tie_rate"], seed=seed
+        )
+        for i in range(algo["num_annotators"])
+    ]
 
 
-def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewards: list, weights, c: dict,
-                       seed: int, probe: bool = False) -> dict:
+def _sample_into_store(
+    store, rnd: int, prompts: list[str], samplers: list, rewards: list, weights, c: dict, seed: int, probe: bool = False
+) -> dict:
     """Sample the round's pairs and store ``prefilter_keep`` of them, the most uncertain first
     (``prefilter_order=confident``: the clearest first). A
     resumed round whose pairs are already stored samples nothing.
@@ -295,13 +341,27 @@ def _sample_into_store(store, rnd: int, prompts: list[str], samplers: list, rewa
     unsure = uncertainty(scores[0::2], scores[1::2])
     keep = select_pairs(unsure, wanted, "uncertain" if probe else algo["prefilter_order"])
     prefix = PROBE_PREFIX if probe else f"r{rnd:04d}-"
-    store.add_pairs({"pair_id": f"{prefix}{k:05d}", "prompt": plan.prompts[2 * k],
-                     "image_a": images[2 * k], "image_b": images[2 * k + 1], "policy_version": rnd + 1,
-                     "round": rnd, "priority": float(unsure[k]), "source": f"online:v{rnd + 1}"}
-                    for k in sorted(keep.tolist()))
-    return {"pairs_new": len(keep), "pairs_sampled": n_sampled, "prefilter_uncertainty_kept": float(unsure[keep].mean()),
-            "prefilter_uncertainty_all": float(unsure.mean()), "reward_mean": float(np.mean(scores)),
-            "sampler_busy_s": sampled.timings["sampler_busy_s"]}
+    store.add_pairs(
+        {
+            "pair_id": f"{prefix}{k:05d}",
+            "prompt": plan.prompts[2 * k],
+            "image_a": images[2 * k],
+            "image_b": images[2 * k + 1],
+            "policy_version": rnd + 1,
+            "round": rnd,
+            "priority": float(unsure[k]),
+            "source": f"online:v{rnd + 1}",
+        }
+        for k in sorted(keep.tolist())
+    )
+    return {
+        "pairs_new": len(keep),
+        "pairs_sampled": n_sampled,
+        "prefilter_uncertainty_kept": float(unsure[keep].mean()),
+        "prefilter_uncertainty_all": float(unsure.mean()),
+        "reward_mean": float(np.mean(scores)),
+        "sampler_busy_s": sampled.timings["sampler_busy_s"],
+    }
 
 
 def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int | None = None) -> dict:
@@ -318,8 +378,11 @@ def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int |
         last_note = 0.0
         while store.counts()["labels"] - before < wanted and time.time() < deadline:
             if time.time() - last_note > 60:
-                print(f"[armature] round {rnd}: {store.counts()['labels'] - before}/{wanted} new labels; "
-                      f"label at `armature label serve --db {store.url}`", flush=True)
+                print(
+                    f"[armature] round {rnd}: {store.counts()['labels'] - before}/{wanted} new labels; "
+                    f"label at `armature label serve --db {store.url}`",
+                    flush=True,
+                )
                 last_note = time.time()
             time.sleep(2.0)
     return {"labels_new": store.counts()["labels"] - before}
@@ -329,9 +392,15 @@ def _label_datasets(export: Path, size: int, quarantine: str, data: dict):
     """(training, held-out) Ray Datasets of the exported labels: validated, decoded, resized."""
     from armature.data.stream import prepare, read_dataset, split
 
-    ds = prepare(read_dataset(str(export)), size, quarantine, keep_ties=data["keep_ties"],
-                 heldout_fraction=data["heldout_fraction"], batch_size=data["batch_size"],
-                 num_cpus=data["decode_num_cpus"]).materialize()
+    ds = prepare(
+        read_dataset(str(export)),
+        size,
+        quarantine,
+        keep_ties=data["keep_ties"],
+        heldout_fraction=data["heldout_fraction"],
+        batch_size=data["batch_size"],
+        num_cpus=data["decode_num_cpus"],
+    ).materialize()
     return split(ds)
 
 
@@ -342,11 +411,19 @@ def _collate():
 
 
 def _print_round(rnd: int, total: int, m: dict) -> None:
-    heldout = (f"  held-out acc {m['heldout_implicit_acc']:.3f} (by pair {m['heldout_pair_acc']:.3f})"
-               if "heldout_implicit_acc" in m else "")
+    heldout = (
+        f"  held-out acc {m['heldout_implicit_acc']:.3f} (by pair {m['heldout_pair_acc']:.3f})"
+        if "heldout_implicit_acc" in m
+        else ""
+    )
     if "probe_implicit_acc" in m:
-        heldout += f", probe {m['probe_implicit_acc']:.3f} (by pair {m['probe_pair_acc']:.3f}, {m['probe_pairs']} pairs)"
+        heldout += (
+            f", probe {m['probe_implicit_acc']:.3f} (by pair {m['probe_pair_acc']:.3f}, {m['probe_pairs']} pairs)"
+        )
     agreement = m.get("annotators_agreement", float("nan"))
-    print(f"[armature] round {rnd + 1}/{total}  pairs +{m.get('pairs_new', 0)}  labels +{m.get('labels_new', 0)} "
-          f"(total {m.get('store_labels', 0)}, agreement {agreement:.2f})  loss {m.get('loss', float('nan')):.4f}"
-          f"{heldout}  {m['round_time_s']:.1f}s", flush=True)
+    print(
+        f"[armature] round {rnd + 1}/{total}  pairs +{m.get('pairs_new', 0)}  labels +{m.get('labels_new', 0)} "
+        f"(total {m.get('store_labels', 0)}, agreement {agreement:.2f})  loss {m.get('loss', float('nan')):.4f}"
+        f"{heldout}  {m['round_time_s']:.1f}s",
+        flush=True,
+    )

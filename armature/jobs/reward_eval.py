@@ -54,32 +54,56 @@ def run(cfg: DictConfig) -> dict:
 
     algo = cfg.algo
     if not algo.rewards:
-        raise ValueError("algo.rewards is empty: name at least one reward, e.g. "
-                         "'algo.rewards={jpeg: {compressibility: {}}}'")
+        raise ValueError(
+            "algo.rewards is empty: name at least one reward, e.g. 'algo.rewards={jpeg: {compressibility: {}}}'"
+        )
     job = open_run(cfg, len(algo.rewards) * algo.num_actors * cfg.reward.num_cpus + 1, job="reward_eval")
     c = job.cfg
     algo, data, reward_cfg = c["algo"], c["data"], c["reward"]
     ray.data.DataContext.get_current().enable_progress_bars = False
     size = data["image_size"] or 32
     synthetic = {"synthetic_choices": 3, "synthetic_tie_fraction": 0.1}
-    pairs = data["pairs"] or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, synthetic, size,
-                                              c["trainer"]["seed"])
-    ds = read_dataset(pairs, allow_outside_root=data["allow_outside_root"]).map_batches(
-        prepare_with_severity, batch_format="pyarrow", batch_size=data["batch_size"],
-        fn_kwargs={"size": size, "quarantine_dir": data["quarantine_path"] or f"{job.run_dir}/quarantine",
-                   "keep_ties": True, "heldout_fraction": 0.0}).materialize()
+    pairs = data["pairs"] or synthetic_pairs(
+        f"{job.run_dir}/synthetic_pairs", data, synthetic, size, c["trainer"]["seed"]
+    )
+    ds = (
+        read_dataset(pairs, allow_outside_root=data["allow_outside_root"])
+        .map_batches(
+            prepare_with_severity,
+            batch_format="pyarrow",
+            batch_size=data["batch_size"],
+            fn_kwargs={
+                "size": size,
+                "quarantine_dir": data["quarantine_path"] or f"{job.run_dir}/quarantine",
+                "keep_ties": True,
+                "heldout_fraction": 0.0,
+            },
+        )
+        .materialize()
+    )
 
-    actors = {label: start_reward_actors(algo["num_actors"], dict(spec), num_cpus=reward_cfg["num_cpus"],
-                                         num_gpus=reward_cfg["num_gpus"], max_restarts=0,
-                                         resources=reward_cfg["resources"])
-              for label, spec in algo["rewards"].items()}
+    actors = {
+        label: start_reward_actors(
+            algo["num_actors"],
+            dict(spec),
+            num_cpus=reward_cfg["num_cpus"],
+            num_gpus=reward_cfg["num_gpus"],
+            max_restarts=0,
+            resources=reward_cfg["resources"],
+        )
+        for label, spec in algo["rewards"].items()
+    }
     scores = {label: {"w": [], "l": []} for label in actors}
     tie, severity_w, severity_l = [], [], []
     for i, batch in enumerate(ds.iter_batches(batch_size=algo["batch_size"], batch_format="numpy")):
         prompts = [str(p) for p in batch["prompt"]]
-        futures = {label: (pool[i % len(pool)].score.remote(batch["pixels_w"], prompts),
-                           pool[i % len(pool)].score.remote(batch["pixels_l"], prompts))
-                   for label, pool in actors.items()}
+        futures = {
+            label: (
+                pool[i % len(pool)].score.remote(batch["pixels_w"], prompts),
+                pool[i % len(pool)].score.remote(batch["pixels_l"], prompts),
+            )
+            for label, pool in actors.items()
+        }
         for label, (fw, fl) in futures.items():
             scores[label]["w"].append(ray.get(fw)["reward"])
             scores[label]["l"].append(ray.get(fl)["reward"])
@@ -96,9 +120,15 @@ def run(cfg: DictConfig) -> dict:
         both = np.concatenate([s_w, s_l])
         known = severity >= 0
         acc_ties, eps = tie_calibrated_accuracy(s_w, s_l, tie) if tie.any() else (float("nan"), float("nan"))
-        row = {"reward": label, "pairs": int(len(s_w)), "ties": int(tie.sum()),
-               "acc": pairwise_accuracy(s_w, s_l, tie), "acc_ties": acc_ties, "tie_eps": eps,
-               "spearman_severity": spearman(both[known], -severity[known]) if known.sum() > 2 else float("nan")}
+        row = {
+            "reward": label,
+            "pairs": int(len(s_w)),
+            "ties": int(tie.sum()),
+            "acc": pairwise_accuracy(s_w, s_l, tie),
+            "acc_ties": acc_ties,
+            "tie_eps": eps,
+            "spearman_severity": spearman(both[known], -severity[known]) if known.sum() > 2 else float("nan"),
+        }
         rows.append(row)
         metrics.update({f"{label}/{k}": float(v) for k, v in row.items() if k != "reward"})
     agree = {}
@@ -123,11 +153,15 @@ register(Algorithm("reward_eval", RewardEvalConfig, run))
 
 def report_table(rows: list[dict], agree: dict[str, float]) -> str:
     """A Markdown table of the per-reward figures, then the pairwise agreements."""
-    lines = ["| reward | pairs | ties | acc (ties excl.) | acc (ties incl.) | tie eps | Spearman vs -severity |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| reward | pairs | ties | acc (ties excl.) | acc (ties incl.) | tie eps | Spearman vs -severity |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['reward']} | {r['pairs']} | {r['ties']} | {r['acc']:.3f} | {r['acc_ties']:.3f} | "
-                     f"{r['tie_eps']:.3g} | {r['spearman_severity']:.3f} |")
+        lines.append(
+            f"| {r['reward']} | {r['pairs']} | {r['ties']} | {r['acc']:.3f} | {r['acc_ties']:.3f} | "
+            f"{r['tie_eps']:.3g} | {r['spearman_severity']:.3f} |"
+        )
     if agree:
         lines += ["", "| rewards (a:b) | agreement on pair order |", "| --- | --- |"]
         lines += [f"| {k} | {v:.3f} |" for k, v in agree.items()]

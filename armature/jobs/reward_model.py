@@ -116,18 +116,38 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     backbone = _prepare_backbone(algo, f"{job.run_dir}/backbone", size, c["trainer"]["seed"])
     pairs = data["pairs"] or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, algo, size, c["trainer"]["seed"])
     quarantine = data["quarantine_path"] or f"{job.run_dir}/quarantine"
-    ds = read_dataset(pairs, allow_outside_root=data["allow_outside_root"]).repartition(target_num_rows_per_block=data["batch_size"]).map_batches(
-        prepare_with_severity, batch_format="pyarrow", batch_size=data["batch_size"], num_cpus=data["decode_num_cpus"],
-        fn_kwargs={"size": size, "quarantine_dir": quarantine, "keep_ties": data["keep_ties"],
-                   "heldout_fraction": data["heldout_fraction"]})
+    ds = (
+        read_dataset(pairs, allow_outside_root=data["allow_outside_root"])
+        .repartition(target_num_rows_per_block=data["batch_size"])
+        .map_batches(
+            prepare_with_severity,
+            batch_format="pyarrow",
+            batch_size=data["batch_size"],
+            num_cpus=data["decode_num_cpus"],
+            fn_kwargs={
+                "size": size,
+                "quarantine_dir": quarantine,
+                "keep_ties": data["keep_ties"],
+                "heldout_fraction": data["heldout_fraction"],
+            },
+        )
+    )
     train_ds, heldout_ds = split(ds.materialize())
-    counts = {"data_train_pairs": train_ds.count(), "data_heldout_pairs": heldout_ds.count(),
-              **quarantine_metrics(quarantine)}
-    print(f"[armature] pairs {pairs}: {counts['data_train_pairs']} for training, {counts['data_heldout_pairs']} "
-          f"held out, {counts['data_quarantined']} quarantined", flush=True)
+    counts = {
+        "data_train_pairs": train_ds.count(),
+        "data_heldout_pairs": heldout_ds.count(),
+        **quarantine_metrics(quarantine),
+    }
+    print(
+        f"[armature] pairs {pairs}: {counts['data_train_pairs']} for training, {counts['data_heldout_pairs']} "
+        f"held out, {counts['data_quarantined']} quarantined",
+        flush=True,
+    )
     c["tracking"]["registered_model"] = None  # the scorer is an artifact, not a diffusion adapter
-    return LoopInputs({"backbone": backbone, "run_dir": job.run_dir, "counts": counts, "image_size": size},
-                      {"train": train_ds, "heldout": heldout_ds})
+    return LoopInputs(
+        {"backbone": backbone, "run_dir": job.run_dir, "counts": counts, "image_size": size},
+        {"train": train_ds, "heldout": heldout_ds},
+    )
 
 
 def prepare_with_severity(batch, size: int, quarantine_dir: str, keep_ties: bool, heldout_fraction: float):
@@ -136,8 +156,12 @@ def prepare_with_severity(batch, size: int, quarantine_dir: str, keep_ties: bool
     from armature.data.stream import prepare_batch
 
     out = prepare_batch(batch, size, quarantine_dir, keep_ties=keep_ties, heldout_fraction=heldout_fraction)
-    raw = {r["pair_id"]: r for r in batch.select([k for k in ("pair_id", "label", "severity_w", "severity_l")
-                                                  if k in batch.column_names]).to_pylist()}
+    raw = {
+        r["pair_id"]: r
+        for r in batch.select(
+            [k for k in ("pair_id", "label", "severity_w", "severity_l") if k in batch.column_names]
+        ).to_pylist()
+    }
     sev_w, sev_l = [], []
     for pair_id in out["pair_id"]:
         r = raw[pair_id]
@@ -179,7 +203,7 @@ def synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: int
     rng = np.random.default_rng(seed)
     records = []
     for source in procedural_sources(data["synthetic_pairs"], size=size, seed=seed):
-        kinds = list(rng.permutation(data["synthetic_kinds"]))[:algo["synthetic_choices"]]
+        kinds = list(rng.permutation(data["synthetic_kinds"]))[: algo["synthetic_choices"]]
         made = []
         for kind in kinds:
             pair = make_pair(source, rng, kinds=[kind], pad=data["synthetic_pad"])
@@ -191,9 +215,17 @@ def synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: int
         if made and rng.random() < algo["synthetic_tie_fraction"]:
             again = make_pair(source, rng, kinds=[made[0]["source"].split(":")[1]], pad=data["synthetic_pad"])
             if again is not None:  # two copies broken the same way: rated equal
-                records.append({**again, "pair_id": f"{source['id']}:tie", "image_w": made[0]["image_l"],
-                                "label": "tie", "severity_w": made[0]["severity_l"], "severity_l": made[0]["severity_l"],
-                                "source": "synthetic:tie"})
+                records.append(
+                    {
+                        **again,
+                        "pair_id": f"{source['id']}:tie",
+                        "image_w": made[0]["image_l"],
+                        "label": "tie",
+                        "severity_w": made[0]["severity_l"],
+                        "severity_l": made[0]["severity_l"],
+                        "source": "synthetic:tie",
+                    }
+                )
     write_pairs(records, path)
     print(f"[armature] built {len(records)} synthetic pairs in {path}", flush=True)
     return path
@@ -204,8 +236,9 @@ class Scorer(torch.nn.Module):
     """``exp(logit_scale) * cos`` of a CLIP (via the ``learned`` reward's own code), or the
     convolutional scorer (``backbone="conv"``), + ordinal thresholds."""
 
-    def __init__(self, backbone: str, processor: str | None, device: str = "cpu",
-                 conv_widths=None, image_size: int = 64):
+    def __init__(
+        self, backbone: str, processor: str | None, device: str = "cpu", conv_widths=None, image_size: int = 64
+    ):
         super().__init__()
         self.clip = None
         if backbone == "conv":
@@ -244,7 +277,7 @@ def choice_sets(batch: dict, max_choices: int):
             continue
         key = (prompt, hash(batch["pixels_w"][i].numpy().tobytes()))
         groups.setdefault(key, []).append(i)
-    return [(rows[0], rows[:max_choices - 1]) for rows in groups.values()]
+    return [(rows[0], rows[: max_choices - 1]) for rows in groups.values()]
 
 
 def batch_loss(scorer: Scorer, batch: dict, algo: dict) -> tuple[torch.Tensor, dict]:
@@ -283,8 +316,9 @@ def train_loop(config: dict) -> None:
 
     w = Worker(config)
     algo, rank = w.algo, w.rank
-    scorer = Scorer(config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths"),
-                    image_size=config["image_size"]).train()
+    scorer = Scorer(
+        config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths"), image_size=config["image_size"]
+    ).train()
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], weight_decay=algo["weight_decay"])
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -302,9 +336,12 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, algo["num_epochs"]):
         t0 = time.perf_counter()
         stats = []
-        for batch in shard.iter_torch_batches(batch_size=algo["train_batch_size"], collate_fn=collate,
-                                              local_shuffle_buffer_size=4 * algo["train_batch_size"],
-                                              local_shuffle_seed=w.seed * 10_000 + epoch):
+        for batch in shard.iter_torch_batches(
+            batch_size=algo["train_batch_size"],
+            collate_fn=collate,
+            local_shuffle_buffer_size=4 * algo["train_batch_size"],
+            local_shuffle_seed=w.seed * 10_000 + epoch,
+        ):
             loss, info = batch_loss(scorer, batch, algo)
             optimizer.zero_grad()
             loss.backward()
@@ -316,19 +353,25 @@ def train_loop(config: dict) -> None:
             info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, algo["max_grad_norm"]))
             optimizer.step()
             stats.append({"loss": loss.item(), **info})
-        metrics = {"epoch": epoch, **{k: float(np.nanmean([s.get(k, np.nan) for s in stats])) for k in stats[0]},
-                   **({"logit_scale": float(scorer.clip.logit_scale.exp())} if scorer.clip is not None else {})}
+        metrics = {
+            "epoch": epoch,
+            **{k: float(np.nanmean([s.get(k, np.nan) for s in stats])) for k in stats[0]},
+            **({"logit_scale": float(scorer.clip.logit_scale.exp())} if scorer.clip is not None else {}),
+        }
         if rank == 0:
             metrics.update(evaluate(scorer, ray.train.get_dataset_shard("heldout"), algo["train_batch_size"]))
             metrics.update(config["counts"])
         metrics["epoch_time_s"] = time.perf_counter() - t0
         if rank == 0:
-            print(f"[armature] epoch {epoch + 1}/{algo['num_epochs']}  loss {metrics['loss']:.4f}  "
-                  f"train acc {metrics['train_acc']:.3f}  held-out acc {metrics.get('heldout_acc', float('nan')):.3f} "
-                  f"(ties incl. {metrics.get('heldout_acc_ties', float('nan')):.3f})  {metrics['epoch_time_s']:.1f}s",
-                  flush=True)
-        save_torch_checkpoint({"scorer": scorer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                              metrics, rank)
+            print(
+                f"[armature] epoch {epoch + 1}/{algo['num_epochs']}  loss {metrics['loss']:.4f}  "
+                f"train acc {metrics['train_acc']:.3f}  held-out acc {metrics.get('heldout_acc', float('nan')):.3f} "
+                f"(ties incl. {metrics.get('heldout_acc_ties', float('nan')):.3f})  {metrics['epoch_time_s']:.1f}s",
+                flush=True,
+            )
+        save_torch_checkpoint(
+            {"scorer": scorer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, metrics, rank
+        )
         if logger is not None:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
 
@@ -340,8 +383,11 @@ def train_loop(config: dict) -> None:
             if "://" not in target:
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(folder, target)
-        print(f"[armature] scorer saved to {target} (MLflow: runs:/{config['run_id']}/scorer); "
-              f"use it as reward.components='{{learned: {{path: {target}}}}}'", flush=True)
+        print(
+            f"[armature] scorer saved to {target} (MLflow: runs:/{config['run_id']}/scorer); "
+            f"use it as reward.components='{{learned: {{path: {target}}}}}'",
+            flush=True,
+        )
 
 
 @torch.no_grad()
@@ -388,10 +434,20 @@ def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: dict) -> Path
         shutil.copy(preprocessor, clip_dir / "preprocessor_config.json")
     else:
         size, crop, mean, std = scorer.reward.size, scorer.reward.crop_size, scorer.reward.mean, scorer.reward.std
-        (clip_dir / "preprocessor_config.json").write_text(json.dumps({
-            "size": {"shortest_edge": size} if isinstance(size, int) else {"height": size[0], "width": size[1]},
-            "do_center_crop": crop is not None, "crop_size": {"height": crop[0], "width": crop[1]} if crop else None,
-            "image_mean": list(mean), "image_std": list(std)}))
-    (folder / "scorer.json").write_text(json.dumps({"kind": "clip_similarity", "thresholds": thresholds,
-                                                     "loss": algo["loss"], "backbone": backbone}, indent=2))
+        (clip_dir / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "size": {"shortest_edge": size} if isinstance(size, int) else {"height": size[0], "width": size[1]},
+                    "do_center_crop": crop is not None,
+                    "crop_size": {"height": crop[0], "width": crop[1]} if crop else None,
+                    "image_mean": list(mean),
+                    "image_std": list(std),
+                }
+            )
+        )
+    (folder / "scorer.json").write_text(
+        json.dumps(
+            {"kind": "clip_similarity", "thresholds": thresholds, "loss": algo["loss"], "backbone": backbone}, indent=2
+        )
+    )
     return folder

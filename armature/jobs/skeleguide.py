@@ -104,8 +104,10 @@ def check(cfg: DictConfig) -> list[str]:
     """What the schema cannot say (checked when the config is composed, before Ray starts)."""
     algo, model, errors = cfg.algo, cfg.model, []
     if model.family not in FAMILIES:
-        errors.append(f"model.family={model.family}: SkeleGuide runs on a FLUX-Kontext-style DiT; use "
-                      "model=tiny_skeleguide, or model.family=flux_kontext model.pretrained=<hub id or folder>")
+        errors.append(
+            f"model.family={model.family}: SkeleGuide runs on a FLUX-Kontext-style DiT; use "
+            "model=tiny_skeleguide, or model.family=flux_kontext model.pretrained=<hub id or folder>"
+        )
     elif model.family == "flux_kontext" and not model.pretrained:
         errors.append("model.pretrained is unset: flux_kontext loads e.g. black-forest-labs/FLUX.1-Kontext-dev")
     if min(algo.phase1_steps, algo.phase2_steps, algo.phase3_steps) < 0 or algo.steps_per_epoch < 1:
@@ -138,10 +140,17 @@ def pipeline_params(c: dict):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return SkeleGuideParams(
         pretrained=model["pretrained"] if model["family"] == "flux_kontext" else None,
-        revision=model.get("revision"), variant=model.get("variant"), dtype=model.get("dtype", "float32"),
-        device=device, tiny=TinyKontextConfig(**{k: v for k, v in (model.get("tiny") or {}).items() if k in names}),
-        lora_rank=model["lora"]["rank"], lora_alpha=model["lora"]["alpha"], lora_targets=algo["lora_targets"],
-        lora_seed=c["trainer"]["seed"], guidance_scale=algo["guidance_scale"], num_steps=algo["sample_steps"],
+        revision=model.get("revision"),
+        variant=model.get("variant"),
+        dtype=model.get("dtype", "float32"),
+        device=device,
+        tiny=TinyKontextConfig(**{k: v for k, v in (model.get("tiny") or {}).items() if k in names}),
+        lora_rank=model["lora"]["rank"],
+        lora_alpha=model["lora"]["alpha"],
+        lora_targets=algo["lora_targets"],
+        lora_seed=c["trainer"]["seed"],
+        guidance_scale=algo["guidance_scale"],
+        num_steps=algo["sample_steps"],
         vae=algo["tiny_vae"] if model["family"] == "tiny_skeleguide" else None,
     )
 
@@ -191,20 +200,27 @@ def train_loop(config: dict) -> None:
         elapsed = time.perf_counter() - t_epoch
         last_step = first + steps - 1
         metrics = {
-            "epoch": epoch, "phase": phase,
+            "epoch": epoch,
+            "phase": phase,
             **{k: float(np.mean([m[k] for m in window])) for k in window[0] if k not in ("phase", "grad_norm")},
             **heldout_losses(pipe, heldout, phase),
             "learning_rate": optimizer["learning_rate"],
-            "steps_per_s": steps / elapsed, "epoch_time_s": elapsed,
+            "steps_per_s": steps / elapsed,
+            "epoch_time_s": elapsed,
         }
         phase_end = epoch + 1 == len(plan) or plan[epoch + 1][0] != phase
         if w.logger is not None:
-            print(f"[armature] skeleguide epoch {epoch + 1}/{len(plan)} phase {phase}  loss {metrics['loss']:.4f}  "
-                  f"held-out reason {metrics['heldout_reason_loss']:.4f} render {metrics['heldout_render_loss']:.4f}  "
-                  f"{metrics['steps_per_s']:.2f} steps/s", flush=True)
+            print(
+                f"[armature] skeleguide epoch {epoch + 1}/{len(plan)} phase {phase}  loss {metrics['loss']:.4f}  "
+                f"held-out reason {metrics['heldout_reason_loss']:.4f} render {metrics['heldout_render_loss']:.4f}  "
+                f"{metrics['steps_per_s']:.2f} steps/s",
+                flush=True,
+            )
             if phase_end and c["tracking"]["log_images_every"]:
-                w.logger.log_images(sample_grid(pipe, heldout, algo["sample_steps"], c["tracking"]["images_per_grid"]),
-                                    f"samples/phase{phase}_epoch_{epoch:04d}.png")
+                w.logger.log_images(
+                    sample_grid(pipe, heldout, algo["sample_steps"], c["tracking"]["images_per_grid"]),
+                    f"samples/phase{phase}_epoch_{epoch:04d}.png",
+                )
         w.commit(last_step, metrics, checkpoint=True, state={"job_epoch": epoch, "phase": phase})
 
     w.finish(pipe, save=pipe.save_pretrained)
@@ -273,9 +289,12 @@ def _batch(pipe, triples: list) -> dict:
     """Encoded latents (the VAE is frozen) and prompt embeddings of a list of triples."""
     scenes = np.stack([t.scene for t in triples])
     return {
-        "scene": pipe.encode_images(scenes), "layout": pipe.encode_images([t.layout for t in triples]),
-        "target": pipe.encode_images([t.target for t in triples]), "text": pipe.encode_prompts([t.prompt for t in triples]),
-        "size": scenes.shape[1:3], "triples": triples,
+        "scene": pipe.encode_images(scenes),
+        "layout": pipe.encode_images([t.layout for t in triples]),
+        "target": pipe.encode_images([t.target for t in triples]),
+        "text": pipe.encode_prompts([t.prompt for t in triples]),
+        "size": scenes.shape[1:3],
+        "triples": triples,
     }
 
 
@@ -297,8 +316,10 @@ def heldout_losses(pipe, batch: dict, phase: int) -> dict:
     scene, layout, target, text, size = batch["scene"], batch["layout"], batch["target"], batch["text"], batch["size"]
     v = pipe.flow("skeletal", flow_interpolate(m0, layout, t), t, scene, text, size)
     u = pipe.flow("appearance", flow_interpolate(z0, target, s), s, layout, text, size)
-    return {"heldout_reason_loss": reasoning_loss(v, m0, layout).item(),
-            "heldout_render_loss": rendering_loss(u, z0, target).item()}
+    return {
+        "heldout_reason_loss": reasoning_loss(v, m0, layout).item(),
+        "heldout_render_loss": rendering_loss(u, z0, target).item(),
+    }
 
 
 @torch.no_grad()
@@ -329,6 +350,8 @@ if __name__ == "__main__":  # = `armature train algo=skeleguide model=tiny_skele
     except ConfigError as err:
         sys.exit(f"armature: {err}")
     result = run(composed)
-    print(f"[armature] done: epoch {int(result.get('epoch', -1)) + 1}, held-out reason "
-          f"{result.get('heldout_reason_loss', float('nan')):.4f} render {result.get('heldout_render_loss', float('nan')):.4f}",
-          flush=True)
+    print(
+        f"[armature] done: epoch {int(result.get('epoch', -1)) + 1}, held-out reason "
+        f"{result.get('heldout_reason_loss', float('nan')):.4f} render {result.get('heldout_render_loss', float('nan')):.4f}",
+        flush=True,
+    )

@@ -22,8 +22,13 @@ from math import comb
 
 import numpy as np
 
-__all__ = ["anatomical_error_rate", "best_of_n_expectation", "pairwise_decisions", "ranking_auc",
-           "relative_superiority_index"]
+__all__ = [
+    "anatomical_error_rate",
+    "best_of_n_expectation",
+    "pairwise_decisions",
+    "ranking_auc",
+    "relative_superiority_index",
+]
 
 
 def anatomical_error_rate(passed) -> float:

@@ -32,8 +32,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "bradley_terry_loss", "listwise_loss", "ordinal_loss", "ordinal_thresholds",
-    "pairwise_accuracy", "tie_calibrated_accuracy", "spearman", "agreement",
+    "bradley_terry_loss",
+    "listwise_loss",
+    "ordinal_loss",
+    "ordinal_thresholds",
+    "pairwise_accuracy",
+    "tie_calibrated_accuracy",
+    "spearman",
+    "agreement",
 ]
 
 
@@ -107,7 +113,7 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
         j = i
         while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 
@@ -116,7 +122,7 @@ def spearman(a, b) -> float:
     """Spearman's rank correlation (Pearson's r of the average ranks); NaN if either is constant."""
     ra, rb = _average_ranks(np.asarray(a, np.float64)), _average_ranks(np.asarray(b, np.float64))
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    denominator = np.sqrt((ra**2).sum() * (rb**2).sum())
     return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
 
 

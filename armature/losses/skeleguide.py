@@ -73,8 +73,9 @@ def flow_target(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 def flow_matching_error(velocity: torch.Tensor, noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """``[B]``: mean over each sample's elements of (u - (x_1 - x_0))^2, in float32 or wider."""
     if velocity.shape != data.shape or noise.shape != data.shape:
-        raise ValueError(f"shapes differ: velocity {tuple(velocity.shape)}, noise {tuple(noise.shape)}, "
-                         f"data {tuple(data.shape)}")
+        raise ValueError(
+            f"shapes differ: velocity {tuple(velocity.shape)}, noise {tuple(noise.shape)}, data {tuple(data.shape)}"
+        )
     dtype = torch.promote_types(velocity.dtype, torch.float32)
     diff = velocity.to(dtype) - flow_target(noise, data).to(dtype)
     return diff.pow(2).flatten(1).mean(1)
@@ -89,14 +90,16 @@ def _mean(errors: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return (weight * errors).mean()
 
 
-def reasoning_loss(velocity: torch.Tensor, layout_noise: torch.Tensor, layout: torch.Tensor,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
+def reasoning_loss(
+    velocity: torch.Tensor, layout_noise: torch.Tensor, layout: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 4: E ||u_theta1(M_t, t, c_src, c_T) - (M - M_0)||^2; ``layout`` is M, ``layout_noise`` M_0."""
     return _mean(flow_matching_error(velocity, layout_noise, layout), weight)
 
 
-def rendering_loss(velocity: torch.Tensor, image_noise: torch.Tensor, image: torch.Tensor,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
+def rendering_loss(
+    velocity: torch.Tensor, image_noise: torch.Tensor, image: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 5: E ||u_theta2(z_{h,t}, t, c_T, c_M) - (z_h - z_{h,0})||^2; ``image`` is z_h."""
     return _mean(flow_matching_error(velocity, image_noise, image), weight)
 
@@ -109,7 +112,11 @@ def one_step_layout(layout_t: torch.Tensor, velocity: torch.Tensor, t=0.0) -> to
     return layout_t + (1 - t) * velocity
 
 
-def joint_loss(reason: torch.Tensor, render: torch.Tensor, lambda_reason: float = LAMBDA_REASON,
-               lambda_render: float = LAMBDA_RENDER) -> torch.Tensor:
+def joint_loss(
+    reason: torch.Tensor,
+    render: torch.Tensor,
+    lambda_reason: float = LAMBDA_REASON,
+    lambda_render: float = LAMBDA_RENDER,
+) -> torch.Tensor:
     """Phase 2's total: lambda_reason * L_reason + lambda_render * L_render."""
     return lambda_reason * reason + lambda_render * render

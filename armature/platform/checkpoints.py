@@ -22,8 +22,9 @@ EXTRA_FILE = "armature_extra.safetensors"
 TORCH_STATE_FILE = "armature_state.pt"  # a learner without DeepSpeed: its modules' and optimizer's state
 
 
-def save_checkpoint(engine, state: dict, epoch: int, unlogged: list, rank: int,
-                    extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    engine, state: dict, epoch: int, unlogged: list, rank: int, extra: dict[str, torch.Tensor] | None = None
+) -> None:
     """Report a Ray Train checkpoint with the last unlogged metrics."""
     import ray.train
 
@@ -74,8 +75,17 @@ def _series(metrics: dict) -> str:
     return next(k for k, v in sorted(metrics.items()) if v is not None and math.isfinite(float(v)))
 
 
-def commit_epoch(engine, logger, epoch: int, metrics: dict, unlogged: list, rank: int, checkpoint: bool,
-                 state: dict | None = None, extra_fn=None) -> list:
+def commit_epoch(
+    engine,
+    logger,
+    epoch: int,
+    metrics: dict,
+    unlogged: list,
+    rank: int,
+    checkpoint: bool,
+    state: dict | None = None,
+    extra_fn=None,
+) -> list:
     """Queue the epoch's metrics; when ``checkpoint``, save one and then log everything queued
     (``extra_fn()`` gives the extra tensors). Returns what is still queued."""
     import ray.train
@@ -124,6 +134,8 @@ def load_torch_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"checkpoint {path}: holds objects other than tensors, numbers and containers, so it "
-                         "was not written by this job; refusing to unpickle it (remove that checkpoint folder "
-                         f"from trainer.storage_path to start over): {str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"checkpoint {path}: holds objects other than tensors, numbers and containers, so it "
+            "was not written by this job; refusing to unpickle it (remove that checkpoint folder "
+            f"from trainer.storage_path to start over): {str(err).splitlines()[0]}"
+        ) from None

@@ -187,7 +187,6 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs (the DPO jobs)
 
 
-
 # --------------------------------------------------------------------------- serving
 @dataclass
 class AutoscalingConfig:
@@ -254,8 +253,9 @@ class EditsConfig:
     pipeline: Optional[str] = None  # a SkeleGuidePipeline folder (save_pretrained); None: no edits route
     num_steps: int = 8  # steps of each stage when a request does not say
     max_body_bytes: int = 4_194_304  # edit requests carry images: their own body limit
-    editor: ServeDeploymentConfig = field(default_factory=lambda: ServeDeploymentConfig(
-        max_ongoing_requests=8, max_queued_requests=16))
+    editor: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(max_ongoing_requests=8, max_queued_requests=16)
+    )
 
 
 @dataclass
@@ -277,6 +277,7 @@ class ServeConfig:
     rewards: dict[str, Any] = field(default_factory=lambda: {"compressibility": {}})
     api_key_env: Optional[str] = "ARMATURE_API_KEY"  # bearer token required when this variable is set
 
+
 # --------------------------------------------------------------------------- algorithms
 @dataclass
 class OptimizerConfig:
@@ -292,7 +293,6 @@ class OptimizerConfig:
 
 
 FLOW_MODEL_FAMILIES = ("tiny_flow", "sd3", "flux", "skeleguide_stage")  # flow-matching policies
-
 
 
 def validate_algo(algo: DictConfig) -> DictConfig:
@@ -365,8 +365,10 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
 
 def check(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
-    errors = [f"{key}=???: this value is required; set it on the command line, e.g. {key}=/path/to/model"
-              for key in sorted(OmegaConf.missing_keys(cfg))]
+    errors = [
+        f"{key}=???: this value is required; set it on the command line, e.g. {key}=/path/to/model"
+        for key in sorted(OmegaConf.missing_keys(cfg))
+    ]
     if cfg.trainer.zero_stage not in (0, 1, 2):
         errors.append(f"trainer.zero_stage={cfg.trainer.zero_stage}: use 0, 1 or 2")
     if cfg.trainer.num_workers < 1:
@@ -398,8 +400,7 @@ def check_serve(cfg: DictConfig) -> None:
     errors = []
     lim, batching = cfg.limits, cfg.batching
     if not 0 < lim.min_size <= lim.max_size:
-        errors.append(f"limits.min_size={lim.min_size}, limits.max_size={lim.max_size}: "
-                      "need 0 < min_size <= max_size")
+        errors.append(f"limits.min_size={lim.min_size}, limits.max_size={lim.max_size}: need 0 < min_size <= max_size")
     if lim.size_multiple < 1 or lim.min_size % lim.size_multiple or lim.max_size % lim.size_multiple:
         errors.append(f"limits.size_multiple={lim.size_multiple} must be >= 1 and divide min_size and max_size")
     for key in ("max_prompt_chars", "max_steps", "max_images", "max_best_of", "max_body_bytes"):
@@ -414,8 +415,7 @@ def check_serve(cfg: DictConfig) -> None:
     if cfg.http.keep_alive_timeout_s < 1:
         errors.append("http.keep_alive_timeout_s must be >= 1")
     if not 1 <= cfg.sampling.num_steps <= lim.max_steps:
-        errors.append(f"sampling.num_steps={cfg.sampling.num_steps}: "
-                      f"must be in [1, limits.max_steps={lim.max_steps}]")
+        errors.append(f"sampling.num_steps={cfg.sampling.num_steps}: must be in [1, limits.max_steps={lim.max_steps}]")
     if cfg.sampling.eta < 0:
         errors.append(f"sampling.eta={cfg.sampling.eta}: must be >= 0 (0: deterministic DDIM)")
     if not 1 <= cfg.edits.num_steps <= lim.max_steps:
@@ -430,6 +430,7 @@ def check_serve(cfg: DictConfig) -> None:
             errors.append(f"{name}.max_ongoing_requests must be >= 1")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """``{"algo.learning_rate": "0.0003", ...}`` for logging as parameters."""

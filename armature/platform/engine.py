@@ -12,10 +12,17 @@ def deepspeed_engine(policy, algo: dict, trainer_cfg: dict, accumulation: int, m
     import deepspeed
 
     params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], betas=(algo["adam_beta1"], algo["adam_beta2"]),
-                                  weight_decay=algo["adam_weight_decay"], eps=algo["adam_epsilon"])
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=algo["learning_rate"],
+        betas=(algo["adam_beta1"], algo["adam_beta2"]),
+        weight_decay=algo["adam_weight_decay"],
+        eps=algo["adam_epsilon"],
+    )
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=policy.unet, model_parameters=params, optimizer=optimizer,
+        model=policy.unet,
+        model_parameters=params,
+        optimizer=optimizer,
         config={
             "train_micro_batch_size_per_gpu": micro_batch or algo["train_batch_size"],
             "gradient_accumulation_steps": accumulation,

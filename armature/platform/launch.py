@@ -54,8 +54,12 @@ def open_run(cfg: DictConfig, required_cpus: float, job: str = "train") -> JobRu
     previous = read_json(f"{run_dir}/{RUN_FILE}") or {}
     tracking_uri, _ = resolve_tracking(tracking)
     run_id = start_run(
-        tracking, name, flatten(cfg), run_id=previous.get("mlflow_run_id") or tracking["run_id"],
-        tags={"armature.job": job, "armature.algo": algo}, resumed=bool(previous),
+        tracking,
+        name,
+        flatten(cfg),
+        run_id=previous.get("mlflow_run_id") or tracking["run_id"],
+        tags={"armature.job": job, "armature.algo": algo},
+        resumed=bool(previous),
     )
     write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
     print(f"[armature] run {name}: MLflow run {run_id} at {tracking_uri}", flush=True)
@@ -69,12 +73,14 @@ def trainer_kwargs(run: JobRun) -> dict:
     t = run.cfg["trainer"]
     return {
         "scaling_config": ScalingConfig(
-            num_workers=t["num_workers"], use_gpu=t["use_gpu"],
+            num_workers=t["num_workers"],
+            use_gpu=t["use_gpu"],
             resources_per_worker={"CPU": t["cpus_per_worker"], **t["resources_per_worker"]},
             placement_strategy=t["placement_strategy"],
         ),
         "run_config": RunConfig(
-            name=run.name, storage_path=run.storage,
+            name=run.name,
+            storage_path=run.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=t["checkpoints_to_keep"]),
             failure_config=FailureConfig(max_failures=t["max_failures"]),
         ),
@@ -97,7 +103,8 @@ def fit(trainer, run: JobRun) -> dict:
     if model_name:
         from armature.platform.registry import register_adapter
 
-        version = register_adapter(run.tracking_uri, run.run_id, model_name,
-                                   tags={"run_name": run.name, "algo": run.algo})
+        version = register_adapter(
+            run.tracking_uri, run.run_id, model_name, tags={"run_name": run.name, "algo": run.algo}
+        )
         print(f"[armature] adapter registered as {model_name}/{version}", flush=True)
     return dict(result.metrics or {})

@@ -34,9 +34,26 @@ from omegaconf import DictConfig
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
 from armature.platform.engine import deepspeed_engine, grad_norm
 
-__all__ = ["run_learner", "LoopInputs", "start_actors", "stop_actors", "Worker", "EpochPlan", "epoch_plan",
-           "sample_and_score", "Sampled", "group_errors", "micro_batch_errors", "score_batches", "prompt_list",
-           "all_gather", "quarantine_metrics", "reward_metrics", "reward_summary_line", "print_progress"]
+__all__ = [
+    "run_learner",
+    "LoopInputs",
+    "start_actors",
+    "stop_actors",
+    "Worker",
+    "EpochPlan",
+    "epoch_plan",
+    "sample_and_score",
+    "Sampled",
+    "group_errors",
+    "micro_batch_errors",
+    "score_batches",
+    "prompt_list",
+    "all_gather",
+    "quarantine_metrics",
+    "reward_metrics",
+    "reward_summary_line",
+    "print_progress",
+]
 
 
 # ============================================================================ driver
@@ -63,14 +80,25 @@ def start_actors(job, sampling: dict | None = None) -> tuple[list, list]:
     c = job.cfg
     cluster, reward = c["cluster"], c["reward"]
     samplers = start_samplers(
-        cluster["num_samplers"], c["model"], sampling or c["sampling"], seed=c["trainer"]["seed"],
-        num_cpus=cluster["sampler_num_cpus"], num_gpus=cluster["sampler_num_gpus"],
-        max_restarts=cluster["max_restarts"], threads=job.threads,
-        resources=cluster["sampler_resources"], scheduling=cluster["actor_scheduling"],
+        cluster["num_samplers"],
+        c["model"],
+        sampling or c["sampling"],
+        seed=c["trainer"]["seed"],
+        num_cpus=cluster["sampler_num_cpus"],
+        num_gpus=cluster["sampler_num_gpus"],
+        max_restarts=cluster["max_restarts"],
+        threads=job.threads,
+        resources=cluster["sampler_resources"],
+        scheduling=cluster["actor_scheduling"],
     )
     rewards = start_reward_actors(
-        reward["num_actors"], reward["components"], num_cpus=reward["num_cpus"], num_gpus=reward["num_gpus"],
-        max_restarts=cluster["max_restarts"], resources=reward["resources"], scheduling=cluster["actor_scheduling"],
+        reward["num_actors"],
+        reward["components"],
+        num_cpus=reward["num_cpus"],
+        num_gpus=reward["num_gpus"],
+        max_restarts=cluster["max_restarts"],
+        resources=reward["resources"],
+        scheduling=cluster["actor_scheduling"],
     )
     return samplers, rewards
 
@@ -82,9 +110,16 @@ def stop_actors(actors: list) -> None:
         ray.kill(actor)
 
 
-def run_learner(cfg: DictConfig, train_loop: Callable[[dict], None], *, actors: bool = False,
-                actor_sampling: dict | None = None, extra_cpus: float = 0.0, required_cpus: float | None = None,
-                prepare: Callable[..., LoopInputs] | None = None) -> dict:
+def run_learner(
+    cfg: DictConfig,
+    train_loop: Callable[[dict], None],
+    *,
+    actors: bool = False,
+    actor_sampling: dict | None = None,
+    extra_cpus: float = 0.0,
+    required_cpus: float | None = None,
+    prepare: Callable[..., LoopInputs] | None = None,
+) -> dict:
     """Run ``train_loop`` on Ray Train as configured; returns the last reported metrics.
 
     ``actors``: start the sampler and reward actors first (the loop config's ``samplers`` and
@@ -99,8 +134,9 @@ def run_learner(cfg: DictConfig, train_loop: Callable[[dict], None], *, actors: 
     from armature.platform.launch import fit, open_run, trainer_kwargs
 
     if required_cpus is None:
-        required_cpus = (cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
-                         + (actor_cpus(cfg) if actors else 0.0) + extra_cpus)
+        required_cpus = (
+            cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + (actor_cpus(cfg) if actors else 0.0) + extra_cpus
+        )
     job = open_run(cfg, required_cpus)
     sampling = {**job.cfg["sampling"], **(actor_sampling or {})}
     samplers, rewards = start_actors(job, sampling) if actors else ([], [])
@@ -108,8 +144,15 @@ def run_learner(cfg: DictConfig, train_loop: Callable[[dict], None], *, actors: 
         inputs = prepare(job, samplers, rewards) if prepare else LoopInputs()
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": job.cfg, "samplers": samplers, "rewards": rewards, "run_id": job.run_id,
-                               "tracking_uri": job.tracking_uri, "threads": job.threads, **inputs.config},
+            train_loop_config={
+                "cfg": job.cfg,
+                "samplers": samplers,
+                "rewards": rewards,
+                "run_id": job.run_id,
+                "tracking_uri": job.tracking_uri,
+                "threads": job.threads,
+                **inputs.config,
+            },
             datasets=inputs.datasets or None,
             dataset_config=DataConfig(datasets_to_split=["train"]) if inputs.datasets else None,
             **trainer_kwargs(job),
@@ -171,8 +214,9 @@ class Worker:
         """DeepSpeed over ``model``'s trainable weights (``algo`` optimizer settings, gradients
         accumulated over ``accumulation`` backward passes), the logger, the restore. ``route``:
         the policy's forward passes go through the engine. Returns the engine."""
-        self.engine, self.optimizer, self.params = deepspeed_engine(model, self.algo, self.trainer, accumulation,
-                                                                    micro_batch)
+        self.engine, self.optimizer, self.params = deepspeed_engine(
+            model, self.algo, self.trainer, accumulation, micro_batch
+        )
         if route:
             model.denoiser = self.engine
         self.open_logger()
@@ -202,12 +246,22 @@ class Worker:
     def optimizer_metrics(self) -> dict[str, float]:
         """The epoch's mean gradient norm and the learning rate; starts the next epoch's norms."""
         norms, self.grad_norms = self.grad_norms, []
-        return {"grad_norm": float(np.nanmean(norms)) if norms else float("nan"),
-                "learning_rate": self.optimizer.param_groups[0]["lr"]}
+        return {
+            "grad_norm": float(np.nanmean(norms)) if norms else float("nan"),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+        }
 
-    def end_epoch(self, epoch: int, metrics: dict, images=None, state: dict | None = None, extra_fn=None,
-                  progress: Callable[[int, int, dict], None] | None = None, total: int | None = None,
-                  checkpoint: bool | None = None) -> None:
+    def end_epoch(
+        self,
+        epoch: int,
+        metrics: dict,
+        images=None,
+        state: dict | None = None,
+        extra_fn=None,
+        progress: Callable[[int, int, dict], None] | None = None,
+        total: int | None = None,
+        checkpoint: bool | None = None,
+    ) -> None:
         """Log a sample grid (``images``: uint8 ``[N, H, W, 3]`` or a callable giving them) and
         print ``progress`` (rank 0), then checkpoint every ``trainer.checkpoint_every`` epochs
         and at the last of ``total`` (default ``algo.num_epochs``), or as ``checkpoint`` says;
@@ -227,8 +281,9 @@ class Worker:
     def commit(self, step: int, metrics: dict, checkpoint: bool, state: dict | None = None, extra_fn=None) -> None:
         """Queue ``metrics`` (MLflow step ``step``); when ``checkpoint``, save one (with the JSON
         ``state`` and ``extra_fn()``'s tensors), then log everything queued."""
-        self.unlogged = commit_epoch(self.engine, self.logger, step, metrics, self.unlogged, self.rank, checkpoint,
-                                     state, extra_fn)
+        self.unlogged = commit_epoch(
+            self.engine, self.logger, step, metrics, self.unlogged, self.rank, checkpoint, state, extra_fn
+        )
 
     def finish(self, policy, save: Callable[[Path], Any] | None = None, **metadata) -> None:
         """Log the trained adapter (or weights) and the config as the run's artifacts (rank 0);
@@ -241,8 +296,9 @@ class Worker:
             if save is not None:
                 save(Path(tmp) / "adapter")
             else:
-                policy.save_trainable(Path(tmp) / "adapter",
-                                      metadata={"model": c["model"], "sampling": c["sampling"], **metadata})
+                policy.save_trainable(
+                    Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"], **metadata}
+                )
             self.logger.log_artifacts(Path(tmp) / "adapter", "adapter")
             self.logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
 
@@ -255,8 +311,10 @@ def group_errors(cfg: DictConfig) -> list[str]:
     if algo.group_size < 2:
         errors.append(f"algo.group_size={algo.group_size}: a group needs >= 2 images to compare")
     if algo.prompts_per_epoch < 1 or algo.prompts_per_epoch % workers:
-        errors.append(f"algo.prompts_per_epoch={algo.prompts_per_epoch} must be >= 1 and divide evenly "
-                      f"over trainer.num_workers={workers}")
+        errors.append(
+            f"algo.prompts_per_epoch={algo.prompts_per_epoch} must be >= 1 and divide evenly "
+            f"over trainer.num_workers={workers}"
+        )
     else:
         per_worker = algo.prompts_per_epoch // workers * algo.group_size
         errors.extend(micro_batch_errors(algo, per_worker, "prompts_per_epoch / num_workers * group_size"))
@@ -267,13 +325,20 @@ def micro_batch_errors(algo, per_worker: int, share: str) -> list[str]:
     """``algo.train_batch_size`` must divide a worker's ``per_worker`` samples (``share`` says how
     they are counted), and ``algo.gradient_accumulation_batches`` its micro-batches."""
     if per_worker % algo.train_batch_size:
-        return [(f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
-                 f"({per_worker} = {share})")]
+        return [
+            (
+                f"algo.train_batch_size={algo.train_batch_size} must divide the samples per worker "
+                f"({per_worker} = {share})"
+            )
+        ]
     if (per_worker // algo.train_batch_size) % algo.gradient_accumulation_batches:
-        return [(f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
-                 f"the micro-batches per worker ({per_worker // algo.train_batch_size})")]
+        return [
+            (
+                f"algo.gradient_accumulation_batches={algo.gradient_accumulation_batches} must divide "
+                f"the micro-batches per worker ({per_worker // algo.train_batch_size})"
+            )
+        ]
     return []
-
 
 
 def prompt_list(prompt_cfg: dict) -> list[str]:
@@ -308,8 +373,9 @@ class EpochPlan:
     seeds: list[int]  # one seed per sample
 
 
-def epoch_plan(prompts: list[str], seed: int, epoch: int, prompts_per_epoch: int, group_size: int,
-               rank: int, world: int) -> EpochPlan:
+def epoch_plan(
+    prompts: list[str], seed: int, epoch: int, prompts_per_epoch: int, group_size: int, rank: int, world: int
+) -> EpochPlan:
     """The epoch's prompt slots are drawn from (seed, epoch) alone; slot k's sample g has the
     seed SeedSequence([seed, epoch, k, g]). Worker ``rank`` takes slots rank, rank + world, ..."""
     rng = np.random.default_rng([seed, epoch])
@@ -339,8 +405,17 @@ class Sampled:
         return np.concatenate([ray.get(ref) for ref in self.image_refs])
 
 
-def sample_and_score(plan: EpochPlan, samplers: list, rewards: list, batch_size: int, weights, version: int,
-                     rank: int, world: int, **rollout_kwargs) -> Sampled:
+def sample_and_score(
+    plan: EpochPlan,
+    samplers: list,
+    rewards: list,
+    batch_size: int,
+    weights,
+    version: int,
+    rank: int,
+    world: int,
+    **rollout_kwargs,
+) -> Sampled:
     """Roll out the plan in batches and score each batch as soon as it is sampled.
 
     Every batch is submitted at once; a reward actor's ``score`` waits on its batch's images
@@ -360,8 +435,9 @@ def sample_and_score(plan: EpochPlan, samplers: list, rewards: list, batch_size:
         sl = slice(start, start + batch_size)
         samplers_used.add((rank + b * world) % len(samplers))
         sampler = samplers[(rank + b * world) % len(samplers)]
-        traj_ref, images_ref = sampler.rollout.remote(plan.prompts[sl], plan.seeds[sl], weights, version,
-                                                      **rollout_kwargs)
+        traj_ref, images_ref = sampler.rollout.remote(
+            plan.prompts[sl], plan.seeds[sl], weights, version, **rollout_kwargs
+        )
         scorer = (rank + b * world) % len(rewards)
         traj_refs.append(traj_ref)
         image_refs.append(images_ref)
@@ -412,14 +488,20 @@ def reward_metrics(components: dict[str, np.ndarray]) -> dict[str, float]:
     ``reward_<name>_mean`` and any others, e.g. a rate of failures."""
     from armature.rewards import summarize
 
-    return {f"reward_{name}_{key}": value for name, scores in components.items()
-            for key, value in summarize(name, np.asarray(scores)).items()}
+    return {
+        f"reward_{name}_{key}": value
+        for name, scores in components.items()
+        for key, value in summarize(name, np.asarray(scores)).items()
+    }
 
 
 def reward_summary_line(m: dict, prefix: str = "reward_") -> str:
     """``  <component> <key> <value>`` for every summary metric besides the components' means."""
-    extra = [f"{k[len(prefix):]} {v:.3f}" for k, v in m.items()
-             if k.startswith(prefix) and not k.endswith(("_mean", "_std"))]
+    extra = [
+        f"{k[len(prefix) :]} {v:.3f}"
+        for k, v in m.items()
+        if k.startswith(prefix) and not k.endswith(("_mean", "_std"))
+    ]
     return "".join(f"  {e}" for e in extra)
 
 

@@ -18,8 +18,9 @@ __all__ = ["register_adapter", "resolve_version", "resolve_adapter", "download_a
 ADAPTER_ARTIFACT = "adapter"
 
 
-def register_adapter(tracking_uri: str, run_id: str, name: str, artifact_path: str = ADAPTER_ARTIFACT,
-                     tags: dict[str, str] | None = None) -> int:
+def register_adapter(
+    tracking_uri: str, run_id: str, name: str, artifact_path: str = ADAPTER_ARTIFACT, tags: dict[str, str] | None = None
+) -> int:
     """Register the run's adapter folder as a new version of model ``name``; returns the version."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -114,7 +115,12 @@ def list_adapters(tracking_uri: str) -> list[dict]:
         aliases = getattr(model, "aliases", None) or {}
         for mv in client.search_model_versions(f"name='{model.name}'"):
             version = int(mv.version)
-            out.append({"name": mv.name, "version": version,
-                        "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
-                        "run_id": mv.run_id})
+            out.append(
+                {
+                    "name": mv.name,
+                    "version": version,
+                    "aliases": sorted(a for a, v in aliases.items() if int(v) == version),
+                    "run_id": mv.run_id,
+                }
+            )
     return sorted(out, key=lambda d: (d["name"], d["version"]))

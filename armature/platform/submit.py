@@ -58,12 +58,18 @@ def submit(
     run_name = tracking.get("run_name") or submission_id
     tracking_uri, _ = resolve_tracking(tracking)
     run_id = tracking.get("run_id") or start_run(
-        tracking, run_name, flatten(cfg),
+        tracking,
+        run_name,
+        flatten(cfg),
         tags={"armature.job": job, "ray.submission_id": submission_id},
     )
     # The entrypoint names the run explicitly, so the cluster logs into the same store.
-    args = [*overrides, f"tracking.run_name={run_name}", f"tracking.run_id={run_id}",
-            f"tracking.tracking_uri={tracking_uri}"]
+    args = [
+        *overrides,
+        f"tracking.run_name={run_name}",
+        f"tracking.run_id={run_id}",
+        f"tracking.tracking_uri={tracking_uri}",
+    ]
     entrypoint = shlex.join(["armature", job, *args])
     runtime_env = job_runtime_env({**dict(cfg.cluster.runtime_env), "env_vars": dict(env or {})})
     if working_dir:
@@ -78,8 +84,9 @@ def submit(
     deadline = time.time() + 120
     while True:
         try:
-            jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                            metadata=metadata)
+            jobs.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata
+            )
             break
         except RuntimeError as err:  # a cluster that just started has no job agent yet
             if "No available agent" not in str(err) or time.time() > deadline:

@@ -26,8 +26,14 @@ def resolve_tracking(tracking: dict) -> tuple[str, str | None]:
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
 
 
-def start_run(tracking: dict, run_name: str, params: dict[str, str], run_id: str | None = None,
-              tags: dict[str, str] | None = None, resumed: bool = False) -> str:
+def start_run(
+    tracking: dict,
+    run_name: str,
+    params: dict[str, str],
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    resumed: bool = False,
+) -> str:
     """Create the MLflow run of a job, or reopen ``run_id`` (made at submission, or on resume)."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -39,8 +45,7 @@ def start_run(tracking: dict, run_name: str, params: dict[str, str], run_id: str
     name = tracking.get("experiment") or "armature"
     experiment = client.get_experiment_by_name(name)
     experiment_id = (
-        experiment.experiment_id if experiment
-        else client.create_experiment(name, artifact_location=artifact_location)
+        experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_location)
     )
     if run_id:
         client.update_run(run_id, status="RUNNING")
@@ -88,7 +93,9 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        items = [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        ]
         self.client.log_batch(self.run_id, metrics=items)
 
     def log_images(self, images: np.ndarray, artifact_file: str) -> None:
@@ -110,4 +117,3 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-

@@ -39,9 +39,11 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)
             except pickle.UnpicklingError as err:
-                raise ValueError(f"checkpoint {path}: holds objects other than tensors, containers and DeepSpeed's "
-                                 "state, so the job did not write it; refusing to unpickle it (remove that "
-                                 f"checkpoint folder from trainer.storage_path): {str(err).splitlines()[0]}") from None
+                raise ValueError(
+                    f"checkpoint {path}: holds objects other than tensors, containers and DeepSpeed's "
+                    "state, so the job did not write it; refusing to unpickle it (remove that "
+                    f"checkpoint folder from trainer.storage_path): {str(err).splitlines()[0]}"
+                ) from None
 
 
 def load_deepspeed_checkpoint(engine, directory, **kwargs):
@@ -50,6 +52,8 @@ def load_deepspeed_checkpoint(engine, directory, **kwargs):
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
     if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
-        raise ValueError(f"{type(engine.checkpoint_engine).__name__}: only DeepSpeed's default checkpoint engine is "
-                         "loaded safely; remove the checkpoint engine settings from the DeepSpeed config")
+        raise ValueError(
+            f"{type(engine.checkpoint_engine).__name__}: only DeepSpeed's default checkpoint engine is "
+            "loaded safely; remove the checkpoint engine settings from the DeepSpeed config"
+        )
     return engine.load_checkpoint(directory, tag="deepspeed", **kwargs)

@@ -75,7 +75,8 @@ def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the real CLIP vocabulary is read from the open_clip_torch package's data: "
-            "pip install --no-deps 'open_clip_torch>=2.20' (or the armature[arch] extra)")
+            "pip install --no-deps 'open_clip_torch>=2.20' (or the armature[arch] extra)"
+        )
     path = Path(spec.submodule_search_locations[0]) / CLIP_VOCAB_FILE
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_MERGES]]  # line 0 is a header
@@ -101,15 +102,24 @@ def t5_standin_tokenizer(model_max_length: int = 512):
     symbols, merges = _clip_bpe()
     kept = T5_VOCAB - len(T5_SPECIALS) - len(T5_SENTINELS) - 512  # merges that fit beside the 512 byte symbols
     vocab = {s: i for i, s in enumerate(T5_SPECIALS + symbols[: 512 + kept] + T5_SENTINELS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges[:kept], end_of_word_suffix="</w>",
-                               continuing_subword_prefix="", unk_token="<unk>"))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges[:kept],
+            end_of_word_suffix="</w>",
+            continuing_subword_prefix="",
+            unk_token="<unk>",
+        )
+    )
     clip = clip_tokenizer().backend_tokenizer  # the same text normalisation and pre-tokenisation
     tok.normalizer, tok.pre_tokenizer, tok.decoder = clip.normalizer, clip.pre_tokenizer, clip.decoder
     tok.add_special_tokens(T5_SPECIALS + T5_SENTINELS)
     tok.post_processor = processors.TemplateProcessing(  # T5 appends </s>, prepends nothing
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
-                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def _tokenizer(spec: dict):
@@ -148,14 +158,15 @@ def _build(spec: dict, depth: int | None):
     return _tokenizer(spec) if "kind" in spec else _module(spec, depth)
 
 
-def build_component(name: str, component: str, *, depth: int | None = None, seed: int = 0,
-                    device: str | torch.device | None = None):
+def build_component(
+    name: str, component: str, *, depth: int | None = None, seed: int = 0, device: str | torch.device | None = None
+):
     """One component of ``name`` (e.g. ``unet``, ``transformer``, ``text_encoder_2``), random
     weights from ``seed``. ``device="meta"`` builds the module without allocating its weights."""
     spec = architecture_spec(name)["components"]
     if component not in spec:
         raise ValueError(f"architecture {name!r} has no component {component!r}: it has {', '.join(spec)}")
-    with torch.random.fork_rng(devices=[]), (torch.device(device) if device else contextlib.nullcontext()):
+    with torch.random.fork_rng(devices=[]), torch.device(device) if device else contextlib.nullcontext():
         torch.manual_seed(seed)
         return _build(spec[component], depth)
 
@@ -177,8 +188,9 @@ def build_architecture_pipeline(name: str, *, depth: int | None = None, seed: in
     return pipe
 
 
-def architecture_policy(name: str, *, depth: int | None = None, seed: int = 0,
-                        sampling: SamplingParams | None = None, device: str = "cpu") -> DiffusionPolicy:
+def architecture_policy(
+    name: str, *, depth: int | None = None, seed: int = 0, sampling: SamplingParams | None = None, device: str = "cpu"
+) -> DiffusionPolicy:
     """A :class:`DiffusionPolicy` over :func:`build_architecture_pipeline` (float32, no adapter)."""
     pipe = build_architecture_pipeline(name, depth=depth, seed=seed)
     return DiffusionPolicy(pipe, architecture_spec(name)["family"], sampling, device)

@@ -102,20 +102,37 @@ class ControlledUNet(torch.nn.Module):
     def residuals(self, sample, timestep, encoder_hidden_states, controlnet_cond, added_cond_kwargs=None):
         """``(down_block_residuals, mid_block_residual)`` the ControlNet adds to the UNet."""
         down, mid = self.controlnet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=controlnet_cond.to(sample.dtype), conditioning_scale=self.conditioning_scale,
-            added_cond_kwargs=added_cond_kwargs, return_dict=False,
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond.to(sample.dtype),
+            conditioning_scale=self.conditioning_scale,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
         )
         return down, mid
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond=None, added_cond_kwargs=None,
-                return_dict: bool = True):
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        controlnet_cond=None,
+        added_cond_kwargs=None,
+        return_dict: bool = True,
+    ):
         if controlnet_cond is None:
             raise ValueError("a ControlNet policy needs a condition image: pass layouts")
         down, mid = self.residuals(sample, timestep, encoder_hidden_states, controlnet_cond, added_cond_kwargs)
-        return self.base(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=return_dict)
+        return self.base(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=return_dict,
+        )
 
     # peft adapters live on the ControlNet (the policy's save/load and reference model use these)
     @property
@@ -135,12 +152,22 @@ class ControlledUNet(torch.nn.Module):
 class ControlNetPolicy(DiffusionPolicy):
     """A UNet policy (SD 1.5 family or SDXL) rendering from a condition image."""
 
-    def __init__(self, pipeline, family: str, controlnet, sampling: SamplingParams | None = None,
-                 device="cpu", conditioning_scale: float = 1.0, native_size: int | None = None):
+    def __init__(
+        self,
+        pipeline,
+        family: str,
+        controlnet,
+        sampling: SamplingParams | None = None,
+        device="cpu",
+        conditioning_scale: float = 1.0,
+        native_size: int | None = None,
+    ):
         super().__init__(pipeline, family, sampling, device, native_size=native_size)
         if self.is_flow:
-            raise ValueError(f"model.family={family}: ControlNet conditioning is for the UNet families (sd, sdxl); "
-                             "flow DiTs take the layout as condition tokens (armature.policies.skeleguide)")
+            raise ValueError(
+                f"model.family={family}: ControlNet conditioning is for the UNet families (sd, sdxl); "
+                "flow DiTs take the layout as condition tokens (armature.policies.skeleguide)"
+            )
         controlnet = controlnet.to(self.device)
         if controlnet.dtype != self.pipe.unet.dtype:
             controlnet = controlnet.to(dtype=self.pipe.unet.dtype)
@@ -198,8 +225,9 @@ class ControlNetPolicy(DiffusionPolicy):
             self._layouts = None
 
     @torch.no_grad()
-    def render(self, prompts: Sequence[str], layouts, seed: int = 0, num_steps: int | None = None,
-               deterministic: bool = False) -> np.ndarray:
+    def render(
+        self, prompts: Sequence[str], layouts, seed: int = 0, num_steps: int | None = None, deterministic: bool = False
+    ) -> np.ndarray:
         """Images ``[B, H, W, 3]`` uint8; image i draws its noise from ``seed + i``.
         ``deterministic``: DDIM with eta 0 (no noise after the initial latents)."""
         generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(len(prompts))]
@@ -212,13 +240,16 @@ class ControlNetPolicy(DiffusionPolicy):
         import diffusers
 
         components = {k: v for k, v in self.pipe.components.items() if k not in ("unet", "scheduler")}
-        pipe = getattr(diffusers, self.spec.controlnet_pipeline_class)(**components, unet=self.pipe.unet, controlnet=self.controlnet, scheduler=self.scheduler)
+        pipe = getattr(diffusers, self.spec.controlnet_pipeline_class)(
+            **components, unet=self.pipe.unet, controlnet=self.controlnet, scheduler=self.scheduler
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     # ------------------------------------------------------------------ trainable weights
-    def add_lora(self, lora: LoraParams, seed: int = 0, targets: str | None = "qkv",
-                 train_zero_convs: bool = False) -> None:
+    def add_lora(
+        self, lora: LoraParams, seed: int = 0, targets: str | None = "qkv", train_zero_convs: bool = False
+    ) -> None:
         """A peft LoRA adapter on the ControlNet: its attention Q/K/V (``targets="qkv"``), all its
         projections (``"all"``), or ``lora.target_modules`` (``targets=None``). The UNet stays
         frozen. ``train_zero_convs`` also trains the zero-initialised output convolutions (needed
@@ -226,8 +257,9 @@ class ControlNetPolicy(DiffusionPolicy):
         if targets is not None:
             if targets not in CONTROLNET_TARGETS:
                 raise ValueError(f"controlnet lora targets={targets!r}: use one of {', '.join(CONTROLNET_TARGETS)}")
-            lora = LoraParams(rank=lora.rank, alpha=lora.alpha, target_modules=list(CONTROLNET_TARGETS[targets]),
-                              dropout=lora.dropout)
+            lora = LoraParams(
+                rank=lora.rank, alpha=lora.alpha, target_modules=list(CONTROLNET_TARGETS[targets]), dropout=lora.dropout
+            )
         super().add_lora(lora, seed=seed)
         if train_zero_convs:
             for name, p in self.controlnet.named_parameters():
@@ -261,12 +293,14 @@ class ControlNetPolicy(DiffusionPolicy):
 def load_controlnet(params: ControlNetParams, dtype: torch.dtype = torch.float32):
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_pretrained(params.pretrained, torch_dtype=dtype, revision=params.revision,
-                                           variant=params.variant)
+    return ControlNetModel.from_pretrained(
+        params.pretrained, torch_dtype=dtype, revision=params.revision, variant=params.variant
+    )
 
 
-def build_controlnet_policy(model: dict, sampling: dict, controlnet: dict | ControlNetParams | None = None,
-                            seed: int = 0) -> ControlNetPolicy:
+def build_controlnet_policy(
+    model: dict, sampling: dict, controlnet: dict | ControlNetParams | None = None, seed: int = 0
+) -> ControlNetPolicy:
     """A ControlNet policy from a job's ``model`` / ``sampling`` sections and a ``controlnet``
     section (``ControlNetParams`` fields). ``model.family`` tiny, sd or sdxl. A LoRA adapter is
     attached when ``model.lora.enabled`` (on the ControlNet's Q/K/V, or all projections with
@@ -279,21 +313,35 @@ def build_controlnet_policy(model: dict, sampling: dict, controlnet: dict | Cont
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sampling = {k: v for k, v in dict(sampling).items() if k != "batch_size"}
-    base = load_policy(family=family, pretrained=model.get("pretrained"), sampling=SamplingParams(**sampling),
-                       device=device, dtype=model.get("dtype", "float32"),
-                       tiny=tiny_config(model.get("tiny") or {}, family),
-                       revision=model.get("revision"), variant=model.get("variant"))
+    base = load_policy(
+        family=family,
+        pretrained=model.get("pretrained"),
+        sampling=SamplingParams(**sampling),
+        device=device,
+        dtype=model.get("dtype", "float32"),
+        tiny=tiny_config(model.get("tiny") or {}, family),
+        revision=model.get("revision"),
+        variant=model.get("variant"),
+    )
     if params.pretrained:
         net = load_controlnet(params, base.pipe.unet.dtype)
     else:
         net = build_controlnet(base.pipe.unet, base.pipe.vae_scale_factor, seed=params.seed)
-    policy = ControlNetPolicy(base.pipe, base.family, net, base.sampling, device,
-                              conditioning_scale=params.conditioning_scale, native_size=base._native_size)
+    policy = ControlNetPolicy(
+        base.pipe,
+        base.family,
+        net,
+        base.sampling,
+        device,
+        conditioning_scale=params.conditioning_scale,
+        native_size=base._native_size,
+    )
     lora = dict(model.get("lora") or {})
     if lora.get("enabled", False):
         policy.add_lora(
             LoraParams(rank=lora.get("rank", 4), alpha=lora.get("alpha", 4.0), dropout=lora.get("dropout", 0.0)),
-            seed=seed, targets=lora.get("controlnet_targets", "qkv"),
+            seed=seed,
+            targets=lora.get("controlnet_targets", "qkv"),
             train_zero_convs=lora.get("train_zero_convs", not params.pretrained),
         )
     return policy

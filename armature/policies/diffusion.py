@@ -137,8 +137,14 @@ class DiffusionPolicy:
     (the SkeleGuide stage's); ``self.spec`` answers whatever depends on it.
     """
 
-    def __init__(self, pipeline, family: str | Family, sampling: SamplingParams | None = None, device="cpu",
-                 native_size: int | None = None):
+    def __init__(
+        self,
+        pipeline,
+        family: str | Family,
+        sampling: SamplingParams | None = None,
+        device="cpu",
+        native_size: int | None = None,
+    ):
         self.spec = family if isinstance(family, Family) else family_of(family)
         self.family = self.spec.name
         self.pipe = pipeline.to(device)
@@ -196,8 +202,12 @@ class DiffusionPolicy:
                 if n > limit:
                     cut.append(f"pipe.{name}: {n} tokens with its special ones, reads {limit}")
             if cut:
-                log.warning("prompt %r is longer than its text encoders read (%s); the end is ignored: shorten the "
-                            "prompt to keep all of it", prompt, "; ".join(cut))
+                log.warning(
+                    "prompt %r is longer than its text encoders read (%s); the end is ignored: shorten the "
+                    "prompt to keep all of it",
+                    prompt,
+                    "; ".join(cut),
+                )
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -238,16 +248,35 @@ class DiffusionPolicy:
         return uncond + guidance * (text - uncond)
 
     # ------------------------------------------------------------------ rollout / scoring
-    def step(self, output, timestep, latents, *, stochastic: bool = True, prev_sample=None,
-             generator=None, noise=None, noise_level: float | None = None):
+    def step(
+        self,
+        output,
+        timestep,
+        latents,
+        *,
+        stochastic: bool = True,
+        prev_sample=None,
+        generator=None,
+        noise=None,
+        noise_level: float | None = None,
+    ):
         """One sampler step of this family -> ``(next_latents, log_prob [B])``.
 
         DDIM with ``sampling.eta`` for the UNet families, Flow-GRPO's SDE with
         ``sampling.noise_level`` for the flow families; ``stochastic=False`` takes the
         deterministic (ODE) step instead, whose log-probability is returned as zeros.
         """
-        return self.spec.step(self, output, timestep, latents, stochastic=stochastic, prev_sample=prev_sample,
-                              generator=generator, noise=noise, noise_level=noise_level)
+        return self.spec.step(
+            self,
+            output,
+            timestep,
+            latents,
+            stochastic=stochastic,
+            prev_sample=prev_sample,
+            generator=generator,
+            noise=noise,
+            noise_level=noise_level,
+        )
 
     def _noise(self, batch: int, shape, generator) -> torch.Tensor:
         """Standard normal noise of ``[batch, *shape]``: one generator for the batch, or one per
@@ -259,8 +288,14 @@ class DiffusionPolicy:
         return torch.randn((batch,) + tuple(shape), generator=generator, device=self.device)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator | list | None = None, *,
-                num_steps: int | None = None, sde_window: tuple[int, int] | None = None) -> Trajectory:
+    def rollout(
+        self,
+        prompts: list[str],
+        generator: torch.Generator | list | None = None,
+        *,
+        num_steps: int | None = None,
+        sde_window: tuple[int, int] | None = None,
+    ) -> Trajectory:
         """Sample one trajectory per prompt, recording latents and per-step log-probabilities.
 
         ``num_steps`` overrides ``sampling.num_steps`` (Flow-GRPO's denoising reduction: train on
@@ -350,8 +385,11 @@ class DiffusionPolicy:
         if self.lora is not None:
             raise RuntimeError("this policy already has a LoRA adapter")
         config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-            lora_dropout=lora.dropout, init_lora_weights="gaussian",
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            target_modules=list(lora.target_modules),
+            lora_dropout=lora.dropout,
+            init_lora_weights="gaussian",
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -487,7 +525,8 @@ def load_policy(
 
     spec = family_of(family)
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(
-        pretrained, torch_dtype=torch_dtype, revision=revision, variant=variant, **spec.load_options)
+        pretrained, torch_dtype=torch_dtype, revision=revision, variant=variant, **spec.load_options
+    )
     pipe.set_progress_bar_config(disable=True)
     return DiffusionPolicy(pipe, spec, sampling, device)
 
@@ -518,7 +557,8 @@ def build_diffusion_policy(model: dict, sampling: dict, seed: int = 0) -> Diffus
     if lora.get("enabled", True):
         policy.add_lora(
             LoraParams(
-                rank=lora.get("rank", 4), alpha=lora.get("alpha", 4.0),
+                rank=lora.get("rank", 4),
+                alpha=lora.get("alpha", 4.0),
                 target_modules=list(lora.get("target_modules", LoraParams().target_modules)),
                 dropout=lora.get("dropout", 0.0),
             ),

@@ -23,8 +23,18 @@ import torch
 from armature.policies.flow_logprob import flow_sde_step_with_logprob
 from armature.policies.logprob import ddim_step_with_logprob
 
-__all__ = ["FAMILIES", "FLOW_FAMILIES", "SD3", "SDXL", "Family", "FlowFamily", "Flux", "UNetFamily", "family_of",
-           "guidance_branch"]
+__all__ = [
+    "FAMILIES",
+    "FLOW_FAMILIES",
+    "SD3",
+    "SDXL",
+    "Family",
+    "FlowFamily",
+    "Flux",
+    "UNetFamily",
+    "family_of",
+    "guidance_branch",
+]
 
 
 def guidance_branch(v: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -135,8 +145,16 @@ class UNetFamily(Family):
     def step(self, policy, output, timestep, latents, *, stochastic, prev_sample, generator, noise, noise_level):
         if stochastic:
             eta = policy.sampling.eta if noise_level is None else noise_level
-            return ddim_step_with_logprob(policy.scheduler, output, timestep, latents, eta=eta,
-                                          prev_sample=prev_sample, generator=generator, noise=noise)
+            return ddim_step_with_logprob(
+                policy.scheduler,
+                output,
+                timestep,
+                latents,
+                eta=eta,
+                prev_sample=prev_sample,
+                generator=generator,
+                noise=noise,
+            )
         if prev_sample is not None:
             raise ValueError("a deterministic (ODE) step has no density to score prev_sample")
         nxt = policy.scheduler.step(output, timestep, latents, eta=0.0).prev_sample
@@ -152,8 +170,11 @@ class SDXL(UNetFamily):
 
     def encode(self, policy, prompts, negative):
         pos, neg, pooled, neg_pooled = policy.pipe.encode_prompt(
-            prompts, device=policy.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative,
+            prompts,
+            device=policy.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative,
         )
         h, w = policy.image_size
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pos.dtype, device=policy.device)
@@ -166,8 +187,10 @@ class SDXL(UNetFamily):
 
     def inputs(self, cond, guided):
         kwargs = super().inputs(cond, guided)
-        kwargs["added_cond_kwargs"] = {"text_embeds": guidance_branch(cond["text_embeds"], guided),
-                                       "time_ids": guidance_branch(cond["time_ids"], guided)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": guidance_branch(cond["text_embeds"], guided),
+            "time_ids": guidance_branch(cond["time_ids"], guided),
+        }
         return kwargs
 
 
@@ -219,14 +242,20 @@ class FlowFamily(Family):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
             tokens = self.image_tokens(policy, policy.latent_shape)
-            kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
-                                           config.get("max_image_seq_len", 4096),
-                                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+            kwargs["mu"] = calculate_shift(
+                tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
         policy.scheduler.set_timesteps(num_steps, device=policy.device, **kwargs)
 
     def inputs(self, cond, guided):
-        return {"encoder_hidden_states": guidance_branch(cond["encoder_hidden_states"], guided),
-                "pooled_projections": guidance_branch(cond["pooled_projections"], guided)}
+        return {
+            "encoder_hidden_states": guidance_branch(cond["encoder_hidden_states"], guided),
+            "pooled_projections": guidance_branch(cond["pooled_projections"], guided),
+        }
 
     def forward(self, policy, cond, model_in, t, t_in, guided):
         if t_in.ndim == 0:
@@ -240,8 +269,15 @@ class FlowFamily(Family):
     def step(self, policy, output, timestep, latents, *, stochastic, prev_sample, generator, noise, noise_level):
         level = policy.sampling.noise_level if noise_level is None else noise_level
         return flow_sde_step_with_logprob(
-            policy.scheduler, output, timestep, latents, noise_level=level if stochastic else 0.0,
-            prev_sample=prev_sample, generator=generator, noise=noise)
+            policy.scheduler,
+            output,
+            timestep,
+            latents,
+            noise_level=level if stochastic else 0.0,
+            prev_sample=prev_sample,
+            generator=generator,
+            noise=noise,
+        )
 
 
 class SD3(FlowFamily):
@@ -252,12 +288,21 @@ class SD3(FlowFamily):
 
     def encode(self, policy, prompts, negative):
         pos, neg, pooled, neg_pooled = policy.pipe.encode_prompt(
-            prompts, prompts, prompts, device=policy.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative, negative_prompt_2=negative,
-            negative_prompt_3=negative, max_sequence_length=policy.max_sequence_length,
+            prompts,
+            prompts,
+            prompts,
+            device=policy.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative,
+            negative_prompt_2=negative,
+            negative_prompt_3=negative,
+            max_sequence_length=policy.max_sequence_length,
         )
-        return {"encoder_hidden_states": torch.stack([neg, pos], dim=1),
-                "pooled_projections": torch.stack([neg_pooled, pooled], dim=1)}
+        return {
+            "encoder_hidden_states": torch.stack([neg, pos], dim=1),
+            "pooled_projections": torch.stack([neg_pooled, pooled], dim=1),
+        }
 
     def transformer(self, policy, kwargs, model_in, t_in):
         return policy.denoiser(hidden_states=model_in, timestep=t_in, **kwargs).sample
@@ -284,11 +329,15 @@ class Flux(FlowFamily):
 
     def encode(self, policy, prompts, negative):
         pos, pooled, _ = policy.pipe.encode_prompt(
-            prompts, prompts, device=policy.device, max_sequence_length=policy.max_sequence_length)
+            prompts, prompts, device=policy.device, max_sequence_length=policy.max_sequence_length
+        )
         neg, neg_pooled, _ = policy.pipe.encode_prompt(
-            negative, negative, device=policy.device, max_sequence_length=policy.max_sequence_length)
-        return {"encoder_hidden_states": torch.stack([neg, pos], dim=1),
-                "pooled_projections": torch.stack([neg_pooled, pooled], dim=1)}
+            negative, negative, device=policy.device, max_sequence_length=policy.max_sequence_length
+        )
+        return {
+            "encoder_hidden_states": torch.stack([neg, pos], dim=1),
+            "pooled_projections": torch.stack([neg_pooled, pooled], dim=1),
+        }
 
     def distilled(self, policy) -> bool:
         return bool(policy.unet.config.guidance_embeds)
@@ -297,15 +346,17 @@ class Flux(FlowFamily):
         h, w = policy.image_size
         f = policy.pipe.vae_scale_factor
         img_ids = policy.pipe._prepare_latent_image_ids(
-            model_in.shape[0], h // f // 2, w // f // 2, model_in.device, model_in.dtype)
-        txt_ids = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=model_in.device,
-                              dtype=model_in.dtype)
+            model_in.shape[0], h // f // 2, w // f // 2, model_in.device, model_in.dtype
+        )
+        txt_ids = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=model_in.device, dtype=model_in.dtype)
         guidance = None
         if policy.unet.config.guidance_embeds:  # guidance-distilled (FLUX.1-dev): the scale is an input
-            guidance = torch.full((model_in.shape[0],), policy.sampling.guidance_scale,
-                                  device=model_in.device, dtype=model_in.dtype)
-        return policy.denoiser(hidden_states=model_in, timestep=t_in / 1000, guidance=guidance,
-                               txt_ids=txt_ids, img_ids=img_ids, **kwargs).sample
+            guidance = torch.full(
+                (model_in.shape[0],), policy.sampling.guidance_scale, device=model_in.device, dtype=model_in.dtype
+            )
+        return policy.denoiser(
+            hidden_states=model_in, timestep=t_in / 1000, guidance=guidance, txt_ids=txt_ids, img_ids=img_ids, **kwargs
+        ).sample
 
     def unpack(self, policy, latents):
         h, w = policy.image_size
@@ -319,6 +370,7 @@ FLOW_FAMILIES = tuple(name for name, kind in FAMILIES.items() if kind.flow)
 def family_of(name: str) -> Family:
     """The family named ``model.family`` (sd, sdxl, sd3, flux)."""
     if name not in FAMILIES:
-        raise ValueError(f"model.family={name!r}: expected one of {', '.join(FAMILIES)} "
-                         "(or tiny / tiny_flow through load_policy)")
+        raise ValueError(
+            f"model.family={name!r}: expected one of {', '.join(FAMILIES)} (or tiny / tiny_flow through load_policy)"
+        )
     return FAMILIES[name]()

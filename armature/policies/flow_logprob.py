@@ -47,8 +47,10 @@ def flow_step_sigmas(scheduler, timestep, batch: int, device) -> tuple[torch.Ten
     nearest, index = distance.min(dim=1)
     if bool((nearest > 1e-3).any()):
         bad = timestep[nearest > 1e-3].tolist()
-        raise ValueError(f"timesteps {bad[:3]} are not in scheduler.timesteps (set_timesteps with the "
-                         "number of steps the trajectory was sampled with)")
+        raise ValueError(
+            f"timesteps {bad[:3]} are not in scheduler.timesteps (set_timesteps with the "
+            "number of steps the trajectory was sampled with)"
+        )
     sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
     return sigmas[index], sigmas[index + 1]
 

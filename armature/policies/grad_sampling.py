@@ -75,8 +75,14 @@ def predicted_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.
     raise ValueError(f"unknown prediction_type {prediction!r}")
 
 
-def ddim_step(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_step(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One differentiable DDIM step ``x_t -> x_{t-1}`` (eq. 12); ``noise`` is needed when eta > 0."""
     a_t, a_prev = _alphas(scheduler, timestep, sample.device)
     x0 = predicted_x0(scheduler, model_output, timestep, sample)
@@ -97,9 +103,17 @@ def decode_with_grad(policy, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def sample_with_grad(policy, cond: dict[str, torch.Tensor], latents: torch.Tensor, backprop_steps: int, *,
-                     checkpoint: bool = True, predict_x0: bool = False, complete: bool = False,
-                     generator: torch.Generator | None = None) -> GradSample:
+def sample_with_grad(
+    policy,
+    cond: dict[str, torch.Tensor],
+    latents: torch.Tensor,
+    backprop_steps: int,
+    *,
+    checkpoint: bool = True,
+    predict_x0: bool = False,
+    complete: bool = False,
+    generator: torch.Generator | None = None,
+) -> GradSample:
     """Denoise ``latents`` (x_T) with ``policy``, gradients through the last ``backprop_steps`` steps.
 
     Args:
@@ -143,9 +157,15 @@ def sample_with_grad(policy, cond: dict[str, torch.Tensor], latents: torch.Tenso
                 if complete:
                     with torch.no_grad():
                         y = ddim_step(scheduler, out.float(), t, x.float(), eta, noise_like(x)).to(x.dtype)
-                        for t_rest in timesteps[i + 1:]:
-                            y = ddim_step(scheduler, policy.predict(cond, y, t_rest).float(), t_rest,
-                                          y.float(), eta, noise_like(y)).to(x.dtype)
+                        for t_rest in timesteps[i + 1 :]:
+                            y = ddim_step(
+                                scheduler,
+                                policy.predict(cond, y, t_rest).float(),
+                                t_rest,
+                                y.float(),
+                                eta,
+                                noise_like(y),
+                            ).to(x.dtype)
                     final = y
                 return GradSample(x0_hat, decode_with_grad(policy, x0_hat), 1, final)
             x = ddim_step(scheduler, out.float(), t, x.float(), eta, noise_like(x)).to(latents.dtype)

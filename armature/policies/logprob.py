@@ -28,11 +28,7 @@ __all__ = ["ddim_step_with_logprob", "gaussian_log_prob"]
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, std^2), elementwise, then averaged over all non-batch dimensions -> [B]."""
-    log_prob = (
-        -((x.detach() - mean) ** 2) / (2 * std**2)
-        - torch.log(std)
-        - 0.5 * math.log(2 * math.pi)
-    )
+    log_prob = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
@@ -84,9 +80,7 @@ def ddim_step_with_logprob(
     alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float32)
     final_alpha = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device)
     alpha_t = alphas_cumprod[timestep]
-    alpha_prev = torch.where(
-        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final_alpha
-    )
+    alpha_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final_alpha)
     beta_t = 1 - alpha_t
     beta_prev = 1 - alpha_prev
     variance = (beta_prev / beta_t) * (1 - alpha_t / alpha_prev)
@@ -123,9 +117,7 @@ def ddim_step_with_logprob(
 
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(
-                sample.shape, generator=generator, device=sample.device, dtype=torch.float32
-            )
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = (mean + std * noise.float()).to(dtype)
 
     log_prob = gaussian_log_prob(prev_sample.float(), mean, std)

@@ -55,8 +55,15 @@ from armature.losses.skeleguide import flow_interpolate
 from armature.policies.tiny import build_char_tokenizer, tiny_clip, tiny_t5
 from armature.skeleton import Skeleton, parse_layout, render_layout
 
-__all__ = ["ADAPTERS", "LORA_TARGETS", "SkeleGuideParams", "SkeleGuideOutput", "SkeleGuidePipeline", "TinyKontextConfig",
-           "build_tiny_kontext"]
+__all__ = [
+    "ADAPTERS",
+    "LORA_TARGETS",
+    "SkeleGuideParams",
+    "SkeleGuideOutput",
+    "SkeleGuidePipeline",
+    "TinyKontextConfig",
+    "build_tiny_kontext",
+]
 
 ADAPTERS = ("skeletal", "appearance")
 LORA_TARGETS = {
@@ -139,12 +146,16 @@ def _load_vae(path: str, dtype: torch.dtype):
     kind = config.get("_class_name")
     if kind == "AutoencoderTiny":
         if "block_out_channels" not in config:  # FLUX's vae_scale_factor reads it: one entry a level
-            raise ValueError(f"tiny_vae={path!r}: the AutoencoderTiny config has no block_out_channels (one entry "
-                             "per resolution level; `armature gym pretrain` writes it)")
+            raise ValueError(
+                f"tiny_vae={path!r}: the AutoencoderTiny config has no block_out_channels (one entry "
+                "per resolution level; `armature gym pretrain` writes it)"
+            )
         return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
     if kind != "AutoencoderKL":
-        raise ValueError(f"tiny_vae={path!r} holds a {kind}; SkeleGuide's tiny model takes an AutoencoderKL or an "
-                         "AutoencoderTiny (the gym base policy's; benchmarks/skeleguide.py --vae-cache DIR trains a KL)")
+        raise ValueError(
+            f"tiny_vae={path!r} holds a {kind}; SkeleGuide's tiny model takes an AutoencoderKL or an "
+            "AutoencoderTiny (the gym base policy's; benchmarks/skeleguide.py --vae-cache DIR trains a KL)"
+        )
     return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
 
 
@@ -166,21 +177,37 @@ def build_tiny_kontext(cfg: TinyKontextConfig, vae_path: str | None = None):
             vae = _load_vae(vae_path, torch.float32)
         else:
             vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(cfg.vae_channels),
-                latent_channels=cfg.latent_channels, norm_num_groups=8, sample_size=cfg.image_size,
-                scaling_factor=1.0, shift_factor=0.0,
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels,
+                block_out_channels=tuple(cfg.vae_channels),
+                latent_channels=cfg.latent_channels,
+                norm_num_groups=8,
+                sample_size=cfg.image_size,
+                scaling_factor=1.0,
+                shift_factor=0.0,
             )
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=max(1, cfg.transformer_layers // 2),
+            patch_size=1,
+            in_channels=4 * vae.config.latent_channels,
+            num_layers=max(1, cfg.transformer_layers // 2),
             num_single_layers=max(1, cfg.transformer_layers - cfg.transformer_layers // 2),
-            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.transformer_heads,
-            joint_attention_dim=2 * cfg.text_hidden, pooled_projection_dim=cfg.text_hidden,
-            guidance_embeds=False, axes_dims_rope=(2 * quarter, quarter, quarter),
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.transformer_heads,
+            joint_attention_dim=2 * cfg.text_hidden,
+            pooled_projection_dim=cfg.text_hidden,
+            guidance_embeds=False,
+            axes_dims_rope=(2 * quarter, quarter, quarter),
         )
     return FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift), vae=vae, text_encoder=clip, tokenizer=tokenizer,
-        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     )
 
 
@@ -195,7 +222,7 @@ class _ConditionMask:
         length = output.shape[-2]
         keep = torch.zeros(length, 1, dtype=output.dtype, device=output.device)
         if self.tokens:
-            keep[length - self.tokens:] = 1
+            keep[length - self.tokens :] = 1
         return output * keep
 
     @contextlib.contextmanager
@@ -228,8 +255,12 @@ class SkeleGuidePipeline:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the second adapter
             torch.manual_seed(params.lora_seed)
             for name in ADAPTERS:
-                config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha,
-                                    target_modules=LORA_TARGETS[params.lora_targets], init_lora_weights="gaussian")
+                config = LoraConfig(
+                    r=params.lora_rank,
+                    lora_alpha=params.lora_alpha,
+                    target_modules=LORA_TARGETS[params.lora_targets],
+                    init_lora_weights="gaussian",
+                )
                 self.transformer.add_adapter(config, adapter_name=name)
         self.mask = _ConditionMask()
         self._hooks = []
@@ -249,8 +280,9 @@ class SkeleGuidePipeline:
         if params.pretrained:
             from diffusers import FluxKontextPipeline
 
-            pipe = FluxKontextPipeline.from_pretrained(params.pretrained, torch_dtype=dtype,
-                                                       revision=params.revision, variant=params.variant)
+            pipe = FluxKontextPipeline.from_pretrained(
+                params.pretrained, torch_dtype=dtype, revision=params.revision, variant=params.variant
+            )
         else:
             pipe = build_tiny_kontext(params.tiny, params.vae)
             if dtype != torch.float32:
@@ -272,21 +304,34 @@ class SkeleGuidePipeline:
         for name in ADAPTERS:
             state = get_peft_model_state_dict(self.transformer, adapter_name=name)
             (directory / name).mkdir(exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / name / ADAPTER_FILE,
-                      metadata={"format": "pt"})
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.items()},
+                directory / name / ADAPTER_FILE,
+                metadata={"format": "pt"},
+            )
         if base:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.transformer.state_dict().items()
-                       if ".lora_" not in k}, directory / BASE_FILE, metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps({"params": asdict(self.params), "adapters": list(ADAPTERS)},
-                                                        indent=2))
+            save_file(
+                {
+                    k: v.detach().cpu().contiguous()
+                    for k, v in self.transformer.state_dict().items()
+                    if ".lora_" not in k
+                },
+                directory / BASE_FILE,
+                metadata={"format": "pt"},
+            )
+        (directory / CONFIG_FILE).write_text(
+            json.dumps({"params": asdict(self.params), "adapters": list(ADAPTERS)}, indent=2)
+        )
         return directory
 
     @classmethod
     def from_pretrained(cls, directory, device: str | None = None) -> SkeleGuidePipeline:
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: not a SkeleGuidePipeline folder "
-                                    "(SkeleGuidePipeline.save_pretrained writes one)")
+            raise FileNotFoundError(
+                f"{directory} has no {CONFIG_FILE}: not a SkeleGuidePipeline folder "
+                "(SkeleGuidePipeline.save_pretrained writes one)"
+            )
         params = dict(json.loads((directory / CONFIG_FILE).read_text())["params"])
         if device is not None:
             params["device"] = device
@@ -296,8 +341,10 @@ class SkeleGuidePipeline:
 
             missing, unexpected = pipeline.transformer.load_state_dict(load_file(directory / BASE_FILE), strict=False)
             if unexpected or any(".lora_" not in k for k in missing):
-                raise KeyError(f"{directory / BASE_FILE} does not fit the transformer these params build: "
-                               f"unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' not in k][:3]}")
+                raise KeyError(
+                    f"{directory / BASE_FILE} does not fit the transformer these params build: "
+                    f"unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' not in k][:3]}"
+                )
         pipeline.load_adapters(directory)
         return pipeline
 
@@ -353,8 +400,10 @@ class SkeleGuidePipeline:
     def _check_size(self, height: int, width: int) -> None:
         step = 2 * self.vae_scale_factor
         if height % step or width % step:
-            raise ValueError(f"image size {width}x{height}: each side must be a multiple of {step} "
-                             f"(VAE factor {self.vae_scale_factor} x FLUX's 2x2 patches)")
+            raise ValueError(
+                f"image size {width}x{height}: each side must be a multiple of {step} "
+                f"(VAE factor {self.vae_scale_factor} x FLUX's 2x2 patches)"
+            )
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
@@ -378,8 +427,9 @@ class SkeleGuidePipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        embeds, pooled, _ = self.pipe.encode_prompt(list(prompts), list(prompts), device=self.device,
-                                                    max_sequence_length=self.max_sequence_length)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            list(prompts), list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
+        )
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     def _ids(self, tokens_h: int, tokens_w: int, first: float) -> torch.Tensor:
@@ -388,8 +438,15 @@ class SkeleGuidePipeline:
         return ids
 
     # ------------------------------------------------------------------ the model
-    def flow(self, adapter: str, x_t: torch.Tensor, t, cond: torch.Tensor, text: dict[str, torch.Tensor],
-             size: tuple[int, int]) -> torch.Tensor:
+    def flow(
+        self,
+        adapter: str,
+        x_t: torch.Tensor,
+        t,
+        cond: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        size: tuple[int, int],
+    ) -> torch.Tensor:
         """The velocity (data - noise) of ``adapter`` at the paper's time ``t`` (number or ``[B]``)
         for the noisy tokens ``x_t`` ``[B, N, 4C]``, condition tokens ``cond`` ``[B, N_c, 4C]``
         appended Kontext-style; ``size`` is the image's ``(height, width)``."""
@@ -406,8 +463,15 @@ class SkeleGuidePipeline:
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.params.guidance_scale, device=self.device, dtype=self.dtype)
         with self.mask.active(cond.shape[1]):
-            out = self.denoiser(hidden_states=torch.cat([x_t, cond], dim=1), timestep=sigma, guidance=guidance,
-                                txt_ids=txt_ids, img_ids=ids, return_dict=False, **text)[0]
+            out = self.denoiser(
+                hidden_states=torch.cat([x_t, cond], dim=1),
+                timestep=sigma,
+                guidance=guidance,
+                txt_ids=txt_ids,
+                img_ids=ids,
+                return_dict=False,
+                **text,
+            )[0]
         return -out[:, :n]  # diffusers' FLUX predicts noise - data
 
     def schedule(self, num_steps: int, tokens: int) -> list[float]:
@@ -420,19 +484,34 @@ class SkeleGuidePipeline:
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
             c = scheduler.config
-            kwargs["mu"] = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+            kwargs["mu"] = calculate_shift(
+                tokens,
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.15),
+            )
         scheduler.set_timesteps(num_steps, **kwargs)
         return [1.0 - float(s) for s in scheduler.sigmas]
 
     def _noise(self, batch: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
         """One noise draw per sample from ``seed + i``: an image does not depend on its batch."""
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                            for i in range(batch)]).to(self.device, self.dtype)
+        return torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)]
+        ).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def sample(self, adapter: str, cond: torch.Tensor, text: dict, size: tuple[int, int], seed: int, num_steps: int,
-               known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        adapter: str,
+        cond: torch.Tensor,
+        text: dict,
+        size: tuple[int, int],
+        seed: int,
+        num_steps: int,
+        known: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Euler ODE from noise to data with ``adapter``. With ``known`` latents and a token mask
         ``keep`` ``[B, N, 1]`` (1 = generate), tokens outside the mask follow ``known`` noised to
         each step's level (blended latent diffusion) and equal ``known`` at the end."""
@@ -460,12 +539,19 @@ class SkeleGuidePipeline:
         """Stage 1: scene-aware layouts ``[B, H, W, 3]`` uint8 from scenes and prompts (skeletal adapter)."""
         scenes = _images(scenes)
         height, width = scenes.shape[1:3]
-        latents = self.sample("skeletal", self.encode_images(scenes), self.encode_prompts(prompts), (height, width),
-                              seed, num_steps or self.params.num_steps)
+        latents = self.sample(
+            "skeletal",
+            self.encode_images(scenes),
+            self.encode_prompts(prompts),
+            (height, width),
+            seed,
+            num_steps or self.params.num_steps,
+        )
         return self.decode(latents, height, width)
 
-    def render(self, scenes, layouts, prompts: Sequence[str], person_mask=None, seed: int = 0,
-               num_steps: int | None = None) -> np.ndarray:
+    def render(
+        self, scenes, layouts, prompts: Sequence[str], person_mask=None, seed: int = 0, num_steps: int | None = None
+    ) -> np.ndarray:
         """Stage 2: the person rendered from the layouts (appearance adapter), ``[B, H, W, 3]``
         uint8. With ``person_mask`` (``[B, H, W]``, True = person) every pixel outside it is the scene's."""
         scenes, layouts = _images(scenes), _images(layouts)
@@ -475,16 +561,25 @@ class SkeleGuidePipeline:
         keep = known = None
         if person_mask is not None:
             keep, known = self.token_mask(person_mask, height, width), self.encode_images(scenes)
-        latents = self.sample("appearance", self.encode_images(layouts), self.encode_prompts(prompts),
-                              (height, width), seed, num_steps or self.params.num_steps, known, keep)
+        latents = self.sample(
+            "appearance",
+            self.encode_images(layouts),
+            self.encode_prompts(prompts),
+            (height, width),
+            seed,
+            num_steps or self.params.num_steps,
+            known,
+            keep,
+        )
         images = self.decode(latents, height, width)
         if person_mask is not None:
             region = np.stack([np.asarray(m, dtype=bool) for m in person_mask])[..., None]
             images = np.where(region, images, scenes)
         return images
 
-    def __call__(self, scenes, prompts: Sequence[str], person_mask=None, poses=None, seed: int = 0,
-                 num_steps: int | None = None) -> SkeleGuideOutput:
+    def __call__(
+        self, scenes, prompts: Sequence[str], person_mask=None, poses=None, seed: int = 0, num_steps: int | None = None
+    ) -> SkeleGuideOutput:
         """Plan (or take ``poses``: keypoint JSON dicts or ``Skeleton``s, one per scene), then render.
 
         Without ``poses`` the layouts are planned and their poses parsed back

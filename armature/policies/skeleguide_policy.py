@@ -55,23 +55,30 @@ class SkeleGuideStage(Flux):
     def forward(self, policy, cond, model_in, t, t_in, guided):
         sigma = torch.as_tensor(t_in, device=policy.device).float() / 1000  # the scheduler's timesteps are 1000 sigma
         condition = guidance_branch(cond["condition"], guided)
-        velocity = policy.sg.flow(policy.stage, model_in, 1 - sigma, condition, policy.denoiser_inputs(cond, guided),
-                                  policy.image_size)
+        velocity = policy.sg.flow(
+            policy.stage, model_in, 1 - sigma, condition, policy.denoiser_inputs(cond, guided), policy.image_size
+        )
         return -velocity  # SkeleGuide's velocity is data - noise; diffusers' flow step takes noise - data
 
 
 class SkeleGuideStagePolicy(DiffusionPolicy):
     """The ``stage`` adapter of a :class:`SkeleGuidePipeline`, as a flow policy (module docstring)."""
 
-    def __init__(self, pipeline: SkeleGuidePipeline, stage: str, sampling: SamplingParams | None = None,
-                 conditions: str = "gym"):
+    def __init__(
+        self, pipeline: SkeleGuidePipeline, stage: str, sampling: SamplingParams | None = None, conditions: str = "gym"
+    ):
         if stage not in ADAPTERS:
             raise ValueError(f"model.stage={stage!r}: use one of {', '.join(ADAPTERS)}")
         self.sg, self.stage = pipeline, stage
         p = pipeline.params
         # the flux family's set-up freezes the transformer ...
-        super().__init__(pipeline.pipe, SkeleGuideStage(), sampling, pipeline.device,
-                         native_size=None if p.pretrained else p.tiny.image_size)
+        super().__init__(
+            pipeline.pipe,
+            SkeleGuideStage(),
+            sampling,
+            pipeline.device,
+            native_size=None if p.pretrained else p.tiny.image_size,
+        )
         self.lora = LoraParams(rank=p.lora_rank, alpha=p.lora_alpha, target_modules=LORA_TARGETS[p.lora_targets])
         pipeline.set_trainable([stage])  # ... so this stage's LoRA is made trainable after it
         pipeline.use_adapter(stage)
@@ -81,8 +88,10 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
             folder = Path(conditions)
             files = sorted(f for f in folder.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
             if not files:
-                raise ValueError(f"model.conditions={conditions!r}: not 'gym' and not a folder of images "
-                                 f"({', '.join(IMAGE_SUFFIXES)}); give a folder of {self._what()} or 'gym'")
+                raise ValueError(
+                    f"model.conditions={conditions!r}: not 'gym' and not a folder of images "
+                    f"({', '.join(IMAGE_SUFFIXES)}); give a folder of {self._what()} or 'gym'"
+                )
             self._files = files
 
     def _what(self) -> str:
@@ -106,12 +115,15 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
             try:
                 image = PIL.Image.open(path).convert("RGB")
             except OSError as err:
-                raise ValueError(f"model.conditions: {path} is not a readable image ({err}); "
-                                 "remove or replace it") from None
+                raise ValueError(
+                    f"model.conditions: {path} is not a readable image ({err}); remove or replace it"
+                ) from None
             return np.asarray(image.resize((w, h), PIL.Image.BICUBIC))
         if (h, w) != (SIZE, SIZE):
-            raise ValueError(f"model.conditions=gym draws {SIZE}x{SIZE} scenes; the model samples {w}x{h}: "
-                             "set sampling.height/width to 64 or give a folder of images")
+            raise ValueError(
+                f"model.conditions=gym draws {SIZE}x{SIZE} scenes; the model samples {w}x{h}: "
+                "set sampling.height/width to 64 or give a folder of images"
+            )
         pose = next((name for name, (text, _, _) in POSES.items() if text == prompt), None)
         triple = sample_triple(np.random.default_rng([seed, 2024]), pose)
         return triple.scene if self.stage == "skeletal" else triple.layout
@@ -140,10 +152,17 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         directory = Path(directory)
         (directory / self.stage).mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self.unet, adapter_name=self.stage)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / self.stage / ADAPTER_FILE,
-                  metadata={"format": "pt"})
-        config = {"skeleguide_stage": self.stage, "lora_targets": self.sg.params.lora_targets,
-                  "family": "skeleguide_stage", **(metadata or {})}
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            directory / self.stage / ADAPTER_FILE,
+            metadata={"format": "pt"},
+        )
+        config = {
+            "skeleguide_stage": self.stage,
+            "lora_targets": self.sg.params.lora_targets,
+            "family": "skeleguide_stage",
+            **(metadata or {}),
+        }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
         return directory
 

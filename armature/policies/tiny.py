@@ -110,8 +110,10 @@ def build_tiny_sd_pipeline(config: TinySDConfig | None = None):
             from diffusers import AutoencoderTiny
 
             if len(set(cfg.vae_channels)) != 1:
-                raise ValueError(f"tiny.vae_channels={list(cfg.vae_channels)}: vae_kind=taesd needs one width "
-                                 "for every level, e.g. [32, 32]")
+                raise ValueError(
+                    f"tiny.vae_channels={list(cfg.vae_channels)}: vae_kind=taesd needs one width "
+                    "for every level, e.g. [32, 32]"
+                )
 
             vae = AutoencoderTiny(
                 encoder_block_out_channels=tuple(cfg.vae_channels),
@@ -176,10 +178,16 @@ def tiny_vae(image_size: int, latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32), latent_channels=latent_channels, norm_num_groups=8,
-        sample_size=image_size, scaling_factor=1.0, shift_factor=0.0,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=image_size,
+        scaling_factor=1.0,
+        shift_factor=0.0,
     )
 
 
@@ -187,10 +195,16 @@ def tiny_clip(tokenizer, hidden: int, layers: int, max_tokens: int, with_project
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_tokens,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, projection_dim=hidden,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        projection_dim=hidden,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
@@ -198,11 +212,18 @@ def tiny_clip(tokenizer, hidden: int, layers: int, max_tokens: int, with_project
 def tiny_t5(tokenizer, d_model: int, layers: int):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
-        num_layers=layers, num_heads=4, pad_token_id=tokenizer.pad_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    ))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=d_model // 4,
+            d_ff=2 * d_model,
+            num_layers=layers,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
@@ -232,17 +253,29 @@ def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
 
             clip_2 = tiny_clip(tokenizer, cfg.text_hidden, cfg.text_layers, cfg.max_prompt_tokens, True)
             transformer = SD3Transformer2DModel(
-                sample_size=cfg.image_size // 2, patch_size=2, in_channels=4, out_channels=4,
-                num_layers=cfg.transformer_layers, attention_head_dim=cfg.head_dim,
-                num_attention_heads=cfg.transformer_heads, joint_attention_dim=2 * cfg.text_hidden,
-                caption_projection_dim=inner, pooled_projection_dim=2 * cfg.text_hidden,
+                sample_size=cfg.image_size // 2,
+                patch_size=2,
+                in_channels=4,
+                out_channels=4,
+                num_layers=cfg.transformer_layers,
+                attention_head_dim=cfg.head_dim,
+                num_attention_heads=cfg.transformer_heads,
+                joint_attention_dim=2 * cfg.text_hidden,
+                caption_projection_dim=inner,
+                pooled_projection_dim=2 * cfg.text_hidden,
                 pos_embed_max_size=max(16, cfg.image_size // 4),
             )
             scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
             return StableDiffusion3Pipeline(
-                transformer=transformer, scheduler=scheduler, vae=vae,
-                text_encoder=clip, tokenizer=tokenizer, text_encoder_2=clip_2, tokenizer_2=tokenizer,
-                text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+                transformer=transformer,
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=clip,
+                tokenizer=tokenizer,
+                text_encoder_2=clip_2,
+                tokenizer_2=tokenizer,
+                text_encoder_3=t5,
+                tokenizer_3=t5_tokenizer,
             )
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -250,16 +283,26 @@ def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
             raise ValueError(f"tiny.head_dim={cfg.head_dim}: FLUX's rotary axes need a multiple of 4")
         quarter = cfg.head_dim // 4
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=max(1, cfg.transformer_layers // 2),
+            patch_size=1,
+            in_channels=16,
+            num_layers=max(1, cfg.transformer_layers // 2),
             num_single_layers=max(1, cfg.transformer_layers - cfg.transformer_layers // 2),
-            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.transformer_heads,
-            joint_attention_dim=2 * cfg.text_hidden, pooled_projection_dim=cfg.text_hidden,
-            guidance_embeds=False, axes_dims_rope=(2 * quarter, quarter, quarter),
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.transformer_heads,
+            joint_attention_dim=2 * cfg.text_hidden,
+            pooled_projection_dim=cfg.text_hidden,
+            guidance_embeds=False,
+            axes_dims_rope=(2 * quarter, quarter, quarter),
         )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
     return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
-        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     )
 
 

@@ -56,11 +56,13 @@ class AestheticHead(nn.Module):
     Like LAION's predictor it has no activations, so it is an affine map of the embedding.
     """
 
-    def __init__(self, in_features: int = 768, hidden_sizes: Sequence[int] = LAION_HIDDEN_SIZES,
-                 dropout: float = 0.2):
+    def __init__(self, in_features: int = 768, hidden_sizes: Sequence[int] = LAION_HIDDEN_SIZES, dropout: float = 0.2):
         super().__init__()
-        self.config = {"in_features": int(in_features), "hidden_sizes": [int(h) for h in hidden_sizes],
-                       "dropout": float(dropout)}
+        self.config = {
+            "in_features": int(in_features),
+            "hidden_sizes": [int(h) for h in hidden_sizes],
+            "dropout": float(dropout),
+        }
         layers: list[nn.Module] = []
         width = in_features
         for i, hidden in enumerate(hidden_sizes):
@@ -81,8 +83,13 @@ def _size_pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
-def clip_preprocess(images: torch.Tensor, size: int | tuple[int, int], crop_size: tuple[int, int] | None,
-                    mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def clip_preprocess(
+    images: torch.Tensor,
+    size: int | tuple[int, int],
+    crop_size: tuple[int, int] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
     """Differentiable CLIP preprocessing of float images ``[B, 3, H, W]`` in ``[0, 1]``.
 
     ``size`` is an int (resize the shortest edge to it, keeping the aspect ratio) or an
@@ -103,7 +110,7 @@ def clip_preprocess(images: torch.Tensor, size: int | tuple[int, int], crop_size
         if crop_h > height or crop_w > width:
             raise ValueError(f"crop {crop_size} is larger than the resized image {(height, width)}")
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        images = images[..., top:top + crop_h, left:left + crop_w]
+        images = images[..., top : top + crop_h, left : left + crop_w]
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / std_t
@@ -135,7 +142,9 @@ class AestheticScorer(DifferentiableReward):
         if clip is None:
             clip = os.path.join(path, CLIP_SUBFOLDER)
             if not os.path.isdir(clip):
-                raise FileNotFoundError(f"{CLIP_SUBFOLDER}/ is missing from aesthetic scorer folder {path!r}; {_LAYOUT}")
+                raise FileNotFoundError(
+                    f"{CLIP_SUBFOLDER}/ is missing from aesthetic scorer folder {path!r}; {_LAYOUT}"
+                )
 
         self.path = path
         self.device = torch.device(device)
@@ -203,8 +212,7 @@ def _calibration_images(seed: int, n: int = 32, size: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     k = n // 4
     noise = torch.rand(k, 3, size, size, generator=g)
-    blobs = F.interpolate(torch.rand(k, 3, 4, 4, generator=g), size=(size, size), mode="bilinear",
-                          align_corners=False)
+    blobs = F.interpolate(torch.rand(k, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False)
     flat = torch.rand(k, 3, 1, 1, generator=g).expand(k, 3, size, size)
     ramp = torch.linspace(0, 1, size).view(1, 1, 1, size)
     start, end = torch.rand(k, 3, 1, 1, generator=g), torch.rand(k, 3, 1, 1, generator=g)
@@ -212,8 +220,13 @@ def _calibration_images(seed: int, n: int = 32, size: int = 32) -> torch.Tensor:
     return torch.cat([noise, blobs, flat, gradients]).contiguous()
 
 
-def build_tiny_aesthetic(path: str, seed: int = 0, hidden_sizes: Sequence[int] = (64, 32, 16, 8),
-                         target_mean: float = 5.0, target_std: float = 1.0) -> str:
+def build_tiny_aesthetic(
+    path: str,
+    seed: int = 0,
+    hidden_sizes: Sequence[int] = (64, 32, 16, 8),
+    target_mean: float = 5.0,
+    target_std: float = 1.0,
+) -> str:
     """Write a tiny random aesthetic scorer to ``path`` (deterministic for ``seed``).
 
     The CLIP vision tower is tiny (image 32, patch 8, hidden 32, 2 layers, 2 heads,
@@ -227,8 +240,15 @@ def build_tiny_aesthetic(path: str, seed: int = 0, hidden_sizes: Sequence[int] =
     path = os.fspath(path)
     clip_dir = os.path.join(path, CLIP_SUBFOLDER)
     os.makedirs(clip_dir, exist_ok=True)
-    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    config = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = CLIPVisionModelWithProjection(config)
@@ -236,10 +256,16 @@ def build_tiny_aesthetic(path: str, seed: int = 0, hidden_sizes: Sequence[int] =
     clip.save_pretrained(clip_dir)
     preprocessor = {
         "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True, "size": {"shortest_edge": config.image_size}, "resample": 3,  # bicubic
-        "do_center_crop": True, "crop_size": {"height": config.image_size, "width": config.image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "do_resize": True,
+        "size": {"shortest_edge": config.image_size},
+        "resample": 3,  # bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": config.image_size, "width": config.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
         "do_convert_rgb": True,
     }
     with open(os.path.join(clip_dir, PREPROCESSOR_CONFIG), "w") as f:

@@ -70,11 +70,25 @@ def require_pose_files(cache_dir: str | os.PathLike | None = None) -> Path:
 def download_mediapipe_wheel(dest: str | os.PathLike) -> Path:
     """``pip download`` the mediapipe wheel (no dependencies, binary only) into ``dest``."""
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--platform", "manylinux_2_17_x86_64", "--python-version", "3.11",
-        "--implementation", "cp", "--abi", "cp311",
-        f"mediapipe=={MEDIAPIPE_VERSION}", "--dest", os.fspath(dest),
-        "--disable-pip-version-check", "--quiet",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--platform",
+        "manylinux_2_17_x86_64",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        f"mediapipe=={MEDIAPIPE_VERSION}",
+        "--dest",
+        os.fspath(dest),
+        "--disable-pip-version-check",
+        "--quiet",
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -101,8 +115,9 @@ def extract_pose_files(wheel: str | os.PathLike, cache_dir: str | os.PathLike | 
     return folder
 
 
-def fetch_pose_assets(cache_dir: str | os.PathLike | None = None, force: bool = False,
-                      wheel: str | os.PathLike | None = None) -> Path:
+def fetch_pose_assets(
+    cache_dir: str | os.PathLike | None = None, force: bool = False, wheel: str | os.PathLike | None = None
+) -> Path:
     """Make sure the pose models are in the cache; returns their folder.
 
     ``wheel``: an already downloaded mediapipe wheel to extract instead of downloading.

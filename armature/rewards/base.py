@@ -58,9 +58,7 @@ class Reward(ABC):
             raise TypeError("images must be a list of PIL images, got a single image")
         images, prompts = list(images), list(prompts)
         if len(images) != len(prompts):
-            raise ValueError(
-                f"got {len(images)} images but {len(prompts)} prompts; they must have the same length"
-            )
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; they must have the same length")
         for i, image in enumerate(images):
             if not isinstance(image, PIL.Image.Image):
                 raise TypeError(f"images[{i}] is a {type(image).__name__}, expected a PIL.Image.Image")

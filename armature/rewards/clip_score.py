@@ -78,7 +78,12 @@ def read_image_preprocessing(source: str, image_size: int):
     if isinstance(size, dict):
         size = int(size["shortest_edge"]) if "shortest_edge" in size else pair(size)
     crop = pair(config.get("crop_size", image_size)) if config.get("do_center_crop", True) else None
-    return size, crop, tuple(config.get("image_mean", OPENAI_CLIP_MEAN)), tuple(config.get("image_std", OPENAI_CLIP_STD))
+    return (
+        size,
+        crop,
+        tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+        tuple(config.get("image_std", OPENAI_CLIP_STD)),
+    )
 
 
 class ClipSimilarity(DifferentiableReward):
@@ -93,17 +98,26 @@ class ClipSimilarity(DifferentiableReward):
         name: the reward's name in logs.
     """
 
-    def __init__(self, path: str, processor: str | None = None, scale: float | str = 1.0,
-                 clamp_negative: bool = False, device: str = "cpu", name: str = "clip_similarity",
-                 max_prompt_tokens: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        processor: str | None = None,
+        scale: float | str = 1.0,
+        clamp_negative: bool = False,
+        device: str = "cpu",
+        name: str = "clip_similarity",
+        max_prompt_tokens: int | None = None,
+    ):
         from transformers import AutoTokenizer, CLIPModel
 
         path = os.fspath(path)
         checkpoint_file = os.path.isfile(path)
         if checkpoint_file and not processor:
-            raise ValueError(f"reward {name!r}: path={path!r} is a checkpoint file, which holds no tokenizer or "
-                             "preprocessing: set `processor` to a hub id or folder (HPS v2: "
-                             f"{HPS_V2_PROCESSOR})")
+            raise ValueError(
+                f"reward {name!r}: path={path!r} is a checkpoint file, which holds no tokenizer or "
+                "preprocessing: set `processor` to a hub id or folder (HPS v2: "
+                f"{HPS_V2_PROCESSOR})"
+            )
         processor = os.fspath(processor) if processor else path
         self.name = name
         self.device = torch.device(device)
@@ -129,12 +143,14 @@ class ClipSimilarity(DifferentiableReward):
         self.clamp_negative = bool(clamp_negative)
         self.max_prompt_tokens = int(max_prompt_tokens or self.model.config.text_config.max_position_embeddings)
         self.size, self.crop_size, self.mean, self.std = read_image_preprocessing(
-            processor, self.model.config.vision_config.image_size)
+            processor, self.model.config.vision_config.image_size
+        )
 
     @torch.no_grad()
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.max_prompt_tokens, return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_prompt_tokens, return_tensors="pt"
+        ).to(self.device)
         out = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
         return F.normalize(_features(out), dim=-1)
 
@@ -159,9 +175,13 @@ def _clip_from_checkpoint(path: str, tokenizer, name: str):
         raise CheckpointMismatchError(
             f"reward {name!r}: {path!r} is not an open_clip CLIP checkpoint (its first keys: {shown}); "
             "a transformers model goes in a folder (CLIPModel.save_pretrained)",
-            absent=[k for k in ("visual.conv1.weight", "token_embedding.weight") if k not in state_dict])
-    special = {key: getattr(tokenizer, key) for key in ("eos_token_id", "bos_token_id", "pad_token_id")
-               if getattr(tokenizer, key, None) is not None}
+            absent=[k for k in ("visual.conv1.weight", "token_embedding.weight") if k not in state_dict],
+        )
+    special = {
+        key: getattr(tokenizer, key)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id")
+        if getattr(tokenizer, key, None) is not None
+    }
     return load_open_clip_as_transformers(state_dict, **special)
 
 
@@ -173,8 +193,12 @@ def _features(out) -> torch.Tensor:
 
 
 @register("clip_score")
-def clip_score(path: str = "openai/clip-vit-large-patch14", processor: str | None = None, weight_w: float = 2.5,
-               device: str = "cpu") -> ClipSimilarity:
+def clip_score(
+    path: str = "openai/clip-vit-large-patch14",
+    processor: str | None = None,
+    weight_w: float = 2.5,
+    device: str = "cpu",
+) -> ClipSimilarity:
     """CLIPScore (Hessel et al., 2021, eq. 1): ``w * max(cos, 0)``, ``w = weight_w = 2.5``."""
     return ClipSimilarity(path, processor, scale=weight_w, clamp_negative=True, device=device, name="clip_score")
 
@@ -194,8 +218,11 @@ def hps_v2(path: str, processor: str | None = None, scale: float = 1.0, device: 
 
 
 @register("pickscore")
-def pickscore(path: str = "yuvalkirstain/PickScore_v1", processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-              device: str = "cpu") -> ClipSimilarity:
+def pickscore(
+    path: str = "yuvalkirstain/PickScore_v1",
+    processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    device: str = "cpu",
+) -> ClipSimilarity:
     """PickScore: ``exp(logit_scale) * cos`` of the Pick-a-Pic fine-tuned CLIP-H."""
     return ClipSimilarity(path, processor, scale="logit_scale", device=device, name="pickscore")
 
@@ -207,12 +234,25 @@ def build_tiny_clip(path: str, tokenizer, seed: int = 0, image_size: int = 32) -
 
     os.makedirs(path, exist_ok=True)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
         projection_dim=32,
     )
     with torch.random.fork_rng(devices=[]):
@@ -221,8 +261,18 @@ def build_tiny_clip(path: str, tokenizer, seed: int = 0, image_size: int = 32) -
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-                   "size": {"shortest_edge": image_size}, "do_center_crop": True,
-                   "crop_size": {"height": image_size, "width": image_size}, "do_normalize": True,
-                   "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}, f, indent=2)
+        json.dump(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": image_size},
+                "do_center_crop": True,
+                "crop_size": {"height": image_size, "width": image_size},
+                "do_normalize": True,
+                "image_mean": list(OPENAI_CLIP_MEAN),
+                "image_std": list(OPENAI_CLIP_STD),
+            },
+            f,
+            indent=2,
+        )
     return path

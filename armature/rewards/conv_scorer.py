@@ -30,8 +30,14 @@ DEFAULT_WIDTHS = (32, 64, 64, 128)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.GroupNorm(8, cout),
+        nn.SiLU(),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.GroupNorm(8, cout),
+        nn.SiLU(),
+    )
 
 
 class ConvNet(nn.Module):
@@ -40,8 +46,10 @@ class ConvNet(nn.Module):
     def __init__(self, widths: Sequence[int] = DEFAULT_WIDTHS):
         super().__init__()
         if not widths or any(int(w) % 8 for w in widths):
-            raise ValueError(f"algo.conv_widths={list(widths)}: give one or more channel counts, each a multiple of 8 "
-                             "(GroupNorm of 8 groups)")
+            raise ValueError(
+                f"algo.conv_widths={list(widths)}: give one or more channel counts, each a multiple of 8 "
+                "(GroupNorm of 8 groups)"
+            )
         self.widths = [int(w) for w in widths]
         layers, cin = [], 3
         for i, w in enumerate(widths):
@@ -69,8 +77,9 @@ class ConvScorer(DifferentiableReward):
         """``[B, 3, H, W]`` in ``[0, 1]`` -> the network's input."""
         images = images.to(self.device, torch.float32)
         if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )
         return images * 2.0 - 1.0
 
     def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -94,9 +103,11 @@ class ConvScorer(DifferentiableReward):
 
         weights = os.path.join(folder, WEIGHTS_FILE)
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"learned reward: {folder!r} says kind 'conv' but has no {WEIGHTS_FILE}; "
-                                    "give the scorer/ folder an `armature train algo=reward_model algo.backbone=conv` "
-                                    "run wrote")
+            raise FileNotFoundError(
+                f"learned reward: {folder!r} says kind 'conv' but has no {WEIGHTS_FILE}; "
+                "give the scorer/ folder an `armature train algo=reward_model algo.backbone=conv` "
+                "run wrote"
+            )
         net = ConvNet(meta.get("widths", DEFAULT_WIDTHS))
         net.load_state_dict(load_file(weights))
         return cls(net, meta.get("image_size", 64), device=device, name=name)

@@ -108,16 +108,25 @@ StateDict = dict[str, torch.Tensor]
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not map one to one onto the target module."""
 
-    def __init__(self, what: str, unmatched: Iterable[str] = (), missing: Iterable[str] = (),
-                 unexpected: Iterable[str] = (), shapes: Iterable[str] = (), absent: Iterable[str] = ()):
+    def __init__(
+        self,
+        what: str,
+        unmatched: Iterable[str] = (),
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        shapes: Iterable[str] = (),
+        absent: Iterable[str] = (),
+    ):
         self.unmatched, self.missing = sorted(unmatched), sorted(missing)
         self.unexpected, self.shapes, self.absent = sorted(unexpected), sorted(shapes), sorted(absent)
         parts = [f"{what}: the checkpoint does not map onto the target model (nothing was loaded)"]
-        for label, keys in (("source keys the checkpoint should have but lacks", self.absent),
-                            ("source keys no conversion rule knows", self.unmatched),
-                            ("target keys the checkpoint does not provide", self.missing),
-                            ("converted keys the target does not have", self.unexpected),
-                            ("shape mismatches", self.shapes)):
+        for label, keys in (
+            ("source keys the checkpoint should have but lacks", self.absent),
+            ("source keys no conversion rule knows", self.unmatched),
+            ("target keys the checkpoint does not provide", self.missing),
+            ("converted keys the target does not have", self.unexpected),
+            ("shape mismatches", self.shapes),
+        ):
             if keys:
                 shown = ", ".join(keys[:25]) + (f", ... ({len(keys) - 25} more)" if len(keys) > 25 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
@@ -141,7 +150,7 @@ def unwrap_state_dict(obj) -> StateDict:
     if not tensors:
         raise ValueError("the checkpoint holds no tensors (looked at the top level, 'state_dict' and 'model')")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -170,8 +179,9 @@ def _layer_count(keys: Iterable[str], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
     if indices and indices != set(range(len(indices))):
-        raise CheckpointMismatchError(f"layers under {prefix!r}",
-                                      absent=[f"{prefix}{i}" for i in set(range(max(indices) + 1)) - indices])
+        raise CheckpointMismatchError(
+            f"layers under {prefix!r}", absent=[f"{prefix}{i}" for i in set(range(max(indices) + 1)) - indices]
+        )
     return len(indices)
 
 
@@ -186,8 +196,11 @@ def _check(converted: StateDict, target: torch.nn.Module, what: str, unmatched: 
     unmatched = list(unmatched)
     missing = set(expected) - set(converted)
     unexpected = set(converted) - set(expected)
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {expected[k]}"
-              for k, v in converted.items() if k in expected and tuple(v.shape) != expected[k]]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {expected[k]}"
+        for k, v in converted.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
     if unmatched or missing or unexpected or shapes:
         raise CheckpointMismatchError(what, unmatched, missing, unexpected, shapes)
 
@@ -200,11 +213,16 @@ def _on_meta(build):
 # ---------------------------------------------------------------------------------------------- open_clip
 
 _OPEN_CLIP_BLOCK = {
-    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
-    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
 }
 _OPEN_CLIP_DIRECT = {
     "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -223,13 +241,21 @@ _OPEN_CLIP_DIRECT = {
 _OPEN_CLIP_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 # the causal mask buffer: persistent in older open_clip versions, rebuilt by CLIPModel
 _OPEN_CLIP_DROPPED = {"attn_mask"}
-_OPEN_CLIP_TOWERS = (("visual.transformer.resblocks.", "vision_model.encoder.layers."),
-                     ("transformer.resblocks.", "text_model.encoder.layers."))
+_OPEN_CLIP_TOWERS = (
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+)
 
 
-def clip_config_from_open_clip(state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None,
-                               text_heads: int | None = None, hidden_act: str = "gelu", layer_norm_eps: float = 1e-5,
-                               **text_config):
+def clip_config_from_open_clip(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    hidden_act: str = "gelu",
+    layer_norm_eps: float = 1e-5,
+    **text_config,
+):
     """A ``CLIPConfig`` whose shapes match an open_clip state dict.
 
     Widths, depths, patch and image size, context length and vocabulary are read from the shapes.
@@ -243,29 +269,51 @@ def clip_config_from_open_clip(state_dict: Mapping[str, torch.Tensor], *, vision
     from transformers import CLIPConfig
 
     sd = unwrap_state_dict(state_dict)
-    _require(sd, "open_clip checkpoint", "visual.conv1.weight", "visual.positional_embedding", "visual.proj",
-             "token_embedding.weight", "positional_embedding", "text_projection",
-             "visual.transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_fc.weight")
+    _require(
+        sd,
+        "open_clip checkpoint",
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "token_embedding.weight",
+        "positional_embedding",
+        "text_projection",
+        "visual.transformer.resblocks.0.mlp.c_fc.weight",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+    )
     conv = sd["visual.conv1.weight"]
     width, patch = conv.shape[0], conv.shape[-1]
     grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
     if grid * grid + 1 != sd["visual.positional_embedding"].shape[0]:
-        raise ValueError(f"visual.positional_embedding has {sd['visual.positional_embedding'].shape[0]} rows, "
-                         "not 1 + a square grid of patches")
+        raise ValueError(
+            f"visual.positional_embedding has {sd['visual.positional_embedding'].shape[0]} rows, "
+            "not 1 + a square grid of patches"
+        )
     text_width = sd["token_embedding.weight"].shape[1]
     if vision_heads is None:
         vision_heads = width // 64 if width <= 1024 else 16
     if text_heads is None:
         text_heads = text_width // 64
-    vision = dict(hidden_size=width, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  num_hidden_layers=_layer_count(sd, "visual.transformer.resblocks."),
-                  num_attention_heads=vision_heads, image_size=patch * grid, patch_size=patch,
-                  hidden_act=hidden_act, layer_norm_eps=layer_norm_eps)
-    text = dict(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=text_width,
-                intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                num_hidden_layers=_layer_count(sd, "transformer.resblocks."), num_attention_heads=text_heads,
-                max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=hidden_act,
-                layer_norm_eps=layer_norm_eps)
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=_layer_count(sd, "visual.transformer.resblocks."),
+        num_attention_heads=vision_heads,
+        image_size=patch * grid,
+        patch_size=patch,
+        hidden_act=hidden_act,
+        layer_norm_eps=layer_norm_eps,
+    )
+    text = dict(
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        hidden_size=text_width,
+        intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=_layer_count(sd, "transformer.resblocks."),
+        num_attention_heads=text_heads,
+        max_position_embeddings=sd["positional_embedding"].shape[0],
+        hidden_act=hidden_act,
+        layer_norm_eps=layer_norm_eps,
+    )
     text.update(text_config)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=sd["visual.proj"].shape[1])
 
@@ -322,9 +370,9 @@ def load_open_clip_as_transformers(path_or_state_dict, **config_options):
     sd = path_or_state_dict
     sd = read_checkpoint(sd) if isinstance(sd, (str, os.PathLike)) else unwrap_state_dict(sd)
     if not is_open_clip_state_dict(sd):
-        raise CheckpointMismatchError("open_clip checkpoint", absent=[k for k in ("visual.conv1.weight",
-                                                                                 "token_embedding.weight")
-                                                                      if k not in sd])
+        raise CheckpointMismatchError(
+            "open_clip checkpoint", absent=[k for k in ("visual.conv1.weight", "token_embedding.weight") if k not in sd]
+        )
     config = clip_config_from_open_clip(sd, **config_options)
     converted = open_clip_to_transformers(sd, config)
     model = CLIPModel(config)
@@ -343,16 +391,26 @@ _BLIP_VIT_DIRECT = {
     "norm.bias": "post_layernorm.bias",
 }
 _BLIP_VIT_BLOCK = {
-    "norm1.weight": "layer_norm1.weight", "norm1.bias": "layer_norm1.bias",
-    "norm2.weight": "layer_norm2.weight", "norm2.bias": "layer_norm2.bias",
-    "attn.qkv.weight": "self_attn.qkv.weight", "attn.qkv.bias": "self_attn.qkv.bias",
-    "attn.proj.weight": "self_attn.projection.weight", "attn.proj.bias": "self_attn.projection.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+    "norm1.weight": "layer_norm1.weight",
+    "norm1.bias": "layer_norm1.bias",
+    "norm2.weight": "layer_norm2.weight",
+    "norm2.bias": "layer_norm2.bias",
+    "attn.qkv.weight": "self_attn.qkv.weight",
+    "attn.qkv.bias": "self_attn.qkv.bias",
+    "attn.proj.weight": "self_attn.projection.weight",
+    "attn.proj.bias": "self_attn.projection.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
 }
 # parameters of BLIP_Pretrain that ImageReward's score never reads
-IMAGE_REWARD_UNUSED = ("blip.vision_proj.weight", "blip.vision_proj.bias",
-                       "blip.text_proj.weight", "blip.text_proj.bias")
+IMAGE_REWARD_UNUSED = (
+    "blip.vision_proj.weight",
+    "blip.vision_proj.bias",
+    "blip.text_proj.weight",
+    "blip.text_proj.bias",
+)
 _VIT, _TEXT, _MLP = "blip.visual_encoder.", "blip.text_encoder.", "mlp.layers."
 
 
@@ -363,25 +421,34 @@ def build_image_reward_modules(config, head_config: dict) -> torch.nn.ModuleDict
     :func:`image_reward_to_transformers`."""
     from transformers import BlipTextModel, BlipVisionModel
 
-    return torch.nn.ModuleDict({
-        "vision": BlipVisionModel(config.vision_config),
-        "text": BlipTextModel(config.text_config, add_pooling_layer=False),
-        "head": AestheticHead(**head_config),
-    })
+    return torch.nn.ModuleDict(
+        {
+            "vision": BlipVisionModel(config.vision_config),
+            "text": BlipTextModel(config.text_config, add_pooling_layer=False),
+            "head": AestheticHead(**head_config),
+        }
+    )
 
 
 def image_reward_head_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """``AestheticHead`` arguments read from the ``mlp.layers.K`` Linear shapes."""
-    indices = sorted({int(k[len(_MLP):].split(".")[0]) for k in state_dict if k.startswith(_MLP)})
+    indices = sorted({int(k[len(_MLP) :].split(".")[0]) for k in state_dict if k.startswith(_MLP)})
     if not indices:
         raise CheckpointMismatchError("ImageReward head", absent=["mlp.layers.*"])
     widths = [state_dict[f"{_MLP}{i}.weight"].shape[0] for i in indices if f"{_MLP}{i}.weight" in state_dict]
-    return {"in_features": int(state_dict[f"{_MLP}{indices[0]}.weight"].shape[1]),
-            "hidden_sizes": [int(w) for w in widths[:-1]]}
+    return {
+        "in_features": int(state_dict[f"{_MLP}{indices[0]}.weight"].shape[1]),
+        "hidden_sizes": [int(w) for w in widths[:-1]],
+    }
 
 
-def image_reward_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None,
-                                        text_heads: int | None = None, **text_config):
+def image_reward_config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    **text_config,
+):
     """A ``BlipConfig`` whose towers match an ImageReward state dict.
 
     Shapes give the widths, depths, patch and image size, vocabulary and the cross-attention width.
@@ -391,10 +458,17 @@ def image_reward_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], 
     from transformers import BlipConfig
 
     sd = unwrap_state_dict(state_dict)
-    _require(sd, "ImageReward checkpoint", _VIT + "patch_embed.proj.weight", _VIT + "pos_embed",
-             _VIT + "blocks.0.mlp.fc1.weight", _TEXT + "embeddings.word_embeddings.weight",
-             _TEXT + "embeddings.position_embeddings.weight", _TEXT + "encoder.layer.0.intermediate.dense.weight",
-             _TEXT + "encoder.layer.0.crossattention.self.key.weight")
+    _require(
+        sd,
+        "ImageReward checkpoint",
+        _VIT + "patch_embed.proj.weight",
+        _VIT + "pos_embed",
+        _VIT + "blocks.0.mlp.fc1.weight",
+        _TEXT + "embeddings.word_embeddings.weight",
+        _TEXT + "embeddings.position_embeddings.weight",
+        _TEXT + "encoder.layer.0.intermediate.dense.weight",
+        _TEXT + "encoder.layer.0.crossattention.self.key.weight",
+    )
     conv = sd[_VIT + "patch_embed.proj.weight"]
     width, patch = conv.shape[0], conv.shape[-1]
     tokens = sd[_VIT + "pos_embed"].shape[1]
@@ -402,17 +476,28 @@ def image_reward_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], 
     if grid * grid + 1 != tokens:
         raise ValueError(f"{_VIT}pos_embed has {tokens} positions, not 1 + a square grid of patches")
     text_width = sd[_TEXT + "embeddings.word_embeddings.weight"].shape[1]
-    vision = dict(hidden_size=width, intermediate_size=sd[_VIT + "blocks.0.mlp.fc1.weight"].shape[0],
-                  num_hidden_layers=_layer_count(sd, _VIT + "blocks."),
-                  num_attention_heads=vision_heads or width // 64, image_size=patch * grid, patch_size=patch,
-                  hidden_act="gelu", layer_norm_eps=1e-6)
-    text = dict(vocab_size=sd[_TEXT + "embeddings.word_embeddings.weight"].shape[0], hidden_size=text_width,
-                intermediate_size=sd[_TEXT + "encoder.layer.0.intermediate.dense.weight"].shape[0],
-                num_hidden_layers=_layer_count(sd, _TEXT + "encoder.layer."),
-                num_attention_heads=text_heads or text_width // 64,
-                max_position_embeddings=sd[_TEXT + "embeddings.position_embeddings.weight"].shape[0],
-                encoder_hidden_size=sd[_TEXT + "encoder.layer.0.crossattention.self.key.weight"].shape[1],
-                hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=sd[_VIT + "blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_layer_count(sd, _VIT + "blocks."),
+        num_attention_heads=vision_heads or width // 64,
+        image_size=patch * grid,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    )
+    text = dict(
+        vocab_size=sd[_TEXT + "embeddings.word_embeddings.weight"].shape[0],
+        hidden_size=text_width,
+        intermediate_size=sd[_TEXT + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_hidden_layers=_layer_count(sd, _TEXT + "encoder.layer."),
+        num_attention_heads=text_heads or text_width // 64,
+        max_position_embeddings=sd[_TEXT + "embeddings.position_embeddings.weight"].shape[0],
+        encoder_hidden_size=sd[_TEXT + "encoder.layer.0.crossattention.self.key.weight"].shape[1],
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
     text.update(text_config)
     return BlipConfig(text_config=text, vision_config=vision)
 
@@ -432,7 +517,7 @@ def image_reward_to_transformers(state_dict: Mapping[str, torch.Tensor], config=
         if key in IMAGE_REWARD_UNUSED:
             continue
         if key.startswith(_VIT):
-            rest = key[len(_VIT):]
+            rest = key[len(_VIT) :]
             match = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)
             if rest in _BLIP_VIT_DIRECT:
                 out["vision." + _BLIP_VIT_DIRECT[rest]] = value
@@ -441,17 +526,21 @@ def image_reward_to_transformers(state_dict: Mapping[str, torch.Tensor], config=
             else:
                 unmatched.append(key)
         elif key.startswith(_TEXT):
-            rest = key[len(_TEXT):]
+            rest = key[len(_TEXT) :]
             if rest == "embeddings.position_ids":
                 if not value.is_meta and not torch.equal(value.reshape(-1).long(), torch.arange(value.numel())):
                     unmatched.append(f"{key} (not 0, 1, 2, ...: custom position ids are not supported)")
                 continue
             out["text." + rest] = value
         elif key.startswith(_MLP):
-            out["head.layers." + key[len(_MLP):]] = value
+            out["head.layers." + key[len(_MLP) :]] = value
         else:
             unmatched.append(key)
     head_config = image_reward_head_config(sd)
-    _check(out, _on_meta(lambda: build_image_reward_modules(config, head_config)), "ImageReward -> transformers BLIP",
-           unmatched)
+    _check(
+        out,
+        _on_meta(lambda: build_image_reward_modules(config, head_config)),
+        "ImageReward -> transformers BLIP",
+        unmatched,
+    )
     return out

@@ -76,8 +76,10 @@ def _blip_tokenizer(source: str, vocab_size: int):
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"image_reward: tokenizer {source!r} has {len(tokenizer)} tokens, more than the "
-                         f"checkpoint's {vocab_size} embedding rows")
+        raise ValueError(
+            f"image_reward: tokenizer {source!r} has {len(tokenizer)} tokens, more than the "
+            f"checkpoint's {vocab_size} embedding rows"
+        )
     return tokenizer
 
 
@@ -109,9 +111,14 @@ class ImageReward(DifferentiableReward):
     def _load_checkpoint(self, path: str, tokenizer: str) -> None:
         state_dict = read_checkpoint(path)
         if not is_image_reward_state_dict(state_dict):
-            raise CheckpointMismatchError(f"image_reward: {path!r} is not an ImageReward checkpoint",
-                                          absent=[k for k in ("blip.visual_encoder.patch_embed.proj.weight",
-                                                               "mlp.layers.0.weight") if k not in state_dict])
+            raise CheckpointMismatchError(
+                f"image_reward: {path!r} is not an ImageReward checkpoint",
+                absent=[
+                    k
+                    for k in ("blip.visual_encoder.patch_embed.proj.weight", "mlp.layers.0.weight")
+                    if k not in state_dict
+                ],
+            )
         config = image_reward_config_from_state_dict(state_dict)
         modules = build_image_reward_modules(config, image_reward_head_config(state_dict))
         converted = image_reward_to_transformers(state_dict, config)
@@ -121,9 +128,11 @@ class ImageReward(DifferentiableReward):
         try:
             self.tokenizer = _blip_tokenizer(tokenizer, config.text_config.vocab_size)
         except OSError as err:
-            raise FileNotFoundError(f"image_reward: could not load the tokenizer {tokenizer!r} (BERT's "
-                                    "bert-base-uncased for ImageReward.pt); give `tokenizer` a local folder "
-                                    f"or a hub id in the cache: {err}") from err
+            raise FileNotFoundError(
+                f"image_reward: could not load the tokenizer {tokenizer!r} (BERT's "
+                "bert-base-uncased for ImageReward.pt); give `tokenizer` a local folder "
+                f"or a hub id in the cache: {err}"
+            ) from err
         # ImageReward's preprocessing: Resize(224, bicubic) of the short side, CenterCrop(224), CLIP mean/std
         size = config.vision_config.image_size
         self.size, self.crop_size = size, (size, size)
@@ -134,9 +143,11 @@ class ImageReward(DifferentiableReward):
 
         for part in ("blip", "head.safetensors", "head.json"):
             if not os.path.exists(os.path.join(path, part)):
-                raise FileNotFoundError(f"image_reward: {part} is missing from path={path!r}; expected ImageReward.pt "
-                                        "or a folder with blip/ (BlipForImageTextRetrieval.save_pretrained), "
-                                        "head.safetensors and head.json")
+                raise FileNotFoundError(
+                    f"image_reward: {part} is missing from path={path!r}; expected ImageReward.pt "
+                    "or a folder with blip/ (BlipForImageTextRetrieval.save_pretrained), "
+                    "head.safetensors and head.json"
+                )
         blip_dir = os.path.join(path, "blip")
         blip = BlipForImageTextRetrieval.from_pretrained(blip_dir)
         self.vision, self.text = blip.vision_model, blip.text_encoder
@@ -151,14 +162,19 @@ class ImageReward(DifferentiableReward):
 
     def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         self._check_tensor(images, prompts)
-        pixels = clip_preprocess(images.to(self.device, torch.float32), self.size, self.crop_size,
-                                 self.image_mean, self.image_std)
+        pixels = clip_preprocess(
+            images.to(self.device, torch.float32), self.size, self.crop_size, self.image_mean, self.image_std
+        )
         image_tokens = self.vision(pixel_values=pixels).last_hidden_state
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.max_prompt_tokens, return_tensors="pt").to(self.device)
-        text = self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                         encoder_hidden_states=image_tokens,
-                         encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device))
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_prompt_tokens, return_tensors="pt"
+        ).to(self.device)
+        text = self.text(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device),
+        )
         features = text.last_hidden_state[:, 0]
         return (self.head(features).squeeze(-1) - self.mean) / self.std
 
@@ -170,13 +186,28 @@ def build_tiny_image_reward(path: str, tokenizer, seed: int = 0, image_size: int
     blip_dir = os.path.join(path, "blip")
     os.makedirs(blip_dir, exist_ok=True)
     config = BlipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=32,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         sep_token_id=tokenizer.eos_token_id),
-        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
-        projection_dim=32, image_text_hidden_size=32,
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            encoder_hidden_size=32,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            sep_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=32,
+        image_text_hidden_size=32,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -185,9 +216,17 @@ def build_tiny_image_reward(path: str, tokenizer, seed: int = 0, image_size: int
     blip.save_pretrained(blip_dir)
     tokenizer.save_pretrained(blip_dir)
     with open(os.path.join(blip_dir, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "BlipImageProcessor", "do_resize": True,
-                   "size": {"height": image_size, "width": image_size}, "do_center_crop": False,
-                   "do_normalize": True}, f, indent=2)
+        json.dump(
+            {
+                "image_processor_type": "BlipImageProcessor",
+                "do_resize": True,
+                "size": {"height": image_size, "width": image_size},
+                "do_center_crop": False,
+                "do_normalize": True,
+            },
+            f,
+            indent=2,
+        )
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(path, "head.safetensors"))
     with open(os.path.join(path, "head.json"), "w") as f:
         json.dump({**head.config, "mean": IMAGE_REWARD_MEAN, "std": IMAGE_REWARD_STD}, f, indent=2)

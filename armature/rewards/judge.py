@@ -39,21 +39,23 @@ from .registry import register
 __all__ = ["MLLMJudge", "parse_likert", "parse_choice", "DEFAULT_TEMPLATES", "build_tiny_vlm"]
 
 DEFAULT_TEMPLATES = {
-    "anatomy": "The image was generated for the prompt \"{prompt}\". Rate the anatomical correctness of any "
-               "people or animals (limbs, hands, faces) from 1 (badly malformed) to {scale} (flawless). "
-               "Answer with one number.",
+    "anatomy": 'The image was generated for the prompt "{prompt}". Rate the anatomical correctness of any '
+    "people or animals (limbs, hands, faces) from 1 (badly malformed) to {scale} (flawless). "
+    "Answer with one number.",
     "artifacts": "Rate how free this image is of visual artifacts (distortions, duplicated parts, smears) "
-                 "from 1 (many) to {scale} (none). Answer with one number.",
+    "from 1 (many) to {scale} (none). Answer with one number.",
     "aesthetics": "Rate the aesthetic quality of this image from 1 (poor) to {scale} (excellent). "
-                  "Answer with one number.",
+    "Answer with one number.",
     "composition": "Rate the composition of this image from 1 (poor) to {scale} (excellent). Answer with one number.",
-    "object_adherence": "Does this image show what the prompt \"{prompt}\" asks for? Rate from 1 (not at all) "
-                        "to {scale} (exactly). Answer with one number.",
-    "style": "Rate how well the style of this image matches the prompt \"{prompt}\" from 1 (not at all) to "
-             "{scale} (perfectly). Answer with one number.",
+    "object_adherence": 'Does this image show what the prompt "{prompt}" asks for? Rate from 1 (not at all) '
+    "to {scale} (exactly). Answer with one number.",
+    "style": 'Rate how well the style of this image matches the prompt "{prompt}" from 1 (not at all) to '
+    "{scale} (perfectly). Answer with one number.",
 }
-PAIRWISE_TEMPLATE = ("Two images were generated for the prompt \"{prompt}\". Which one is better in {attribute}? "
-                     "Answer 1 for the first image or 2 for the second.")
+PAIRWISE_TEMPLATE = (
+    'Two images were generated for the prompt "{prompt}". Which one is better in {attribute}? '
+    "Answer 1 for the first image or 2 for the second."
+)
 
 
 def parse_likert(text: str, scale: int) -> int | None:
@@ -98,9 +100,17 @@ class MLLMJudge(Reward):
 
     name = "mllm_judge"
 
-    def __init__(self, path: str, attributes: Mapping[str, float] | None = None,
-                 templates: Mapping[str, str] | None = None, scale: int = 5, constrained: bool = False,
-                 max_new_tokens: int = 8, failure_score: float = 0.5, device: str = "cpu"):
+    def __init__(
+        self,
+        path: str,
+        attributes: Mapping[str, float] | None = None,
+        templates: Mapping[str, str] | None = None,
+        scale: int = 5,
+        constrained: bool = False,
+        max_new_tokens: int = 8,
+        failure_score: float = 0.5,
+        device: str = "cpu",
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if not 2 <= int(scale) <= 9:
@@ -110,8 +120,10 @@ class MLLMJudge(Reward):
         self.attributes = {k: float(v) for k, v in dict(attributes or {"anatomy": 1.0, "artifacts": 1.0}).items()}
         unknown = [a for a in self.attributes if a not in self.templates]
         if unknown:
-            raise ValueError(f"mllm_judge: attributes {unknown} have no template; add templates.<name> "
-                             f"(known: {sorted(self.templates)})")
+            raise ValueError(
+                f"mllm_judge: attributes {unknown} have no template; add templates.<name> "
+                f"(known: {sorted(self.templates)})"
+            )
         if not self.attributes or min(self.attributes.values()) < 0 or sum(self.attributes.values()) <= 0:
             raise ValueError(f"mllm_judge: attributes must map names to weights >= 0, not all 0; got {self.attributes}")
         self.constrained = bool(constrained)
@@ -123,7 +135,9 @@ class MLLMJudge(Reward):
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path)
         except OSError as err:
-            raise FileNotFoundError(f"mllm_judge: could not load a vision-language model from path={path!r}: {err}") from err
+            raise FileNotFoundError(
+                f"mllm_judge: could not load a vision-language model from path={path!r}: {err}"
+            ) from err
         self.model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = self.processor.tokenizer
         self.digit_ids = [self._single_token(str(d)) for d in range(1, self.scale + 1)]
@@ -133,8 +147,10 @@ class MLLMJudge(Reward):
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"mllm_judge: the tokenizer splits {text!r} into {len(ids)} tokens; constrained "
-                             "rating needs one token per digit")
+            raise ValueError(
+                f"mllm_judge: the tokenizer splits {text!r} into {len(ids)} tokens; constrained "
+                "rating needs one token per digit"
+            )
         return ids[0]
 
     def _inputs(self, images: list[PIL.Image.Image], question: str):
@@ -150,9 +166,10 @@ class MLLMJudge(Reward):
             logits = self.model(**inputs).logits[0, -1]
             best = int(torch.argmax(logits[self.digit_ids]))
             return str(best + 1)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = self.model.generate(
+            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def rate(self, image: PIL.Image.Image, prompt: str, attribute: str) -> int | None:
         """One Likert rating, or None (counted in ``stats``) for a malformed answer."""
@@ -165,8 +182,9 @@ class MLLMJudge(Reward):
             self.stats[f"{attribute}/failed"] += 1
         return rating
 
-    def compare(self, image_a: PIL.Image.Image, image_b: PIL.Image.Image, prompt: str,
-                attribute: str = "anatomy") -> int | None:
+    def compare(
+        self, image_a: PIL.Image.Image, image_b: PIL.Image.Image, prompt: str, attribute: str = "anatomy"
+    ) -> int | None:
         """Pairwise judgement: 1 if the model prefers ``image_a``, 2 for ``image_b``, None if malformed."""
         question = PAIRWISE_TEMPLATE.format(prompt=prompt, attribute=attribute.replace("_", " "))
         answer = self.ask([image_a.convert("RGB"), image_b.convert("RGB")], question)
@@ -220,29 +238,59 @@ def build_tiny_vlm(path: str, seed: int = 0) -> str:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>", model_max_length=512,
-                                        extra_special_tokens={"image_token": "<image>"})
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=512,
+        extra_special_tokens={"image_token": "<image>"},
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_size, patch = 32, 8
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
-        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_config=CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        image_token_index=vocab["<image>"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 3
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -41,8 +41,10 @@ def resolve_scorer(path: str, tracking_uri: str | None = None) -> str:
         path = mlflow.artifacts.download_artifacts(artifact_uri=str(path), tracking_uri=tracking_uri)
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, SCORER_FILE)):
-        raise FileNotFoundError(f"learned reward: {path!r} has no {SCORER_FILE}; give the scorer/ folder an "
-                                "`armature train algo=reward_model` run wrote (its run folder or MLflow artifact)")
+        raise FileNotFoundError(
+            f"learned reward: {path!r} has no {SCORER_FILE}; give the scorer/ folder an "
+            "`armature train algo=reward_model` run wrote (its run folder or MLflow artifact)"
+        )
     return path
 
 
@@ -78,8 +80,9 @@ def learned(path, device: str = "cpu", tracking_uri: str | None = None):
     elif meta.get("kind") == "clip_similarity":
         reward = ClipSimilarity(os.path.join(path, "clip"), scale="logit_scale", device=device, name="learned")
     else:
-        raise ValueError(f"learned reward: {path}/{SCORER_FILE} has kind {meta.get('kind')!r}; "
-                         "expected 'clip_similarity' or 'conv'")
+        raise ValueError(
+            f"learned reward: {path}/{SCORER_FILE} has kind {meta.get('kind')!r}; expected 'clip_similarity' or 'conv'"
+        )
     reward.severity_thresholds = list(meta.get("thresholds", []))
     return reward
 

@@ -100,12 +100,21 @@ RATIOS = (
 )
 # joint -> (parent, joint, child) triplets whose inner angle must not fall below the limit
 JOINTS = (
-    (L_SHOULDER, L_ELBOW, L_WRIST), (R_SHOULDER, R_ELBOW, R_WRIST),
-    (L_HIP, L_KNEE, L_ANKLE), (R_HIP, R_KNEE, R_ANKLE),
+    (L_SHOULDER, L_ELBOW, L_WRIST),
+    (R_SHOULDER, R_ELBOW, R_WRIST),
+    (L_HIP, L_KNEE, L_ANKLE),
+    (R_HIP, R_KNEE, R_ANKLE),
 )
 
-DEFAULT_WEIGHTS = {"presence": 1.0, "detection": 0.0, "visibility": 1.0, "keypoint_confidence": 1.0,
-                   "sharpness": 1.0, "plausibility": 1.0, "hands": 0.0}
+DEFAULT_WEIGHTS = {
+    "presence": 1.0,
+    "detection": 0.0,
+    "visibility": 1.0,
+    "keypoint_confidence": 1.0,
+    "sharpness": 1.0,
+    "plausibility": 1.0,
+    "hands": 0.0,
+}
 
 
 def sigmoid(x):
@@ -197,8 +206,14 @@ def ssd_anchors(input_size: int = 224, strides=(8, 16, 32, 32, 32)) -> np.ndarra
     return np.asarray(centres, dtype=np.float64)
 
 
-def decode_detections(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray,
-                      input_size: int = 224, min_score: float = 0.5, iou_threshold: float = 0.3):
+def decode_detections(
+    raw_boxes: np.ndarray,
+    raw_scores: np.ndarray,
+    anchors: np.ndarray,
+    input_size: int = 224,
+    min_score: float = 0.5,
+    iou_threshold: float = 0.3,
+):
     """Decoded, suppressed detections: list of ``(score, box [x0, y0, x1, y1], keypoints [4, 2])``
     in letterboxed-square coordinates in [0, 1], best first.
 
@@ -219,8 +234,13 @@ def decode_detections(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np
         group = [i for i, iou in zip(order, ious) if iou > iou_threshold]
         order = [i for i, iou in zip(order, ious) if iou <= iou_threshold]
         weights = scores[group] / scores[group].sum()
-        detections.append((float(scores[best]), (weights[:, None] * boxes[group]).sum(0),
-                           (weights[:, None, None] * keypoints[group]).sum(0)))
+        detections.append(
+            (
+                float(scores[best]),
+                (weights[:, None] * boxes[group]).sum(0),
+                (weights[:, None, None] * keypoints[group]).sum(0),
+            )
+        )
     return detections
 
 
@@ -365,15 +385,14 @@ def heatmap_confidence(heatmap: np.ndarray, radius: int = 2) -> tuple[np.ndarray
     sharpness = np.empty(k)
     for j in range(k):
         y, x = divmod(int(best[j]), w)
-        sharpness[j] = prob[max(0, y - radius):y + radius + 1, max(0, x - radius):x + radius + 1, j].sum()
+        sharpness[j] = prob[max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1, j].sum()
     return peak, sharpness
 
 
 # --------------------------------------------------------------------------- anatomy terms
 def limb_lengths(world: np.ndarray) -> dict[str, np.ndarray]:
     """``{limb: [left, right]}`` 3-D lengths, plus ``shoulders`` (one value twice)."""
-    out = {name: np.array([np.linalg.norm(world[a] - world[b]) for a, b in sides])
-           for name, sides in LIMBS.items()}
+    out = {name: np.array([np.linalg.norm(world[a] - world[b]) for a, b in sides]) for name, sides in LIMBS.items()}
     out["shoulders"] = np.full(2, np.linalg.norm(world[L_SHOULDER] - world[R_SHOULDER]))
     return out
 
@@ -398,8 +417,13 @@ def _weighted_mean(values, weights) -> float:
     return float((values * weights).sum() / total) if total > 1e-9 else 0.0
 
 
-def plausibility_terms(world: np.ndarray, visibility: np.ndarray, ratio_tolerance: float = 0.25,
-                       symmetry_tolerance: float = 0.15, min_joint_angle: float = 30.0) -> dict[str, float]:
+def plausibility_terms(
+    world: np.ndarray,
+    visibility: np.ndarray,
+    ratio_tolerance: float = 0.25,
+    symmetry_tolerance: float = 0.15,
+    min_joint_angle: float = 30.0,
+) -> dict[str, float]:
     """Anatomical plausibility of one pose, each term in [0, 1] (1 = plausible).
 
     * ``ratios``: ``exp(-log(r / r0)^2 / (2 t^2))`` for each ratio of :data:`RATIOS` and side,
@@ -416,7 +440,7 @@ def plausibility_terms(world: np.ndarray, visibility: np.ndarray, ratio_toleranc
     for numerator, denominator, typical in RATIOS:
         for side in range(2):
             r = (lengths[numerator][side] + eps) / (lengths[denominator][side] + eps)
-            ratio_values.append(math.exp(-math.log(r / typical) ** 2 / (2 * ratio_tolerance ** 2)))
+            ratio_values.append(math.exp(-(math.log(r / typical) ** 2) / (2 * ratio_tolerance**2)))
             ratio_weights.append(min(confidence[numerator][side], confidence[denominator][side]))
     sym_values, sym_weights = [], []
     for name in LIMBS:
@@ -436,8 +460,18 @@ def plausibility_terms(world: np.ndarray, visibility: np.ndarray, ratio_toleranc
 
 def pose_scores(result: PoseResult, **tolerances) -> dict[str, float]:
     """Every score term of one :class:`PoseResult` (all 0 when no person was found)."""
-    names = ("presence", "detection", "visibility", "keypoint_confidence", "sharpness", "plausibility",
-             "ratios", "symmetry", "angles", "hands")
+    names = (
+        "presence",
+        "detection",
+        "visibility",
+        "keypoint_confidence",
+        "sharpness",
+        "plausibility",
+        "ratios",
+        "symmetry",
+        "angles",
+        "hands",
+    )
     if not result.found:
         return dict.fromkeys(names, 0.0)
     visibility = result.landmarks[:, 2]
@@ -465,9 +499,16 @@ class PoseReward(Reward):
 
     name = "pose"
 
-    def __init__(self, cache_dir: str | None = None, weights: Mapping[str, float] | None = None,
-                 min_detection_score: float = 0.3, refine: int = 0, ratio_tolerance: float = 0.25,
-                 symmetry_tolerance: float = 0.15, min_joint_angle: float = 30.0):
+    def __init__(
+        self,
+        cache_dir: str | None = None,
+        weights: Mapping[str, float] | None = None,
+        min_detection_score: float = 0.3,
+        refine: int = 0,
+        ratio_tolerance: float = 0.25,
+        symmetry_tolerance: float = 0.15,
+        min_joint_angle: float = 30.0,
+    ):
         self.weights = dict(DEFAULT_WEIGHTS)
         for key, value in dict(weights or {}).items():
             if key not in DEFAULT_WEIGHTS:
@@ -477,8 +518,11 @@ class PoseReward(Reward):
             self.weights[key] = float(value)
         if sum(self.weights.values()) <= 0:
             raise ValueError("pose reward: every weight is 0; give at least one positive weights.<term>")
-        self.tolerances = {"ratio_tolerance": float(ratio_tolerance), "symmetry_tolerance": float(symmetry_tolerance),
-                           "min_joint_angle": float(min_joint_angle)}
+        self.tolerances = {
+            "ratio_tolerance": float(ratio_tolerance),
+            "symmetry_tolerance": float(symmetry_tolerance),
+            "min_joint_angle": float(min_joint_angle),
+        }
         self.estimator = BlazePose(cache_dir, min_detection_score, refine, hands=self.weights["hands"] > 0)
 
     def details(self, images: list[PIL.Image.Image]) -> list[dict[str, float]]:

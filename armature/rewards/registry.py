@@ -55,8 +55,11 @@ def load(name: str, **overrides) -> Reward:
                 f"reward {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
                 f"accepted options: {', '.join(accepted) or '(none)'}"
             )
-        missing = [p.name for p in params if p.kind in keyword_kinds
-                   and p.default is inspect.Parameter.empty and p.name not in overrides]
+        missing = [
+            p.name
+            for p in params
+            if p.kind in keyword_kinds and p.default is inspect.Parameter.empty and p.name not in overrides
+        ]
         if missing:
             raise TypeError(f"reward {name!r} needs option(s) {', '.join(map(repr, missing))}")
     return factory(**overrides)

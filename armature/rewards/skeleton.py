@@ -78,10 +78,18 @@ from .pose import BlazePose
 from .registry import register
 
 ANGLE_LIMITS = {"elbow": (-10.0, 120.0), "knee": (-10.0, 110.0)}
-BONES = {"upper_arm": ("shoulder", "elbow"), "forearm": ("elbow", "wrist"),
-         "thigh": ("hip", "knee"), "shin": ("knee", "ankle")}
-PROPORTIONS = (("forearm", "upper_arm", 0.85), ("shin", "thigh", 0.95),
-               ("upper_arm", "torso", 0.63), ("thigh", "torso", 0.80))
+BONES = {
+    "upper_arm": ("shoulder", "elbow"),
+    "forearm": ("elbow", "wrist"),
+    "thigh": ("hip", "knee"),
+    "shin": ("knee", "ankle"),
+}
+PROPORTIONS = (
+    ("forearm", "upper_arm", 0.85),
+    ("shin", "thigh", 0.95),
+    ("upper_arm", "torso", 0.63),
+    ("thigh", "torso", 0.80),
+)
 TERMS = ("angles", "proportions", "symmetry", "completeness")
 DEFAULT_WEIGHTS = dict.fromkeys(TERMS, 1.0)
 
@@ -127,8 +135,10 @@ def joint_bends(person: np.ndarray) -> dict[str, float]:
             break
     out = {}
     for side, s in (("left", facing), ("right", -facing)):
-        for joint, (root, middle, end) in (("elbow", ("shoulder", "elbow", "wrist")),
-                                           ("knee", ("hip", "knee", "ankle"))):
+        for joint, (root, middle, end) in (
+            ("elbow", ("shoulder", "elbow", "wrist")),
+            ("knee", ("hip", "knee", "ankle")),
+        ):
             i, j, k = (INDEX[f"{side}_{n}"] for n in (root, middle, end))
             if not (present[i] and present[j] and present[k]):
                 continue
@@ -137,9 +147,15 @@ def joint_bends(person: np.ndarray) -> dict[str, float]:
     return out
 
 
-def skeleton_terms(skeleton: Skeleton, person: int = 0, weights: Mapping[str, float] | None = None,
-                   angle_margin: float = 30.0, proportion_tolerance: float = 0.3,
-                   symmetry_tolerance: float = 0.15, angle_limits: Mapping | None = None) -> dict[str, float]:
+def skeleton_terms(
+    skeleton: Skeleton,
+    person: int = 0,
+    weights: Mapping[str, float] | None = None,
+    angle_margin: float = 30.0,
+    proportion_tolerance: float = 0.3,
+    symmetry_tolerance: float = 0.15,
+    angle_limits: Mapping | None = None,
+) -> dict[str, float]:
     """The four terms and ``score`` of one person (see the module docstring)."""
     weights = _check_weights(weights, DEFAULT_WEIGHTS, "skeleton reward")
     p = skeleton.array[person]
@@ -175,16 +191,25 @@ def skeleton_terms(skeleton: Skeleton, person: int = 0, weights: Mapping[str, fl
         for numerator, denominator, typical in PROPORTIONS:
             if (side, numerator) in lengths and (side, denominator) in lengths:
                 ratio = lengths[side, numerator] / max(lengths[side, denominator], 1e-9)
-                proportions.append((_ratio_score(ratio, typical, proportion_tolerance),
-                                    min(confidence[side, numerator], confidence[side, denominator])))
+                proportions.append(
+                    (
+                        _ratio_score(ratio, typical, proportion_tolerance),
+                        min(confidence[side, numerator], confidence[side, denominator]),
+                    )
+                )
     symmetry = []
     for bone in BONES:
         if ("left", bone) in lengths and ("right", bone) in lengths:
             ratio = lengths["left", bone] / max(lengths["right", bone], 1e-9)
-            symmetry.append((_ratio_score(ratio, 1.0, symmetry_tolerance),
-                             min(confidence["left", bone], confidence["right", bone])))
-    terms = {"angles": _mean(angles), "proportions": _mean(proportions), "symmetry": _mean(symmetry),
-             "completeness": float(v.mean())}
+            symmetry.append(
+                (_ratio_score(ratio, 1.0, symmetry_tolerance), min(confidence["left", bone], confidence["right", bone]))
+            )
+    terms = {
+        "angles": _mean(angles),
+        "proportions": _mean(proportions),
+        "symmetry": _mean(symmetry),
+        "completeness": float(v.mean()),
+    }
     terms["score"] = sum(weights[k] * terms[k] for k in TERMS) / sum(weights.values())
     return terms
 
@@ -202,19 +227,31 @@ class SkeletonReward(Reward):
 
     name = "skeleton"
 
-    def __init__(self, weights: Mapping[str, float] | None = None, angle_margin: float = 30.0,
-                 proportion_tolerance: float = 0.3, symmetry_tolerance: float = 0.15,
-                 angle_limits: Mapping | None = None, hue_radius: float = 10.0):
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        angle_margin: float = 30.0,
+        proportion_tolerance: float = 0.3,
+        symmetry_tolerance: float = 0.15,
+        angle_limits: Mapping | None = None,
+        hue_radius: float = 10.0,
+    ):
         limits = dict(ANGLE_LIMITS)
         for joint, value in dict(angle_limits or {}).items():
             pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
             if joint not in ANGLE_LIMITS or not (pair and float(value[0]) < float(value[1])):
-                raise ValueError(f"skeleton reward: angle_limits.{joint}: expected elbow or knee: [low, high] "
-                                 f"degrees with low < high, got {value!r}")
+                raise ValueError(
+                    f"skeleton reward: angle_limits.{joint}: expected elbow or knee: [low, high] "
+                    f"degrees with low < high, got {value!r}"
+                )
             limits[joint] = (float(value[0]), float(value[1]))
-        self.options = {"weights": _check_weights(weights, DEFAULT_WEIGHTS, "skeleton reward"),
-                        "angle_margin": float(angle_margin), "proportion_tolerance": float(proportion_tolerance),
-                        "symmetry_tolerance": float(symmetry_tolerance), "angle_limits": limits}
+        self.options = {
+            "weights": _check_weights(weights, DEFAULT_WEIGHTS, "skeleton reward"),
+            "angle_margin": float(angle_margin),
+            "proportion_tolerance": float(proportion_tolerance),
+            "symmetry_tolerance": float(symmetry_tolerance),
+            "angle_limits": limits,
+        }
         self.hue_radius = float(hue_radius)
         self.last_skeletons: list[Skeleton] = []
 
@@ -243,8 +280,9 @@ def reference_size(person: np.ndarray, reference: str = "bbox") -> float:
     return float((xy.max(0) - xy.min(0)).max()) if len(xy) else 0.0
 
 
-def pck(estimated: Skeleton, planned: Skeleton, alpha: float = 0.1, reference: str = "bbox",
-        min_visibility: float = 1e-9) -> float:
+def pck(
+    estimated: Skeleton, planned: Skeleton, alpha: float = 0.1, reference: str = "bbox", min_visibility: float = 1e-9
+) -> float:
     """PCK of ``estimated`` against ``planned`` (module docstring); ``estimated`` is rescaled to
     the plan's canvas. A planned person is matched to its best estimated person; a plan with no
     joint scores 0."""
@@ -282,8 +320,15 @@ class PoseAdherence(Reward):
 
     name = "pose_adherence"
 
-    def __init__(self, alpha: float = 0.1, reference: str = "bbox", method: str = "gym",
-                 plans: str | Mapping | None = None, min_visibility: float = 0.5, cache_dir: str | None = None):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        reference: str = "bbox",
+        method: str = "gym",
+        plans: str | Mapping | None = None,
+        min_visibility: float = 0.5,
+        cache_dir: str | None = None,
+    ):
         if method not in ("gym", "blazepose", "auto"):
             raise ValueError(f"pose_adherence: method must be 'gym', 'blazepose' or 'auto', got {method!r}")
         if reference not in ("bbox", "torso"):
@@ -302,8 +347,9 @@ class PoseAdherence(Reward):
                 try:
                     plans = json.loads(Path(plans).read_text())
                 except (OSError, json.JSONDecodeError) as err:
-                    raise ValueError(f"pose_adherence: plans: cannot read {plans!r} as a JSON object "
-                                     f"{{prompt: pose JSON}} ({err})") from None
+                    raise ValueError(
+                        f"pose_adherence: plans: cannot read {plans!r} as a JSON object {{prompt: pose JSON}} ({err})"
+                    ) from None
             if not isinstance(plans, Mapping):
                 raise ValueError("pose_adherence: plans must be a JSON object mapping each prompt to its pose JSON")
             self.set_plans(plans)
@@ -323,8 +369,9 @@ class PoseAdherence(Reward):
             images = list(images)
         try:
             if self._call is not None and len(self._call) != len(images):
-                raise ValueError(f"pose_adherence: got {len(self._call)} plans for {len(images)} images; "
-                                 "give one plan per image")
+                raise ValueError(
+                    f"pose_adherence: got {len(self._call)} plans for {len(images)} images; give one plan per image"
+                )
             return super().__call__(images, prompts)
         finally:
             self._call = None
@@ -345,12 +392,16 @@ class PoseAdherence(Reward):
             return self._call[i]
         if prompt in self._by_prompt:
             return self._by_prompt[prompt]
-        raise ValueError(f"pose_adherence: no plan for image {i} (prompt {prompt!r}); pass plans=[...] to the call, "
-                         "call set_plans() first, or give reward.components.pose_adherence.plans a JSON file "
-                         "{prompt: pose}")
+        raise ValueError(
+            f"pose_adherence: no plan for image {i} (prompt {prompt!r}); pass plans=[...] to the call, "
+            "call set_plans() first, or give reward.components.pose_adherence.plans a JSON file "
+            "{prompt: pose}"
+        )
 
     def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> np.ndarray:
         plans = [self._plan(i, p) for i, p in enumerate(prompts)]
         self.last_estimates = [self.estimate(image) for image in images]
-        return np.array([pck(e, p, self.alpha, self.reference, self.min_visibility)
-                         for e, p in zip(self.last_estimates, plans)], dtype=np.float32)
+        return np.array(
+            [pck(e, p, self.alpha, self.reference, self.min_visibility) for e, p in zip(self.last_estimates, plans)],
+            dtype=np.float32,
+        )

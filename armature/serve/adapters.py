@@ -98,8 +98,9 @@ class AdapterBank:
             raise AdapterError(f"adapter {adapter_id!r}: no {ADAPTER_WEIGHTS} or {FULL_WEIGHTS}{hint}")
         family = config.get("family")
         if family and family != self.policy.family:
-            raise AdapterError(f"adapter {adapter_id!r} is for family {family!r}; "
-                               f"this server runs {self.policy.family!r}")
+            raise AdapterError(
+                f"adapter {adapter_id!r} is for family {family!r}; this server runs {self.policy.family!r}"
+            )
         trained = config.get("model") or {}
         for key in ("family", "pretrained"):
             if key in trained and key in self.model and trained[key] != self.model[key]:
@@ -142,8 +143,9 @@ class AdapterBank:
         except TypeError as err:
             raise AdapterError(f"adapter {adapter_id!r}: bad 'lora' section in {ADAPTER_CONFIG}: {err}") from err
         unet, name = self.policy.unet, f"adapter_{next(self._names)}"
-        peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                                 lora_dropout=lora.dropout)
+        peft_config = LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules), lora_dropout=lora.dropout
+        )
         try:
             with warnings.catch_warnings():  # peft warns that several adapters share the model: we mean it
                 warnings.simplefilter("ignore", UserWarning)
@@ -155,8 +157,9 @@ class AdapterBank:
         missing = [k for k in result.missing_keys if f".{name}." in k]
         if unexpected or missing:
             unet.delete_adapters(name)
-            raise AdapterError(f"adapter {adapter_id!r} does not fit this UNet: unexpected {unexpected[:2]}, "
-                               f"missing {missing[:2]}")
+            raise AdapterError(
+                f"adapter {adapter_id!r} does not fit this UNet: unexpected {unexpected[:2]}, missing {missing[:2]}"
+            )
         unet.requires_grad_(False)
         unet.eval()
         return name
@@ -167,8 +170,10 @@ class AdapterBank:
         unknown = [k for k in state if k not in weights]
         wrong = [k for k in state if k in weights and state[k].shape != weights[k].shape]
         if unknown or wrong:
-            raise AdapterError(f"adapter {adapter_id!r}: {FULL_WEIGHTS} does not fit this UNet "
-                               f"(unknown weights {unknown[:2]}, wrong shapes {wrong[:2]})")
+            raise AdapterError(
+                f"adapter {adapter_id!r}: {FULL_WEIGHTS} does not fit this UNet "
+                f"(unknown weights {unknown[:2]}, wrong shapes {wrong[:2]})"
+            )
         weights.update(state)
         base = self.policy.unet
         unet = type(base).from_config(base.config)

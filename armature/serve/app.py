@@ -44,8 +44,17 @@ from armature.serve.generation import generate as generate_images
 from armature.serve.openai_api import is_adapter_name, model_objects, resolve_size, unknown_model
 from armature.serve.routes import create_api, hash_key
 
-__all__ = ["Editor", "Generator", "Ingress", "build_app", "build_application", "deployment_options", "http_options",
-           "run", "serve_config"]
+__all__ = [
+    "Editor",
+    "Generator",
+    "Ingress",
+    "build_app",
+    "build_application",
+    "deployment_options",
+    "http_options",
+    "run",
+    "serve_config",
+]
 
 LOCAL_PREFIX = "local:"
 
@@ -115,7 +124,7 @@ class Generator:
         from armature.platform.registry import download_adapter, resolve_version
 
         if model_id.startswith(LOCAL_PREFIX):
-            name = model_id[len(LOCAL_PREFIX):]
+            name = model_id[len(LOCAL_PREFIX) :]
             if name not in self.config["adapters"]["local"]:
                 raise AdapterError(f"adapter {name!r}: not one of adapters.local")
             folder = self.config["adapters"]["local"][name]
@@ -193,12 +202,23 @@ class Generator:
         steps = request.get("steps") or d["num_steps"]
         guidance = d["guidance_scale"] if request.get("guidance_scale") is None else request["guidance_scale"]
         negative = d["negative_prompt"] if request.get("negative_prompt") is None else request["negative_prompt"]
-        return {**request, "height": h, "width": w, "steps": steps, "guidance_scale": guidance,
-                "negative_prompt": negative}
+        return {
+            **request,
+            "height": h,
+            "width": w,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "negative_prompt": negative,
+        }
 
     def _shape(self, request: dict) -> PassShape:
-        return PassShape(steps=request["steps"], height=request["height"], width=request["width"],
-                         guidance_scale=float(request["guidance_scale"]), eta=float(self.defaults["eta"]))
+        return PassShape(
+            steps=request["steps"],
+            height=request["height"],
+            width=request["width"],
+            guidance_scale=float(request["guidance_scale"]),
+            eta=float(self.defaults["eta"]),
+        )
 
     def _reward(self, name: str):
         from armature.rewards import load
@@ -207,8 +227,9 @@ class Generator:
             self.rewards[name] = load(name, **(self.config["rewards"].get(name) or {}))
         return self.rewards[name]
 
-    def _generate_group(self, adapter: Adapter | None, shape: PassShape, requests: list[dict],
-                        count: bool = True) -> list[dict]:
+    def _generate_group(
+        self, adapter: Adapter | None, shape: PassShape, requests: list[dict], count: bool = True
+    ) -> list[dict]:
         """Generate, score and select for requests of one shape; runs in a thread."""
         from PIL import Image
 
@@ -222,8 +243,9 @@ class Generator:
         with self.bank.lock:  # one pass at a time; adapters change only between passes
             start_time = time.perf_counter()
             self.bank.activate(adapter)
-            images = generate_images(self.policy, jobs, shape, self.pass_size,
-                                     should_stop=lambda: time.time() > deadline)
+            images = generate_images(
+                self.policy, jobs, shape, self.pass_size, should_stop=lambda: time.time() > deadline
+            )
             self.counts["model_s"] += time.perf_counter() - start_time
             for r, (start, k) in zip(requests, spans):
                 candidates, seeds = images[start : start + k], [j.seed for j in jobs[start : start + k]]
@@ -232,10 +254,13 @@ class Generator:
                     pil = [Image.fromarray(a) for a in candidates]
                     scores = self._reward(r["reward"])(pil, [r["prompt"]] * k)
                 keep = best_of(scores, r["n"]) if r.get("best_of") else np.arange(r["n"])
-                outputs.append({
-                    "images": candidates[keep], "seeds": [seeds[i] for i in keep],
-                    "scores": None if scores is None else [float(scores[i]) for i in keep],
-                })
+                outputs.append(
+                    {
+                        "images": candidates[keep],
+                        "seeds": [seeds[i] for i in keep],
+                        "scores": None if scores is None else [float(scores[i]) for i in keep],
+                    }
+                )
         if count:
             self.counts["requests"] += len(requests)
             self.counts["images"] += len(jobs)
@@ -277,8 +302,15 @@ class Editor:
             if request["deadline"] < time.time():  # the caller gave up while this waited
                 raise TimeoutError("the request's deadline passed before it ran")
             start = time.perf_counter()
-            result = run_edit(self.pipeline, request["scene"], request["prompt"], request["region"],
-                              request["pose"], request["seed"], request["steps"] or self.num_steps)
+            result = run_edit(
+                self.pipeline,
+                request["scene"],
+                request["prompt"],
+                request["region"],
+                request["pose"],
+                request["seed"],
+                request["steps"] or self.num_steps,
+            )
             self.counts["model_s"] += time.perf_counter() - start
             self.counts["requests"] += 1
         return result
@@ -311,8 +343,13 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         c = self.config
-        return create_api(self, c["limits"], sorted(c["rewards"]), self.api_key_sha256,
-                          edits_max_body_bytes=c["edits"]["max_body_bytes"])
+        return create_api(
+            self,
+            c["limits"],
+            sorted(c["rewards"]),
+            self.api_key_sha256,
+            edits_max_body_bytes=c["edits"]["max_body_bytes"],
+        )
 
     async def ready(self) -> bool:
         try:
@@ -331,8 +368,7 @@ class Ingress:
         out = [{"id": f"{a['name']}/{a['version']}", "source": "registry", **a} for a in registered]
         latest = {a["name"]: a for a in registered}  # sorted by version: the last one stays
         out += [{"id": name, "source": "registry", **a} for name, a in latest.items()]
-        out += [{"id": f"{a['name']}@{alias}", "source": "registry", **a}
-                for a in registered for alias in a["aliases"]]
+        out += [{"id": f"{a['name']}@{alias}", "source": "registry", **a} for a in registered for alias in a["aliases"]]
         return local + out
 
     async def models(self) -> list[dict]:
@@ -389,9 +425,15 @@ class Ingress:
         timeout = float(self.config["limits"]["request_timeout_s"])
         width, height = await self._size(body.size)
         payload = {
-            "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
-            "best_of": body.best_of, "reward": body.reward, "steps": body.steps,
-            "guidance_scale": body.guidance_scale, "width": width, "height": height,
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "n": body.n,
+            "best_of": body.best_of,
+            "reward": body.reward,
+            "steps": body.steps,
+            "guidance_scale": body.guidance_scale,
+            "width": width,
+            "height": height,
             "seed": random.randint(0, MAX_SEED) if body.seed is None else body.seed,
             "deadline": time.time() + timeout,
         }
@@ -399,8 +441,9 @@ class Ingress:
         try:
             result = await asyncio.wait_for(_result(response), timeout=timeout + 1.0)
         except BackPressureError as err:
-            raise ApiError(503, "generator", f"overloaded, retry later ({err})",
-                           headers={"Retry-After": "1"}, code="overloaded") from err
+            raise ApiError(
+                503, "generator", f"overloaded, retry later ({err})", headers={"Retry-After": "1"}, code="overloaded"
+            ) from err
         except AdapterError as err:
             raise ApiError(400, field, str(err.args[0] if err.args else err)) from err
         except (asyncio.TimeoutError, TimeoutError) as err:
@@ -408,9 +451,15 @@ class Ingress:
             raise ApiError(504, "generator", f"no answer within limits.request_timeout_s={timeout:g}") from err
         data = await asyncio.to_thread(_encode, result)
         height, width = np.asarray(result["images"]).shape[1:3]
-        return {"created": int(time.time()), "model": body.model or self.base_model, "size": f"{width}x{height}",
-                "adapter": reference, "adapter_version": label, "reward": body.reward, "data": data}
-
+        return {
+            "created": int(time.time()),
+            "model": body.model or self.base_model,
+            "size": f"{width}x{height}",
+            "adapter": reference,
+            "adapter_version": label,
+            "reward": body.reward,
+            "data": data,
+        }
 
     async def edit(self, body, model: str | None = None) -> dict:
         from ray.serve.exceptions import BackPressureError
@@ -420,19 +469,29 @@ class Ingress:
         if self.editor is None:
             raise ApiError(404, "path", "this server has no edit pipeline: start it with edits.pipeline=<folder>")
         if model not in (None, self.base_model):
-            raise ApiError(400, "model", f"model={model}: edits run the edit pipeline (edits.pipeline); leave model "
-                                         f"out or name {self.base_model!r}, adapters apply to generations")
+            raise ApiError(
+                400,
+                "model",
+                f"model={model}: edits run the edit pipeline (edits.pipeline); leave model "
+                f"out or name {self.base_model!r}, adapters apply to generations",
+            )
         checked = await asyncio.to_thread(check_edit, body, self.config["limits"])
         timeout = float(self.config["limits"]["request_timeout_s"])
         seed = random.randint(0, MAX_SEED) if body.seed is None else body.seed
-        payload = {**checked, "prompt": body.prompt, "seed": seed, "steps": body.steps,
-                   "deadline": time.time() + timeout}
+        payload = {
+            **checked,
+            "prompt": body.prompt,
+            "seed": seed,
+            "steps": body.steps,
+            "deadline": time.time() + timeout,
+        }
         response = self.editor.edit.remote(payload)
         try:
             result = await asyncio.wait_for(_result(response), timeout=timeout + 1.0)
         except BackPressureError as err:
-            raise ApiError(503, "editor", f"overloaded, retry later ({err})",
-                           headers={"Retry-After": "1"}, code="overloaded") from err
+            raise ApiError(
+                503, "editor", f"overloaded, retry later ({err})", headers={"Retry-After": "1"}, code="overloaded"
+            ) from err
         except EditError as err:
             raise ApiError(400, err.field, str(err.args[0] if err.args else err)) from err
         except (asyncio.TimeoutError, TimeoutError) as err:
@@ -440,8 +499,12 @@ class Ingress:
             raise ApiError(504, "editor", f"no answer within limits.request_timeout_s={timeout:g}") from err
         image = await asyncio.to_thread(encode_png, result["image"])
         layout = None if result["layout"] is None else await asyncio.to_thread(encode_png, result["layout"])
-        return {"created": int(time.time()), "data": [{"b64_json": image, "seed": seed}],
-                "pose": result["pose"], "layout_b64_json": layout}
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": image, "seed": seed}],
+            "pose": result["pose"],
+            "layout_b64_json": layout,
+        }
 
 
 async def _result(response):
@@ -469,10 +532,12 @@ def deployment_options(d: dict) -> dict:
         "max_ongoing_requests": d["max_ongoing_requests"],
         "max_queued_requests": d["max_queued_requests"],
         "autoscaling_config": {
-            "min_replicas": auto["min_replicas"], "max_replicas": auto["max_replicas"],
+            "min_replicas": auto["min_replicas"],
+            "max_replicas": auto["max_replicas"],
             "initial_replicas": max(auto["min_replicas"], 1),
             "target_ongoing_requests": auto["target_ongoing_requests"],
-            "upscale_delay_s": auto["upscale_delay_s"], "downscale_delay_s": auto["downscale_delay_s"],
+            "upscale_delay_s": auto["upscale_delay_s"],
+            "downscale_delay_s": auto["downscale_delay_s"],
         },
     }
 
@@ -494,8 +559,9 @@ def build_application(cfg):
     if c["edits"]["pipeline"]:
         c["edits"]["pipeline"] = str(Path(c["edits"]["pipeline"]).expanduser().resolve())
         editor = Editor.options(**deployment_options(c["edits"]["editor"])).bind(c)
-    return Ingress.options(**deployment_options(c["ingress"])).bind(generator, c, hash_key(key) if key else None,
-                                                                     editor)
+    return Ingress.options(**deployment_options(c["ingress"])).bind(
+        generator, c, hash_key(key) if key else None, editor
+    )
 
 
 def _hydra_value(value) -> str:
@@ -543,8 +609,12 @@ def http_options(cfg) -> dict:
     """
     lim = cfg["limits"]
     timeout = lim["request_timeout_s"] + (lim["body_timeout_s"] or 0.0) + PROXY_TIMEOUT_MARGIN_S
-    return {"host": cfg["http"]["host"], "port": cfg["http"]["port"],
-            "keep_alive_timeout_s": cfg["http"]["keep_alive_timeout_s"], "request_timeout_s": timeout}
+    return {
+        "host": cfg["http"]["host"],
+        "port": cfg["http"]["port"],
+        "keep_alive_timeout_s": cfg["http"]["keep_alive_timeout_s"],
+        "request_timeout_s": timeout,
+    }
 
 
 def serve_config(cfg, overrides: list[str] | None = None) -> dict:
@@ -552,11 +622,14 @@ def serve_config(cfg, overrides: list[str] | None = None) -> dict:
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options(cfg),
-        "applications": [{
-            "name": cfg.app_name, "route_prefix": cfg.route_prefix,
-            "import_path": "armature.serve.app:build_app",
-            "args": {"overrides": list(overrides or [])},
-        }],
+        "applications": [
+            {
+                "name": cfg.app_name,
+                "route_prefix": cfg.route_prefix,
+                "import_path": "armature.serve.app:build_app",
+                "args": {"overrides": list(overrides or [])},
+            }
+        ],
     }
 
 

@@ -1,13 +1,13 @@
 """A small Python client of the generator's HTTP API (httpx).
 
-    from armature.serve.client import GeneratorClient
+from armature.serve.client import GeneratorClient
 
-    with GeneratorClient("http://127.0.0.1:8000") as client:   # api_key: ARMATURE_API_KEY
-        result = client.generate("a cat", n=2, seed=7, adapter="armature-adapter@prod")
-        result.images[0].save("cat.png")
-        edit = client.edit(scene, "a person waving", box=[8, 4, 40, 60])  # scene: PIL image or array
-        pose = edit.pose                                   # keypoint JSON: change a joint, then
-        again = client.edit(scene, "a person waving", box=[8, 4, 40, 60], pose=pose, seed=edit.seed)
+with GeneratorClient("http://127.0.0.1:8000") as client:   # api_key: ARMATURE_API_KEY
+    result = client.generate("a cat", n=2, seed=7, adapter="armature-adapter@prod")
+    result.images[0].save("cat.png")
+    edit = client.edit(scene, "a person waving", box=[8, 4, 40, 60])  # scene: PIL image or array
+    pose = edit.pose                                   # keypoint JSON: change a joint, then
+    again = client.edit(scene, "a person waving", box=[8, 4, 40, 60], pose=pose, seed=edit.seed)
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def _png_b64(image) -> str:
 
 
 class GeneratorClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 120.0):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120.0):
         api_key = api_key if api_key is not None else os.environ.get("ARMATURE_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
@@ -87,8 +86,9 @@ class GeneratorClient:
             body = {}
         if response.status_code != 200:
             error = body.get("error", {}) if isinstance(body, dict) else {}
-            raise GeneratorError(response.status_code, error.get("field", "?"),
-                                 error.get("message", response.text[:200]))
+            raise GeneratorError(
+                response.status_code, error.get("field", "?"), error.get("message", response.text[:200])
+            )
         return body
 
     def generate(self, prompt: str, **params) -> Generation:
@@ -98,12 +98,17 @@ class GeneratorClient:
 
         body = self._check(self.http.post("/v1/images/generations", json={"prompt": prompt, **params}))
         images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in body["data"]]
-        return Generation(images=images, seeds=[d["seed"] for d in body["data"]],
-                          scores=[d.get("score") for d in body["data"]],
-                          adapter_version=body.get("adapter_version"), raw=body)
+        return Generation(
+            images=images,
+            seeds=[d["seed"] for d in body["data"]],
+            scores=[d.get("score") for d in body["data"]],
+            adapter_version=body.get("adapter_version"),
+            raw=body,
+        )
 
-    def edit(self, image, prompt: str, *, box: list[int] | None = None, mask=None, pose: dict | None = None,
-             **params) -> Edit:
+    def edit(
+        self, image, prompt: str, *, box: list[int] | None = None, mask=None, pose: dict | None = None, **params
+    ) -> Edit:
         """``POST /v1/images/edits``: render a person into ``image`` (PIL, uint8 array or PNG bytes)
         inside ``box`` [x0, y0, x1, y1] or ``mask`` (nonzero: person), from ``pose`` (keypoint
         JSON) or a pose the model plans; ``params``: seed, steps."""
@@ -122,9 +127,13 @@ class GeneratorClient:
             body["pose"] = pose.to_json() if hasattr(pose, "to_json") else pose
         answer = self._check(self.http.post("/v1/images/edits", json=body))
         layout = answer.get("layout_b64_json")
-        return Edit(image=Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))),
-                    pose=answer["pose"], seed=answer["data"][0]["seed"],
-                    layout=Image.open(io.BytesIO(base64.b64decode(layout))) if layout else None, raw=answer)
+        return Edit(
+            image=Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))),
+            pose=answer["pose"],
+            seed=answer["data"][0]["seed"],
+            layout=Image.open(io.BytesIO(base64.b64decode(layout))) if layout else None,
+            raw=answer,
+        )
 
     def adapters(self) -> list[dict]:
         return self._check(self.http.get("/v1/adapters"))["data"]

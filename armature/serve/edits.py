@@ -32,6 +32,7 @@ class EditError(ValueError):
         super().__init__(message)
         self.field = field
 
+
 _PATH = re.compile(r"^[A-Za-z_][\w.\[\]]*$")
 
 
@@ -87,15 +88,23 @@ def check_edit(body, lim: dict) -> dict:
     if body.box is not None:
         x0, y0, x1, y1 = body.box
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ApiError(400, "box", f"box: {body.box} must satisfy 0 <= x0 < x1 <= {width} and "
-                                       f"0 <= y0 < y1 <= {height} (pixels of the {width}x{height} image)")
+            raise ApiError(
+                400,
+                "box",
+                f"box: {body.box} must satisfy 0 <= x0 < x1 <= {width} and "
+                f"0 <= y0 < y1 <= {height} (pixels of the {width}x{height} image)",
+            )
         region = np.zeros((height, width), dtype=bool)
         region[y0:y1, x0:x1] = True
     elif body.mask is not None:
         mask = decode_png(body.mask, "mask", lim, mode="L")
         if mask.shape != (height, width):
-            raise ApiError(400, "mask", f"mask: {mask.shape[1]}x{mask.shape[0]} pixels, the image is "
-                                        f"{width}x{height}: send a mask of the image's size")
+            raise ApiError(
+                400,
+                "mask",
+                f"mask: {mask.shape[1]}x{mask.shape[0]} pixels, the image is "
+                f"{width}x{height}: send a mask of the image's size",
+            )
         region = mask > 0
         if not region.any():
             raise ApiError(400, "mask", "mask: no pixel is set; nonzero pixels mark where the person goes")
@@ -105,19 +114,25 @@ def check_edit(body, lim: dict) -> dict:
             pose = Skeleton.from_json(body.pose)
         except (ValueError, TypeError, OverflowError) as err:  # e.g. "width": Infinity overflows int()
             message = str(err)
-            raise ApiError(400, pose_error_field(message), message if message.startswith("pose") else
-                           f"pose.{message}") from None
+            raise ApiError(
+                400, pose_error_field(message), message if message.startswith("pose") else f"pose.{message}"
+            ) from None
         if (pose.width, pose.height) != (width, height):
-            raise ApiError(400, "pose.width", f"pose.width, pose.height: the pose's canvas is {pose.width}x"
-                                              f"{pose.height}, the image {width}x{height}; give the pose in the "
-                                              "image's pixels")
+            raise ApiError(
+                400,
+                "pose.width",
+                f"pose.width, pose.height: the pose's canvas is {pose.width}x"
+                f"{pose.height}, the image {width}x{height}; give the pose in the "
+                "image's pixels",
+            )
         if not pose.visible.any():
             raise ApiError(400, "pose.people", "pose.people: no joint is present (every visibility is 0)")
     return {"scene": scene, "region": region, "pose": pose}
 
 
-def run_edit(pipeline, scene: np.ndarray, prompt: str, region: np.ndarray | None, pose, seed: int,
-             num_steps: int) -> dict:
+def run_edit(
+    pipeline, scene: np.ndarray, prompt: str, region: np.ndarray | None, pose, seed: int, num_steps: int
+) -> dict:
     """One edit through a ``SkeleGuidePipeline``: ``{"image", "layout", "pose"}`` (uint8 arrays and
     the pose used as keypoint JSON). Outside ``region`` the image is the scene, pixel for pixel."""
     from armature.skeleton import Skeleton
@@ -128,8 +143,14 @@ def run_edit(pipeline, scene: np.ndarray, prompt: str, region: np.ndarray | None
             check_size(*scene.shape[:2])
         except ValueError as err:
             raise EditError("image", f"image: {err}") from None
-    out = pipeline([scene], [prompt], person_mask=None if region is None else [region],
-                   poses=None if pose is None else [pose], seed=seed, num_steps=num_steps)
+    out = pipeline(
+        [scene],
+        [prompt],
+        person_mask=None if region is None else [region],
+        poses=None if pose is None else [pose],
+        seed=seed,
+        num_steps=num_steps,
+    )
     image = np.asarray(out.images[0], dtype=np.uint8)
     if image.shape != scene.shape:
         raise RuntimeError(f"the pipeline returned a {image.shape} image for a {scene.shape} scene")

@@ -48,8 +48,9 @@ class ImageJob:
     seed: int
 
 
-def generate(policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, pass_size: int,
-             should_stop=None) -> np.ndarray:
+def generate(
+    policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, pass_size: int, should_stop=None
+) -> np.ndarray:
     """Images ``[len(jobs), H, W, 3]`` uint8, ``pass_size`` rows per model pass.
 
     ``should_stop()`` is polled between denoising steps; when it returns True the work is
@@ -57,8 +58,11 @@ def generate(policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, pa
     """
     images, sampling = [], policy.sampling
     policy.sampling = SamplingParams(
-        num_steps=shape.steps, guidance_scale=shape.guidance_scale, eta=shape.eta,
-        height=shape.height, width=shape.width,
+        num_steps=shape.steps,
+        guidance_scale=shape.guidance_scale,
+        eta=shape.eta,
+        height=shape.height,
+        width=shape.width,
     )
     try:
         for start in range(0, len(jobs), pass_size):
@@ -76,20 +80,23 @@ def _sample(policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, sho
     scheduler = policy.scheduler
     cond = policy.encode([j.prompt for j in jobs], negative_prompts=[j.negative_prompt for j in jobs])
     generators = [torch.Generator(device=policy.device).manual_seed(j.seed) for j in jobs]
-    latents = torch.cat([
-        torch.randn((1,) + policy.latent_shape, generator=g, device=policy.device, dtype=policy.unet.dtype)
-        for g in generators
-    ]) * getattr(scheduler, "init_noise_sigma", 1.0)
+    latents = torch.cat(
+        [
+            torch.randn((1,) + policy.latent_shape, generator=g, device=policy.device, dtype=policy.unet.dtype)
+            for g in generators
+        ]
+    ) * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
         if should_stop is not None and should_stop():
             raise TimeoutError("generation abandoned: the request's deadline passed")
         output = policy.predict(cond, latents, t)
         noise = None
         if shape.eta > 0:  # the training sampler's step (DDIM eta / flow SDE noise level), own noise per image
-            noise = torch.cat([
-                torch.randn((1,) + latents.shape[1:], generator=g, device=policy.device, dtype=torch.float32)
-                for g in generators
-            ])
+            noise = torch.cat(
+                [
+                    torch.randn((1,) + latents.shape[1:], generator=g, device=policy.device, dtype=torch.float32)
+                    for g in generators
+                ]
+            )
         latents, _ = policy.step(output, t, latents, stochastic=shape.eta > 0, noise=noise, noise_level=shape.eta)
     return policy.decode(latents)
-

@@ -37,8 +37,15 @@ from starlette.routing import Match
 
 from armature.serve.api_common import ADAPTER_PATTERN, ApiError
 
-__all__ = ["OPENAI_SIZES", "OpenAIImageFields", "add_openai_routes", "edit_from_form", "model_objects",
-           "resolve_size", "unknown_model"]
+__all__ = [
+    "OPENAI_SIZES",
+    "OpenAIImageFields",
+    "add_openai_routes",
+    "edit_from_form",
+    "model_objects",
+    "resolve_size",
+    "unknown_model",
+]
 
 # The sizes the OpenAI Images API documents (``auto`` aside).
 OPENAI_SIZES = ("256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792")
@@ -59,8 +66,11 @@ class OpenAIImageFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = Field(
-        None, max_length=200, description="an adapter (as `adapter`), or the base model: absent or its id in "
-                                          "GET /v1/models", examples=["armature-adapter@production"])
+        None,
+        max_length=200,
+        description="an adapter (as `adapter`), or the base model: absent or its id in GET /v1/models",
+        examples=["armature-adapter@production"],
+    )
     response_format: Optional[str] = Field(None, max_length=20, description="b64_json (the default); url is refused")
     output_format: Optional[str] = Field(None, max_length=20, description="png")
     background: Optional[str] = Field(None, max_length=20, description="auto or opaque")
@@ -103,14 +113,23 @@ def resolve_size(size: Optional[str], native: tuple[int, int], lim: dict) -> tup
         scaled = tuple(max(m, int(round(v * scale / m)) * m) for v in (width, height))
         if fits(scaled):
             return scaled
-    raise ApiError(400, "size", f"size={size}: use auto (the model's {native[1]}x{native[0]}), WIDTHxHEIGHT with "
-                                f"each side in [{lim['min_size']}, {lim['max_size']}] and a multiple of {m}, or "
-                                f"one of {', '.join(OPENAI_SIZES)} (drawn at the model's scale)")
+    raise ApiError(
+        400,
+        "size",
+        f"size={size}: use auto (the model's {native[1]}x{native[0]}), WIDTHxHEIGHT with "
+        f"each side in [{lim['min_size']}, {lim['max_size']}] and a multiple of {m}, or "
+        f"one of {', '.join(OPENAI_SIZES)} (drawn at the model's scale)",
+    )
 
 
 def unknown_model(name: str, reason: str = "") -> ApiError:
-    return ApiError(404, "model", f"model {name!r} does not exist{': ' + reason if reason else ''}; "
-                                  "GET /v1/models lists the base model and the adapters", code="model_not_found")
+    return ApiError(
+        404,
+        "model",
+        f"model {name!r} does not exist{': ' + reason if reason else ''}; "
+        "GET /v1/models lists the base model and the adapters",
+        code="model_not_found",
+    )
 
 
 def is_adapter_name(name: str) -> bool:
@@ -124,8 +143,7 @@ def model_objects(base: str, adapters: list[dict]) -> list[dict]:
     for a in adapters:
         if a["id"] not in seen:
             seen.add(a["id"])
-            out.append({"id": a["id"], "object": "model", "created": 0, "owned_by": "armature",
-                        "source": a["source"]})
+            out.append({"id": a["id"], "object": "model", "created": 0, "owned_by": "armature", "source": a["source"]})
     return out
 
 
@@ -147,8 +165,9 @@ def _rgba(data: bytes, field: str, lim: dict) -> np.ndarray:
     return decode_png(base64.b64encode(data).decode(), field, lim, mode="RGBA")
 
 
-def edit_from_form(files: dict[str, list[bytes]], fields: dict[str, str], edit_model: type[BaseModel],
-                   lim: dict) -> tuple[BaseModel, Optional[str]]:
+def edit_from_form(
+    files: dict[str, list[bytes]], fields: dict[str, str], edit_model: type[BaseModel], lim: dict
+) -> tuple[BaseModel, Optional[str]]:
     """A multipart edit as Armature's ``EditRequest`` (the repaint region as its ``mask``) and the
     ``model`` asked for. Raises ``RequestValidationError`` / ``ApiError`` (400) naming the field."""
     from armature.serve.edits import encode_png
@@ -170,16 +189,26 @@ def edit_from_form(files: dict[str, list[bytes]], fields: dict[str, str], edit_m
     if files.get("mask"):
         alpha = _rgba(files["mask"][0], "mask", lim)[..., 3]
         if alpha.shape != (height, width):
-            raise ApiError(400, "mask", f"mask: {alpha.shape[1]}x{alpha.shape[0]} pixels, the image is "
-                                        f"{width}x{height}: send a mask of the image's size")
+            raise ApiError(
+                400,
+                "mask",
+                f"mask: {alpha.shape[1]}x{alpha.shape[0]} pixels, the image is "
+                f"{width}x{height}: send a mask of the image's size",
+            )
         region = alpha == 0
         if not region.any():
-            raise ApiError(400, "mask", "mask: no fully transparent pixel; transparent pixels (alpha 0) mark "
-                                        "where to edit")
+            raise ApiError(
+                400, "mask", "mask: no fully transparent pixel; transparent pixels (alpha 0) mark where to edit"
+            )
     elif (scene[..., 3] == 0).any():  # no mask: the image's own transparent pixels
         region = scene[..., 3] == 0
-    body = {"image": base64.b64encode(images[0]).decode(), "prompt": form.prompt, "seed": form.seed,
-            "steps": form.steps, "mask": None if region is None else encode_png(region.astype(np.uint8) * 255)}
+    body = {
+        "image": base64.b64encode(images[0]).decode(),
+        "prompt": form.prompt,
+        "seed": form.seed,
+        "steps": form.steps,
+        "mask": None if region is None else encode_png(region.astype(np.uint8) * 255),
+    }
     try:
         return edit_model.model_validate(body), form.model
     except ValidationError as err:
@@ -211,8 +240,15 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
-def add_openai_routes(app: FastAPI, service: Any, dependencies: list, responses: dict, edit_model: type[BaseModel],
-                      lim: dict, max_body_bytes: int) -> None:
+def add_openai_routes(
+    app: FastAPI,
+    service: Any,
+    dependencies: list,
+    responses: dict,
+    edit_model: type[BaseModel],
+    lim: dict,
+    max_body_bytes: int,
+) -> None:
     """``GET /v1/models``, ``GET /v1/models/{id}`` and the multipart ``POST /v1/images/edits``; add them
     before the JSON edit route. ``service`` has ``models() -> list[dict]`` and ``edit(body, model)``."""
     router = APIRouter(route_class=MultipartRoute)
@@ -237,8 +273,7 @@ def add_openai_routes(app: FastAPI, service: Any, dependencies: list, responses:
         """The OpenAI API's model list: the base model and every adapter id `model` can name."""
         return {"object": "list", "data": await service.models()}
 
-    @app.get("/v1/models/{model:path}", response_model=ModelObject, dependencies=dependencies,
-             responses=responses)
+    @app.get("/v1/models/{model:path}", response_model=ModelObject, dependencies=dependencies, responses=responses)
     async def model(model: str) -> dict:
         """One entry of the model list; 404 for a model it does not hold."""
         found = [m for m in await service.models() if m["id"] == model]

@@ -30,6 +30,7 @@ from armature.serve.openai_api import OPENAI_SIZES, OpenAIImageFields, add_opena
 
 __all__ = ["ApiError", "create_api", "request_model", "edit_request_model", "hash_key", "ADAPTER_PATTERN", "MAX_SEED"]
 
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -67,8 +68,10 @@ class ImagesResponse(BaseModel):
 class EditResponse(BaseModel):
     created: int
     data: list[ImageData] = Field(description="the edited image (one)")
-    pose: dict[str, Any] = Field(description="the pose the person was rendered from (keypoint JSON): the one "
-                                             "sent, or the one the model planned; edit it and send it back as `pose`")
+    pose: dict[str, Any] = Field(
+        description="the pose the person was rendered from (keypoint JSON): the one "
+        "sent, or the one the model planned; edit it and send it back as `pose`"
+    )
     layout_b64_json: Optional[str] = Field(None, description="the layout the image was rendered from, a PNG, base64")
 
 
@@ -96,25 +99,31 @@ def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
     Reward = Literal[tuple(rewards)] if rewards else None  # noqa: N806
 
     class ImageRequest(OpenAIImageFields):  # the OpenAI Images API's fields, and Armature's own
-
         prompt: str = Field(min_length=1, max_length=lim["max_prompt_chars"])
         negative_prompt: Optional[str] = Field(None, max_length=lim["max_prompt_chars"])
         n: int = Field(1, ge=1, le=lim["max_images"], description="images to return")
-        size: Optional[str] = Field(None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$",
-                                    description=f"WIDTHxHEIGHT in pixels, {side}; or one of the OpenAI API's "
-                                                f"sizes ({', '.join(OPENAI_SIZES)}), drawn at the model's scale "
-                                                "when beyond those limits; default (auto): the model's")
+        size: Optional[str] = Field(
+            None,
+            pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$",
+            description=f"WIDTHxHEIGHT in pixels, {side}; or one of the OpenAI API's "
+            f"sizes ({', '.join(OPENAI_SIZES)}), drawn at the model's scale "
+            "when beyond those limits; default (auto): the model's",
+        )
         steps: Optional[int] = Field(None, ge=1, le=lim["max_steps"], description="denoising steps")
         guidance_scale: Optional[float] = Field(None, ge=0.0, le=lim["max_guidance_scale"], allow_inf_nan=False)
-        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED,
-                                    description="image i (or candidate i) uses seed + i; default: random")
+        seed: Optional[int] = Field(
+            None, ge=0, le=MAX_SEED, description="image i (or candidate i) uses seed + i; default: random"
+        )
         adapter: Optional[str] = Field(
-            None, pattern=ADAPTER_PATTERN, description="a registered adapter: name, name/version or name@alias",
+            None,
+            pattern=ADAPTER_PATTERN,
+            description="a registered adapter: name, name/version or name@alias",
             examples=["armature-adapter", "armature-adapter/1", "armature-adapter@prod"],
         )
         reward: Optional[Reward] = Field(None, description="score the images with this reward")
-        best_of: Optional[int] = Field(None, ge=1, le=lim["max_best_of"],
-                                       description="make this many candidates, return the n best by `reward`")
+        best_of: Optional[int] = Field(
+            None, ge=1, le=lim["max_best_of"], description="make this many candidates, return the n best by `reward`"
+        )
 
         @field_validator("size")
         @classmethod
@@ -124,8 +133,10 @@ def request_model(limits: dict, rewards: list[str]) -> type[BaseModel]:
             width, height = (int(v) for v in value.split("x"))
             for v in (width, height):
                 if not lim["min_size"] <= v <= lim["max_size"] or v % lim["size_multiple"]:
-                    raise ValueError(f"size={value}: use auto (the model's own size), WIDTHxHEIGHT with {side}, or "
-                                     f"one of {', '.join(OPENAI_SIZES)} (drawn at the model's scale)")
+                    raise ValueError(
+                        f"size={value}: use auto (the model's own size), WIDTHxHEIGHT with {side}, or "
+                        f"one of {', '.join(OPENAI_SIZES)} (drawn at the model's scale)"
+                    )
             return value
 
         @field_validator("best_of")
@@ -152,17 +163,25 @@ def edit_request_model(limits: dict, max_body_bytes: int) -> type[BaseModel]:
     class EditRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        image: str = Field(min_length=1, max_length=max_body_bytes,
-                           description=f"the scene, a PNG, base64; {side}")
+        image: str = Field(min_length=1, max_length=max_body_bytes, description=f"the scene, a PNG, base64; {side}")
         prompt: str = Field(min_length=1, max_length=lim["max_prompt_chars"], description="who to put in the scene")
-        box: Optional[list[int]] = Field(None, min_length=4, max_length=4,
-                                         description="the person region [x0, y0, x1, y1] in pixels (x1, y1 excluded)")
-        mask: Optional[str] = Field(None, min_length=1, max_length=max_body_bytes,
-                                    description="the person region as a PNG of the image's size (nonzero: person), "
-                                                "base64; instead of `box`")
+        box: Optional[list[int]] = Field(
+            None,
+            min_length=4,
+            max_length=4,
+            description="the person region [x0, y0, x1, y1] in pixels (x1, y1 excluded)",
+        )
+        mask: Optional[str] = Field(
+            None,
+            min_length=1,
+            max_length=max_body_bytes,
+            description="the person region as a PNG of the image's size (nonzero: person), base64; instead of `box`",
+        )
         pose: Optional[dict[str, Any]] = Field(
-            None, description='the pose to render (keypoint JSON: {"format": "coco17", "width": W, "height": H, '
-                              '"people": [{"keypoints": {"nose": [x, y, v], ...}}]}); default: the model plans one')
+            None,
+            description='the pose to render (keypoint JSON: {"format": "coco17", "width": W, "height": H, '
+            '"people": [{"keypoints": {"nose": [x, y, v], ...}}]}); default: the model plans one',
+        )
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: random")
         steps: Optional[int] = Field(None, ge=1, le=lim["max_steps"], description="denoising steps of each stage")
 
@@ -188,8 +207,15 @@ class RequestGuard:
     ``/readyz``, which read no body, are answered meanwhile. ``None`` turns a limit off.
     """
 
-    def __init__(self, app, api_key_sha256: Optional[str], body_limit: int, route_body_limits: dict,
-                 body_timeout_s: Optional[float], max_per_client: Optional[int]):
+    def __init__(
+        self,
+        app,
+        api_key_sha256: Optional[str],
+        body_limit: int,
+        route_body_limits: dict,
+        body_timeout_s: Optional[float],
+        max_per_client: Optional[int],
+    ):
         self.app, self.api_key_sha256 = app, api_key_sha256
         self.body_limit, self.route_body_limits = body_limit, route_body_limits  # {path suffix: bytes}
         self.body_timeout_s, self.max_per_client = body_timeout_s, max_per_client
@@ -201,13 +227,22 @@ class RequestGuard:
         path, headers = scope["path"].removeprefix(scope.get("root_path", "")), Headers(scope=scope)
         api = path.startswith("/v1/")
         if api and self.api_key_sha256 is not None and not self._authorized(headers):
-            refusal = ApiError(401, "authorization", "missing or wrong API key: send `Authorization: Bearer <key>`",
-                               headers={"WWW-Authenticate": "Bearer"})
+            refusal = ApiError(
+                401,
+                "authorization",
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
             return await self._refuse(refusal, headers, scope, receive, send)
         client = scope["client"][0] if scope.get("client") else "unknown"
         if api and self.max_per_client is not None and self.in_flight.get(client, 0) >= self.max_per_client:
-            refusal = ApiError(429, "client", f"over limits.max_requests_per_client={self.max_per_client} requests "
-                               "of this client in flight: wait for an answer first", headers={"Retry-After": "1"})
+            refusal = ApiError(
+                429,
+                "client",
+                f"over limits.max_requests_per_client={self.max_per_client} requests "
+                "of this client in flight: wait for an answer first",
+                headers={"Retry-After": "1"},
+            )
             return await self._refuse(refusal, headers, scope, receive, send)
         if api:
             self.in_flight[client] = self.in_flight.get(client, 0) + 1
@@ -245,8 +280,9 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), None if deadline is None else deadline - loop.time())
             except asyncio.TimeoutError:
-                raise ApiError(408, "body", f"the body did not arrive within limits.body_timeout_s="
-                                            f"{self.body_timeout_s:g}") from None
+                raise ApiError(
+                    408, "body", f"the body did not arrive within limits.body_timeout_s={self.body_timeout_s:g}"
+                ) from None
             if message["type"] == "http.disconnect":
                 raise ApiError(400, "body", "the client closed the connection before sending the body")
             size += len(message.get("body", b""))
@@ -284,8 +320,14 @@ def _field(loc) -> str:
     return ".".join(parts) if parts and not parts[0].isdigit() else "body"
 
 
-def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: Optional[str] = None,
-               title: str = "Armature generator", edits_max_body_bytes: Optional[int] = None) -> FastAPI:
+def create_api(
+    service: Any,
+    limits: dict,
+    rewards: list[str],
+    api_key_sha256: Optional[str] = None,
+    title: str = "Armature generator",
+    edits_max_body_bytes: Optional[int] = None,
+) -> FastAPI:
     """The FastAPI app; ``api_key_sha256`` set: every ``/v1`` route needs ``Authorization: Bearer <key>``.
     ``edits_max_body_bytes``: the body limit of ``/v1/images/edits`` (default ``limits.max_body_bytes``);
     ``limits.body_timeout_s`` and ``limits.max_requests_per_client``: see ``RequestGuard``."""
@@ -298,10 +340,14 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
     errors = {s: {"model": ErrorResponse} for s in statuses}  # documented error answers
     # The key is checked by RequestGuard, from the headers; the dependency documents it in OpenAPI.
     v1 = [Depends(HTTPBearer(auto_error=False))] if api_key_sha256 else []
-    app.add_middleware(RequestGuard, api_key_sha256=api_key_sha256,
-                       body_limit=lim_body, route_body_limits={"/v1/images/edits": edits_body},
-                       body_timeout_s=limits.get("body_timeout_s"),
-                       max_per_client=limits.get("max_requests_per_client"))
+    app.add_middleware(
+        RequestGuard,
+        api_key_sha256=api_key_sha256,
+        body_limit=lim_body,
+        route_body_limits={"/v1/images/edits": edits_body},
+        body_timeout_s=limits.get("body_timeout_s"),
+        max_per_client=limits.get("max_requests_per_client"),
+    )
     # GET /v1/models, and multipart edits at /v1/images/edits: added before the JSON edit route
     add_openai_routes(app, service, v1, {**errors, 404: {"model": ErrorResponse}}, EditRequest, limits, edits_body)
 
@@ -312,8 +358,9 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):  # unparsable bodies, 404, 405
         field = {400: "body", 404: "path", 405: "method"}.get(err.status_code, "request")
-        return error_response(err.status_code, CODES.get(err.status_code, "error"), field, str(err.detail),
-                              getattr(err, "headers", None))
+        return error_response(
+            err.status_code, CODES.get(err.status_code, "error"), field, str(err.detail), getattr(err, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
@@ -322,17 +369,26 @@ def create_api(service: Any, limits: dict, rewards: list[str], api_key_sha256: O
             for e in err.errors()
         ]
         first = found[0] if found else {"field": "body", "message": "invalid request"}
-        return error_response(400, "invalid_request", first["field"], f"{first['field']}: {first['message']}",
-                              errors=found)
+        return error_response(
+            400, "invalid_request", first["field"], f"{first['field']}: {first['message']}", errors=found
+        )
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, dependencies=v1,
-              responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}})
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        dependencies=v1,
+        responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}},
+    )
     async def generations(body: ImageRequest) -> dict:
         """Generate images; with `best_of`, the n best of that many candidates by `reward`."""
         return await service.generate(body)
 
-    @app.post("/v1/images/edits", response_model=EditResponse, dependencies=v1,
-              responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}})
+    @app.post(
+        "/v1/images/edits",
+        response_model=EditResponse,
+        dependencies=v1,
+        responses={**errors, **{s: {"model": ErrorResponse} for s in (400, 404, 504)}},
+    )
     async def edits(body: EditRequest) -> dict:
         """Render a person into the scene: from the `pose` given, or from one the model plans first;
         outside the person region (`box` or `mask`) the scene is kept pixel for pixel. A multipart body

@@ -18,6 +18,22 @@ from .parse import canonical, parse_layout
 from .render import JOINT_COLOURS, LIMB_COLOURS, render_layout
 from .scenes import Triple, photo_triples, read_triples, sample_triple, triples, write_triples
 
-__all__ = ["COCO17", "EDGES", "JOINT_COLOURS", "LIMB_COLOURS", "Skeleton", "canonical", "from_figure",
-           "from_figure_image", "from_photo", "parse_layout", "photo_triples", "read_triples", "render_layout",
-           "sample_triple", "triples", "Triple", "write_triples"]
+__all__ = [
+    "COCO17",
+    "EDGES",
+    "JOINT_COLOURS",
+    "LIMB_COLOURS",
+    "Skeleton",
+    "canonical",
+    "from_figure",
+    "from_figure_image",
+    "from_photo",
+    "parse_layout",
+    "photo_triples",
+    "read_triples",
+    "render_layout",
+    "sample_triple",
+    "triples",
+    "Triple",
+    "write_triples",
+]

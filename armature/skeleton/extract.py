@@ -63,6 +63,7 @@ def _skeleton(points: dict[str, np.ndarray], width: int, height: int, visibility
 
 def from_figure(figure) -> Skeleton:
     """The skeleton a gym figure was drawn from (see the module docstring)."""
+
     def part(type_, side=None):
         return next((p for p in figure.parts if p.type == type_ and p.side == side and "extra" not in p.tag), None)
 
@@ -122,8 +123,9 @@ def from_figure_image(image, oracle=None) -> Skeleton:
         return {"left": left, "right": right}
 
     for upper, lower, end, (root_name, mid_name, end_name) in (
-            ("upper_arm", "forearm", "hand", ("shoulder", "elbow", "wrist")),
-            ("thigh", "shin", "foot", ("hip", "knee", "ankle"))):
+        ("upper_arm", "forearm", "hand", ("shoulder", "elbow", "wrist")),
+        ("thigh", "shin", "foot", ("hip", "knee", "ankle")),
+    ):
         ups, lows, ends = by_side(upper), by_side(lower), by_side(end)
         for side in SIDES:
             up, low = ups.get(side), lows.get(side)
@@ -156,8 +158,10 @@ def from_photo(image, estimator) -> Skeleton:
     a skeleton with no people. ``estimator``: a :class:`~armature.rewards.pose.BlazePose`
     (``BlazePose(min_detection_score=0.3)`` finds people in most photos)."""
     if estimator is None:
-        raise ValueError("from_photo: estimator=None; pass a pose model, e.g. "
-                         "armature.rewards.pose.BlazePose(min_detection_score=0.3)")
+        raise ValueError(
+            "from_photo: estimator=None; pass a pose model, e.g. "
+            "armature.rewards.pose.BlazePose(min_detection_score=0.3)"
+        )
     image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)[..., :3].astype(np.uint8)
     height, width = image.shape[:2]
     result = estimator(image)

@@ -26,15 +26,46 @@ import numpy as np
 
 FORMAT = "coco17"
 COCO17 = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
-    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
 )
 INDEX = {name: i for i, name in enumerate(COCO17)}
 # COCO's 19 limbs (joint index pairs), legs first, then torso, arms and face
 EDGES = (
-    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
-    (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+    (15, 13),
+    (13, 11),
+    (16, 14),
+    (14, 12),
+    (11, 12),
+    (5, 11),
+    (6, 12),
+    (5, 6),
+    (5, 7),
+    (6, 8),
+    (7, 9),
+    (8, 10),
+    (1, 2),
+    (0, 1),
+    (0, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),
 )
 
 
@@ -63,15 +94,17 @@ class Skeleton:
             try:
                 obj = json.loads(obj)
             except json.JSONDecodeError as err:
-                raise ValueError(f"pose: not valid JSON ({err}); expected an object like "
-                                 '{"format": "coco17", "width": W, "height": H, "people": [...]}') from None
+                raise ValueError(
+                    f"pose: not valid JSON ({err}); expected an object like "
+                    '{"format": "coco17", "width": W, "height": H, "people": [...]}'
+                ) from None
         if not isinstance(obj, dict):
             raise ValueError(f"pose: expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - {"format", "width", "height", "people"})
         if unknown:
             raise ValueError(f"pose: unknown field(s) {unknown}; allowed: format, width, height, people")
         if obj.get("format", FORMAT) != FORMAT:
-            raise ValueError(f"format: {obj.get('format')!r} is not supported; use \"coco17\"")
+            raise ValueError(f'format: {obj.get("format")!r} is not supported; use "coco17"')
         size = []
         for key in ("width", "height"):
             value = obj.get(key)
@@ -81,45 +114,56 @@ class Skeleton:
         width, height = size
         people = obj.get("people")
         if not isinstance(people, list):
-            raise ValueError("people: expected a list of {\"keypoints\": {...}} objects, "
-                             f"got {type(people).__name__}")
+            raise ValueError(
+                f'people: expected a list of {{"keypoints": {{...}}}} objects, got {type(people).__name__}'
+            )
         array = np.zeros((len(people), len(COCO17), 3))
         for p, person in enumerate(people):
             where = f"people[{p}]"
             if not isinstance(person, dict) or not isinstance(person.get("keypoints"), dict):
-                raise ValueError(f"{where}: expected an object with a \"keypoints\" object mapping joint names to "
-                                 "[x, y, visibility]")
+                raise ValueError(
+                    f'{where}: expected an object with a "keypoints" object mapping joint names to [x, y, visibility]'
+                )
             extra = sorted(set(person) - {"keypoints"})
             if extra:
-                raise ValueError(f"{where}: unknown field(s) {extra}; a person has only \"keypoints\"")
+                raise ValueError(f'{where}: unknown field(s) {extra}; a person has only "keypoints"')
             keypoints = person["keypoints"]
             for name in keypoints:
                 if name not in INDEX:
-                    raise ValueError(f"{where}.keypoints.{name}: unknown joint name; COCO-17 names are "
-                                     f"{', '.join(COCO17)}")
+                    raise ValueError(
+                        f"{where}.keypoints.{name}: unknown joint name; COCO-17 names are {', '.join(COCO17)}"
+                    )
             for j, name in enumerate(COCO17):
                 field = f"{where}.keypoints.{name}"
                 if name not in keypoints:
                     raise ValueError(f"{field}: missing; every person lists all 17 joints (an absent one as [0, 0, 0])")
                 value = keypoints[name]
-                if (not isinstance(value, (list, tuple)) or len(value) != 3
-                        or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
-                                   for c in value)):
+                if (
+                    not isinstance(value, (list, tuple))
+                    or len(value) != 3
+                    or not all(
+                        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in value
+                    )
+                ):
                     raise ValueError(f"{field}: expected [x, y, visibility] (three finite numbers), got {value!r}")
                 x, y, v = (float(c) for c in value)
                 if not 0.0 <= v <= 1.0:
                     raise ValueError(f"{field}: visibility {v:g} is outside [0, 1] (0 = absent, 1 = visible)")
                 if v > 0 and not (0.0 <= x <= width - 1 and 0.0 <= y <= height - 1):
-                    raise ValueError(f"{field}: ({x:g}, {y:g}) is outside the {width}x{height} canvas; x must be "
-                                     f"in [0, {width - 1}] and y in [0, {height - 1}], or set visibility 0 if the "
-                                     "joint is not in the picture")
+                    raise ValueError(
+                        f"{field}: ({x:g}, {y:g}) is outside the {width}x{height} canvas; x must be "
+                        f"in [0, {width - 1}] and y in [0, {height - 1}], or set visibility 0 if the "
+                        "joint is not in the picture"
+                    )
                 array[p, j] = (x, y, v)
         return cls(width, height, array)
 
     def to_json(self) -> dict:
         """The JSON form as a dict (``json.dumps`` it, or use :meth:`dumps`)."""
-        people = [{"keypoints": {name: [float(x), float(y), float(v)] for name, (x, y, v) in zip(COCO17, person)}}
-                  for person in self.array]
+        people = [
+            {"keypoints": {name: [float(x), float(y), float(v)] for name, (x, y, v) in zip(COCO17, person)}}
+            for person in self.array
+        ]
         return {"format": FORMAT, "width": self.width, "height": self.height, "people": people}
 
     def dumps(self, **kwargs) -> str:
@@ -158,8 +202,11 @@ class Skeleton:
         return Skeleton(width, height, array)
 
     def equals(self, other: Skeleton, atol: float = 1e-9) -> bool:
-        return (self.width, self.height) == (other.width, other.height) and self.array.shape == other.array.shape \
+        return (
+            (self.width, self.height) == (other.width, other.height)
+            and self.array.shape == other.array.shape
             and bool(np.allclose(self.array, other.array, atol=atol))
+        )
 
     def __repr__(self) -> str:
         return f"Skeleton({self.width}x{self.height}, {self.num_people} people, {int(self.visible.sum())} joints)"

@@ -58,8 +58,9 @@ def _hue(image: np.ndarray) -> np.ndarray:
     high, low = rgb.max(-1), rgb.min(-1)
     chroma = np.where(high > low, high - low, 1.0)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    hue = np.where(high == r, (g - b) / chroma % 6.0,
-                   np.where(high == g, (b - r) / chroma + 2.0, (r - g) / chroma + 4.0))
+    hue = np.where(
+        high == r, (g - b) / chroma % 6.0, np.where(high == g, (b - r) / chroma + 2.0, (r - g) / chroma + 4.0)
+    )
     return np.where(high > low, 60.0 * hue, 0.0) % 360.0
 
 
@@ -72,7 +73,7 @@ def _codes(image: np.ndarray) -> np.ndarray:
 _PALETTE_CODES = _codes(PALETTE[None])[0]
 _PALETTE_ORDER = np.argsort(_PALETTE_CODES)
 _PALETTE_SORTED = _PALETTE_CODES[_PALETTE_ORDER]
-_JOINT_CODES = _PALETTE_CODES[:len(COCO17)]
+_JOINT_CODES = _PALETTE_CODES[: len(COCO17)]
 _JOINT_HUES = _hue(JOINT_COLOURS[None])[0]
 
 
@@ -111,7 +112,9 @@ def _solve_centre(piece: np.ndarray, covered: np.ndarray, dont_care: np.ndarray,
             if not (0 <= cx < width and 0 <= cy < height):
                 continue
             square = np.zeros_like(want)
-            square[max(cy - r - wy0, 0):max(cy + r + 1 - wy0, 0), max(cx - r - wx0, 0):max(cx + r + 1 - wx0, 0)] = True
+            square[max(cy - r - wy0, 0) : max(cy + r + 1 - wy0, 0), max(cx - r - wx0, 0) : max(cx + r + 1 - wx0, 0)] = (
+                True
+            )
             if not np.any(((square & free) != want) & care):
                 found.append((cx, cy))
     middle = np.array([xs.mean(), ys.mean()])
@@ -119,8 +122,15 @@ def _solve_centre(piece: np.ndarray, covered: np.ndarray, dont_care: np.ndarray,
     return found
 
 
-def parse_layout(image, scene=None, *, hue_radius: float = 10.0, scene_threshold: float = 24.0,
-                 min_confidence: float = 0.25, details: bool = False):
+def parse_layout(
+    image,
+    scene=None,
+    *,
+    hue_radius: float = 10.0,
+    scene_threshold: float = 24.0,
+    min_confidence: float = 0.25,
+    details: bool = False,
+):
     """The :class:`Skeleton` drawn in a layout ``image`` (``[H, W, 3]`` array or PIL image).
 
     ``scene`` (optional, same size): the picture the layout was drawn over; pixels equal to it
@@ -170,7 +180,7 @@ def parse_layout(image, scene=None, *, hue_radius: float = 10.0, scene_threshold
             explained |= piece
             drawn.append((cx, cy))
         for cx, cy in drawn:
-            covered[max(cy - r, 0):cy + r + 1, max(cx - r, 0):cx + r + 1] = True
+            covered[max(cy - r, 0) : cy + r + 1, max(cx - r, 0) : cx + r + 1] = True
 
     # ---------------------------------------------------------------- tolerant pass
     chroma = image.max(-1).astype(np.int16) - image.min(-1)

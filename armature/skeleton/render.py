@@ -63,8 +63,10 @@ def render_layout(skeleton: Skeleton, scene: np.ndarray | None = None) -> np.nda
     else:
         scene = np.asarray(scene)
         if scene.shape != (height, width, 3):
-            raise ValueError(f"scene: shape {scene.shape} does not match the skeleton's {width}x{height} canvas; "
-                             f"expected ({height}, {width}, 3) (resize the scene or Skeleton.resized())")
+            raise ValueError(
+                f"scene: shape {scene.shape} does not match the skeleton's {width}x{height} canvas; "
+                f"expected ({height}, {width}, 3) (resize the scene or Skeleton.resized())"
+            )
         canvas = scene.astype(np.uint8, copy=True)
     r = mark_radius(width, height)
     pixels, visible = skeleton.pixels(), skeleton.visible
@@ -74,8 +76,9 @@ def render_layout(skeleton: Skeleton, scene: np.ndarray | None = None) -> np.nda
         for k, (a, b) in enumerate(EDGES):
             if visible[person, a] and visible[person, b]:
                 (xa, ya), (xb, yb) = pixels[person, a], pixels[person, b]
-                draw.line([(int(xa), int(ya)), (int(xb), int(yb))], fill=tuple(int(c) for c in LIMB_COLOURS[k]),
-                          width=r)
+                draw.line(
+                    [(int(xa), int(ya)), (int(xb), int(yb))], fill=tuple(int(c) for c in LIMB_COLOURS[k]), width=r
+                )
     canvas = np.array(image)
     for j in range(len(COCO17)):
         for person in range(skeleton.num_people):

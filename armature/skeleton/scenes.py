@@ -75,8 +75,14 @@ def sample_triple(rng: np.random.Generator, pose: str | None = None, grow: int =
     figure = sample_figure(rng, pose)
     skeleton = from_figure(figure)
     scene = figure.background
-    return Triple(prompt=figure.prompt, scene=scene, layout=render_layout(skeleton, scene), target=render(figure),
-                  person_mask=grow_mask(label_map(figure.parts) > 0, grow), skeleton=skeleton)
+    return Triple(
+        prompt=figure.prompt,
+        scene=scene,
+        layout=render_layout(skeleton, scene),
+        target=render(figure),
+        person_mask=grow_mask(label_map(figure.parts) > 0, grow),
+        skeleton=skeleton,
+    )
 
 
 def triples(n: int, seed: int = 0, pose: str | None = None) -> list[Triple]:
@@ -110,8 +116,10 @@ def photo_triples(folder: str | os.PathLike, pose, prompt: str = "a person", gro
     (build the model once, outside the function).
     """
     if pose is None:
-        raise ValueError("photo_triples: pose=None; pass a function image -> Skeleton, e.g. from_photo with "
-                         "an armature.rewards.pose.BlazePose(min_detection_score=0.3) estimator")
+        raise ValueError(
+            "photo_triples: pose=None; pass a function image -> Skeleton, e.g. from_photo with "
+            "an armature.rewards.pose.BlazePose(min_detection_score=0.3) estimator"
+        )
     from PIL import Image
 
     folder = Path(folder)
@@ -125,8 +133,10 @@ def photo_triples(folder: str | os.PathLike, pose, prompt: str = "a person", gro
         image = np.array(Image.open(path).convert("RGB"))
         mask = np.array(Image.open(mask_path).convert("L")) > 127
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"{mask_path.name}: mask is {mask.shape[::-1]}, the photo {image.shape[1::-1]}; "
-                             "a mask must have its photo's size")
+            raise ValueError(
+                f"{mask_path.name}: mask is {mask.shape[::-1]}, the photo {image.shape[1::-1]}; "
+                "a mask must have its photo's size"
+            )
         skeleton = pose(image)
         if skeleton.num_people == 0 or not skeleton.visible.any():
             warnings.warn(f"{path.name}: the pose model found no one; skipped", stacklevel=2)
@@ -134,9 +144,17 @@ def photo_triples(folder: str | os.PathLike, pose, prompt: str = "a person", gro
         text = path.with_suffix(".txt")
         person = grow_mask(mask, grow)
         scene = fill_region(image, person)
-        out.append(Triple(prompt=text.read_text().strip() if text.is_file() else prompt, scene=scene,
-                          layout=render_layout(skeleton, scene), target=image, person_mask=person,
-                          skeleton=skeleton, source=path.name))
+        out.append(
+            Triple(
+                prompt=text.read_text().strip() if text.is_file() else prompt,
+                scene=scene,
+                layout=render_layout(skeleton, scene),
+                target=image,
+                person_mask=person,
+                skeleton=skeleton,
+                source=path.name,
+            )
+        )
     return out
 
 
@@ -144,9 +162,18 @@ def photo_triples(folder: str | os.PathLike, pose, prompt: str = "a person", gro
 def schema():
     import pyarrow as pa
 
-    return pa.schema([("triple_id", pa.string()), ("prompt", pa.string()), ("scene", pa.binary()),
-                      ("layout", pa.binary()), ("target", pa.binary()), ("person_mask", pa.binary()),
-                      ("skeleton", pa.string()), ("source", pa.string())])
+    return pa.schema(
+        [
+            ("triple_id", pa.string()),
+            ("prompt", pa.string()),
+            ("scene", pa.binary()),
+            ("layout", pa.binary()),
+            ("target", pa.binary()),
+            ("person_mask", pa.binary()),
+            ("skeleton", pa.string()),
+            ("source", pa.string()),
+        ]
+    )
 
 
 def write_triples(items, path: str | os.PathLike) -> int:
@@ -154,10 +181,19 @@ def write_triples(items, path: str | os.PathLike) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"triple_id": f"{i:06d}", "prompt": t.prompt, "scene": encode_image(t.scene),
-             "layout": encode_image(t.layout), "target": encode_image(t.target),
-             "person_mask": encode_image(np.asarray(t.person_mask, dtype=bool)),
-             "skeleton": t.skeleton.dumps(), "source": t.source} for i, t in enumerate(items)]
+    rows = [
+        {
+            "triple_id": f"{i:06d}",
+            "prompt": t.prompt,
+            "scene": encode_image(t.scene),
+            "layout": encode_image(t.layout),
+            "target": encode_image(t.target),
+            "person_mask": encode_image(np.asarray(t.person_mask, dtype=bool)),
+            "skeleton": t.skeleton.dumps(),
+            "source": t.source,
+        }
+        for i, t in enumerate(items)
+    ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema()), str(path))
     return len(rows)
@@ -173,7 +209,15 @@ def read_triples(path: str | os.PathLike) -> list[Triple]:
         raise ValueError(f"{path}: not a triples file, columns {missing} are missing (expected {list(COLUMNS)})")
     out = []
     for row in table.to_pylist():
-        out.append(Triple(prompt=row["prompt"], scene=decode_image(row["scene"]), layout=decode_image(row["layout"]),
-                          target=decode_image(row["target"]), person_mask=decode_image(row["person_mask"], "L") > 127,
-                          skeleton=Skeleton.from_json(json.loads(row["skeleton"])), source=row["source"] or ""))
+        out.append(
+            Triple(
+                prompt=row["prompt"],
+                scene=decode_image(row["scene"]),
+                layout=decode_image(row["layout"]),
+                target=decode_image(row["target"]),
+                person_mask=decode_image(row["person_mask"], "L") > 127,
+                skeleton=Skeleton.from_json(json.loads(row["skeleton"])),
+                source=row["source"] or "",
+            )
+        )
     return out
