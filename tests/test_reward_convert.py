@@ -46,7 +46,10 @@ def _images(n=2, size=32):
 def _pixels(images):
     """CLIP-normalised pixels of images already at the model's size (no resize or crop), in float32
     as the rewards compute them (random towers amplify float64-vs-float32 rounding past 1e-5)."""
+    # contiguous, as pil_to_tensor gives them: a permuted view takes another convolution kernel,
+    # whose different summation order the random towers also amplify past 1e-5
     array = torch.tensor(np.stack([np.asarray(i, np.float32) / 255.0 for i in images])).permute(0, 3, 1, 2)
+    array = array.contiguous()
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
     return (array - mean) / std
