@@ -123,14 +123,13 @@ def cmd_serve(args) -> int:
     cfg = _compose("serve", args.overrides)
     if cfg is None:
         return 2
-    from armature.rewards import available
+    from armature.platform.config import ConfigError
+    from armature.serve.app import check_rewards
 
-    unknown = [name for name in cfg.rewards if name not in available()]
-    if unknown:
-        print(
-            f"armature: invalid config:\n  rewards: unknown {unknown}; available rewards: {', '.join(available())}",
-            file=sys.stderr,
-        )
+    try:
+        check_rewards(cfg)
+    except ConfigError as err:
+        print(f"armature: {err}", file=sys.stderr)
         return 2
     from omegaconf import OmegaConf
 

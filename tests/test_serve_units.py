@@ -252,11 +252,15 @@ def test_serve_config_composes_and_names_bad_keys(capsys):
     for override, named in (
         (["limits.max_stps=3"], "max_stps"),
         (["sampling.num_steps=99"], "sampling.num_steps"),
-        (["+rewards.nope={}"], "nope"),
         (["limits.min_size=12"], "size_multiple"),
     ):
         with pytest.raises(ConfigError, match=named):
             compose("serve", override)
+    from armature.serve.app import check_rewards
+
+    with pytest.raises(ConfigError, match="nope"):  # the reward registry is serve's to check
+        check_rewards(compose("serve", ["+rewards.nope={}"]))
+    assert main(["serve", "--cfg", "+rewards.nope={}"]) == 2 and "unknown ['nope']" in capsys.readouterr().err
     assert main(["serve", "--serve-config", "limits.max_steps=30"]) == 0
     import yaml
 

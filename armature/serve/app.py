@@ -542,11 +542,24 @@ def deployment_options(d: dict) -> dict:
     }
 
 
+def check_rewards(cfg) -> None:
+    """Refuse a ``serve`` config whose ``rewards`` names a reward that is not registered (the
+    config schema cannot know the reward registry: platform sits below serve, above rewards)."""
+    from armature.platform.config import ConfigError
+    from armature.rewards import available
+
+    unknown = [name for name in cfg["rewards"] if name not in available()]
+    if unknown:
+        raise ConfigError(f"invalid config:\n  rewards: unknown {unknown}; available rewards: {', '.join(available())}")
+
+
 def build_application(cfg):
     """The Serve application of a composed ``serve`` config."""
     from omegaconf import DictConfig, OmegaConf
 
     from armature.platform.tracking import resolve_tracking
+
+    check_rewards(cfg)
 
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     c["tracking_uri"], _ = resolve_tracking(c["tracking"])
