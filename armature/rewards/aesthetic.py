@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import DifferentiableReward
+from .base import TINY_TOWER, DifferentiableReward
 from .registry import register
 
 # transformers is imported inside the functions that need it: importing it costs
@@ -243,10 +243,7 @@ def build_tiny_aesthetic(
     config = CLIPVisionConfig(
         image_size=32,
         patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         projection_dim=32,
     )
     with torch.random.fork_rng(devices=[]):

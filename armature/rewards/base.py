@@ -68,6 +68,11 @@ class Reward(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+# the transformer towers of the tiny random reward models the tests and the default job build
+# (CLIP, BLIP, the aesthetic CLIP): 2 layers of width 32
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
 def pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     """Convert a PIL image to a float tensor ``[3, H, W]`` in ``[0, 1]``."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .aesthetic import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
-from .base import DifferentiableReward
+from .base import TINY_TOWER, DifferentiableReward
 from .convert import CheckpointMismatchError, is_open_clip_state_dict, load_open_clip_as_transformers, read_checkpoint
 from .registry import register
 
@@ -236,10 +236,7 @@ def build_tiny_clip(path: str, tokenizer, seed: int = 0, image_size: int = 32) -
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_TOWER,
             max_position_embeddings=tokenizer.model_max_length,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
@@ -248,10 +245,7 @@ def build_tiny_clip(path: str, tokenizer, seed: int = 0, image_size: int = 32) -
         vision_config=dict(
             image_size=image_size,
             patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_TOWER,
         ),
         projection_dim=32,
     )

@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .aesthetic import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AestheticHead
-from .base import DifferentiableReward
+from .base import TINY_TOWER, DifferentiableReward
 from .clip_score import clip_preprocess, read_image_preprocessing
 from .convert import (
     CheckpointMismatchError,
@@ -188,10 +188,7 @@ def build_tiny_image_reward(path: str, tokenizer, seed: int = 0, image_size: int
     config = BlipConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_TOWER,
             max_position_embeddings=64,
             encoder_hidden_size=32,
             pad_token_id=tokenizer.pad_token_id,
@@ -201,10 +198,7 @@ def build_tiny_image_reward(path: str, tokenizer, seed: int = 0, image_size: int
         vision_config=dict(
             image_size=image_size,
             patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_TOWER,
         ),
         projection_dim=32,
         image_text_hidden_size=32,
