@@ -37,8 +37,10 @@ from armature.platform.algorithms import Algorithm, register
 from armature.platform.config import OptimizerConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
+    RolloutAhead,
     Worker,
     all_gather,
+    idle_shares,
     micro_batch_errors,
     print_progress,
     prompt_list,
@@ -95,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True)
 
 
-register(Algorithm("ddpo", DDPOConfig, run, check))
+register(Algorithm("ddpo", DDPOConfig, run, check, rollout_ahead=True))
 
 
 def train_loop(config: dict) -> None:
@@ -123,16 +125,12 @@ def train_loop(config: dict) -> None:
         tracker.load_state_dict(w.state["tracker"])
 
     prompts = prompt_list(c["prompts"])
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
-        t_epoch = time.perf_counter()
-        engine.module.eval()
+    batch_size = c["sampling"]["batch_size"]
 
-        # ---- 1. sample with the current weights, score as batches finish ----------------
-        version = epoch + 1  # weights after `epoch` updates
-        weights = [ray.put(policy.trainable_state_dict())]
+    def submit(epoch: int, weights, version: int) -> tuple[list, list, list]:
+        """Epoch ``epoch``'s rollouts and scores, submitted: prompts and seeds from (seed, epoch, rank)."""
         rng = np.random.default_rng([w.seed, epoch, rank])
         epoch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=per_worker)]
-        batch_size = c["sampling"]["batch_size"]
         traj_refs, score_refs, image_refs = [], [], []
         for b, start in enumerate(range(0, per_worker, batch_size)):
             batch_prompts = epoch_prompts[start : start + batch_size]
@@ -143,7 +141,20 @@ def train_loop(config: dict) -> None:
             traj_refs.append(traj_ref)
             image_refs.append(images_ref)
             score_refs.append(scorer.score.remote(images_ref, batch_prompts))
-        traj = Trajectory.concat(ray.get(traj_refs))
+        return traj_refs, score_refs, image_refs
+
+    # trainer.rollout_ahead=1: the samplers roll out epoch k+1 while the learner trains on epoch k
+    rollouts = RolloutAhead(submit, w.trainer["rollout_ahead"], algo["num_epochs"])
+    for epoch in range(w.start_epoch, algo["num_epochs"]):
+        t_epoch = time.perf_counter()
+        engine.module.eval()
+
+        # ---- 1. sample with the current weights, score as batches finish ----------------
+        version = epoch + 1  # weights after `epoch` updates
+        weights = [ray.put(policy.trainable_state_dict())]
+        (traj_refs, score_refs, image_refs), staleness = rollouts.take(epoch, weights, version)
+        parts = ray.get(traj_refs)
+        traj = Trajectory.concat(parts)
         rewards_local, components = score_batches([ray.get(ref) for ref in score_refs])
         sample_time = time.perf_counter() - t_epoch
 
@@ -198,8 +209,11 @@ def train_loop(config: dict) -> None:
             **w.optimizer_metrics(),
             "samples_per_s": algo["samples_per_epoch"] / sample_time,
             "train_transitions_per_s": algo["num_inner_epochs"] * per_worker * train_steps * world / train_time,
-            "epoch_time_s": time.perf_counter() - t_epoch,
+            "staleness": staleness,  # weight versions between the rollouts and the learner
         }
+        metrics["epoch_time_s"] = epoch_time = time.perf_counter() - t_epoch
+        busy = sum(p.elapsed_s for p in parts)
+        metrics.update(idle_shares(sample_time, busy, min(len(w.samplers), len(parts)), epoch_time))
         w.end_epoch(
             epoch,
             metrics,

@@ -34,6 +34,7 @@ class Algorithm:
     run: Callable[[Any], dict]  # the driver: the composed config -> the last metrics
     check: Callable[[Any], list[str]] | None = None  # the whole config -> errors naming key and fix
     result: Callable[[dict], str] | None = None  # the last metrics -> the CLI's closing words
+    rollout_ahead: bool = False  # honours trainer.rollout_ahead=1 (on-policy samplers one epoch ahead)
 
     def describe(self, metrics: dict) -> str:
         if self.result is not None:

@@ -137,6 +137,9 @@ class TrainerConfig:
     checkpoint_every: int = 1  # epochs
     checkpoints_to_keep: int = 2
     seed: int = 0
+    # on-policy learners: 1 rolls out epoch k+1 (with the weights before epoch k's update) while
+    # the learner trains on epoch k, samplers and learner each on their own CPU share; 0: in turn
+    rollout_ahead: int = 0
 
 
 @dataclass
@@ -380,6 +383,11 @@ def check(cfg: DictConfig) -> None:
             f"trainer.placement_strategy={cfg.trainer.placement_strategy}: "
             "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
         )
+    if cfg.trainer.rollout_ahead not in (0, 1):
+        errors.append(
+            f"trainer.rollout_ahead={cfg.trainer.rollout_ahead}: use 0 (sample, then train) or 1 "
+            "(sample the next epoch while training; at most one weight version behind)"
+        )
     if cfg.cluster.num_samplers < 1:
         errors.append("cluster.num_samplers must be >= 1")
     if cfg.sampling.eta <= 0:
@@ -389,8 +397,13 @@ def check(cfg: DictConfig) -> None:
     if cfg.get("algo") is not None:  # the algorithm's own checks (armature.platform.algorithms)
         from armature.platform.algorithms import get
 
-        check_algo = get(cfg.algo.name).check
-        errors.extend(check_algo(cfg) if check_algo else [])
+        algorithm = get(cfg.algo.name)
+        errors.extend(algorithm.check(cfg) if algorithm.check else [])
+        if cfg.trainer.rollout_ahead and not algorithm.rollout_ahead:
+            errors.append(
+                f"trainer.rollout_ahead={cfg.trainer.rollout_ahead}: algo={cfg.algo.name} does not roll out "
+                "on-policy one epoch ahead (ddpo, grpo, nft and online_dpo do); set trainer.rollout_ahead=0"
+            )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -31,6 +31,7 @@ class JobRun:
     tracking_uri: str
     threads: int | None  # torch threads for the job's processes (None: leave torch's default)
     local: bool  # a Ray started here (not a remote cluster)
+    sampler_threads: int | None = None  # torch threads for the sampler actors (None: as ``threads``)
 
 
 def open_run(cfg: DictConfig, required_cpus: float, job: str = "train") -> JobRun:
@@ -48,8 +49,7 @@ def open_run(cfg: DictConfig, required_cpus: float, job: str = "train") -> JobRu
     run_dir = f"{storage}/{name}"
 
     local = connect(cluster, required_cpus, cluster.get("runtime_env"))
-    # On a local cluster the learner and the actors take turns, so each may use every core.
-    threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
+    threads, sampler_threads = job_threads(cluster, trainer, local)
 
     previous = read_json(f"{run_dir}/{RUN_FILE}") or {}
     tracking_uri, _ = resolve_tracking(tracking)
@@ -63,7 +63,22 @@ def open_run(cfg: DictConfig, required_cpus: float, job: str = "train") -> JobRu
     )
     write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
     print(f"[armature] run {name}: MLflow run {run_id} at {tracking_uri}", flush=True)
-    return JobRun(c, algo, name, storage, run_dir, run_id, tracking_uri, threads, local)
+    return JobRun(c, algo, name, storage, run_dir, run_id, tracking_uri, threads, local, sampler_threads)
+
+
+def job_threads(cluster: dict, trainer: dict, local: bool) -> tuple[int | None, int | None]:
+    """Torch threads of the learner workers and of the samplers: ``cluster.torch_threads`` for
+    both when set. On a local cluster the learner and the samplers take turns, so each may use
+    every core, unless the samplers roll out while the learner trains (``trainer.rollout_ahead``):
+    then each uses its own CPU share (``trainer.cpus_per_worker``, ``cluster.sampler_num_cpus``),
+    so that the two do not fight for the same cores. A remote cluster: Ray's defaults (None)."""
+    if cluster["torch_threads"]:
+        return cluster["torch_threads"], cluster["torch_threads"]
+    if not local:
+        return None, None
+    if trainer.get("rollout_ahead"):
+        return max(1, int(trainer["cpus_per_worker"])), max(1, int(cluster["sampler_num_cpus"]))
+    return os.cpu_count() or 1, os.cpu_count() or 1
 
 
 def trainer_kwargs(run: JobRun) -> dict:

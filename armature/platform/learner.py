@@ -15,6 +15,9 @@ epoch and its metrics; this module holds the rest.
   which prompts and seeds an epoch draws, and the rollouts, each batch scored by a reward actor
   as soon as it is sampled. ``reward_metrics`` is what the reward components report about
   their own scores.
+* ``RolloutAhead`` keeps the samplers in step with the learner or one epoch ahead of it
+  (``trainer.rollout_ahead``): epoch k+1 is rolled out with the weights before epoch k's update
+  while the learner trains on epoch k; ``staleness`` says how many weight versions behind.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ __all__ = [
     "EpochPlan",
     "epoch_plan",
     "sample_and_score",
+    "submit_rollouts",
+    "Submitted",
+    "RolloutAhead",
+    "idle_shares",
     "Sampled",
     "group_errors",
     "micro_batch_errors",
@@ -87,7 +94,7 @@ def start_actors(job, sampling: dict | None = None) -> tuple[list, list]:
         num_cpus=cluster["sampler_num_cpus"],
         num_gpus=cluster["sampler_num_gpus"],
         max_restarts=cluster["max_restarts"],
-        threads=job.threads,
+        threads=job.sampler_threads or job.threads,
         resources=cluster["sampler_resources"],
         scheduling=cluster["actor_scheduling"],
     )
@@ -425,10 +432,23 @@ def sample_and_score(
     the reward actors' time scoring and waiting (from when each batch's images and scores
     became ready, as seen from the learner).
     """
-    import ray
+    return submit_rollouts(
+        plan, samplers, rewards, batch_size, weights, version, rank, world, **rollout_kwargs
+    ).collect()
 
-    from armature.policies import Trajectory
 
+def submit_rollouts(
+    plan: EpochPlan,
+    samplers: list,
+    rewards: list,
+    batch_size: int,
+    weights,
+    version: int,
+    rank: int,
+    world: int,
+    **rollout_kwargs,
+) -> Submitted:
+    """``sample_and_score``'s calls, submitted and not waited for: ``.collect()`` waits."""
     t0 = time.perf_counter()
     traj_refs, score_refs, image_refs, scorer_of, samplers_used = [], [], [], [], set()
     for b, start in enumerate(range(0, len(plan.prompts), batch_size)):
@@ -443,37 +463,110 @@ def sample_and_score(
         image_refs.append(images_ref)
         scorer_of.append(scorer)
         score_refs.append(rewards[scorer].score.remote(images_ref, plan.prompts[sl]))
-    # When each batch's images and scores became ready, as the learner sees them (not fetched).
-    pending = {ref: ("images", i) for i, ref in enumerate(image_refs)}
-    pending.update({ref: ("score", i) for i, ref in enumerate(score_refs)})
-    ready_at = {}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
-        ready_at[pending.pop(done[0])] = time.perf_counter() - t0
-    sampled_at = max(ready_at[("images", i)] for i in range(len(image_refs)))
-    parts = ray.get(traj_refs)
-    scores = ray.get(score_refs)
-    done_at = time.perf_counter() - t0
-    reward, components = score_batches(scores)
-    # A reward actor works on a batch from when both its images and the actor are free until the
-    # score is ready; the rest of the phase it waits.
-    reward_busy = 0.0
-    for actor in set(scorer_of):
-        free = 0.0
-        for b in (i for i, a in enumerate(scorer_of) if a == actor):
-            start = max(ready_at[("images", b)], free)
-            free = max(ready_at[("score", b)], start)
-            reward_busy += free - start
-    sampler_busy = float(sum(p.elapsed_s for p in parts))
-    timings = {
-        "wait_sampling_s": sampled_at,  # the learner, until every batch is sampled
-        "wait_rewards_after_sampling_s": done_at - sampled_at,  # scoring not hidden behind sampling
-        "sampler_busy_s": sampler_busy,
-        "sampler_wait_s": max(0.0, len(samplers_used) * sampled_at - sampler_busy),
-        "reward_busy_s": reward_busy,
-        "reward_wait_s": max(0.0, len(set(scorer_of)) * done_at - reward_busy),
+    return Submitted(t0, traj_refs, image_refs, score_refs, scorer_of, len(samplers_used))
+
+
+@dataclass
+class Submitted:
+    """An epoch's rollout and scoring calls in flight (``submit_rollouts``)."""
+
+    t0: float  # when they were submitted (perf_counter)
+    traj_refs: list
+    image_refs: list
+    score_refs: list
+    scorer_of: list[int]  # the reward actor of each batch
+    num_samplers: int  # the samplers they went to
+
+    def collect(self) -> Sampled:
+        """Wait for every batch and its scores: the ``Sampled`` rollouts with their ``timings``."""
+        import ray
+
+        from armature.policies import Trajectory
+
+        t0, image_refs, score_refs, scorer_of = self.t0, self.image_refs, self.score_refs, self.scorer_of
+        # When each batch's images and scores became ready, as the learner sees them (not fetched).
+        pending = {ref: ("images", i) for i, ref in enumerate(image_refs)}
+        pending.update({ref: ("score", i) for i, ref in enumerate(score_refs)})
+        ready_at = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
+            ready_at[pending.pop(done[0])] = time.perf_counter() - t0
+        sampled_at = max(ready_at[("images", i)] for i in range(len(image_refs)))
+        parts = ray.get(self.traj_refs)
+        scores = ray.get(score_refs)
+        done_at = time.perf_counter() - t0
+        reward, components = score_batches(scores)
+        # A reward actor works on a batch from when both its images and the actor are free until the
+        # score is ready; the rest of the phase it waits.
+        reward_busy = 0.0
+        for actor in set(scorer_of):
+            free = 0.0
+            for b in (i for i, a in enumerate(scorer_of) if a == actor):
+                start = max(ready_at[("images", b)], free)
+                free = max(ready_at[("score", b)], start)
+                reward_busy += free - start
+        sampler_busy = float(sum(p.elapsed_s for p in parts))
+        timings = {
+            "wait_sampling_s": sampled_at,  # from the submission until every batch is sampled
+            "wait_rewards_after_sampling_s": done_at - sampled_at,  # scoring not hidden behind sampling
+            "sampler_busy_s": sampler_busy,
+            "sampler_wait_s": max(0.0, self.num_samplers * sampled_at - sampler_busy),
+            "reward_busy_s": reward_busy,
+            "reward_wait_s": max(0.0, len(set(scorer_of)) * done_at - reward_busy),
+        }
+        return Sampled(Trajectory.concat(parts), reward, components, image_refs, timings)
+
+
+class RolloutAhead:
+    """An on-policy learner's rollouts, sampled in step with the learner or one epoch ahead.
+
+    ``submit(epoch, weights, version)`` sends epoch ``epoch``'s rollout calls (Ray calls: it
+    returns at once) and returns what the job collects them by. ``take(epoch, weights,
+    version)``, at the top of an epoch with the learner's current weights, returns that handle
+    and the epoch's ``staleness``: ``version`` (the weights the learner trains now) minus the
+    version the rollouts were sampled with.
+
+    * ``ahead=0`` (``trainer.rollout_ahead=0``): the epoch's rollouts are submitted now, with the
+      current weights; the samplers idle while the learner trains. Staleness 0.
+    * ``ahead=1``: the epoch's rollouts were submitted one epoch earlier, with that epoch's
+      weights, and ``take`` submits the next epoch's with the current weights before returning:
+      the samplers roll out epoch k+1 while the learner trains on epoch k. A sampler's calls run
+      in order, so the new weights reach it (through the object store, by version) between two
+      rollouts, never during one. Staleness 1 (0 for a run's or a resume's first epoch); the
+      learner corrects with the log-probabilities recorded at rollout.
+
+    The job draws an epoch's prompts and seeds from (seed, epoch) alone, so a seed repeats the
+    same samples and metrics for a given ``ahead``.
+    """
+
+    def __init__(self, submit: Callable[[int, Any, int], Any], ahead: int, num_epochs: int):
+        if ahead not in (0, 1):
+            raise ValueError(f"trainer.rollout_ahead={ahead}: use 0 (in step) or 1 (one epoch ahead)")
+        self.submit, self.ahead, self.num_epochs = submit, ahead, num_epochs
+        self.pending: dict[int, tuple[Any, int]] = {}  # epoch -> (handle, version sampled with)
+
+    def take(self, epoch: int, weights, version: int) -> tuple[Any, int]:
+        if epoch in self.pending:
+            handle, sampled_with = self.pending.pop(epoch)
+        else:
+            handle, sampled_with = self.submit(epoch, weights, version), version
+        if self.ahead and epoch + 1 < self.num_epochs:
+            self.pending[epoch + 1] = (self.submit(epoch + 1, weights, version), version)
+        staleness = version - sampled_with
+        if not 0 <= staleness <= self.ahead:
+            raise RuntimeError(f"epoch {epoch}: rollouts {staleness} weight versions behind (bound {self.ahead})")
+        return handle, staleness
+
+
+def idle_shares(learner_wait_s: float, sampler_busy_s: float, num_samplers: int, epoch_s: float) -> dict[str, float]:
+    """The epoch's ``learner_idle_share`` (its wait for rollouts over the epoch's time) and
+    ``sampler_idle_share`` (1 - the samplers' time rolling out this epoch's samples over their
+    time in the epoch; with rollouts one epoch ahead the samples trained on were rolled out
+    during the previous epoch, which in a steady run took as long)."""
+    return {
+        "learner_idle_share": learner_wait_s / epoch_s,
+        "sampler_idle_share": max(0.0, 1.0 - sampler_busy_s / (num_samplers * epoch_s)),
     }
-    return Sampled(Trajectory.concat(parts), reward, components, image_refs, timings)
 
 
 def score_batches(scores: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
