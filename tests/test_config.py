@@ -32,6 +32,8 @@ def test_default_composes_with_groups():
         (["algo.train_batch_size=5"], "algo.train_batch_size"),
         (["sampling.eta=0"], "sampling.eta"),
         (["algo.final_eval_per_prompt=-1"], "algo.final_eval_per_prompt"),
+        (["trainer.rollout_ahead=2"], "trainer.rollout_ahead"),
+        (["algo=dpo", "trainer.rollout_ahead=1"], "trainer.rollout_ahead"),  # no on-policy samplers
     ],
 )
 def test_bad_config_names_the_key(override, named):
@@ -104,3 +106,11 @@ def test_gym_bench_is_configured_through_hydra():
         compose("gym_bench", ["pairz=3"])
     with pytest.raises(ConfigError, match="pairs"):
         compose("gym_bench", ["pairs=many"])
+
+
+@pytest.mark.parametrize("algo", ["ddpo", "grpo", "nft", "online_dpo"])
+def test_every_on_policy_learner_takes_rollouts_ahead(algo):
+    overrides = [f"algo={algo}", "trainer.rollout_ahead=1"]
+    if algo in ("grpo", "nft"):
+        overrides.append("model=tiny_flow")
+    assert compose("train", overrides).trainer.rollout_ahead == 1

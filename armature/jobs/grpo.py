@@ -36,14 +36,16 @@ from armature.platform.algorithms import Algorithm, register
 from armature.platform.config import FLOW_MODEL_FAMILIES, OptimizerConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
+    RolloutAhead,
     Worker,
     all_gather,
     epoch_plan,
     group_errors,
+    idle_shares,
     prompt_list,
     reward_metrics,
     run_learner,
-    sample_and_score,
+    submit_rollouts,
 )
 
 
@@ -95,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True)
 
 
-register(Algorithm("grpo", GRPOConfig, run, check))
+register(Algorithm("grpo", GRPOConfig, run, check, rollout_ahead=True))
 
 
 def sde_window(epoch: int, num_steps: int, algo: dict) -> tuple[int, int]:
@@ -127,16 +129,12 @@ def train_loop(config: dict) -> None:
     engine = w.start(policy, window_size * algo["gradient_accumulation_batches"])
 
     prompts = prompt_list(c["prompts"])
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
-        t_epoch = time.perf_counter()
-        engine.module.eval()
 
-        # ---- 1. sample groups with the current weights; rewards overlap the rollouts -------
-        version = epoch + 1
-        weights = [ray.put(policy.trainable_state_dict())]
+    def submit(epoch: int, weights, version: int):
+        """Epoch ``epoch``'s groups (plan and SDE window from the seed and epoch), submitted."""
         plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
         window = sde_window(epoch, num_steps, algo)
-        sampled = sample_and_score(
+        return plan, submit_rollouts(
             plan,
             w.samplers,
             w.rewards,
@@ -148,6 +146,19 @@ def train_loop(config: dict) -> None:
             num_steps=num_steps,
             sde_window=window,
         )
+
+    # trainer.rollout_ahead=1: the samplers roll out epoch k+1 while the learner trains on epoch k
+    rollouts = RolloutAhead(submit, w.trainer["rollout_ahead"], algo["num_epochs"])
+    for epoch in range(w.start_epoch, algo["num_epochs"]):
+        t_epoch = time.perf_counter()
+        engine.module.eval()
+
+        # ---- 1. sample groups with the current weights; rewards overlap the rollouts -------
+        version = epoch + 1
+        weights = [ray.put(policy.trainable_state_dict())]
+        (plan, submitted), staleness = rollouts.take(epoch, weights, version)
+        window = sde_window(epoch, num_steps, algo)
+        sampled = submitted.collect()
         traj = sampled.traj
         sample_time = time.perf_counter() - t_epoch
 
@@ -204,8 +215,12 @@ def train_loop(config: dict) -> None:
             "samples_per_s": len(all_rewards) / sample_time,
             **sampled.timings,
             "train_time_s": train_time,
+            "staleness": staleness,  # weight versions between the rollouts and the learner
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
+        metrics.update(
+            idle_shares(sample_time, sampled.timings["sampler_busy_s"], submitted.num_samplers, metrics["epoch_time_s"])
+        )
         w.end_epoch(epoch, metrics, sampled.images)
 
     w.finish(policy)

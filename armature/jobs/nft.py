@@ -32,14 +32,16 @@ from armature.platform.algorithms import Algorithm, register
 from armature.platform.config import FLOW_MODEL_FAMILIES, OptimizerConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
+    RolloutAhead,
     Worker,
     all_gather,
     epoch_plan,
     group_errors,
+    idle_shares,
     prompt_list,
     reward_metrics,
     run_learner,
-    sample_and_score,
+    submit_rollouts,
 )
 
 
@@ -87,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True)
 
 
-register(Algorithm("nft", NFTConfig, run, check))
+register(Algorithm("nft", NFTConfig, run, check, rollout_ahead=True))
 
 
 def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -115,6 +117,21 @@ def train_loop(config: dict) -> None:
     _load_into(old, old_state)
     prompts = prompt_list(c["prompts"])
     scale = policy.scheduler.config.num_train_timesteps  # model timesteps are t * 1000
+    window = (0, 0) if algo["sampler"] == "ode" else None
+
+    def submit(epoch: int, weights, version: int):
+        """Epoch ``epoch``'s groups (plan from the seed and epoch), submitted."""
+        plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
+        batch = c["sampling"]["batch_size"]
+        return plan, submit_rollouts(
+            plan, w.samplers, w.rewards, batch, weights, version, rank, world, sde_window=window
+        )
+
+    # trainer.rollout_ahead=1: the samplers roll out epoch k+1 (with the sampling policy before
+    # epoch k's soft update) while the learner trains on epoch k. NFT needs no correction: its
+    # objective uses the clean images and their rewards only, never the sampler's log-probabilities,
+    # and its implicit reference (v_old) is the learner's own sampling policy of now.
+    rollouts = RolloutAhead(submit, w.trainer["rollout_ahead"], algo["num_epochs"])
     for epoch in range(w.start_epoch, algo["num_epochs"]):
         t_epoch = time.perf_counter()
         engine.module.eval()
@@ -122,11 +139,8 @@ def train_loop(config: dict) -> None:
         # ---- 1. clean images from the sampling policy; rewards overlap the rollouts ---------
         version = epoch + 1
         weights = [ray.put(old_state)]
-        plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
-        window = (0, 0) if algo["sampler"] == "ode" else None
-        sampled = sample_and_score(
-            plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version, rank, world, sde_window=window
-        )
+        (plan, submitted), staleness = rollouts.take(epoch, weights, version)
+        sampled = submitted.collect()
         sample_time = time.perf_counter() - t_epoch
 
         # ---- 2. optimality probabilities within each prompt's group -----------------------
@@ -182,8 +196,12 @@ def train_loop(config: dict) -> None:
             "samples_per_s": len(all_rewards) / sample_time,
             **sampled.timings,
             "train_time_s": train_time,
+            "staleness": staleness,  # sampling-policy versions between the rollouts and the learner
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
+        metrics.update(
+            idle_shares(sample_time, sampled.timings["sampler_busy_s"], submitted.num_samplers, metrics["epoch_time_s"])
+        )
         w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state)
 
     w.finish(policy)

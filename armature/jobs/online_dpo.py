@@ -52,12 +52,14 @@ from armature.platform.config import OptimizerConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
     LoopInputs,
+    RolloutAhead,
     Worker,
     epoch_plan,
+    idle_shares,
     prompt_list,
     quarantine_metrics,
     run_learner,
-    sample_and_score,
+    submit_rollouts,
 )
 
 
@@ -142,7 +144,7 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True, extra_cpus=cfg.data.decode_num_cpus, prepare=_prepare)
 
 
-register(Algorithm("online_dpo", OnlineDPOConfig, run, check, result))
+register(Algorithm("online_dpo", OnlineDPOConfig, run, check, result, rollout_ahead=True))
 
 
 def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
@@ -223,6 +225,15 @@ def train_loop(config: dict) -> None:
             f"{time.perf_counter() - t_probe:.1f}s",
             flush=True,
         )
+
+    def submit(rnd: int, weights, version: int):
+        return _submit_pairs(store, rnd, prompts, config["samplers"], config["rewards"], weights, version, c, seed)
+
+    # trainer.rollout_ahead=1: the samplers draw round r+1's pairs (with the weights before round
+    # r's update) while round r is labeled and trained on. Diffusion-DPO needs no correction: its
+    # loss compares the policy with the frozen reference on each pair, never with the policy
+    # that drew it; the stored pairs say which version drew them (policy_version).
+    rollouts = RolloutAhead(submit, w.trainer["rollout_ahead"], algo["num_rounds"])
     for rnd in range(start_round, algo["num_rounds"]):
         t_round = time.perf_counter()
         engine.module.eval()
@@ -230,9 +241,8 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             # ---- 1-2. sample pairs with the current weights; pre-filter; into the store -----
             weights = [ray.put(policy.trainable_state_dict())]
-            metrics.update(
-                _sample_into_store(store, rnd, prompts, config["samplers"], config["rewards"], weights, c, seed)
-            )
+            submitted, metrics["staleness"] = rollouts.take(rnd, weights, rnd + 1)
+            metrics.update(_store_pairs(store, rnd, submitted, algo))
             t_label = time.perf_counter()
             metrics["sample_time_s"] = t_label - t_round
             # ---- 3. labels: simulated annotators, or people on the labeling page -------------
@@ -299,6 +309,11 @@ def train_loop(config: dict) -> None:
             metrics.update(quarantine_metrics(quarantine))
         metrics.update(w.optimizer_metrics())
         metrics["round_time_s"] = time.perf_counter() - t_round
+        if "num_samplers" in metrics:  # rank 0, when the round sampled
+            used = metrics.pop("num_samplers")
+            metrics.update(
+                idle_shares(metrics["sample_time_s"], metrics["sampler_busy_s"], used, metrics["round_time_s"])
+            )
         w.end_epoch(rnd, metrics, progress=_print_round, total=algo["num_rounds"], checkpoint=True)
     w.finish(policy)
 
@@ -326,17 +341,36 @@ def _sample_into_store(
 
     ``probe``: instead, the fixed probe: ``algo.probe_pairs`` pairs from the base policy (every
     one kept), stored as round -1 with ids ``probe-NNNNN``, which the pair stream always holds out."""
-    from armature.feedback.simulated import select_pairs, uncertainty
+    submitted = _submit_pairs(store, rnd, prompts, samplers, rewards, weights, rnd + 1, c, seed, probe)
+    return _store_pairs(store, rnd, submitted, c["algo"], probe)
 
+
+def _submit_pairs(
+    store, rnd: int, prompts, samplers, rewards, weights, version: int, c: dict, seed: int, probe: bool = False
+):
+    """The round's pair rollouts, submitted: ``(plan, Submitted, version)``, or None when the
+    round's pairs are already stored (a resumed round)."""
     algo = c["algo"]
-    stored = store.counts_by_round().get(rnd, 0)
-    if stored:
-        return {"pairs_new": 0, "pairs_sampled": 0}
+    if store.counts_by_round().get(rnd, 0):
+        return None
     wanted = algo["probe_pairs"] if probe else algo["pairs_per_round"]
     n_sampled = wanted if probe else int(np.ceil(wanted / algo["prefilter_keep"]))
     # 2 images per prompt slot; the probe draws its slots and seeds apart from every round's
     plan = epoch_plan(prompts, seed + 104_729 if probe else seed, max(rnd, 0), n_sampled, 2, rank=0, world=1)
-    sampled = sample_and_score(plan, samplers, rewards, c["sampling"]["batch_size"], weights, rnd + 1, 0, 1)
+    batch = c["sampling"]["batch_size"]
+    return plan, submit_rollouts(plan, samplers, rewards, batch, weights, version, 0, 1), version
+
+
+def _store_pairs(store, rnd: int, submitted, algo: dict, probe: bool = False) -> dict:
+    """Wait for ``_submit_pairs``'s rollouts; store the pre-filtered pairs."""
+    from armature.feedback.simulated import select_pairs, uncertainty
+
+    if submitted is None:
+        return {"pairs_new": 0, "pairs_sampled": 0}
+    plan, pending, version = submitted
+    wanted = algo["probe_pairs"] if probe else algo["pairs_per_round"]
+    n_sampled = len(plan.prompts) // 2
+    sampled = pending.collect()
     scores, images = sampled.rewards, sampled.images()
     unsure = uncertainty(scores[0::2], scores[1::2])
     keep = select_pairs(unsure, wanted, "uncertain" if probe else algo["prefilter_order"])
@@ -347,10 +381,10 @@ def _sample_into_store(
             "prompt": plan.prompts[2 * k],
             "image_a": images[2 * k],
             "image_b": images[2 * k + 1],
-            "policy_version": rnd + 1,
+            "policy_version": version,
             "round": rnd,
             "priority": float(unsure[k]),
-            "source": f"online:v{rnd + 1}",
+            "source": f"online:v{version}",
         }
         for k in sorted(keep.tolist())
     )
@@ -361,6 +395,7 @@ def _sample_into_store(
         "prefilter_uncertainty_all": float(unsure.mean()),
         "reward_mean": float(np.mean(scores)),
         "sampler_busy_s": sampled.timings["sampler_busy_s"],
+        "num_samplers": pending.num_samplers,
     }
 
 
