@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.losses import PerPromptStatTracker, ddpo_loss, normalize_rewards
+from armature.losses import PerPromptStatTracker, ddpo_loss, decoupled_ppo_loss, normalize_rewards
 from armature.platform.algorithms import Algorithm, register
 from armature.platform.config import OptimizerConfig
 from armature.platform.engine import all_reduce_mean
@@ -67,6 +67,12 @@ class DDPOConfig(OptimizerConfig):
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 32
     stat_min_count: int = 16
+    # trainer.rollout_ahead=1 trains on samples one weight version old: "ppo" clips the ratio to the
+    # sampling policy's log-probs (recorded at rollout); "decoupled" (AReaL) clips it to the weights
+    # before this epoch's update (recomputed, one more forward pass a step) and weights each sample
+    # by min(p_prox / p_sampling, behaviour_weight_cap)
+    stale_correction: str = "ppo"
+    behaviour_weight_cap: float = 5.0
     # after training: every prompt x this many fixed seeds, sampled with the weights before and
     # after training (the same noise), scored by every reward component (0: off)
     final_eval_per_prompt: int = 0
@@ -84,6 +90,13 @@ def check(cfg: DictConfig) -> list[str]:
         errors.extend(micro_batch_errors(algo, per_worker, "algo.samples_per_epoch / trainer.num_workers"))
     if not 0 < algo.timestep_fraction <= 1:
         errors.append(f"algo.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
+    if algo.stale_correction not in ("ppo", "decoupled"):
+        errors.append(
+            f"algo.stale_correction={algo.stale_correction}: use ppo (clip to the sampling policy) or "
+            "decoupled (clip to the weights before the update, weight by the behaviour ratio)"
+        )
+    if algo.behaviour_weight_cap <= 0:
+        errors.append(f"algo.behaviour_weight_cap={algo.behaviour_weight_cap}: must be > 0, e.g. 5")
     if algo.final_eval_per_prompt < 0:
         errors.append(
             f"algo.final_eval_per_prompt={algo.final_eval_per_prompt}: seeds per prompt of the "
@@ -168,6 +181,8 @@ def train_loop(config: dict) -> None:
 
         # ---- 3. PPO updates over the stored steps -----------------------------------------
         t_train = time.perf_counter()
+        decoupled = staleness > 0 and algo["stale_correction"] == "decoupled"
+        prox = proximal_log_probs(policy, traj, micro) if decoupled else None
         engine.module.train()
         stats = {"loss": [], "approx_kl": [], "clipfrac": []}
         for _ in range(algo["num_inner_epochs"]):
@@ -184,17 +199,28 @@ def train_loop(config: dict) -> None:
                         batch.timesteps[rows, j],
                         batch.latents[rows, j + 1],
                     )
-                    loss, info = ddpo_loss(
-                        log_prob,
-                        batch.log_probs[rows, j].to(log_prob.device),
-                        adv.to(log_prob.device),
-                        algo["clip_range"],
-                        algo["adv_clip_max"],
-                    )
+                    behaviour = batch.log_probs[rows, j].to(log_prob.device)
+                    if prox is None:
+                        loss, info = ddpo_loss(
+                            log_prob, behaviour, adv.to(log_prob.device), algo["clip_range"], algo["adv_clip_max"]
+                        )
+                    else:
+                        loss, info = decoupled_ppo_loss(
+                            log_prob,
+                            prox[mb][rows, j].to(log_prob.device),
+                            behaviour,
+                            adv.to(log_prob.device),
+                            algo["clip_range"],
+                            algo["adv_clip_max"],
+                            algo["behaviour_weight_cap"],
+                        )
                     w.step(loss)
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(info["approx_kl"].item())
                     stats["clipfrac"].append(info["clipfrac"].item())
+                    if prox is not None:
+                        for key in ("behaviour_weight", "behaviour_capped"):
+                            stats.setdefault(key, []).append(info[key].item())
         train_time = time.perf_counter() - t_train
         policy.weights_version = version
 
@@ -230,6 +256,20 @@ def train_loop(config: dict) -> None:
 
 
 # ============================================================================ helpers
+def proximal_log_probs(policy, traj, micro: int) -> torch.Tensor:
+    """Every stored step's log-probability under the policy's weights now (before the epoch's
+    update), without gradients: the decoupled objective's proximal policy. ``[N, T]``."""
+    out = torch.empty_like(traj.log_probs)
+    with torch.no_grad():
+        for idx in torch.arange(len(traj)).split(micro):
+            batch = traj.select(idx)
+            for j in range(traj.timesteps.shape[1]):
+                out[idx, j] = policy.step_log_prob(
+                    batch.cond, batch.latents[:, j], batch.timesteps[:, j], batch.latents[:, j + 1]
+                ).cpu()
+    return out
+
+
 def fixed_seed_plan(prompts: list[str], per_prompt: int, seed: int) -> tuple[list[str], list[int]]:
     """Every prompt ``per_prompt`` times, each sample with its own seed from (seed, prompt
     index, repeat): the same samples whichever run, actor or batch draws them."""

@@ -1,7 +1,7 @@
 """Pure math of the learners: losses and advantages. Imports torch and numpy only."""
 
 from armature.losses.advantages import PerPromptStatTracker, normalize_rewards
-from armature.losses.ddpo import ddpo_loss
+from armature.losses.ddpo import ddpo_loss, decoupled_ppo_loss
 from armature.losses.dpo import (
     denoising_target,
     diffusion_dpo_loss,
@@ -16,6 +16,7 @@ from armature.losses.nft import ema_update, forward_process, nft_loss, optimalit
 __all__ = [
     "PerPromptStatTracker",
     "ddpo_loss",
+    "decoupled_ppo_loss",
     "group_advantages",
     "grpo_loss",
     "ema_update",
