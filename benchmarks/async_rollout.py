@@ -72,6 +72,7 @@ def train(mode: int, args, tmp: Path) -> dict[str, list[float]]:
         for key in KEYS
     }
     history["job_s"] = [time.perf_counter() - start]
+    print(f"rollout_ahead={mode}: " + json.dumps(history), file=sys.stderr, flush=True)  # partial results
     return history
 
 
