@@ -67,3 +67,33 @@ def test_rollouts_ahead_repeat_exactly_with_the_same_seed(ray_cluster, tmp_path)
     assert first["reward_mean"][0] == in_step["reward_mean"][0]
     assert first["reward_mean"][1] != in_step["reward_mean"][1]
     assert all(0 <= s <= 1 for s in first["learner_idle_share"] + first["sampler_idle_share"])
+
+
+SMOKE = {
+    "grpo": ["algo=grpo", "model=tiny_flow", "reward=brightness", "algo.num_epochs=3", "algo.prompts_per_epoch=2"]
+    + ["algo.group_size=4", "algo.train_batch_size=4", "sampling.num_steps=4", "sampling.batch_size=4"],
+    "nft": ["algo=nft", "model=tiny_flow", "reward=brightness", "algo.num_epochs=3", "algo.prompts_per_epoch=2"]
+    + ["algo.group_size=4", "algo.train_batch_size=4", "sampling.num_steps=4", "sampling.batch_size=4"],
+    "online_dpo": ["algo=online_dpo", "model=tiny_lora", "reward=brightness", "algo.num_rounds=3"]
+    + ["algo.pairs_per_round=8", "algo.epochs_per_round=1", "algo.train_batch_size=4", "algo.heldout_draws=2"]
+    + ["sampling.num_steps=2", "sampling.batch_size=4"],
+}
+
+
+@pytest.mark.parametrize("algo", sorted(SMOKE))
+def test_every_on_policy_learner_trains_with_rollouts_ahead(ray_cluster, tmp_path, algo):
+    command = [sys.executable, "-m", "armature.cli", "train", *SMOKE[algo], "trainer.rollout_ahead=1"]
+    command += ["reward.num_cpus=0.25", "cluster.sampler_num_cpus=0.5", "tracking.registered_model=null"]
+    command += [f"trainer.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={tmp_path / 'track'}"]
+    command += ["tracking.run_name=ahead", "tracking.log_images_every=0"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((tmp_path / "ray" / "ahead" / "armature_run.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    staleness = [
+        m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], "staleness"), key=lambda m: m.step)
+    ]
+    assert staleness == [0, 1, 1]
