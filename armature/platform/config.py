@@ -10,7 +10,7 @@ a schema of its own, declared with it (``armature.platform.algorithms``), checke
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -432,9 +432,12 @@ def check_serve(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
+def flatten(cfg: DictConfig | dict | TrainConfig, prefix: str = "") -> dict[str, str]:
     """``{"algo.learning_rate": "0.0003", ...}`` for logging as parameters."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        container = asdict(cfg) if is_dataclass(cfg) else cfg
     flat: dict[str, str] = {}
     for key, value in container.items():
         name = f"{prefix}{key}"

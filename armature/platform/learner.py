@@ -23,7 +23,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.config import PromptConfig, SamplingConfig
 from armature.platform.engine import deepspeed_engine, grad_norm
 
 __all__ = [
@@ -72,33 +73,33 @@ def actor_cpus(cfg: DictConfig) -> float:
     return cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus
 
 
-def start_actors(job, sampling: dict | None = None) -> tuple[list, list]:
+def start_actors(job, sampling: SamplingConfig | None = None) -> tuple[list, list]:
     """``(samplers, reward actors)`` as ``cluster.*`` and ``reward.*`` say; the samplers use
     ``sampling`` (default: the job's ``sampling`` section)."""
     from armature.actors import start_reward_actors, start_samplers
 
     c = job.cfg
-    cluster, reward = c["cluster"], c["reward"]
+    cluster, reward = c.cluster, c.reward
     samplers = start_samplers(
-        cluster["num_samplers"],
-        c["model"],
-        sampling or c["sampling"],
-        seed=c["trainer"]["seed"],
-        num_cpus=cluster["sampler_num_cpus"],
-        num_gpus=cluster["sampler_num_gpus"],
-        max_restarts=cluster["max_restarts"],
+        cluster.num_samplers,
+        c.model,
+        sampling or c.sampling,
+        seed=c.trainer.seed,
+        num_cpus=cluster.sampler_num_cpus,
+        num_gpus=cluster.sampler_num_gpus,
+        max_restarts=cluster.max_restarts,
         threads=job.threads,
-        resources=cluster["sampler_resources"],
-        scheduling=cluster["actor_scheduling"],
+        resources=cluster.sampler_resources,
+        scheduling=cluster.actor_scheduling,
     )
     rewards = start_reward_actors(
-        reward["num_actors"],
-        reward["components"],
-        num_cpus=reward["num_cpus"],
-        num_gpus=reward["num_gpus"],
-        max_restarts=cluster["max_restarts"],
-        resources=reward["resources"],
-        scheduling=cluster["actor_scheduling"],
+        reward.num_actors,
+        reward.components,
+        num_cpus=reward.num_cpus,
+        num_gpus=reward.num_gpus,
+        max_restarts=cluster.max_restarts,
+        resources=reward.resources,
+        scheduling=cluster.actor_scheduling,
     )
     return samplers, rewards
 
@@ -138,7 +139,7 @@ def run_learner(
             cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + (actor_cpus(cfg) if actors else 0.0) + extra_cpus
         )
     job = open_run(cfg, required_cpus)
-    sampling = {**job.cfg["sampling"], **(actor_sampling or {})}
+    sampling = replace(job.cfg.sampling, **(actor_sampling or {}))
     samplers, rewards = start_actors(job, sampling) if actors else ([], [])
     try:
         inputs = prepare(job, samplers, rewards) if prepare else LoopInputs()
@@ -190,11 +191,11 @@ class Worker:
 
         self.config = config
         self.c = config["cfg"]
-        self.algo, self.trainer = self.c["algo"], self.c["trainer"]
+        self.algo, self.trainer = self.c.algo, self.c.trainer
         self.samplers, self.rewards = config.get("samplers") or [], config.get("rewards") or []
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.seed = self.trainer["seed"]
+        self.seed = self.trainer.seed
         torch.manual_seed(self.seed + self.rank)
         if config.get("threads"):
             torch.set_num_threads(config["threads"])
@@ -205,10 +206,10 @@ class Worker:
         self.unlogged: list = []  # (step, metrics) waiting for their checkpoint
         self.grad_norms: list[float] = []
 
-    def build_policy(self, sampling: dict | None = None):
+    def build_policy(self, sampling: SamplingConfig | None = None):
         from armature.policies import build_policy
 
-        return build_policy(self.c["model"], sampling or self.c["sampling"], seed=self.seed)
+        return build_policy(self.c.model, sampling or self.c.sampling, seed=self.seed)
 
     def start(self, model, accumulation: int, micro_batch: int | None = None, route: bool = True):
         """DeepSpeed over ``model``'s trainable weights (``algo`` optimizer settings, gradients
@@ -267,15 +268,15 @@ class Worker:
         and at the last of ``total`` (default ``algo.num_epochs``), or as ``checkpoint`` says;
         metrics reach MLflow only once their checkpoint is registered, so an epoch that a
         restart trains again is never logged twice."""
-        num_epochs = total or self.algo["num_epochs"]
+        num_epochs = total or self.algo.num_epochs
         if self.logger is not None:
-            every = self.c["tracking"]["log_images_every"]
+            every = self.c.tracking.log_images_every
             if images is not None and every and epoch % every == 0:
                 grid = images() if callable(images) else images
-                self.logger.log_images(grid[: self.c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
+                self.logger.log_images(grid[: self.c.tracking.images_per_grid], f"samples/epoch_{epoch:04d}.png")
             (progress or print_progress)(epoch, num_epochs, metrics)
         if checkpoint is None:
-            checkpoint = epoch + 1 == num_epochs or (epoch + 1) % self.trainer["checkpoint_every"] == 0
+            checkpoint = epoch + 1 == num_epochs or (epoch + 1) % self.trainer.checkpoint_every == 0
         self.commit(epoch, metrics, checkpoint, state, extra_fn)
 
     def commit(self, step: int, metrics: dict, checkpoint: bool, state: dict | None = None, extra_fn=None) -> None:
@@ -297,10 +298,11 @@ class Worker:
                 save(Path(tmp) / "adapter")
             else:
                 policy.save_trainable(
-                    Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"], **metadata}
+                    Path(tmp) / "adapter",
+                    metadata={"model": asdict(c.model), "sampling": asdict(c.sampling), **metadata},
                 )
             self.logger.log_artifacts(Path(tmp) / "adapter", "adapter")
-            self.logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+            self.logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
 
 
 # ============================================================================ sampling
@@ -341,13 +343,13 @@ def micro_batch_errors(algo, per_worker: int, share: str) -> list[str]:
     return []
 
 
-def prompt_list(prompt_cfg: dict) -> list[str]:
+def prompt_list(prompt_cfg: PromptConfig) -> list[str]:
     """The job's prompts: ``prompts.file`` (one a line) when set, else ``prompts.prompts``."""
-    if prompt_cfg.get("file"):
-        lines = Path(prompt_cfg["file"]).read_text().splitlines()
+    if prompt_cfg.file:
+        lines = Path(prompt_cfg.file).read_text().splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
     else:
-        prompts = list(prompt_cfg["prompts"])
+        prompts = list(prompt_cfg.prompts)
     if not prompts:
         raise ValueError("prompts: no prompts given (prompts.prompts or prompts.file)")
     return prompts

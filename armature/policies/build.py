@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
+
 from armature.policies.diffusion import DiffusionPolicy, SamplingParams, build_diffusion_policy
 
 __all__ = ["build_policy"]
@@ -16,6 +18,8 @@ def build_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
     Every process that builds a policy from the same config (learners, sampler actors, the
     serving replicas) gets the same weights, LoRA initialisation included.
     """
+    model = asdict(model) if is_dataclass(model) else model
+    sampling = asdict(sampling) if is_dataclass(sampling) else sampling
     if model.get("family") == "skeleguide_stage":
         # imported here: the stage policy draws gym scenes (scipy), which no other family needs
         from armature.policies.skeleguide_policy import build_stage_policy
