@@ -144,7 +144,9 @@ def pipeline_params(c: TrainConfig):
         variant=model.variant,
         dtype=model.dtype,
         device=device,
-        tiny=TinyKontextConfig(**{k: v for k, v in asdict(model.tiny).items() if k in names}),
+        tiny=TinyKontextConfig(
+            **{k: v for k, v in {**asdict(model.tiny), **asdict(model.tiny_flow)}.items() if k in names}
+        ),
         lora_rank=model.lora.rank,
         lora_alpha=model.lora.alpha,
         lora_targets=algo.lora_targets,
