@@ -20,7 +20,7 @@ data.pairs=<that file>`` trains on them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> dict:
             logger.log_images(result.images[i, order[: algo.k]], f"candidates/prompt_{i:03d}_kept.png")
             if algo.k < algo.n:
                 logger.log_images(result.images[i, order[algo.k :]], f"candidates/prompt_{i:03d}_rejected.png")
-        logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+        logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
         _print_summary(metrics)
     except BaseException:
         logger.finish("FAILED")

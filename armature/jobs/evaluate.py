@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -258,7 +258,7 @@ def run(cfg: DictConfig) -> dict:
         table = markdown(rows)
         logger.log_text(table, "eval.md")
         logger.log_text(json.dumps(rows, indent=1, default=str), "eval.json")
-        logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+        logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
         print(
             f"[armature] judge {algo.judge} (pass: score >= {algo.threshold}), suite {algo.suite}, "
             f"{len(prompts)} prompts x {algo.samples_per_prompt} samples\n{table}",
