@@ -161,7 +161,7 @@ def epoch_plan(algo: SkeleGuideConfig) -> list[tuple[int, int, int]]:
     """``(phase, first global step, steps)`` of every epoch, phases in order."""
     plan, step = [], 0
     for phase in (1, 2, 3):
-        total = algo[f"phase{phase}_steps"]
+        total = getattr(algo, f"phase{phase}_steps")
         for first in range(0, total, algo.steps_per_epoch):
             steps = min(algo.steps_per_epoch, total - first)
             plan.append((phase, step, steps))
