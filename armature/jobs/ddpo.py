@@ -200,13 +200,14 @@ def train_loop(config: dict) -> None:
             "train_transitions_per_s": algo.num_inner_epochs * per_worker * train_steps * world / train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(
+        if w.end_epoch(
             epoch,
             metrics,
             lambda refs=image_refs: np.concatenate([ray.get(ref) for ref in refs]),
             state={"tracker": tracker.state_dict()},
             progress=print_progress,
-        )
+        ):
+            break  # the over-optimisation guard stopped the run (guard.*)
 
     if w.logger is not None and algo.final_eval_per_prompt:
         final = before_and_after(prompts, w.samplers, w.rewards, c, before, policy.trainable_state_dict())

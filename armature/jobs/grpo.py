@@ -204,6 +204,7 @@ def train_loop(config: dict) -> None:
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(epoch, metrics, sampled.images)
+        if w.end_epoch(epoch, metrics, sampled.images):
+            break  # the over-optimisation guard stopped the run (guard.*)
 
     w.finish(policy)

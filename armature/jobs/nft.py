@@ -184,6 +184,7 @@ def train_loop(config: dict) -> None:
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state)
+        if w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state):
+            break  # the over-optimisation guard stopped the run (guard.*)
 
     w.finish(policy)

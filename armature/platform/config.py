@@ -130,6 +130,17 @@ class DataConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The over-optimisation guard (``armature.platform.overoptimisation``): early stop when a
+    monitor (a reward component at weight 0) falls while the trained reward rises."""
+
+    monitor: Optional[str] = None  # e.g. gym_oracle; None: no early stop (every monitor is still logged and plotted)
+    patience: int = 2  # epochs the monitor may stay below its best while the trained reward is above its value then
+    min_delta: float = 0.0  # a new best must beat the old by more than this
+    rollback: bool = True  # the run ends with the weights of the monitor's best epoch
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING  # the registered algorithm's schema (armature.platform.algorithms)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,6 +151,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs (the DPO jobs)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # reward over-optimisation
 
 
 # --------------------------------------------------------------------------- serving
@@ -341,6 +353,7 @@ def check(cfg: DictConfig) -> None:
         errors.append(f"sampling.eta={cfg.sampling.eta}: DDPO needs a stochastic sampler, set eta > 0")
     if not cfg.reward.components:
         errors.append("reward.components is empty: name at least one reward, e.g. reward=compressibility")
+    errors.extend(guard_errors(cfg))
     if cfg.get("algo") is not None:  # the algorithm's own checks (armature.platform.algorithms)
         from armature.platform.algorithms import get
 
@@ -348,6 +361,27 @@ def check(cfg: DictConfig) -> None:
         errors.extend(check_algo(cfg) if check_algo else [])
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def guard_errors(cfg: DictConfig) -> list[str]:
+    """``guard.monitor`` must name a reward component at weight 0 (one the learner never sees)."""
+    guard, components = cfg.guard, cfg.reward.components
+    if guard.monitor is None:
+        return []
+    errors = []
+    if guard.monitor not in components:
+        errors.append(
+            f"guard.monitor={guard.monitor}: not a reward component ({', '.join(components) or 'none'}); add it "
+            f"at weight 0, e.g. '++reward.components.{guard.monitor}={{weight: 0.0}}'"
+        )
+    elif float((components[guard.monitor] or {}).get("weight", 1.0)) != 0.0:
+        errors.append(
+            f"guard.monitor={guard.monitor}: the learner is trained on it (weight "
+            f"{components[guard.monitor].get('weight', 1.0)}); a monitor has weight 0"
+        )
+    if guard.patience < 1:
+        errors.append(f"guard.patience={guard.patience}: must be >= 1 epoch")
+    return errors
 
 
 def check_serve(cfg: DictConfig) -> None:
