@@ -62,11 +62,15 @@ def test_idle_shares():
 
 
 def test_threads_follow_the_cpu_shares_when_samplers_and_learner_overlap(monkeypatch):
+    from dataclasses import replace
+
+    from armature.platform.config import ClusterConfig, TrainerConfig
+
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    cluster = {"torch_threads": None, "sampler_num_cpus": 3.0}
-    trainer = {"cpus_per_worker": 5.0, "rollout_ahead": 0}
+    cluster = ClusterConfig(sampler_num_cpus=3.0)
+    trainer, ahead = TrainerConfig(cpus_per_worker=5.0), TrainerConfig(cpus_per_worker=5.0, rollout_ahead=1)
     assert job_threads(cluster, trainer, local=True) == (8, 8)  # in turn: every core each
-    assert job_threads(cluster, {**trainer, "rollout_ahead": 1}, local=True) == (5, 3)
-    assert job_threads({**cluster, "sampler_num_cpus": 0.5}, {**trainer, "rollout_ahead": 1}, True) == (5, 1)
-    assert job_threads({**cluster, "torch_threads": 2}, {**trainer, "rollout_ahead": 1}, True) == (2, 2)
-    assert job_threads(cluster, {**trainer, "rollout_ahead": 1}, local=False) == (None, None)
+    assert job_threads(cluster, ahead, local=True) == (5, 3)
+    assert job_threads(replace(cluster, sampler_num_cpus=0.5), ahead, local=True) == (5, 1)
+    assert job_threads(replace(cluster, torch_threads=2), ahead, local=True) == (2, 2)
+    assert job_threads(cluster, ahead, local=False) == (None, None)

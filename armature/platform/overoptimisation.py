@@ -92,6 +92,12 @@ class MonitorGuard:
     since_best: int = 0
 
     def update(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        missing = [k for k in (monitor_key(self.monitor), TRAINED) if k not in metrics]
+        if missing:
+            raise KeyError(
+                f"guard.monitor={self.monitor}: this learner's epochs log no {', '.join(missing)}; the guard "
+                "watches learners that score their own samples (ddpo, grpo, nft, alignprop, ...)"
+            )
         value, trained = float(metrics[monitor_key(self.monitor)]), float(metrics[TRAINED])
         if value > self.best_monitor + self.min_delta or self.best_epoch < 0:
             self.best_epoch, self.best_monitor, self.best_trained, self.since_best = epoch, value, trained, 0
