@@ -354,7 +354,7 @@ def _sample_into_store(
 
 
 def _submit_pairs(
-    store, rnd: int, prompts, samplers, rewards, weights, version: int, c, seed: int, probe: bool = False
+    store, rnd: int, prompts, samplers, rewards, weights, version: int, c: TrainConfig, seed: int, probe: bool = False
 ):
     """The round's pair rollouts, submitted: ``(plan, Submitted, version)``, or None when the
     round's pairs are already stored (a resumed round)."""
