@@ -62,6 +62,12 @@ def test_generation_reproduces_rollout_and_ignores_batch_mates(model):
     with pytest.raises(TimeoutError):
         generate(policy, jobs, shape, pass_size=4, should_stop=lambda: True)
 
+    # Unpadded: passes as large as their images (here 4, then 1), each image what a padded pass of
+    # that many rows gives it.
+    unpadded = generate(policy, jobs, shape, pass_size=4, pad=False)
+    assert np.array_equal(unpadded[:4], generate(policy, jobs[:4], shape, pass_size=4))
+    assert np.array_equal(unpadded[4:], generate(policy, jobs[4:], shape, pass_size=1))
+
 
 def test_adapter_bank_serves_adapters_side_by_side(tmp_path):
     folders = {"a": _lora_adapter(tmp_path / "a", 1, rank=2), "b": _lora_adapter(tmp_path / "b", 2, rank=4)}
