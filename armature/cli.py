@@ -202,45 +202,48 @@ def cmd_gym(args) -> int:
     return 0
 
 
+# `armature gym bench` is configured by the keys of configs/gym_bench.yaml; its former flags name
+# the key that replaced them
+BENCH_FLAGS = {
+    "--out": "out=gym-bench",
+    "--n": "pairs=8000",
+    "--samples": "samples_per_prompt=16",
+    "--best-of": "best_of=[1,4,8,16]",
+    "--learners": "learners=[ddpo,dpo,asap_dpo]",
+    "--reward-backbone": "reward_backbone=conv",
+    "--crossed": "crossed=0.5",
+    "--graded": "graded=0.75",
+    "--reward-seeds": "reward_seeds=5",
+    "--shared-pairs": "shared_pairs=true",
+    "--drawn": "pair_domain=drawn",
+    "--seed": "seed=0",
+}
+
+
 def cmd_gym_bench(args) -> int:
-    """`armature gym bench`: configs/gym_bench.yaml composed with the flags and the overrides of
-    its keys; the other overrides go to every stage."""
+    """`armature gym bench`: configs/gym_bench.yaml composed with the overrides of its keys; the
+    other overrides go to every stage."""
     from omegaconf import OmegaConf
 
     from armature.jobs.gym_bench import register_schema, run, split_overrides
 
-    flags = {
-        "out": args.out,
-        "pairs": args.n or None,
-        "samples_per_prompt": args.samples or None,
-        "reward_backbone": args.reward_backbone,
-        "crossed": args.crossed,
-        "graded": args.graded,
-        "reward_seeds": args.reward_seeds,
-        "seed": args.seed,
-    }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    if args.best_of is not None:
-        sizes = [n for n in args.best_of.split(",") if n]
-        if not all(n.strip().lstrip("-").isdigit() for n in sizes):
-            print(f"armature: --best-of {args.best_of!r}: comma-separated integers, e.g. 1,4,8,16", file=sys.stderr)
-            return 2
-        overrides.append(f"best_of=[{','.join(sizes)}]")
-    if args.drawn:
-        overrides.append("pair_domain=drawn")
-    if args.shared_pairs:
-        overrides.append("shared_pairs=true")
-    if args.learners is not None:
-        overrides.append(f"learners=[{','.join(name for name in args.learners.split(',') if name)}]")
     own, stages = split_overrides(list(args.overrides))
     register_schema()
-    cfg = _compose("gym_bench", overrides + own)
+    cfg = _compose("gym_bench", own)
     if cfg is None:
         return 2
     bench = OmegaConf.to_object(cfg)
     bench.overrides = list(bench.overrides) + stages
     run(bench, log=lambda m: print(f"[armature] {m}", flush=True))
     return 0
+
+
+def bench_flag_errors(argv: list[str]) -> list[str]:
+    """The former flags of `armature gym bench` in ``argv``, each with the key that replaced it."""
+    if argv[:2] != ["gym", "bench"]:
+        return []
+    used = [a.split("=", 1)[0] for a in argv[2:] if a.split("=", 1)[0] in BENCH_FLAGS]
+    return [f"armature: gym bench {flag}: set the key instead, e.g. {BENCH_FLAGS[flag]}" for flag in used]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="check: the oracle's agreement with ground truth; pairs: write injector pairs; "
         "pretrain: train the base policy; bench: learners and Best-of-N against the oracle",
     )
-    gym.add_argument("overrides", nargs="*", help="bench: Hydra overrides for every stage, e.g. tracking=server")
+    gym.add_argument(
+        "overrides",
+        nargs="*",
+        help="bench: keys of configs/gym_bench.yaml (learners=[ddpo] pairs=4000 out=x); other Hydra "
+        "overrides go to every stage, e.g. tracking=server",
+    )
     gym.add_argument("--intact", type=int, default=1000, help="check: intact figures")
     gym.add_argument("--per-kind", type=int, default=300, help="check: broken figures per defect kind")
     gym.add_argument(
@@ -308,49 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="check: judge the figures after an encode-decode round trip through the base policy's "
         "VAE; pairs: store both images after that round trip",
     )
-    gym.add_argument(
-        "--learners",
-        default=None,
-        help="bench: comma-separated learners to train (default ddpo,dpo,asap_dpo; '' for none)",
-    )
-    gym.add_argument(
-        "--reward-backbone",
-        default=None,
-        help="bench: the learned reward's algo.backbone (default conv; tiny: the tiny CLIP)",
-    )
-    gym.add_argument(
-        "--crossed", type=float, default=None, help="bench: share of pairs crossed between figures (default 0.5)"
-    )
+    gym.add_argument("--crossed", type=float, default=None, help="pairs: share of pairs crossed between figures")
     gym.add_argument(
         "--graded",
         type=float,
         default=None,
-        help="bench: share of severe pairs set against a milder defect of the same figure (default 0.75)",
+        help="pairs: share of severe pairs set against a milder defect of the same figure",
     )
-    gym.add_argument(
-        "--reward-seeds",
-        type=int,
-        default=None,
-        help="bench: scorers trained from consecutive seeds, averaged into the learned reward (default 5)",
-    )
-    gym.add_argument(
-        "--shared-pairs",
-        action="store_true",
-        help="bench: train every scorer on one pair set (default: each on its own, drawn from its seed)",
-    )
-    gym.add_argument(
-        "--drawn",
-        action="store_true",
-        help="bench: train the learned reward on pairs as drawn (default: after the VAE round trip)",
-    )
-    gym.add_argument("--n", type=int, default=None, help="pairs: how many (bench: training pairs, default 8000)")
-    gym.add_argument("--out", help="pairs, bench, pretrain: output folder")
-    gym.add_argument("--samples", type=int, default=0, help="bench: samples per prompt and policy (default 16)")
-    gym.add_argument(
-        "--best-of",
-        default=None,
-        help="bench: comma-separated Best-of-N sizes (default 1,4,8,16; the pool is samples x the largest)",
-    )
+    gym.add_argument("--n", type=int, default=None, help="pairs: how many")
+    gym.add_argument("--out", help="pairs, pretrain: output folder")
     gym.add_argument("--seed", type=int, default=0)
     gym.add_argument("--minutes", type=float, default=0.0, help="pretrain: wall-time budget (default 30)")
     gym.add_argument("--threads", type=int, default=0, help="pretrain: torch threads (default: torch's)")
@@ -363,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    retired = bench_flag_errors(argv)
+    if retired:
+        print("\n".join(retired), file=sys.stderr)
+        return 2
     parser = build_parser()
     # Hydra overrides may follow flags (`gym bench --out x tracking=server`): argparse gives the
     # positional list up once flags start, so the strings left over are overrides, in order.

@@ -73,7 +73,7 @@ def main() -> None:
     from armature.gym.base_policy import policy_path
     from armature.gym.figures import POSES
     from armature.gym.oracle import AnatomyOracle
-    from armature.policies.diffusion import SamplingParams, load_policy
+    from armature.policies import SamplingParams, load_policy
     from armature.rewards import load
 
     torch.set_num_threads(args.threads)

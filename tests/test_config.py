@@ -56,6 +56,70 @@ def test_cli_takes_overrides_on_both_sides_of_a_flag(capsys):
     assert "--no-such-flag" in capsys.readouterr().err
 
 
+def test_jobs_receive_typed_objects_that_pickle():
+    """The composed config becomes dataclasses: the algorithm's registered schema under ``algo``,
+    the policies' own model section; they reach the Ray workers by pickle."""
+    import pickle
+
+    from armature.jobs.grpo import GRPOConfig
+    from armature.platform.config import SamplingConfig, TrainConfig
+    from armature.platform.launch import typed
+    from armature.policies import ModelConfig, SamplingParams
+
+    c = typed(compose("train", ["algo=grpo", "model=tiny_flow", "algo.clip_range=0.3", "sampling.batch_size=4"]))
+    assert isinstance(c, TrainConfig) and isinstance(c.algo, GRPOConfig) and isinstance(c.model, ModelConfig)
+    assert c.algo.clip_range == 0.3 and c.algo.name == "grpo" and c.model.tiny_flow.arch == "sd3"
+    assert isinstance(c.sampling, SamplingConfig) and isinstance(c.sampling, SamplingParams)
+    assert c.sampling.batch_size == 4
+    again = pickle.loads(pickle.dumps(c))
+    assert again == c and type(again.algo) is GRPOConfig
+    flat = flatten(c)  # MLflow's params: the same keys as from the DictConfig
+    assert flat == flatten(
+        compose("train", ["algo=grpo", "model=tiny_flow", "algo.clip_range=0.3", "sampling.batch_size=4"])
+    )
+    assert flat["algo.clip_range"] == "0.3" and flat["model.tiny_flow.arch"] == "sd3"
+
+
+@pytest.mark.parametrize(
+    "override, new",
+    [
+        (["model=skeleguide_stage", "model.stage=appearance"], "model.skeleguide_stage.stage"),
+        (["model=skeleguide_stage", "model.conditions=/tmp"], "model.skeleguide_stage.conditions"),
+        (["model=skeleguide_stage", "model.skeleguide.lora_rank=2"], "model.skeleguide_stage.params"),
+        (["model=tiny_flow", "model.tiny.arch=flux"], "model.tiny_flow.arch"),
+        (["model=tiny_flow", "model.tiny.shift=1.0"], "model.tiny_flow.shift"),
+        (["model.tiny.transformer_layers=4"], "model.tiny_flow.transformer_layers"),
+    ],
+)
+def test_a_family_option_under_its_old_key_names_its_new_one(override, new):
+    with pytest.raises(ConfigError, match=f"model.* is now {new}"):
+        compose("train", override)
+
+
+def test_an_adapters_recorded_model_section_is_read_old_or_new():
+    """Adapters written before the family groups recorded ``tiny.arch`` and ``stage`` at the old
+    places; ``ModelConfig.from_dict`` (what build_policy reads a mapping with) moves them."""
+    from armature.policies import ModelConfig
+
+    old = ModelConfig.from_dict(
+        {
+            "family": "tiny_flow",
+            "tiny": {"seed": 1, "arch": "flux", "head_dim": 4},
+            "stage": "appearance",
+            "skeleguide": {"a": 1},
+        }
+    )
+    assert old.tiny.seed == 1 and old.tiny_flow.arch == "flux" and old.tiny_flow.head_dim == 4
+    assert old.skeleguide_stage.stage == "appearance" and old.skeleguide_stage.params == {"a": 1}
+    assert old.lora.enabled and old.lora.rank == 4  # the one set of LoRA defaults
+    new = ModelConfig.from_dict(
+        {"family": "tiny_flow", "tiny": {"seed": 1}, "tiny_flow": {"arch": "flux", "head_dim": 4}}
+    )
+    assert new.tiny_flow == old.tiny_flow
+    with pytest.raises(ValueError, match="model.famly"):
+        ModelConfig.from_dict({"famly": "tiny"})
+
+
 def test_flatten_for_mlflow_params():
     flat = flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}})
     assert flat == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None", "f": "{}"}

@@ -24,7 +24,7 @@ def _one_thread():
 
 
 def build(arch, lora=False, guidance=3.0):
-    model = {"family": "tiny_flow", "tiny": {"arch": arch}, "lora": {"enabled": lora, "rank": 2}}
+    model = {"family": "tiny_flow", "tiny_flow": {"arch": arch}, "lora": {"enabled": lora, "rank": 2}}
     return build_policy(model, {"num_steps": STEPS, "guidance_scale": guidance})
 
 
@@ -126,8 +126,8 @@ def test_lora_adapter_round_trip_and_reference(tmp_path):
 
 
 def test_bad_family_and_arch_are_named():
-    with pytest.raises(ValueError, match="tiny.arch"):
-        build_policy({"family": "tiny_flow", "tiny": {"arch": "dit"}}, {})
+    with pytest.raises(ValueError, match="model.tiny_flow.arch"):
+        build_policy({"family": "tiny_flow", "tiny_flow": {"arch": "dit"}}, {})
     with pytest.raises(ValueError, match="model.family"):
         build_policy({"family": "sd4", "pretrained": "x"}, {})
 

@@ -1,6 +1,6 @@
 """The online group learners' sampling plan and MixGRPO's window (pure functions of the jobs)."""
 
-from armature.jobs.grpo import sde_window
+from armature.jobs.grpo import GRPOConfig, sde_window
 from armature.platform.learner import epoch_plan
 
 PROMPTS = ["a", "b", "c", "d", "e"]
@@ -20,8 +20,8 @@ def test_epoch_plan_does_not_depend_on_the_number_of_workers():
 
 
 def test_mixgrpo_window_slides_and_wraps():
-    algo = {"sde_window_size": 2, "sde_window_stride": 1, "sde_window_shift_every": 2}
+    algo = GRPOConfig(sde_window_size=2, sde_window_stride=1, sde_window_shift_every=2)
     starts = [sde_window(e, 5, algo)[0] for e in range(10)]
     assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]  # 4 positions for a window of 2 in 5 steps
     assert all(sde_window(e, 5, algo)[1] - sde_window(e, 5, algo)[0] == 2 for e in range(10))
-    assert sde_window(3, 6, {"sde_window_size": 0, "sde_window_stride": 1, "sde_window_shift_every": 1}) == (0, 6)
+    assert sde_window(3, 6, GRPOConfig(sde_window_size=0, sde_window_stride=1, sde_window_shift_every=1)) == (0, 6)

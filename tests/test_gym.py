@@ -219,8 +219,9 @@ def test_bench_counts_the_reward_training_in_every_row_that_uses_the_reward():
 
 
 def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):
-    """`armature gym pairs --graded 1 --crossed 1` reaches pairs(); `gym bench --best-of 4,x`
-    stops with the flag named before any stage writes anything."""
+    """`armature gym pairs --graded 1 --crossed 1` reaches pairs(); `gym bench` is configured by its
+    keys: a former flag (`--best-of`) stops naming the key, a bad value (`best_of=[4,x]`) naming the
+    key, both before any stage writes anything."""
     import pyarrow.parquet as pq
 
     from armature.cli import main
@@ -236,8 +237,11 @@ def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):
     same_background = lambda r: (decode_image(r["image_w"])[:3, :3] == decode_image(r["image_l"])[:3, :3]).all()
     assert all(same_background(r) for r in plain)  # none crossed: one figure, its broken copy
     assert not any(same_background(r) for r in table if " over " not in r["source"])  # crossed: two figures
-    assert main(["gym", "bench", "--best-of", "4,x", "--out", str(tmp_path / "b")]) == 2
-    assert "--best-of" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["gym", "bench", "--best-of", "4,8", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--best-of: set the key instead, e.g. best_of=[1,4,8,16]" in err and "e.g. out=gym-bench" in err
+    assert main(["gym", "bench", "best_of=[4,x]", f"out={tmp_path / 'b'}"]) == 2
+    assert "best_of" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def test_the_shipped_anatomy_reward_ranks_unseen_decoded_pairs():

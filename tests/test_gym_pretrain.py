@@ -23,7 +23,7 @@ def test_training_data_carries_the_configured_share_of_defects():
 
 def test_miniature_pretrain_writes_a_policy_model_gym_loads(tmp_path, monkeypatch):
     from armature.gym.base_policy import policy_path
-    from armature.policies.diffusion import SamplingParams, load_policy
+    from armature.policies import SamplingParams, load_policy
 
     cfg = PretrainConfig(
         images=64,

@@ -105,6 +105,13 @@ def test_toy_learner_runs_through_armature_train(ray_cluster, tmp_path):
     assert len(losses) == 3 and losses[2] < losses[1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(info["mlflow_run_id"])}
     assert {"adapter", "config.json"} <= artifacts
+    # the typed config goes out as plain JSON: config.json, the MLflow params, the adapter's metadata
+    run_dir = Path(client.download_artifacts(info["mlflow_run_id"], "", str(tmp_path / "dl")))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["algo"]["name"] == "toy" and config["model"]["family"] == "tiny"
+    assert client.get_run(info["mlflow_run_id"]).data.params["algo.name"] == "toy"
+    metadata = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert metadata["model"]["lora"]["enabled"] is False and metadata["sampling"]["guidance_scale"] == 1.0
 
 
 def test_a_name_taken_by_another_learner_is_refused():

@@ -2,6 +2,7 @@
 phase trains (no Ray), and end to end on Ray Train + DeepSpeed: killed after a checkpoint,
 rerun, resumed, every step logged once, the pipeline saved and registered."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,9 +23,9 @@ def _cfg(*overrides):
 
 
 def test_epochs_never_span_two_phases():
-    from armature.jobs.skeleguide import epoch_plan
+    from armature.jobs.skeleguide import SkeleGuideConfig, epoch_plan
 
-    algo = {"phase1_steps": 5, "phase2_steps": 0, "phase3_steps": 4, "steps_per_epoch": 2}
+    algo = SkeleGuideConfig(phase1_steps=5, phase2_steps=0, phase3_steps=4, steps_per_epoch=2)
     assert epoch_plan(algo) == [(1, 0, 2), (1, 2, 2), (1, 4, 1), (3, 5, 2), (3, 7, 2)]
 
 
@@ -45,14 +46,14 @@ def setup():
     from armature.jobs.skeleguide import _batch, _triple_source, pipeline_params
     from armature.policies.skeleguide import ADAPTERS, SkeleGuidePipeline
 
-    c = OmegaConf.to_container(_cfg(), resolve=True)
+    c = OmegaConf.to_object(_cfg())
     pipe = SkeleGuidePipeline.build(pipeline_params(c))
     pipe.set_trainable(ADAPTERS)
     with torch.no_grad():  # B = 0 at initialisation would block every gradient to A
         for p in pipe.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    batch = _batch(pipe, _triple_source(c["algo"], 0)(0, 0, 2))
-    return pipe, batch, c["algo"]
+    batch = _batch(pipe, _triple_source(c.algo, 0)(0, 0, 2))
+    return pipe, batch, c.algo
 
 
 def _grads(pipe, loss):
@@ -89,7 +90,7 @@ def test_phase2_render_loss_reaches_the_reasoner_through_the_predicted_layout(se
 
     pipe, batch, algo = setup
     _freeze(pipe, 2)
-    only_render = {**algo, "lambda_reason": 0.0, "layout_estimate": estimate}
+    only_render = dataclasses.replace(algo, lambda_reason=0.0, layout_estimate=estimate)
     loss, terms = phase_loss(pipe, batch, 2, only_render, torch.Generator().manual_seed(1))
     assert loss.item() == pytest.approx(terms["render_loss"], rel=1e-6)
     grads = _grads(pipe, loss)

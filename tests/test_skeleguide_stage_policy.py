@@ -13,8 +13,8 @@ def _policy(*overrides):
     cfg = compose(
         "train", ["model=skeleguide_stage", "sampling.num_steps=4", "sampling.guidance_scale=1.0", *overrides]
     )
-    c = OmegaConf.to_container(cfg, resolve=True)
-    return build_policy(c["model"], c["sampling"], seed=0)
+    c = OmegaConf.to_object(cfg)
+    return build_policy(c.model, c.sampling, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -98,17 +98,17 @@ def test_adapter_round_trip_and_into_the_pipeline(tmp_path):
 def test_appearance_stage_is_conditioned_on_the_ground_truth_layout():
     from armature.skeleton import parse_layout
 
-    policy = _policy("model.stage=appearance")
+    policy = _policy("model.skeleguide_stage.stage=appearance")
     layout = policy.condition_image("a person standing", 11)
     assert (parse_layout(layout).array[..., 2] > 0).sum() >= 12  # a drawn skeleton, not a bare scene
     assert all(".appearance." in n for n, p in policy.unet.named_parameters() if p.requires_grad)
 
 
 def test_bad_stage_and_conditions_are_named(tmp_path):
-    with pytest.raises(ValueError, match="model.stage"):
-        _policy("model.stage=render")
-    with pytest.raises(ValueError, match="model.conditions"):
-        _policy(f"model.conditions={tmp_path}")
+    with pytest.raises(ValueError, match="model.skeleguide_stage.stage"):
+        _policy("model.skeleguide_stage.stage=render")
+    with pytest.raises(ValueError, match="model.skeleguide_stage.conditions"):
+        _policy(f"model.skeleguide_stage.conditions={tmp_path}")
     with pytest.raises(ValueError, match="model.lora.enabled"):
         _policy("model.lora.enabled=false")
 
@@ -118,12 +118,12 @@ def test_a_folder_of_scenes_is_picked_by_seed(tmp_path):
 
     for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
         PIL.Image.new("RGB", (80, 80), colour).save(tmp_path / f"scene{i}.png")
-    policy = _policy(f"model.conditions={tmp_path}")
+    policy = _policy(f"model.skeleguide_stage.conditions={tmp_path}")
     picked = policy.condition_image("a person", 4)  # 4 % 3 -> scene1
     assert picked.shape == (64, 64, 3) and tuple(picked[0, 0]) == (30, 200, 30)
     (tmp_path / "scene3.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="model.conditions: .*scene3.png is not a readable image"):
-        _policy(f"model.conditions={tmp_path}").condition_image("a person", 3)
+    with pytest.raises(ValueError, match="model.skeleguide_stage.conditions: .*scene3.png is not a readable image"):
+        _policy(f"model.skeleguide_stage.conditions={tmp_path}").condition_image("a person", 3)
 
 
 @pytest.mark.slow

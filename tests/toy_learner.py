@@ -49,14 +49,14 @@ def train_loop(config: dict) -> None:
     policy = w.build_policy()
     engine = w.start(policy, accumulation=1)
     g = torch.Generator().manual_seed(w.seed)
-    x = torch.randn((algo["train_batch_size"],) + policy.latent_shape, generator=g)
-    t = torch.full((algo["train_batch_size"],), 500)
+    x = torch.randn((algo.train_batch_size,) + policy.latent_shape, generator=g)
+    t = torch.full((algo.train_batch_size,), 500)
     with torch.no_grad():
-        cond = policy.encode(["a toy"] * algo["train_batch_size"])
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+        cond = policy.encode(["a toy"] * algo.train_batch_size)
+    for epoch in range(w.start_epoch, algo.num_epochs):
         start, losses = time.perf_counter(), []
         engine.module.train()
-        for _ in range(algo["steps_per_epoch"]):
+        for _ in range(algo.steps_per_epoch):
             loss = toy_loss(policy.predict(cond, x, t), torch.zeros_like(x))
             w.step(loss)
             losses.append(loss.item())

@@ -7,7 +7,7 @@ import time
 import ray
 import torch
 
-from armature.policies import build_policy
+from armature.policies import ModelConfig, SamplingParams, build_policy
 
 __all__ = ["PolicySampler", "start_samplers"]
 
@@ -21,7 +21,9 @@ class PolicySampler:
     rollout is never made with stale weights.
     """
 
-    def __init__(self, model: dict, sampling: dict, seed: int = 0, threads: int | None = None):
+    def __init__(
+        self, model: ModelConfig | dict, sampling: SamplingParams | dict, seed: int = 0, threads: int | None = None
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.policy = build_policy(model, sampling, seed=seed)
@@ -77,8 +79,8 @@ class PolicySampler:
 
 def start_samplers(
     n: int,
-    model: dict,
-    sampling: dict,
+    model: ModelConfig | dict,
+    sampling: SamplingParams | dict,
     *,
     seed: int,
     num_cpus: float,

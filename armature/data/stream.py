@@ -340,35 +340,36 @@ def collate(batch: dict[str, np.ndarray]) -> dict:
 
 
 def build_datasets(
-    data: dict,
+    data,
     model: dict,
     size: int,
     quarantine_dir: str | os.PathLike,
     pairs_path: str | os.PathLike | None = None,
     threads: int | None = None,
 ):
-    """The job's pipeline from its ``data`` config section: ``(train, heldout)`` datasets,
+    """The job's pipeline from its ``data`` config section (``armature.platform.config.DataConfig``;
+    ``model``: the ``model`` section as a dict): ``(train, heldout)`` datasets,
     materialized when ``data.materialize`` (then the decode and VAE run once, not per epoch)."""
-    ds = read_dataset(pairs_path or data["pairs"], allow_outside_root=data["allow_outside_root"])
+    ds = read_dataset(pairs_path or data.pairs, allow_outside_root=data.allow_outside_root)
     ds = prepare(
         ds,
         size,
         quarantine_dir,
-        keep_ties=data["keep_ties"],
-        heldout_fraction=data["heldout_fraction"],
-        batch_size=data["batch_size"],
-        num_cpus=data["decode_num_cpus"],
+        keep_ties=data.keep_ties,
+        heldout_fraction=data.heldout_fraction,
+        batch_size=data.batch_size,
+        num_cpus=data.decode_num_cpus,
     )
-    if data["cache_latents"]:
+    if data.cache_latents:
         ds = encode_latents(
             ds,
             model,
-            num_actors=data["encoder_actors"],
-            num_cpus=data["encoder_num_cpus"],
-            num_gpus=data["encoder_num_gpus"],
-            batch_size=data["batch_size"],
+            num_actors=data.encoder_actors,
+            num_cpus=data.encoder_num_cpus,
+            num_gpus=data.encoder_num_gpus,
+            batch_size=data.batch_size,
             threads=threads,
         )
-    if data["materialize"]:
+    if data.materialize:
         ds = ds.materialize()
     return split(ds)

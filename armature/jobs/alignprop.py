@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from armature.platform.algorithms import Algorithm, register
-from armature.platform.config import OptimizerConfig
+from armature.platform.config import OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import Worker, prompt_list, run_learner
 
@@ -72,19 +72,19 @@ def check(cfg: DictConfig) -> list[str]:
     return errors
 
 
-def build_reward(c: dict):
+def build_reward(c: TrainConfig | DictConfig):
     """The job's reward, refused with a message naming ``reward.components`` if not differentiable."""
     from armature.rewards import load_weighted, require_differentiable
 
-    reward = load_weighted(c["reward"]["components"])
-    return require_differentiable(reward, "reward.components", f"algo={c['algo']['name']}")
+    reward = load_weighted(c.reward.components)
+    return require_differentiable(reward, "reward.components", f"algo={c.algo.name}")
 
 
 # ============================================================================ driver
 def run(cfg: DictConfig) -> dict:
     """Run an AlignProp / DRaFT-K / ReFL job as configured; returns the last epoch's metrics."""
     # Fail now, before Ray starts, if the reward cannot be backpropagated.
-    build_reward(OmegaConf.to_container(cfg, resolve=True))
+    build_reward(cfg)
     return run_learner(cfg, train_loop)
 
 
@@ -99,18 +99,18 @@ def train_loop(config: dict) -> None:
     c, algo, rank = w.c, w.algo, w.rank
     policy = w.build_policy()
     reward = build_reward(c)  # frozen: its weights have requires_grad=False
-    micro = algo["batch_size"]
-    engine = w.start(policy, algo["gradient_accumulation_batches"], micro_batch=micro)  # the sampler's calls too
-    prompts = prompt_list(c["prompts"])
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+    micro = algo.batch_size
+    engine = w.start(policy, algo.gradient_accumulation_batches, micro_batch=micro)  # the sampler's calls too
+    prompts = prompt_list(c.prompts)
+    for epoch in range(w.start_epoch, algo.num_epochs):
         t_epoch = time.perf_counter()
         engine.module.train()
         rng = np.random.default_rng([w.seed, epoch, rank])
         generator = torch.Generator(device=policy.device).manual_seed(int(rng.integers(2**31)))
         rewards, sampled_rewards, losses, ks, images = [], [], [], [], []
-        for _ in range(algo["batches_per_epoch"]):
+        for _ in range(algo.batches_per_epoch):
             batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=micro)]
-            k = int(rng.integers(algo["truncation_min"], algo["truncation_max"] + 1))
+            k = int(rng.integers(algo.truncation_min, algo.truncation_max + 1))
             cond = policy.encode(batch_prompts)
             noise = (
                 torch.randn(
@@ -123,13 +123,13 @@ def train_loop(config: dict) -> None:
                 cond,
                 noise,
                 k,
-                checkpoint=algo["gradient_checkpointing"],
-                predict_x0=algo["predict_x0"],
-                complete=algo["predict_x0"],
+                checkpoint=algo.gradient_checkpointing,
+                predict_x0=algo.predict_x0,
+                complete=algo.predict_x0,
                 generator=generator,
             )
             scores = reward.score_tensor(sample.images, batch_prompts)
-            loss = -algo["reward_scale"] * scores.mean()
+            loss = -algo.reward_scale * scores.mean()
             w.step(loss)
             rewards.append(scores.detach().cpu())
             losses.append(loss.item())
@@ -156,7 +156,7 @@ def train_loop(config: dict) -> None:
             **w.optimizer_metrics(),
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        metrics["samples_per_s"] = algo["batches_per_epoch"] * micro / metrics["epoch_time_s"]
+        metrics["samples_per_s"] = algo.batches_per_epoch * micro / metrics["epoch_time_s"]
         grid = lambda images=images: (torch.cat(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # noqa: E731
         w.end_epoch(epoch, metrics, grid, progress=_print_progress)
 

@@ -20,7 +20,7 @@ data.pairs=<that file>`` trains on them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -60,40 +60,40 @@ def run(cfg: DictConfig) -> dict:
 
     cluster, reward = cfg.cluster, cfg.reward
     job = open_run(cfg, cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus)
-    c, algo = job.cfg, job.cfg["algo"]
+    c, algo = job.cfg, job.cfg.algo
     logger = RunLogger(job.tracking_uri, job.run_id)
     samplers = rewards = []
     try:
         samplers, rewards = start_actors(job)
-        prompts = prompt_list(c["prompts"]) * algo["repeats"]
+        prompts = prompt_list(c.prompts) * algo.repeats
         result = best_of_n(
             samplers,
             rewards,
             prompts,
-            algo["n"],
-            algo["k"],
-            seed=c["trainer"]["seed"],
-            batch_size=c["sampling"]["batch_size"],
+            algo.n,
+            algo.k,
+            seed=c.trainer.seed,
+            batch_size=c.sampling.batch_size,
         )
-        metrics = {"epoch": 0, "n": algo["n"], "k": algo["k"], **result.summary()}
+        metrics = {"epoch": 0, "n": algo.n, "k": algo.k, **result.summary()}
         metrics["reward_mean"] = metrics["kept_reward_mean"]
 
-        if algo["pairs_path"]:
+        if algo.pairs_path:
             from armature.data.pairs import write_pairs
 
-            metrics["pairs_written"] = write_pairs(result.preference_pairs(f"best_of_{algo['n']}"), algo["pairs_path"])
+            metrics["pairs_written"] = write_pairs(result.preference_pairs(f"best_of_{algo.n}"), algo.pairs_path)
             print(
-                f"[armature] {int(metrics['pairs_written'])} (best, worst) pairs written to {algo['pairs_path']}",
+                f"[armature] {int(metrics['pairs_written'])} (best, worst) pairs written to {algo.pairs_path}",
                 flush=True,
             )
         logger.log_metrics(metrics, step=0)
         logger.log_text(json.dumps(_candidate_table(result), indent=1), "candidates.json")
-        for i in range(min(algo["log_prompts"], len(prompts))):
+        for i in range(min(algo.log_prompts, len(prompts))):
             order = result.order[i]
-            logger.log_images(result.images[i, order[: algo["k"]]], f"candidates/prompt_{i:03d}_kept.png")
-            if algo["k"] < algo["n"]:
-                logger.log_images(result.images[i, order[algo["k"] :]], f"candidates/prompt_{i:03d}_rejected.png")
-        logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+            logger.log_images(result.images[i, order[: algo.k]], f"candidates/prompt_{i:03d}_kept.png")
+            if algo.k < algo.n:
+                logger.log_images(result.images[i, order[algo.k :]], f"candidates/prompt_{i:03d}_rejected.png")
+        logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
         _print_summary(metrics)
     except BaseException:
         logger.finish("FAILED")

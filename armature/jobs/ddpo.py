@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from armature.losses import PerPromptStatTracker, ddpo_loss, normalize_rewards
 from armature.platform.algorithms import Algorithm, register
-from armature.platform.config import OptimizerConfig
+from armature.platform.config import OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
     Worker,
@@ -108,22 +108,22 @@ def train_loop(config: dict) -> None:
     policy = w.build_policy()
     before = (
         {k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}  # the final evaluation's
-        if algo["final_eval_per_prompt"]
+        if algo.final_eval_per_prompt
         else None
     )
-    num_steps = c["sampling"]["num_steps"]
-    train_steps = max(1, int(num_steps * algo["timestep_fraction"]))
-    per_worker = algo["samples_per_epoch"] // world
-    micro = algo["train_batch_size"]
+    num_steps = c.sampling.num_steps
+    train_steps = max(1, int(num_steps * algo.timestep_fraction))
+    per_worker = algo.samples_per_epoch // world
+    micro = algo.train_batch_size
 
     # gradients accumulate over every stored step of a micro-batch, and over micro-batches
-    engine = w.start(policy, train_steps * algo["gradient_accumulation_batches"])
-    tracker = PerPromptStatTracker(algo["stat_buffer_size"], algo["stat_min_count"])
+    engine = w.start(policy, train_steps * algo.gradient_accumulation_batches)
+    tracker = PerPromptStatTracker(algo.stat_buffer_size, algo.stat_min_count)
     if w.state:
         tracker.load_state_dict(w.state["tracker"])
 
-    prompts = prompt_list(c["prompts"])
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+    prompts = prompt_list(c.prompts)
+    for epoch in range(w.start_epoch, algo.num_epochs):
         t_epoch = time.perf_counter()
         engine.module.eval()
 
@@ -132,7 +132,7 @@ def train_loop(config: dict) -> None:
         weights = [ray.put(policy.trainable_state_dict())]
         rng = np.random.default_rng([w.seed, epoch, rank])
         epoch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=per_worker)]
-        batch_size = c["sampling"]["batch_size"]
+        batch_size = c.sampling.batch_size
         traj_refs, score_refs, image_refs = [], [], []
         for b, start in enumerate(range(0, per_worker, batch_size)):
             batch_prompts = epoch_prompts[start : start + batch_size]
@@ -149,7 +149,7 @@ def train_loop(config: dict) -> None:
 
         # ---- 2. advantages over the whole epoch (all workers) ------------------------------
         all_prompts, all_rewards = all_gather(traj.prompts, rewards_local)
-        if algo["per_prompt_stat_tracking"]:
+        if algo.per_prompt_stat_tracking:
             all_adv = tracker.update(all_prompts, all_rewards)
         else:
             all_adv = normalize_rewards(all_rewards)
@@ -159,7 +159,7 @@ def train_loop(config: dict) -> None:
         t_train = time.perf_counter()
         engine.module.train()
         stats = {"loss": [], "approx_kl": [], "clipfrac": []}
-        for _ in range(algo["num_inner_epochs"]):
+        for _ in range(algo.num_inner_epochs):
             order = torch.randperm(per_worker)
             step_order = torch.stack([torch.randperm(num_steps) for _ in range(per_worker)])
             for mb in order.split(micro):
@@ -177,8 +177,8 @@ def train_loop(config: dict) -> None:
                         log_prob,
                         batch.log_probs[rows, j].to(log_prob.device),
                         adv.to(log_prob.device),
-                        algo["clip_range"],
-                        algo["adv_clip_max"],
+                        algo.clip_range,
+                        algo.adv_clip_max,
                     )
                     w.step(loss)
                     stats["loss"].append(loss.item())
@@ -196,22 +196,23 @@ def train_loop(config: dict) -> None:
             **reward_metrics(components),
             **all_reduce_mean({k: float(np.mean(v)) for k, v in stats.items()}),
             **w.optimizer_metrics(),
-            "samples_per_s": algo["samples_per_epoch"] / sample_time,
-            "train_transitions_per_s": algo["num_inner_epochs"] * per_worker * train_steps * world / train_time,
+            "samples_per_s": algo.samples_per_epoch / sample_time,
+            "train_transitions_per_s": algo.num_inner_epochs * per_worker * train_steps * world / train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(
+        if w.end_epoch(
             epoch,
             metrics,
             lambda refs=image_refs: np.concatenate([ray.get(ref) for ref in refs]),
             state={"tracker": tracker.state_dict()},
             progress=print_progress,
-        )
+        ):
+            break  # the over-optimisation guard stopped the run (guard.*)
 
-    if w.logger is not None and algo["final_eval_per_prompt"]:
+    if w.logger is not None and algo.final_eval_per_prompt:
         final = before_and_after(prompts, w.samplers, w.rewards, c, before, policy.trainable_state_dict())
-        w.logger.log_metrics(final, step=algo["num_epochs"])
-        _print_before_and_after(final, len(prompts), algo["final_eval_per_prompt"])
+        w.logger.log_metrics(final, step=algo.num_epochs)
+        _print_before_and_after(final, len(prompts), algo.final_eval_per_prompt)
     w.finish(policy)
 
 
@@ -227,16 +228,16 @@ def fixed_seed_plan(prompts: list[str], per_prompt: int, seed: int) -> tuple[lis
     return plan, seeds
 
 
-def before_and_after(prompts, samplers, rewards, c: dict, before: dict, after: dict) -> dict:
+def before_and_after(prompts, samplers, rewards, c: TrainConfig, before: dict, after: dict) -> dict:
     """The fixed-seed plan sampled with the weights ``before`` and ``after`` training, scored by
     every reward component: ``final_{before,after}_reward_mean`` and each component's metrics."""
     import ray
 
-    plan, seeds = fixed_seed_plan(prompts, c["algo"]["final_eval_per_prompt"], c["trainer"]["seed"])
-    size = c["sampling"]["batch_size"]
+    plan, seeds = fixed_seed_plan(prompts, c.algo.final_eval_per_prompt, c.trainer.seed)
+    size = c.sampling.batch_size
     metrics = {"final_samples": len(plan)}
     # versions no epoch uses, so that every sampler loads these weights
-    for name, state, version in (("before", before, -1), ("after", after, c["algo"]["num_epochs"] + 1)):
+    for name, state, version in (("before", before, -1), ("after", after, c.algo.num_epochs + 1)):
         weights = [ray.put(state)]
         scores = []
         for b, start in enumerate(range(0, len(plan), size)):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -45,7 +45,7 @@ from armature.losses import (
     weighted_denoising_error,
 )
 from armature.platform.algorithms import Algorithm, register
-from armature.platform.config import OptimizerConfig
+from armature.platform.config import DataConfig, ModelConfig, OptimizerConfig
 from armature.platform.engine import all_reduce_mean, all_reduce_sum
 from armature.platform.learner import LoopInputs, Worker, quarantine_metrics, run_learner
 
@@ -110,15 +110,17 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     from armature.data.stream import build_datasets
 
     c, run_dir = job.cfg, job.run_dir
-    algo, data, trainer_cfg = c["algo"], c["data"], c["trainer"]
+    algo, data, trainer_cfg = c.algo, c.data, c.trainer
     data_context = ray.data.DataContext.get_current()  # Ray Train hands it to the workers too
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     data_context.execution_options.preserve_order = True  # a seeded job is repeatable
-    size = data["image_size"] or native_size(c["model"])
-    pairs = data["pairs"] or _synthetic_pairs(f"{run_dir}/synthetic_pairs", data, size, trainer_cfg["seed"])
-    quarantine = data["quarantine_path"] or f"{run_dir}/quarantine"
-    train_ds, heldout_ds = build_datasets(data, c["model"], size, quarantine, pairs_path=pairs, threads=job.threads)
+    size = data.image_size or native_size(c.model)
+    pairs = data.pairs or _synthetic_pairs(f"{run_dir}/synthetic_pairs", data, size, trainer_cfg.seed)
+    quarantine = data.quarantine_path or f"{run_dir}/quarantine"
+    train_ds, heldout_ds = build_datasets(
+        data, asdict(c.model), size, quarantine, pairs_path=pairs, threads=job.threads
+    )
     counts = {
         "data_train_pairs": train_ds.count(),
         "data_heldout_pairs": heldout_ds.count(),
@@ -130,7 +132,7 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
         f"{counts['data_ties_dropped']} ties dropped (quarantine: {quarantine})",
         flush=True,
     )
-    if counts["data_train_pairs"] < trainer_cfg["num_workers"] * algo["train_batch_size"]:
+    if counts["data_train_pairs"] < trainer_cfg.num_workers * algo.train_batch_size:
         raise ValueError(f"{counts['data_train_pairs']} training pairs: fewer than one micro-batch per worker")
     return LoopInputs({"quarantine": quarantine, "counts": counts}, {"train": train_ds, "heldout": heldout_ds})
 
@@ -147,23 +149,23 @@ def train_loop(config: dict) -> None:
     # The reference model: the base UNet with the LoRA adapter switched off. Full fine-tuning
     # has no adapter to switch off, so it keeps a frozen copy (one more UNet in memory).
     frozen = None if policy.lora is not None else copy.deepcopy(policy.unet).requires_grad_(False)
-    prediction_type = algo["prediction_type"] or policy.scheduler.config.prediction_type
-    micro = algo["train_batch_size"]
-    engine = w.start(policy, algo["gradient_accumulation_batches"], route=False)
+    prediction_type = algo.prediction_type or policy.scheduler.config.prediction_type
+    micro = algo.train_batch_size
+    engine = w.start(policy, algo.gradient_accumulation_batches, route=False)
 
     def errors(batch: dict, generator: torch.Generator | None = None, train: bool = True):
         denoiser = engine if train else engine.module
-        return pair_errors(policy, denoiser, batch, algo["alpha"], prediction_type, frozen, generator, train)
+        return pair_errors(policy, denoiser, batch, algo.alpha, prediction_type, frozen, generator, train)
 
     def loss_fn(errs, tie):
-        if algo["tau"] is not None:
-            return margin_bounded_loss(*errs, tau=algo["tau"], tie=tie)
-        return diffusion_dpo_loss(*errs, beta=algo["beta"], tie=tie)
+        if algo.tau is not None:
+            return margin_bounded_loss(*errs, tau=algo.tau, tie=tie)
+        return diffusion_dpo_loss(*errs, beta=algo.beta, tie=tie)
 
     global_step = w.state.get("global_step", 0)
     shard = ray.train.get_dataset_shard("train")
     window: list[dict] = []  # the micro-batches of the optimizer step under way
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+    for epoch in range(w.start_epoch, algo.num_epochs):
         t_epoch = time.perf_counter()
         engine.module.train()
 
@@ -197,8 +199,8 @@ def train_loop(config: dict) -> None:
             "pairs_per_s": all_reduce_sum(pairs_seen) / train_time,
             "optimizer_steps": global_step,
         }
-        last = epoch + 1 == algo["num_epochs"]
-        if rank == 0 and (last or (epoch + 1) % algo["eval_every"] == 0):
+        last = epoch + 1 == algo.num_epochs
+        if rank == 0 and (last or (epoch + 1) % algo.eval_every == 0):
             heldout = ray.train.get_dataset_shard("heldout")
             metrics.update(evaluate_heldout(heldout, errors, loss_fn, engine, algo, w.seed))
         metrics["epoch_time_s"] = time.perf_counter() - t_epoch
@@ -269,7 +271,7 @@ def _reference(policy, frozen=None):
         policy.unet.enable_adapters()
 
 
-def evaluate_heldout(shard, errors, loss_fn, engine, algo: dict, seed: int) -> dict:
+def evaluate_heldout(shard, errors, loss_fn, engine, algo: DPOConfig, seed: int) -> dict:
     """The implicit reward on the held-out pairs, with the same timesteps and noise every epoch
     (``heldout_draws`` per pair), so that epochs compare.
 
@@ -282,9 +284,9 @@ def evaluate_heldout(shard, errors, loss_fn, engine, algo: dict, seed: int) -> d
 
     engine.module.eval()
     generator = torch.Generator().manual_seed(seed + 7919)
-    draws = algo["heldout_draws"]
+    draws = algo.heldout_draws
     totals = dict.fromkeys(("draw_right", "draws", "pair_right", "pairs", "margin", "loss", "losses"), 0.0)
-    for batch in shard.iter_torch_batches(batch_size=algo["train_batch_size"], collate_fn=collate):
+    for batch in shard.iter_torch_batches(batch_size=algo.train_batch_size, collate_fn=collate):
         deltas = []
         for _ in range(draws):
             errs = errors(batch, generator, train=False)
@@ -308,18 +310,18 @@ def evaluate_heldout(shard, errors, loss_fn, engine, algo: dict, seed: int) -> d
     }
 
 
-def native_size(model: dict) -> int:
+def native_size(model: ModelConfig) -> int:
     """The image size the model family was trained at."""
-    if model.get("family", "tiny") == "tiny":
-        return (model.get("tiny") or {}).get("image_size", 32)
-    if model["family"] == "gym":
+    if model.family == "tiny":
+        return model.tiny.image_size
+    if model.family == "gym":
         from armature.gym.figures import SIZE
 
         return SIZE
-    return NATIVE_SIZE[model["family"]]
+    return NATIVE_SIZE[model.family]
 
 
-def _synthetic_pairs(directory: str, data: dict, size: int, seed: int) -> str:
+def _synthetic_pairs(directory: str, data: DataConfig, size: int, seed: int) -> str:
     """Pairs from procedural drawings (ASAP-style localized degradations); built once per run."""
     from pyarrow import fs
 
@@ -328,8 +330,8 @@ def _synthetic_pairs(directory: str, data: dict, size: int, seed: int) -> str:
     filesystem, path = fs.FileSystem.from_uri(directory) if "://" in directory else (fs.LocalFileSystem(), directory)
     found = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
     if not any(f.path.endswith(".parquet") for f in found):
-        sources = procedural_sources(data["synthetic_pairs"], size=size, seed=seed)
-        n = build_pairs(sources, directory, kinds=data["synthetic_kinds"], seed=seed, pad=data["synthetic_pad"])
+        sources = procedural_sources(data.synthetic_pairs, size=size, seed=seed)
+        n = build_pairs(sources, directory, kinds=data.synthetic_kinds, seed=seed, pad=data.synthetic_pad)
         print(f"[armature] built {n} synthetic pairs in {directory}", flush=True)
     return directory
 

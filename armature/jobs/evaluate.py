@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -206,33 +206,31 @@ def run(cfg: DictConfig) -> dict:
     try:
         rewards = start_reward_actors(
             reward.num_actors,
-            c["reward"]["components"],
+            c.reward.components,
             num_cpus=reward.num_cpus,
             num_gpus=reward.num_gpus,
             max_restarts=cluster.max_restarts,
-            resources=c["reward"]["resources"],
+            resources=c.reward.resources,
             scheduling=cluster.actor_scheduling,
         )
-        for name, adapter in c["algo"]["policies"].items():
+        for name, adapter in c.algo.policies.items():
             samplers = start_samplers(
                 cluster.num_samplers,
-                c["model"],
-                c["sampling"],
-                seed=c["trainer"]["seed"],
+                c.model,
+                c.sampling,
+                seed=c.trainer.seed,
                 num_cpus=cluster.sampler_num_cpus,
                 num_gpus=cluster.sampler_num_gpus,
                 max_restarts=cluster.max_restarts,
                 threads=job.threads,
-                resources=c["cluster"]["sampler_resources"],
+                resources=c.cluster.sampler_resources,
                 scheduling=cluster.actor_scheduling,
             )
             if adapter:
                 ray.get([s.load_adapter.remote(str(adapter)) for s in samplers])
             n = algo.samples_per_prompt * max(algo.best_of)  # the candidate pool; N = 1 is each group's first
             start = time.perf_counter()
-            result = best_of_n(
-                samplers, rewards, prompts, n, n, seed=c["trainer"]["seed"], batch_size=c["sampling"]["batch_size"]
-            )
+            result = best_of_n(samplers, rewards, prompts, n, n, seed=c.trainer.seed, batch_size=c.sampling.batch_size)
             pool = dict(result.components) or {algo.judge: result.scores}
             per_candidate_s = (time.perf_counter() - start) / n / len(prompts)
             for best in sorted(set(algo.best_of)):
@@ -244,7 +242,7 @@ def run(cfg: DictConfig) -> dict:
                     pooled[row_name] = pool_expectation(
                         pool[algo.selector or algo.judge], pool[algo.judge], best, algo.severe_at
                     )
-            logger.log_images(result.images[:, 0][: c["tracking"]["images_per_grid"]], f"samples/{name}.png")
+            logger.log_images(result.images[:, 0][: c.tracking.images_per_grid], f"samples/{name}.png")
             for actor in samplers:
                 ray.kill(actor)
             samplers = []
@@ -260,7 +258,7 @@ def run(cfg: DictConfig) -> dict:
         table = markdown(rows)
         logger.log_text(table, "eval.md")
         logger.log_text(json.dumps(rows, indent=1, default=str), "eval.json")
-        logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+        logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
         print(
             f"[armature] judge {algo.judge} (pass: score >= {algo.threshold}), suite {algo.suite}, "
             f"{len(prompts)} prompts x {algo.samples_per_prompt} samples\n{table}",

@@ -98,16 +98,16 @@ def run(cfg: DictConfig) -> dict:
 register(Algorithm("grpo", GRPOConfig, run, check))
 
 
-def sde_window(epoch: int, num_steps: int, algo: dict) -> tuple[int, int]:
+def sde_window(epoch: int, num_steps: int, algo: GRPOConfig) -> tuple[int, int]:
     """MixGRPO's sliding window ``[start, start + size)`` of SDE (and trained) steps.
 
     It starts at the first (noisiest) step and moves ``sde_window_stride`` steps towards the
     clean end every ``sde_window_shift_every`` epochs, wrapping round once it has passed the
     last position. ``sde_window_size`` 0 is the whole trajectory (plain Flow-GRPO).
     """
-    size = algo["sde_window_size"] or num_steps
+    size = algo.sde_window_size or num_steps
     positions = num_steps - size + 1
-    start = (epoch // algo["sde_window_shift_every"]) * algo["sde_window_stride"] % positions
+    start = (epoch // algo.sde_window_shift_every) * algo.sde_window_stride % positions
     return start, start + size
 
 
@@ -117,30 +117,30 @@ def train_loop(config: dict) -> None:
     w = Worker(config)
     c, algo, rank, world, seed = w.c, w.algo, w.rank, w.world, w.seed
     policy = w.build_policy()
-    num_steps = algo["train_num_steps"] or c["sampling"]["num_steps"]
-    window_size = algo["sde_window_size"] or num_steps
-    beta, micro = algo["beta"], algo["train_batch_size"]
+    num_steps = algo.train_num_steps or c.sampling.num_steps
+    window_size = algo.sde_window_size or num_steps
+    beta, micro = algo.beta, algo.train_batch_size
     # The KL reference: the network with its adapter off, or a frozen copy of the full network.
     frozen = None
     if beta > 0 and policy.lora is None:
         frozen = copy.deepcopy(policy.unet).requires_grad_(False).eval()
-    engine = w.start(policy, window_size * algo["gradient_accumulation_batches"])
+    engine = w.start(policy, window_size * algo.gradient_accumulation_batches)
 
-    prompts = prompt_list(c["prompts"])
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+    prompts = prompt_list(c.prompts)
+    for epoch in range(w.start_epoch, algo.num_epochs):
         t_epoch = time.perf_counter()
         engine.module.eval()
 
         # ---- 1. sample groups with the current weights; rewards overlap the rollouts -------
         version = epoch + 1
         weights = [ray.put(policy.trainable_state_dict())]
-        plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
+        plan = epoch_plan(prompts, seed, epoch, algo.prompts_per_epoch, algo.group_size, rank, world)
         window = sde_window(epoch, num_steps, algo)
         sampled = sample_and_score(
             plan,
             w.samplers,
             w.rewards,
-            c["sampling"]["batch_size"],
+            c.sampling.batch_size,
             weights,
             version,
             rank,
@@ -153,9 +153,7 @@ def train_loop(config: dict) -> None:
 
         # ---- 2. advantages within each prompt's group (all workers) -----------------------
         all_groups, all_rewards = all_gather(plan.groups, sampled.rewards)
-        all_adv = group_advantages(
-            all_rewards, all_groups, eps=algo["adv_eps"], scale_by_std=algo["scale_by_group_std"]
-        )
+        all_adv = group_advantages(all_rewards, all_groups, eps=algo.adv_eps, scale_by_std=algo.scale_by_group_std)
         n = len(plan.prompts)
         advantages = torch.as_tensor(all_adv[rank * n : (rank + 1) * n])
 
@@ -163,7 +161,7 @@ def train_loop(config: dict) -> None:
         t_train = time.perf_counter()
         engine.module.train()
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clipfrac": []}
-        for _ in range(algo["num_inner_epochs"]):
+        for _ in range(algo.num_inner_epochs):
             for mb in torch.randperm(n).split(micro):
                 batch, adv = traj.select(mb), advantages[mb]
                 for j in (window[0] + torch.randperm(window_size)).tolist():
@@ -177,8 +175,8 @@ def train_loop(config: dict) -> None:
                         log_prob,
                         batch.log_probs[:, j].to(log_prob.device),
                         adv.to(log_prob.device),
-                        algo["clip_range"],
-                        algo["adv_clip_max"],
+                        algo.clip_range,
+                        algo.adv_clip_max,
                         ref_log_prob,
                         beta,
                     )
@@ -206,6 +204,7 @@ def train_loop(config: dict) -> None:
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(epoch, metrics, sampled.images)
+        if w.end_epoch(epoch, metrics, sampled.images):
+            break  # the over-optimisation guard stopped the run (guard.*)
 
     w.finish(policy)

@@ -233,7 +233,7 @@ def measure(policy_path: str | Path, per_prompt: int, num_steps: int, eta: float
     """Sample ``per_prompt`` images for each gym prompt and judge them with the oracle."""
     from armature.gym.figures import POSES
     from armature.gym.oracle import AnatomyOracle
-    from armature.policies.diffusion import SamplingParams, load_policy
+    from armature.policies import SamplingParams, load_policy
 
     policy = load_policy("sd", str(policy_path), SamplingParams(num_steps=num_steps, guidance_scale=1.0, eta=eta))
     oracle = AnatomyOracle()

@@ -24,14 +24,14 @@ Runs on the learner core (``armature.platform.learner``) like the other learners
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from armature.platform.algorithms import Algorithm, register
-from armature.platform.config import OptimizerConfig
+from armature.platform.config import OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import LoopInputs, Worker, prompt_list, run_learner, stop_actors
 
@@ -96,20 +96,20 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     from armature.actors.best_of_n import best_of_n
     from armature.rewards.selection import hps_select
 
-    c, algo = job.cfg, job.cfg["algo"]
+    c, algo = job.cfg, job.cfg.algo
     try:
         groups = best_of_n(
             samplers,
             rewards,
-            prompt_list(c["prompts"]) * algo["repeats"],
-            algo["candidates"],
-            seed=c["trainer"]["seed"],
-            batch_size=c["sampling"]["batch_size"],
+            prompt_list(c.prompts) * algo.repeats,
+            algo.candidates,
+            seed=c.trainer.seed,
+            batch_size=c.sampling.batch_size,
             keep_latents=True,
         )
     finally:
         stop_actors(samplers + rewards)
-    preferred, rejected = hps_select(groups.scores, algo["alpha"], algo["score_scale"])
+    preferred, rejected = hps_select(groups.scores, algo.alpha, algo.score_scale)
     # The sampled latents themselves are the training targets: no VAE round trip (which a random
     # tiny VAE does not invert, and which is near the identity for a real one).
     latents, captions, labels = [], [], []
@@ -117,11 +117,11 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
         if preferred[i] >= 0:
             latents.append(groups.latents[i, preferred[i]]), captions.append(prompt), labels.append(1)
         if rejected[i] >= 0:
-            latents.append(groups.latents[i, rejected[i]]), captions.append(f"{algo['identifier']} {prompt}")
+            latents.append(groups.latents[i, rejected[i]]), captions.append(f"{algo.identifier} {prompt}")
             labels.append(0)
-    if len(latents) < c["trainer"]["num_workers"] * algo["train_batch_size"]:
+    if len(latents) < c.trainer.num_workers * algo.train_batch_size:
         raise ValueError(
-            f"algo.alpha={algo['alpha']}, algo.score_scale={algo['score_scale']}: only {len(latents)} images passed "
+            f"algo.alpha={algo.alpha}, algo.score_scale={algo.score_scale}: only {len(latents)} images passed "
             "HPS's selectivity test; lower algo.alpha, raise algo.score_scale or algo.repeats"
         )
     data = {"latents": np.stack(latents), "captions": captions, "labels": np.array(labels)}
@@ -150,10 +150,10 @@ def train_loop(config: dict) -> None:
 
     w = Worker(config)
     c, data, algo, rank, world = w.c, config["data"], w.algo, w.rank, w.world
-    policy = w.build_policy({**c["sampling"], "guidance_scale": 1.0})
-    reward = load_weighted(c["reward"]["components"])
-    micro = algo["train_batch_size"]
-    engine = w.start(policy, algo["gradient_accumulation_batches"])
+    policy = w.build_policy(replace(c.sampling, guidance_scale=1.0))
+    reward = load_weighted(c.reward.components)
+    micro = algo.train_batch_size
+    engine = w.start(policy, algo.gradient_accumulation_batches)
 
     # This worker's shard: x0 = the sampled latents, c = the caption embeddings (encoded once).
     shard = np.arange(rank, len(data["captions"]), world)
@@ -163,7 +163,7 @@ def train_loop(config: dict) -> None:
 
     if w.start_epoch == 0 and w.logger is not None:
         w.logger.log_metrics({**config["data_metrics"], **_compare(policy, reward, c, prefix="base_")}, step=0)
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+    for epoch in range(w.start_epoch, algo.num_epochs):
         t_epoch = time.perf_counter()
         engine.module.train()
         g = torch.Generator().manual_seed(w.seed * 100003 + epoch * 101 + rank)
@@ -183,13 +183,13 @@ def train_loop(config: dict) -> None:
             **w.optimizer_metrics(),
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        last = epoch + 1 == algo["num_epochs"]
+        last = epoch + 1 == algo.num_epochs
         if last and rank == 0:
             metrics.update(_compare(policy, reward, c))
             metrics["reward_mean"] = metrics["reward_with_identifier"]
         w.end_epoch(epoch, metrics, progress=_print_progress)
 
-    w.finish(policy, negative_prompt=algo["identifier"])
+    w.finish(policy, negative_prompt=algo.identifier)
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:
@@ -205,7 +205,7 @@ def _print_progress(epoch: int, total: int, m: dict) -> None:
 
 
 @torch.no_grad()
-def _compare(policy, reward, c: dict, prefix: str = "") -> dict[str, float]:
+def _compare(policy, reward, c: TrainConfig, prefix: str = "") -> dict[str, float]:
     """Mean reward of samples with the identifier as negative prompt and without (empty negative
     prompt), the same prompts and seeds for each; and the mean paired difference.
 
@@ -217,7 +217,7 @@ def _compare(policy, reward, c: dict, prefix: str = "") -> dict[str, float]:
 
     from armature.policies import SamplingParams
 
-    algo, identifier = c["algo"], c["algo"]["identifier"]
+    algo, identifier = c.algo, c.algo.identifier
     negatives = {
         "without_identifier": lambda p: "",
         "with_identifier": lambda p: identifier,
@@ -226,16 +226,16 @@ def _compare(policy, reward, c: dict, prefix: str = "") -> dict[str, float]:
     saved, out = policy.sampling, {name: [] for name in negatives}
     policy.unet.eval()
     try:
-        for i, prompt in enumerate(prompt_list(c["prompts"])):
-            prompts = [prompt] * algo["eval_repeats"]
+        for i, prompt in enumerate(prompt_list(c.prompts)):
+            prompts = [prompt] * algo.eval_repeats
             for name, negative in negatives.items():
                 policy.sampling = SamplingParams(
-                    num_steps=c["sampling"]["num_steps"],
-                    eta=c["sampling"]["eta"],
-                    guidance_scale=algo["eval_guidance_scale"],
+                    num_steps=c.sampling.num_steps,
+                    eta=c.sampling.eta,
+                    guidance_scale=algo.eval_guidance_scale,
                     negative_prompt=negative(prompt),
                 )
-                generator = torch.Generator(device=policy.device).manual_seed(algo["eval_seed"] + i)
+                generator = torch.Generator(device=policy.device).manual_seed(algo.eval_seed + i)
                 images = policy.rollout(prompts, generator).images
                 out[name].append(reward([Image.fromarray(a) for a in images], prompts).astype(np.float64))
     finally:

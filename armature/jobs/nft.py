@@ -104,34 +104,34 @@ def train_loop(config: dict) -> None:
     c, algo, rank, world, seed = w.c, w.algo, w.rank, w.world, w.seed
     policy = w.build_policy()
     if not policy.is_flow:
-        raise ValueError(f"model.family={c['model']['family']}: DiffusionNFT needs a flow-matching model")
+        raise ValueError(f"model.family={c.model.family}: DiffusionNFT needs a flow-matching model")
     policy.sampling.guidance_scale = 1.0  # CFG-free training
     # The sampling ("old") policy: a frozen copy of the network holding the EMA weights.
     old = copy.deepcopy(policy.unet).requires_grad_(False).eval()
     old_state = policy.trainable_state_dict()
-    engine = w.start(policy, algo["timesteps_per_sample"] * algo["gradient_accumulation_batches"])
+    engine = w.start(policy, algo.timesteps_per_sample * algo.gradient_accumulation_batches)
     if w.extra is not None:
         old_state = w.extra
     _load_into(old, old_state)
-    prompts = prompt_list(c["prompts"])
+    prompts = prompt_list(c.prompts)
     scale = policy.scheduler.config.num_train_timesteps  # model timesteps are t * 1000
-    for epoch in range(w.start_epoch, algo["num_epochs"]):
+    for epoch in range(w.start_epoch, algo.num_epochs):
         t_epoch = time.perf_counter()
         engine.module.eval()
 
         # ---- 1. clean images from the sampling policy; rewards overlap the rollouts ---------
         version = epoch + 1
         weights = [ray.put(old_state)]
-        plan = epoch_plan(prompts, seed, epoch, algo["prompts_per_epoch"], algo["group_size"], rank, world)
-        window = (0, 0) if algo["sampler"] == "ode" else None
+        plan = epoch_plan(prompts, seed, epoch, algo.prompts_per_epoch, algo.group_size, rank, world)
+        window = (0, 0) if algo.sampler == "ode" else None
         sampled = sample_and_score(
-            plan, w.samplers, w.rewards, c["sampling"]["batch_size"], weights, version, rank, world, sde_window=window
+            plan, w.samplers, w.rewards, c.sampling.batch_size, weights, version, rank, world, sde_window=window
         )
         sample_time = time.perf_counter() - t_epoch
 
         # ---- 2. optimality probabilities within each prompt's group -----------------------
         all_groups, all_rewards = all_gather(plan.groups, sampled.rewards)
-        all_r = optimality_probability(all_rewards, all_groups, norm=algo["reward_norm"])
+        all_r = optimality_probability(all_rewards, all_groups, norm=algo.reward_norm)
         n = len(plan.prompts)
         r = torch.as_tensor(all_r[rank * n : (rank + 1) * n])
         traj = sampled.traj
@@ -141,18 +141,18 @@ def train_loop(config: dict) -> None:
         t_train = time.perf_counter()
         engine.module.train()
         stats = {"loss": [], "positive_error": [], "negative_error": [], "policy_shift": []}
-        for _ in range(algo["num_inner_epochs"]):
-            for mb in torch.randperm(n).split(algo["train_batch_size"]):
+        for _ in range(algo.num_inner_epochs):
+            for mb in torch.randperm(n).split(algo.train_batch_size):
                 cond = {k: v[mb].to(policy.device) for k, v in traj.cond.items()}
                 clean, r_mb = x0[mb].to(policy.device), r[mb].to(policy.device)
-                for _ in range(algo["timesteps_per_sample"]):
+                for _ in range(algo.timesteps_per_sample):
                     t = torch.rand(len(mb)).clamp(1e-3, 1.0).to(policy.device)
                     noise = torch.randn(clean.shape).to(policy.device)
                     x_t, target = forward_process(clean, noise, t)
                     v_theta = policy.predict(cond, x_t, t * scale)
                     with torch.no_grad(), policy.reference(old):
                         v_old = policy.predict(cond, x_t, t * scale)
-                    loss, info = nft_loss(v_theta.float(), v_old.float(), target.float(), r_mb, algo["beta"])
+                    loss, info = nft_loss(v_theta.float(), v_old.float(), target.float(), r_mb, algo.beta)
                     w.step(loss)
                     stats["loss"].append(loss.item())
                     for key in ("positive_error", "negative_error", "policy_shift"):
@@ -160,7 +160,7 @@ def train_loop(config: dict) -> None:
         train_time = time.perf_counter() - t_train
 
         # ---- 4. the sampling policy follows the trained one (soft update) -----------------
-        eta = min(algo["ema_decay_rate"] * epoch, algo["ema_decay_max"])
+        eta = min(algo.ema_decay_rate * epoch, algo.ema_decay_max)
         old_state = ema_update(old_state, policy.trainable_state_dict(), eta)
         _load_into(old, old_state)
         policy.weights_version = version
@@ -184,6 +184,7 @@ def train_loop(config: dict) -> None:
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state)
+        if w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state):
+            break  # the over-optimisation guard stopped the run (guard.*)
 
     w.finish(policy)

@@ -48,7 +48,7 @@ from armature.data.stream import PROBE_PREFIX
 from armature.jobs.dpo import evaluate_heldout, native_size, pair_errors, result
 from armature.losses import diffusion_dpo_loss, margin_bounded_loss
 from armature.platform.algorithms import Algorithm, register
-from armature.platform.config import OptimizerConfig
+from armature.platform.config import DataConfig, OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import (
     LoopInputs,
@@ -146,7 +146,7 @@ register(Algorithm("online_dpo", OnlineDPOConfig, run, check, result))
 
 
 def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
-    store_url = job.cfg["algo"]["store"] or f"{_local_dir(job.run_dir)}/feedback.db"
+    store_url = job.cfg.algo.store or f"{_local_dir(job.run_dir)}/feedback.db"
     print(f"[armature] preference store {store_url}", flush=True)
     return LoopInputs({"store": store_url, "work_dir": _local_dir(job.run_dir)})
 
@@ -172,7 +172,7 @@ def train_loop(config: dict) -> None:
     from armature.feedback.store import PreferenceStore
 
     w = Worker(config)
-    c, algo, data, rank, world, seed = w.c, w.algo, w.c["data"], w.rank, w.world, w.seed
+    c, algo, data, rank, world, seed = w.c, w.algo, w.c.data, w.rank, w.world, w.seed
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
@@ -180,27 +180,27 @@ def train_loop(config: dict) -> None:
 
     policy = w.build_policy()
     frozen = None if policy.lora is not None else copy.deepcopy(policy.unet).requires_grad_(False)
-    prediction_type = algo["prediction_type"] or policy.scheduler.config.prediction_type
-    engine = w.start(policy, algo["gradient_accumulation_batches"], route=False)
+    prediction_type = algo.prediction_type or policy.scheduler.config.prediction_type
+    engine = w.start(policy, algo.gradient_accumulation_batches, route=False)
 
     def errors(batch, generator=None, train=True):
         return pair_errors(
-            policy, engine if train else engine.module, batch, algo["alpha"], prediction_type, frozen, generator, train
+            policy, engine if train else engine.module, batch, algo.alpha, prediction_type, frozen, generator, train
         )
 
     def loss_fn(errs, tie):
-        if algo["tau"] is not None:
-            return margin_bounded_loss(*errs, tau=algo["tau"], tie=tie)
-        return diffusion_dpo_loss(*errs, beta=algo["beta"], tie=tie)
+        if algo.tau is not None:
+            return margin_bounded_loss(*errs, tau=algo.tau, tie=tie)
+        return diffusion_dpo_loss(*errs, beta=algo.beta, tie=tie)
 
     start_round = w.start_epoch
-    store = PreferenceStore(config["store"], labels_per_pair=algo["labels_per_pair"]) if rank == 0 else None
-    annotators = _simulated_annotators(algo, seed) if rank == 0 and algo["annotator"] == "simulated" else []
+    store = PreferenceStore(config["store"], labels_per_pair=algo.labels_per_pair) if rank == 0 else None
+    annotators = _simulated_annotators(algo, seed) if rank == 0 and algo.annotator == "simulated" else []
     work = Path(config["work_dir"])
-    quarantine = data["quarantine_path"] or str(work / "quarantine")
-    prompts = prompt_list(c["prompts"])
-    size = data["image_size"] or native_size(c["model"])  # the size the samplers draw at
-    if rank == 0 and algo["probe_pairs"] and start_round == 0:
+    quarantine = data.quarantine_path or str(work / "quarantine")
+    prompts = prompt_list(c.prompts)
+    size = data.image_size or native_size(c.model)  # the size the samplers draw at
+    if rank == 0 and algo.probe_pairs and start_round == 0:
         # ---- 0. the fixed probe: base-policy pairs, labeled first, held out for good ------------
         t_probe = time.perf_counter()
         engine.module.eval()
@@ -216,14 +216,14 @@ def train_loop(config: dict) -> None:
             probe=True,
         )
         probe_info.update(
-            _collect_labels(store, annotators, algo, -1, wanted=probe_info["pairs_new"] * algo["labels_per_pair"])
+            _collect_labels(store, annotators, algo, -1, wanted=probe_info["pairs_new"] * algo.labels_per_pair)
         )
         print(
             f"[armature] probe: {probe_info['pairs_new']} base-policy pairs, {probe_info['labels_new']} labels, "
             f"{time.perf_counter() - t_probe:.1f}s",
             flush=True,
         )
-    for rnd in range(start_round, algo["num_rounds"]):
+    for rnd in range(start_round, algo.num_rounds):
         t_round = time.perf_counter()
         engine.module.eval()
         metrics: dict = {"epoch": rnd, "round": rnd, "policy_version": rnd + 1}
@@ -254,13 +254,13 @@ def train_loop(config: dict) -> None:
         # ---- 5. Diffusion-DPO passes over the labeled training pairs ---------------------------
         engine.module.train()
         stats = []
-        for epoch in range(algo["epochs_per_round"]):
+        for epoch in range(algo.epochs_per_round):
             batches = list(
                 train_ds.iter_torch_batches(
-                    batch_size=algo["train_batch_size"],
+                    batch_size=algo.train_batch_size,
                     drop_last=True,
                     collate_fn=_collate(),
-                    local_shuffle_buffer_size=4 * algo["train_batch_size"],
+                    local_shuffle_buffer_size=4 * algo.train_batch_size,
                     local_shuffle_seed=seed * 10_000 + rnd * 100 + epoch,
                 )
             )
@@ -277,10 +277,10 @@ def train_loop(config: dict) -> None:
 
         # ---- 6. held-out implicit accuracy against the annotators; log; checkpoint -----------
         if rank == 0:
-            probe_prefix = PROBE_PREFIX if algo["probe_pairs"] else "r0000-"
+            probe_prefix = PROBE_PREFIX if algo.probe_pairs else "r0000-"
             rounds_ds = (
                 heldout_ds.filter(lambda row: not str(row["pair_id"]).startswith(PROBE_PREFIX))
-                if algo["probe_pairs"]
+                if algo.probe_pairs
                 else heldout_ds
             )
             metrics.update(evaluate_heldout(rounds_ds, errors, loss_fn, engine, algo, seed))
@@ -299,26 +299,34 @@ def train_loop(config: dict) -> None:
             metrics.update(quarantine_metrics(quarantine))
         metrics.update(w.optimizer_metrics())
         metrics["round_time_s"] = time.perf_counter() - t_round
-        w.end_epoch(rnd, metrics, progress=_print_round, total=algo["num_rounds"], checkpoint=True)
+        w.end_epoch(rnd, metrics, progress=_print_round, total=algo.num_rounds, checkpoint=True)
     w.finish(policy)
 
 
 # ============================================================================ helpers
-def _simulated_annotators(algo: dict, seed: int) -> list:
+def _simulated_annotators(algo: OnlineDPOConfig, seed: int) -> list:
     from armature.feedback.simulated import SimulatedAnnotator
     from armature.rewards import load_weighted
 
-    reward = load_weighted(algo["annotator_reward"])
+    reward = load_weighted(algo.annotator_reward)
     return [
         SimulatedAnnotator(
-            reward, name=f"sim-{i}", noise=algo["annotator_noise"], tie_rate=algo["annotator_tie_rate"], seed=seed
+            reward, name=f"sim-{i}", noise=algo.annotator_noise, tie_rate=algo.annotator_tie_rate, seed=seed
         )
-        for i in range(algo["num_annotators"])
+        for i in range(algo.num_annotators)
     ]
 
 
 def _sample_into_store(
-    store, rnd: int, prompts: list[str], samplers: list, rewards: list, weights, c: dict, seed: int, probe: bool = False
+    store,
+    rnd: int,
+    prompts: list[str],
+    samplers: list,
+    rewards: list,
+    weights,
+    c: TrainConfig,
+    seed: int,
+    probe: bool = False,
 ) -> dict:
     """Sample the round's pairs and store ``prefilter_keep`` of them, the most uncertain first
     (``prefilter_order=confident``: the clearest first). A
@@ -328,18 +336,18 @@ def _sample_into_store(
     one kept), stored as round -1 with ids ``probe-NNNNN``, which the pair stream always holds out."""
     from armature.feedback.simulated import select_pairs, uncertainty
 
-    algo = c["algo"]
+    algo = c.algo
     stored = store.counts_by_round().get(rnd, 0)
     if stored:
         return {"pairs_new": 0, "pairs_sampled": 0}
-    wanted = algo["probe_pairs"] if probe else algo["pairs_per_round"]
-    n_sampled = wanted if probe else int(np.ceil(wanted / algo["prefilter_keep"]))
+    wanted = algo.probe_pairs if probe else algo.pairs_per_round
+    n_sampled = wanted if probe else int(np.ceil(wanted / algo.prefilter_keep))
     # 2 images per prompt slot; the probe draws its slots and seeds apart from every round's
     plan = epoch_plan(prompts, seed + 104_729 if probe else seed, max(rnd, 0), n_sampled, 2, rank=0, world=1)
-    sampled = sample_and_score(plan, samplers, rewards, c["sampling"]["batch_size"], weights, rnd + 1, 0, 1)
+    sampled = sample_and_score(plan, samplers, rewards, c.sampling.batch_size, weights, rnd + 1, 0, 1)
     scores, images = sampled.rewards, sampled.images()
     unsure = uncertainty(scores[0::2], scores[1::2])
-    keep = select_pairs(unsure, wanted, "uncertain" if probe else algo["prefilter_order"])
+    keep = select_pairs(unsure, wanted, "uncertain" if probe else algo.prefilter_order)
     prefix = PROBE_PREFIX if probe else f"r{rnd:04d}-"
     store.add_pairs(
         {
@@ -364,7 +372,7 @@ def _sample_into_store(
     }
 
 
-def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int | None = None) -> dict:
+def _collect_labels(store, annotators: list, algo: OnlineDPOConfig, rnd: int, wanted: int | None = None) -> dict:
     """Simulated annotators label everything they are served; for people, wait for ``wanted``
     new labels (default ``min_labels_per_round``, else every new pair's; or ``label_timeout_s``)."""
     before = store.counts()["labels"]
@@ -373,8 +381,8 @@ def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int |
             annotator.label(store)
     else:
         if wanted is None:
-            wanted = algo["min_labels_per_round"] or algo["pairs_per_round"] * algo["labels_per_pair"]
-        deadline = time.time() + algo["label_timeout_s"]
+            wanted = algo.min_labels_per_round or algo.pairs_per_round * algo.labels_per_pair
+        deadline = time.time() + algo.label_timeout_s
         last_note = 0.0
         while store.counts()["labels"] - before < wanted and time.time() < deadline:
             if time.time() - last_note > 60:
@@ -388,7 +396,7 @@ def _collect_labels(store, annotators: list, algo: dict, rnd: int, wanted: int |
     return {"labels_new": store.counts()["labels"] - before}
 
 
-def _label_datasets(export: Path, size: int, quarantine: str, data: dict):
+def _label_datasets(export: Path, size: int, quarantine: str, data: DataConfig):
     """(training, held-out) Ray Datasets of the exported labels: validated, decoded, resized."""
     from armature.data.stream import prepare, read_dataset, split
 
@@ -396,10 +404,10 @@ def _label_datasets(export: Path, size: int, quarantine: str, data: dict):
         read_dataset(str(export)),
         size,
         quarantine,
-        keep_ties=data["keep_ties"],
-        heldout_fraction=data["heldout_fraction"],
-        batch_size=data["batch_size"],
-        num_cpus=data["decode_num_cpus"],
+        keep_ties=data.keep_ties,
+        heldout_fraction=data.heldout_fraction,
+        batch_size=data.batch_size,
+        num_cpus=data.decode_num_cpus,
     ).materialize()
     return split(ds)
 

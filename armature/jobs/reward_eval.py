@@ -59,22 +59,20 @@ def run(cfg: DictConfig) -> dict:
         )
     job = open_run(cfg, len(algo.rewards) * algo.num_actors * cfg.reward.num_cpus + 1, job="reward_eval")
     c = job.cfg
-    algo, data, reward_cfg = c["algo"], c["data"], c["reward"]
+    algo, data, reward_cfg = c.algo, c.data, c.reward
     ray.data.DataContext.get_current().enable_progress_bars = False
-    size = data["image_size"] or 32
+    size = data.image_size or 32
     synthetic = {"synthetic_choices": 3, "synthetic_tie_fraction": 0.1}
-    pairs = data["pairs"] or synthetic_pairs(
-        f"{job.run_dir}/synthetic_pairs", data, synthetic, size, c["trainer"]["seed"]
-    )
+    pairs = data.pairs or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, synthetic, size, c.trainer.seed)
     ds = (
-        read_dataset(pairs, allow_outside_root=data["allow_outside_root"])
+        read_dataset(pairs, allow_outside_root=data.allow_outside_root)
         .map_batches(
             prepare_with_severity,
             batch_format="pyarrow",
-            batch_size=data["batch_size"],
+            batch_size=data.batch_size,
             fn_kwargs={
                 "size": size,
-                "quarantine_dir": data["quarantine_path"] or f"{job.run_dir}/quarantine",
+                "quarantine_dir": data.quarantine_path or f"{job.run_dir}/quarantine",
                 "keep_ties": True,
                 "heldout_fraction": 0.0,
             },
@@ -84,18 +82,18 @@ def run(cfg: DictConfig) -> dict:
 
     actors = {
         label: start_reward_actors(
-            algo["num_actors"],
+            algo.num_actors,
             dict(spec),
-            num_cpus=reward_cfg["num_cpus"],
-            num_gpus=reward_cfg["num_gpus"],
+            num_cpus=reward_cfg.num_cpus,
+            num_gpus=reward_cfg.num_gpus,
             max_restarts=0,
-            resources=reward_cfg["resources"],
+            resources=reward_cfg.resources,
         )
-        for label, spec in algo["rewards"].items()
+        for label, spec in algo.rewards.items()
     }
     scores = {label: {"w": [], "l": []} for label in actors}
     tie, severity_w, severity_l = [], [], []
-    for i, batch in enumerate(ds.iter_batches(batch_size=algo["batch_size"], batch_format="numpy")):
+    for i, batch in enumerate(ds.iter_batches(batch_size=algo.batch_size, batch_format="numpy")):
         prompts = [str(p) for p in batch["prompt"]]
         futures = {
             label: (

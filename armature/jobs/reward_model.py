@@ -56,6 +56,7 @@ from armature.losses.reward_model import (
 )
 from armature.platform.algorithms import Algorithm, register
 from armature.platform.checkpoints import restore_torch_checkpoint, save_torch_checkpoint
+from armature.platform.config import DataConfig
 from armature.platform.learner import LoopInputs, Worker, quarantine_metrics, run_learner
 
 SEVERITY_BY_KIND = {"remove": 3, "duplicate": 2, "shift": 2, "warp": 1, "mirror": 1}
@@ -103,32 +104,32 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
     from armature.data.stream import read_dataset, split
 
     c = job.cfg
-    algo, data = c["algo"], c["data"]
-    if algo["loss"] not in ("bradley_terry", "listwise"):
-        raise ValueError(f"algo.loss={algo['loss']!r}: choose bradley_terry or listwise")
-    if not 2 <= algo["max_choices"] <= 16:
-        raise ValueError(f"algo.max_choices={algo['max_choices']}: a choice set holds 2..16 images (HPS: 2-4)")
+    algo, data = c.algo, c.data
+    if algo.loss not in ("bradley_terry", "listwise"):
+        raise ValueError(f"algo.loss={algo.loss!r}: choose bradley_terry or listwise")
+    if not 2 <= algo.max_choices <= 16:
+        raise ValueError(f"algo.max_choices={algo.max_choices}: a choice set holds 2..16 images (HPS: 2-4)")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True
 
-    size = data["image_size"] or 32
-    backbone = _prepare_backbone(algo, f"{job.run_dir}/backbone", size, c["trainer"]["seed"])
-    pairs = data["pairs"] or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, algo, size, c["trainer"]["seed"])
-    quarantine = data["quarantine_path"] or f"{job.run_dir}/quarantine"
+    size = data.image_size or 32
+    backbone = _prepare_backbone(algo, f"{job.run_dir}/backbone", size, c.trainer.seed)
+    pairs = data.pairs or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, algo, size, c.trainer.seed)
+    quarantine = data.quarantine_path or f"{job.run_dir}/quarantine"
     ds = (
-        read_dataset(pairs, allow_outside_root=data["allow_outside_root"])
-        .repartition(target_num_rows_per_block=data["batch_size"])
+        read_dataset(pairs, allow_outside_root=data.allow_outside_root)
+        .repartition(target_num_rows_per_block=data.batch_size)
         .map_batches(
             prepare_with_severity,
             batch_format="pyarrow",
-            batch_size=data["batch_size"],
-            num_cpus=data["decode_num_cpus"],
+            batch_size=data.batch_size,
+            num_cpus=data.decode_num_cpus,
             fn_kwargs={
                 "size": size,
                 "quarantine_dir": quarantine,
-                "keep_ties": data["keep_ties"],
-                "heldout_fraction": data["heldout_fraction"],
+                "keep_ties": data.keep_ties,
+                "heldout_fraction": data.heldout_fraction,
             },
         )
     )
@@ -143,7 +144,7 @@ def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
         f"held out, {counts['data_quarantined']} quarantined",
         flush=True,
     )
-    c["tracking"]["registered_model"] = None  # the scorer is an artifact, not a diffusion adapter
+    c.tracking.registered_model = None  # the scorer is an artifact, not a diffusion adapter
     return LoopInputs(
         {"backbone": backbone, "run_dir": job.run_dir, "counts": counts, "image_size": size},
         {"train": train_ds, "heldout": heldout_ds},
@@ -174,13 +175,13 @@ def prepare_with_severity(batch, size: int, quarantine_dir: str, keep_ties: bool
     return out
 
 
-def _prepare_backbone(algo: dict, directory: str, size: int, seed: int) -> str:
+def _prepare_backbone(algo: RewardModelConfig, directory: str, size: int, seed: int) -> str:
     """A folder the scorer loads from: the configured hub id / folder, or a tiny random CLIP
     (``conv``: no folder, the convolutional scorer starts from random weights)."""
-    if algo["backbone"] == "conv":
+    if algo.backbone == "conv":
         return "conv"
-    if algo["backbone"] != "tiny":
-        return algo["backbone"]
+    if algo.backbone != "tiny":
+        return algo.backbone
     from armature.policies.tiny import build_char_tokenizer
     from armature.rewards.clip_score import build_tiny_clip
 
@@ -189,7 +190,7 @@ def _prepare_backbone(algo: dict, directory: str, size: int, seed: int) -> str:
     return directory
 
 
-def synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: int) -> str:
+def synthetic_pairs(directory: str, data: DataConfig, algo: RewardModelConfig, size: int, seed: int) -> str:
     """Pairs from procedural drawings: ``synthetic_choices`` degraded copies of each (one pair
     each, severity by kind, so pairs sharing a drawing form choice sets), and for a share of
     the drawings a tie between two copies degraded the same way."""
@@ -202,18 +203,18 @@ def synthetic_pairs(directory: str, data: dict, algo: dict, size: int, seed: int
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
     records = []
-    for source in procedural_sources(data["synthetic_pairs"], size=size, seed=seed):
-        kinds = list(rng.permutation(data["synthetic_kinds"]))[: algo["synthetic_choices"]]
+    for source in procedural_sources(data.synthetic_pairs, size=size, seed=seed):
+        kinds = list(rng.permutation(data.synthetic_kinds))[: algo.synthetic_choices]
         made = []
         for kind in kinds:
-            pair = make_pair(source, rng, kinds=[kind], pad=data["synthetic_pad"])
+            pair = make_pair(source, rng, kinds=[kind], pad=data.synthetic_pad)
             if pair is not None:
                 pair["pair_id"] = f"{source['id']}:{kind}"
                 pair["severity_l"] = SEVERITY_BY_KIND.get(kind, 2)
                 records.append(pair)
                 made.append(pair)
-        if made and rng.random() < algo["synthetic_tie_fraction"]:
-            again = make_pair(source, rng, kinds=[made[0]["source"].split(":")[1]], pad=data["synthetic_pad"])
+        if made and rng.random() < algo.synthetic_tie_fraction:
+            again = make_pair(source, rng, kinds=[made[0]["source"].split(":")[1]], pad=data.synthetic_pad)
             if again is not None:  # two copies broken the same way: rated equal
                 records.append(
                     {
@@ -280,16 +281,16 @@ def choice_sets(batch: dict, max_choices: int):
     return [(rows[0], rows[: max_choices - 1]) for rows in groups.values()]
 
 
-def batch_loss(scorer: Scorer, batch: dict, algo: dict) -> tuple[torch.Tensor, dict]:
+def batch_loss(scorer: Scorer, batch: dict, algo: RewardModelConfig) -> tuple[torch.Tensor, dict]:
     prompts = list(batch["prompt"])
     n = len(prompts)
     scores = scorer(torch.cat([batch["pixels_w"], batch["pixels_l"]]), prompts + prompts)
     s_w, s_l = scores[:n], scores[n:]
     info = {"train_acc": pairwise_accuracy(s_w.detach().numpy(), s_l.detach().numpy(), batch["tie"].numpy())}
-    if algo["loss"] == "bradley_terry":
+    if algo.loss == "bradley_terry":
         loss = bradley_terry_loss(s_w, s_l, batch["tie"])
     else:
-        sets = choice_sets(batch, algo["max_choices"])
+        sets = choice_sets(batch, algo.max_choices)
         width = max(1 + len(rejected) for _, rejected in sets)
         table = s_w.new_zeros(len(sets), width)
         valid = torch.zeros(len(sets), width, dtype=torch.bool)
@@ -300,10 +301,10 @@ def batch_loss(scorer: Scorer, batch: dict, algo: dict) -> tuple[torch.Tensor, d
         loss = listwise_loss(table, torch.zeros(len(sets), dtype=torch.long), valid)
         info["choice_set_size"] = float(valid.sum()) / len(sets)
     info["ranking_loss"] = loss.item()
-    if algo["severity_weight"] > 0:
+    if algo.severity_weight > 0:
         severity = torch.cat([batch["severity_w"], batch["severity_l"]])
         ordinal = ordinal_loss(scores, severity, scorer.thresholds())
-        loss = loss + algo["severity_weight"] * ordinal
+        loss = loss + algo.severity_weight * ordinal
         info["ordinal_loss"] = ordinal.item()
     return loss, info
 
@@ -317,10 +318,10 @@ def train_loop(config: dict) -> None:
     w = Worker(config)
     algo, rank = w.algo, w.rank
     scorer = Scorer(
-        config["backbone"], algo["processor"], conv_widths=algo.get("conv_widths"), image_size=config["image_size"]
+        config["backbone"], algo.processor, conv_widths=algo.conv_widths, image_size=config["image_size"]
     ).train()
     params = [p for p in scorer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=algo["learning_rate"], weight_decay=algo["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=algo.learning_rate, weight_decay=algo.weight_decay)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
 
     start_epoch = 0
@@ -333,13 +334,13 @@ def train_loop(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     metrics: dict = {}
-    for epoch in range(start_epoch, algo["num_epochs"]):
+    for epoch in range(start_epoch, algo.num_epochs):
         t0 = time.perf_counter()
         stats = []
         for batch in shard.iter_torch_batches(
-            batch_size=algo["train_batch_size"],
+            batch_size=algo.train_batch_size,
             collate_fn=collate,
-            local_shuffle_buffer_size=4 * algo["train_batch_size"],
+            local_shuffle_buffer_size=4 * algo.train_batch_size,
             local_shuffle_seed=w.seed * 10_000 + epoch,
         ):
             loss, info = batch_loss(scorer, batch, algo)
@@ -350,7 +351,7 @@ def train_loop(config: dict) -> None:
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= dist.get_world_size()
-            info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, algo["max_grad_norm"]))
+            info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm))
             optimizer.step()
             stats.append({"loss": loss.item(), **info})
         metrics = {
@@ -359,12 +360,12 @@ def train_loop(config: dict) -> None:
             **({"logit_scale": float(scorer.clip.logit_scale.exp())} if scorer.clip is not None else {}),
         }
         if rank == 0:
-            metrics.update(evaluate(scorer, ray.train.get_dataset_shard("heldout"), algo["train_batch_size"]))
+            metrics.update(evaluate(scorer, ray.train.get_dataset_shard("heldout"), algo.train_batch_size))
             metrics.update(config["counts"])
         metrics["epoch_time_s"] = time.perf_counter() - t0
         if rank == 0:
             print(
-                f"[armature] epoch {epoch + 1}/{algo['num_epochs']}  loss {metrics['loss']:.4f}  "
+                f"[armature] epoch {epoch + 1}/{algo.num_epochs}  loss {metrics['loss']:.4f}  "
                 f"train acc {metrics['train_acc']:.3f}  held-out acc {metrics.get('heldout_acc', float('nan')):.3f} "
                 f"(ties incl. {metrics.get('heldout_acc_ties', float('nan')):.3f})  {metrics['epoch_time_s']:.1f}s",
                 flush=True,
@@ -417,18 +418,18 @@ def evaluate(scorer: Scorer, shard, batch_size: int) -> dict:
     return out
 
 
-def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: dict) -> Path:
+def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: RewardModelConfig) -> Path:
     """The ``learned`` reward's folder: ``clip/`` (model, tokenizer, preprocessing) + ``scorer.json``,
     or ``conv.safetensors`` + ``scorer.json`` for the convolutional scorer."""
-    thresholds = scorer.thresholds().tolist() if algo["severity_weight"] > 0 else []
+    thresholds = scorer.thresholds().tolist() if algo.severity_weight > 0 else []
     if scorer.clip is None:
-        scorer.reward.save(str(folder), thresholds=thresholds, loss=algo["loss"])
+        scorer.reward.save(str(folder), thresholds=thresholds, loss=algo.loss)
         return folder
     clip_dir = folder / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
     scorer.clip.save_pretrained(clip_dir)
     scorer.reward.tokenizer.save_pretrained(clip_dir)
-    source = algo["processor"] or backbone
+    source = algo.processor or backbone
     preprocessor = Path(source) / "preprocessor_config.json"
     if preprocessor.is_file():
         shutil.copy(preprocessor, clip_dir / "preprocessor_config.json")
@@ -447,7 +448,7 @@ def save_scorer(scorer: Scorer, folder: Path, backbone: str, algo: dict) -> Path
         )
     (folder / "scorer.json").write_text(
         json.dumps(
-            {"kind": "clip_similarity", "thresholds": thresholds, "loss": algo["loss"], "backbone": backbone}, indent=2
+            {"kind": "clip_similarity", "thresholds": thresholds, "loss": algo.loss, "backbone": backbone}, indent=2
         )
     )
     return folder

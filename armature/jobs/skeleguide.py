@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +52,7 @@ from omegaconf import DictConfig
 
 from armature.losses.skeleguide import flow_interpolate, joint_loss, one_step_layout, reasoning_loss, rendering_loss
 from armature.platform.algorithms import Algorithm, register
-from armature.platform.config import OptimizerConfig
+from armature.platform.config import OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
 from armature.platform.learner import LoopInputs, Worker, run_learner
 
@@ -95,8 +95,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _prepare(job, samplers: list, rewards: list) -> LoopInputs:
-    if job.cfg["tracking"].get("registered_model") == DEFAULT_REGISTERED:
-        job.cfg["tracking"]["registered_model"] = REGISTERED_NAME  # a pipeline folder, not a UNet adapter
+    if job.cfg.tracking.registered_model == DEFAULT_REGISTERED:
+        job.cfg.tracking.registered_model = REGISTERED_NAME  # a pipeline folder, not a UNet adapter
     return LoopInputs({"run_dir": job.run_dir})
 
 
@@ -126,42 +126,44 @@ def check(cfg: DictConfig) -> list[str]:
 register(Algorithm("skeleguide", SkeleGuideConfig, run, check))
 
 
-def pipeline_params(c: dict):
+def pipeline_params(c: TrainConfig):
     """``SkeleGuideParams`` from the job's ``model`` and ``algo`` sections."""
     from dataclasses import fields
 
     from armature.policies.skeleguide import SkeleGuideParams, TinyKontextConfig
 
-    model, algo = c["model"], c["algo"]
+    model, algo = c.model, c.algo
     # the tiny VAE's shape is SkeleGuide's own (3 levels: 8 x 8 tokens at 64 px), or algo.tiny_vae's
     names = {f.name for f in fields(TinyKontextConfig)} - {"vae_channels", "latent_channels"}
-    device = model.get("device", "auto")
+    device = model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return SkeleGuideParams(
-        pretrained=model["pretrained"] if model["family"] == "flux_kontext" else None,
-        revision=model.get("revision"),
-        variant=model.get("variant"),
-        dtype=model.get("dtype", "float32"),
+        pretrained=model.pretrained if model.family == "flux_kontext" else None,
+        revision=model.revision,
+        variant=model.variant,
+        dtype=model.dtype,
         device=device,
-        tiny=TinyKontextConfig(**{k: v for k, v in (model.get("tiny") or {}).items() if k in names}),
-        lora_rank=model["lora"]["rank"],
-        lora_alpha=model["lora"]["alpha"],
-        lora_targets=algo["lora_targets"],
-        lora_seed=c["trainer"]["seed"],
-        guidance_scale=algo["guidance_scale"],
-        num_steps=algo["sample_steps"],
-        vae=algo["tiny_vae"] if model["family"] == "tiny_skeleguide" else None,
+        tiny=TinyKontextConfig(
+            **{k: v for k, v in {**asdict(model.tiny), **asdict(model.tiny_flow)}.items() if k in names}
+        ),
+        lora_rank=model.lora.rank,
+        lora_alpha=model.lora.alpha,
+        lora_targets=algo.lora_targets,
+        lora_seed=c.trainer.seed,
+        guidance_scale=algo.guidance_scale,
+        num_steps=algo.sample_steps,
+        vae=algo.tiny_vae if model.family == "tiny_skeleguide" else None,
     )
 
 
-def epoch_plan(algo: dict) -> list[tuple[int, int, int]]:
+def epoch_plan(algo: SkeleGuideConfig) -> list[tuple[int, int, int]]:
     """``(phase, first global step, steps)`` of every epoch, phases in order."""
     plan, step = [], 0
     for phase in (1, 2, 3):
-        total = algo[f"phase{phase}_steps"]
-        for first in range(0, total, algo["steps_per_epoch"]):
-            steps = min(algo["steps_per_epoch"], total - first)
+        total = getattr(algo, f"phase{phase}_steps")
+        for first in range(0, total, algo.steps_per_epoch):
+            steps = min(algo.steps_per_epoch, total - first)
             plan.append((phase, step, steps))
             step += steps
     return plan
@@ -187,7 +189,7 @@ def train_loop(config: dict) -> None:
         t_epoch = time.perf_counter()
         window = []
         for step in range(first, first + steps):
-            batch = _batch(pipe, source(step, rank, algo["train_batch_size"]))
+            batch = _batch(pipe, source(step, rank, algo.train_batch_size))
             generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + rank)
             loss, terms = phase_loss(pipe, batch, phase, algo, generator)
             w.step(loss)
@@ -216,9 +218,9 @@ def train_loop(config: dict) -> None:
                 f"{metrics['steps_per_s']:.2f} steps/s",
                 flush=True,
             )
-            if phase_end and c["tracking"]["log_images_every"]:
+            if phase_end and c.tracking.log_images_every:
                 w.logger.log_images(
-                    sample_grid(pipe, heldout, algo["sample_steps"], c["tracking"]["images_per_grid"]),
+                    sample_grid(pipe, heldout, algo.sample_steps, c.tracking.images_per_grid),
                     f"samples/phase{phase}_epoch_{epoch:04d}.png",
                 )
         w.commit(last_step, metrics, checkpoint=True, state={"job_epoch": epoch, "phase": phase})
@@ -230,7 +232,7 @@ def train_loop(config: dict) -> None:
 
 
 # ============================================================================ the losses of a phase
-def phase_loss(pipe, batch: dict, phase: int, algo: dict, generator: torch.Generator):
+def phase_loss(pipe, batch: dict, phase: int, algo: SkeleGuideConfig, generator: torch.Generator):
     """``(loss, {term: value})`` of one micro-batch in ``phase`` (1, 2 or 3)."""
     scene, layout, target, text, size = batch["scene"], batch["layout"], batch["target"], batch["text"], batch["size"]
     b = layout.shape[0]
@@ -243,7 +245,7 @@ def phase_loss(pipe, batch: dict, phase: int, algo: dict, generator: torch.Gener
         terms["reason_loss"] = reason.item()
         if phase == 1:
             return reason, terms
-        if algo["layout_estimate"] == "noise":  # eq. 6: from the noise M_0 at t = 0
+        if algo.layout_estimate == "noise":  # eq. 6: from the noise M_0 at t = 0
             condition = one_step_layout(m0, pipe.flow("skeletal", m0, 0.0, scene, text, size), 0.0)
         else:
             condition = one_step_layout(flow_interpolate(m0, layout, t), v_hat, t)
@@ -257,7 +259,7 @@ def phase_loss(pipe, batch: dict, phase: int, algo: dict, generator: torch.Gener
     terms["render_loss"] = render.item()
     if phase == 3:
         return render, terms
-    return joint_loss(reason, render, algo["lambda_reason"], algo["lambda_render"]), terms
+    return joint_loss(reason, render, algo.lambda_reason, algo.lambda_render), terms
 
 
 def _freeze(pipe, phase: int) -> None:
@@ -270,17 +272,17 @@ def _freeze(pipe, phase: int) -> None:
 
 
 # ============================================================================ data
-def _triple_source(algo: dict, seed: int):
+def _triple_source(algo: SkeleGuideConfig, seed: int):
     """``source(step, rank, n)``: the triples of one step, the same on a rerun."""
     from armature.skeleton.scenes import read_triples, sample_triple
 
-    stored = read_triples(algo["triples"]) if algo["triples"] else None
+    stored = read_triples(algo.triples) if algo.triples else None
 
     def source(step: int, rank: int, n: int) -> list:
         rng = np.random.default_rng([seed, step, rank])
         if stored is not None:
             return [stored[i] for i in rng.integers(len(stored), size=n)]
-        return [sample_triple(rng, algo["pose"]) for _ in range(n)]
+        return [sample_triple(rng, algo.pose) for _ in range(n)]
 
     return source
 
@@ -298,9 +300,9 @@ def _batch(pipe, triples: list) -> dict:
     }
 
 
-def _heldout_batch(pipe, source, algo: dict, seed: int) -> dict:
+def _heldout_batch(pipe, source, algo: SkeleGuideConfig, seed: int) -> dict:
     """Fixed triples (drawn apart from the training ones) and fixed noise and times."""
-    triples = source(2**31 - 1, 10_000, algo["heldout_triples"])  # a step no run reaches
+    triples = source(2**31 - 1, 10_000, algo.heldout_triples)  # a step no run reaches
     batch = _batch(pipe, triples)
     g = torch.Generator().manual_seed(seed + 4242)
     shape = batch["layout"].shape

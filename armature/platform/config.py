@@ -1,6 +1,7 @@
 """The config schema of every job, and its composition with Hydra.
 
-The dataclasses below are the schema: Hydra composes ``configs/<job>.yaml`` and its groups
+The dataclasses below are the schema (the ``model`` section and the policy's sampling settings are
+the policies' own, :mod:`armature.policies.config`): Hydra composes ``configs/<job>.yaml`` and its groups
 (``algo``, ``model``, ``reward``, ``cluster``, ``tracking``) on top of them, so an unknown key
 or a value of the wrong type fails at start with a message naming the key. Each algorithm has
 a schema of its own, declared with it (``armature.platform.algorithms``), checked by
@@ -10,17 +11,22 @@ a schema of its own, declared with it (``armature.platform.algorithms``), checke
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from armature.policies.config import MOVED_MODEL_KEYS, ModelConfig, SamplingParams
 
 __all__ = [
     "ConfigError",
     "TrainConfig",
     "ServeConfig",
     "OptimizerConfig",
+    "ModelConfig",
+    "SamplingConfig",
     "compose",
     "config_dir",
     "validate_algo",
@@ -34,61 +40,10 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- groups
 @dataclass
-class TinyModelConfig:
-    seed: int = 0
-    image_size: int = 32
-    unet_channels: list[int] = field(default_factory=lambda: [32, 64])
-    vae_channels: list[int] = field(default_factory=lambda: [16, 32])
-    latent_channels: int = 4
-    vae_kind: str = "kl"  # or taesd (AutoencoderTiny)
-    text_hidden: int = 32
-    text_layers: int = 2
-    max_prompt_tokens: int = 32
-    # family tiny_flow only (armature.policies.tiny.TinyFlowConfig): sd3 or flux transformer
-    arch: str = "sd3"
-    transformer_layers: int = 2
-    transformer_heads: int = 4
-    head_dim: int = 8
-    shift: float = 3.0
+class SamplingConfig(SamplingParams):
+    """``sampling``: the policy's sampling settings (:class:`armature.policies.SamplingParams`)
+    and how many trajectories a sampler actor rolls out per call."""
 
-
-@dataclass
-class LoraConfig:
-    enabled: bool = True  # False: full fine-tuning of the UNet (with ZeRO for large models)
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    dropout: float = 0.0
-
-
-@dataclass
-class ModelConfig:
-    family: str = "tiny"  # tiny | tiny_flow | gym (armature gym pretrain) | sd (SD 1.5 family) | sdxl | sd3 | flux
-    #   | skeleguide_stage (one SkeleGuide adapter as an RL policy)
-    pretrained: Optional[str] = None  # hub id or local path (family sd / sdxl)
-    revision: Optional[str] = None
-    variant: Optional[str] = None
-    dtype: str = "float32"
-    device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    # family skeleguide_stage only (armature.policies.skeleguide_policy): which SkeleGuide adapter
-    # trains (skeletal | appearance), where each sample's condition comes from (gym | a folder of
-    # images), and the pipeline's SkeleGuideParams when model.pretrained is unset
-    stage: str = "skeletal"
-    conditions: str = "gym"
-    skeleguide: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SamplingConfig:
-    num_steps: int = 10
-    guidance_scale: float = 5.0
-    eta: float = 1.0
-    noise_level: float = 0.7  # flow models: Flow-GRPO's SDE noise level
-    height: Optional[int] = None
-    width: Optional[int] = None
-    negative_prompt: str = ""
     batch_size: int = 8  # trajectories per sampler-actor call
 
 
@@ -175,6 +130,17 @@ class DataConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The over-optimisation guard (``armature.platform.overoptimisation``): early stop when a
+    monitor (a reward component at weight 0) falls while the trained reward rises."""
+
+    monitor: Optional[str] = None  # e.g. gym_oracle; None: no early stop (every monitor is still logged and plotted)
+    patience: int = 2  # epochs the monitor may stay below its best while the trained reward is above its value then
+    min_delta: float = 0.0  # a new best must beat the old by more than this
+    rollback: bool = True  # the run ends with the weights of the monitor's best epoch
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING  # the registered algorithm's schema (armature.platform.algorithms)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -185,6 +151,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs (the DPO jobs)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # reward over-optimisation
 
 
 # --------------------------------------------------------------------------- serving
@@ -342,7 +309,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     except Exception as err:
-        raise ConfigError(_hydra_message(err)) from err
+        raise ConfigError(_moved_key_message(err) or _hydra_message(err)) from err
     if "algo" in cfg:
         algo = validate_algo(cfg.algo)
         OmegaConf.set_struct(cfg, False)
@@ -386,6 +353,7 @@ def check(cfg: DictConfig) -> None:
         errors.append(f"sampling.eta={cfg.sampling.eta}: DDPO needs a stochastic sampler, set eta > 0")
     if not cfg.reward.components:
         errors.append("reward.components is empty: name at least one reward, e.g. reward=compressibility")
+    errors.extend(guard_errors(cfg))
     if cfg.get("algo") is not None:  # the algorithm's own checks (armature.platform.algorithms)
         from armature.platform.algorithms import get
 
@@ -393,6 +361,27 @@ def check(cfg: DictConfig) -> None:
         errors.extend(check_algo(cfg) if check_algo else [])
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def guard_errors(cfg: DictConfig) -> list[str]:
+    """``guard.monitor`` must name a reward component at weight 0 (one the learner never sees)."""
+    guard, components = cfg.guard, cfg.reward.components
+    if guard.monitor is None:
+        return []
+    errors = []
+    if guard.monitor not in components:
+        errors.append(
+            f"guard.monitor={guard.monitor}: not a reward component ({', '.join(components) or 'none'}); add it "
+            f"at weight 0, e.g. '++reward.components.{guard.monitor}={{weight: 0.0}}'"
+        )
+    elif float((components[guard.monitor] or {}).get("weight", 1.0)) != 0.0:
+        errors.append(
+            f"guard.monitor={guard.monitor}: the learner is trained on it (weight "
+            f"{components[guard.monitor].get('weight', 1.0)}); a monitor has weight 0"
+        )
+    if guard.patience < 1:
+        errors.append(f"guard.patience={guard.patience}: must be >= 1 epoch")
+    return errors
 
 
 def check_serve(cfg: DictConfig) -> None:
@@ -432,9 +421,12 @@ def check_serve(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
+def flatten(cfg: DictConfig | dict | TrainConfig, prefix: str = "") -> dict[str, str]:
     """``{"algo.learning_rate": "0.0003", ...}`` for logging as parameters."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        container = asdict(cfg) if is_dataclass(cfg) else cfg
     flat: dict[str, str] = {}
     for key, value in container.items():
         name = f"{prefix}{key}"
@@ -447,6 +439,17 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _moved_key_message(err: Exception) -> str | None:
+    """A key that moved into a family's group (``model.stage``, ``model.tiny.arch``): name the new one."""
+    while err is not None:
+        found = re.search(r"full_key: (\S+)", str(err))
+        key = getattr(err, "full_key", None) or (found.group(1) if found else None)
+        if key in MOVED_MODEL_KEYS:
+            return f"invalid config: {key} is now {MOVED_MODEL_KEYS[key]} (family options sit in the family's group)"
+        err = err.__cause__
+    return None
 
 
 def _hydra_message(err: Exception) -> str:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from armature.platform.config import OptimizerConfig, TrainerConfig
 
-def deepspeed_engine(policy, algo: dict, trainer_cfg: dict, accumulation: int, micro_batch: int | None = None):
+
+def deepspeed_engine(
+    policy, algo: OptimizerConfig, trainer_cfg: TrainerConfig, accumulation: int, micro_batch: int | None = None
+):
     """``(engine, optimizer, params)`` from ``algo.learning_rate``, ``adam_*``, ``max_grad_norm``
     and ``trainer.zero_stage``; ``micro_batch`` defaults to ``algo.train_batch_size``."""
     import deepspeed
@@ -14,20 +18,20 @@ def deepspeed_engine(policy, algo: dict, trainer_cfg: dict, accumulation: int, m
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(
         params,
-        lr=algo["learning_rate"],
-        betas=(algo["adam_beta1"], algo["adam_beta2"]),
-        weight_decay=algo["adam_weight_decay"],
-        eps=algo["adam_epsilon"],
+        lr=algo.learning_rate,
+        betas=(algo.adam_beta1, algo.adam_beta2),
+        weight_decay=algo.adam_weight_decay,
+        eps=algo.adam_epsilon,
     )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=policy.unet,
         model_parameters=params,
         optimizer=optimizer,
         config={
-            "train_micro_batch_size_per_gpu": micro_batch or algo["train_batch_size"],
+            "train_micro_batch_size_per_gpu": micro_batch or algo.train_batch_size,
             "gradient_accumulation_steps": accumulation,
-            "gradient_clipping": algo["max_grad_norm"],
-            "zero_optimization": {"stage": trainer_cfg["zero_stage"]},
+            "gradient_clipping": algo.max_grad_norm,
+            "zero_optimization": {"stage": trainer_cfg.zero_stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         },

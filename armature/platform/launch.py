@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
+
+from armature.platform.config import TrainConfig
 
 RUN_FILE = "armature_run.json"  # {"mlflow_run_id", "tracking_uri"} in <storage>/<run name>/
 
@@ -22,7 +24,7 @@ RUN_FILE = "armature_run.json"  # {"mlflow_run_id", "tracking_uri"} in <storage>
 class JobRun:
     """A job's resolved config and where it lives."""
 
-    cfg: dict  # the whole config, resolved to plain containers
+    cfg: TrainConfig  # the whole config as typed objects (``cfg.algo``: the algorithm's schema)
     algo: str
     name: str  # tracking.run_name, or <algo>-<time>
     storage: str  # Ray Train's storage path (a folder or a URI)
@@ -41,23 +43,24 @@ def open_run(cfg: DictConfig, required_cpus: float, job: str = "train") -> JobRu
     from armature.platform.storage import normalize_storage_path, read_json, write_json
     from armature.platform.tracking import resolve_tracking, start_run
 
-    c = OmegaConf.to_container(cfg, resolve=True)
-    algo, trainer, cluster, tracking = c["algo"]["name"], c["trainer"], c["cluster"], c["tracking"]
-    name = tracking["run_name"] or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = normalize_storage_path(trainer["storage_path"])
+    c = typed(cfg)
+    algo, trainer, cluster, tracking = c.algo.name, c.trainer, c.cluster, c.tracking
+    name = tracking.run_name or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = normalize_storage_path(trainer.storage_path)
     run_dir = f"{storage}/{name}"
 
-    local = connect(cluster, required_cpus, cluster.get("runtime_env"))
+    # connect and the tracking helpers are shared with serving, whose config stays plain dicts
+    local = connect(asdict(cluster), required_cpus, cluster.runtime_env)
     # On a local cluster the learner and the actors take turns, so each may use every core.
-    threads = cluster["torch_threads"] or ((os.cpu_count() or 1) if local else None)
+    threads = cluster.torch_threads or ((os.cpu_count() or 1) if local else None)
 
     previous = read_json(f"{run_dir}/{RUN_FILE}") or {}
-    tracking_uri, _ = resolve_tracking(tracking)
+    tracking_uri, _ = resolve_tracking(asdict(tracking))
     run_id = start_run(
-        tracking,
+        asdict(tracking),
         name,
-        flatten(cfg),
-        run_id=previous.get("mlflow_run_id") or tracking["run_id"],
+        flatten(c),
+        run_id=previous.get("mlflow_run_id") or tracking.run_id,
         tags={"armature.job": job, "armature.algo": algo},
         resumed=bool(previous),
     )
@@ -66,23 +69,30 @@ def open_run(cfg: DictConfig, required_cpus: float, job: str = "train") -> JobRu
     return JobRun(c, algo, name, storage, run_dir, run_id, tracking_uri, threads, local)
 
 
+def typed(cfg: DictConfig) -> TrainConfig:
+    """The composed config as dataclass instances: a ``TrainConfig`` whose ``algo`` is the
+    registered algorithm's schema (attribute access, types checked by the schema); they pickle
+    to Ray workers as they are."""
+    return OmegaConf.to_object(cfg)
+
+
 def trainer_kwargs(run: JobRun) -> dict:
     """``scaling_config`` and ``run_config`` for the job's ``TorchTrainer``, from ``trainer.*``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    t = run.cfg["trainer"]
+    t = run.cfg.trainer
     return {
         "scaling_config": ScalingConfig(
-            num_workers=t["num_workers"],
-            use_gpu=t["use_gpu"],
-            resources_per_worker={"CPU": t["cpus_per_worker"], **t["resources_per_worker"]},
-            placement_strategy=t["placement_strategy"],
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **t.resources_per_worker},
+            placement_strategy=t.placement_strategy,
         ),
         "run_config": RunConfig(
             name=run.name,
             storage_path=run.storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=t["checkpoints_to_keep"]),
-            failure_config=FailureConfig(max_failures=t["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
         ),
     }
 
@@ -99,7 +109,7 @@ def fit(trainer, run: JobRun) -> dict:
         logger.finish("FAILED")
         raise
     logger.finish("FINISHED")
-    model_name = run.cfg["tracking"].get("registered_model")
+    model_name = run.cfg.tracking.registered_model
     if model_name:
         from armature.platform.registry import register_adapter
 

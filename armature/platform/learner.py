@@ -23,7 +23,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,16 @@ import torch
 from omegaconf import DictConfig
 
 from armature.platform.checkpoints import commit_epoch, restore_checkpoint
+from armature.platform.config import PromptConfig, SamplingConfig
 from armature.platform.engine import deepspeed_engine, grad_norm
+from armature.platform.overoptimisation import (
+    TRAINED,
+    MonitorGuard,
+    curve_png,
+    curve_points,
+    monitor_key,
+    monitors,
+)
 
 __all__ = [
     "run_learner",
@@ -72,33 +81,33 @@ def actor_cpus(cfg: DictConfig) -> float:
     return cluster.num_samplers * cluster.sampler_num_cpus + reward.num_actors * reward.num_cpus
 
 
-def start_actors(job, sampling: dict | None = None) -> tuple[list, list]:
+def start_actors(job, sampling: SamplingConfig | None = None) -> tuple[list, list]:
     """``(samplers, reward actors)`` as ``cluster.*`` and ``reward.*`` say; the samplers use
     ``sampling`` (default: the job's ``sampling`` section)."""
     from armature.actors import start_reward_actors, start_samplers
 
     c = job.cfg
-    cluster, reward = c["cluster"], c["reward"]
+    cluster, reward = c.cluster, c.reward
     samplers = start_samplers(
-        cluster["num_samplers"],
-        c["model"],
-        sampling or c["sampling"],
-        seed=c["trainer"]["seed"],
-        num_cpus=cluster["sampler_num_cpus"],
-        num_gpus=cluster["sampler_num_gpus"],
-        max_restarts=cluster["max_restarts"],
+        cluster.num_samplers,
+        c.model,
+        sampling or c.sampling,
+        seed=c.trainer.seed,
+        num_cpus=cluster.sampler_num_cpus,
+        num_gpus=cluster.sampler_num_gpus,
+        max_restarts=cluster.max_restarts,
         threads=job.threads,
-        resources=cluster["sampler_resources"],
-        scheduling=cluster["actor_scheduling"],
+        resources=cluster.sampler_resources,
+        scheduling=cluster.actor_scheduling,
     )
     rewards = start_reward_actors(
-        reward["num_actors"],
-        reward["components"],
-        num_cpus=reward["num_cpus"],
-        num_gpus=reward["num_gpus"],
-        max_restarts=cluster["max_restarts"],
-        resources=reward["resources"],
-        scheduling=cluster["actor_scheduling"],
+        reward.num_actors,
+        reward.components,
+        num_cpus=reward.num_cpus,
+        num_gpus=reward.num_gpus,
+        max_restarts=cluster.max_restarts,
+        resources=reward.resources,
+        scheduling=cluster.actor_scheduling,
     )
     return samplers, rewards
 
@@ -138,7 +147,7 @@ def run_learner(
             cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + (actor_cpus(cfg) if actors else 0.0) + extra_cpus
         )
     job = open_run(cfg, required_cpus)
-    sampling = {**job.cfg["sampling"], **(actor_sampling or {})}
+    sampling = replace(job.cfg.sampling, **(actor_sampling or {}))
     samplers, rewards = start_actors(job, sampling) if actors else ([], [])
     try:
         inputs = prepare(job, samplers, rewards) if prepare else LoopInputs()
@@ -190,11 +199,11 @@ class Worker:
 
         self.config = config
         self.c = config["cfg"]
-        self.algo, self.trainer = self.c["algo"], self.c["trainer"]
+        self.algo, self.trainer = self.c.algo, self.c.trainer
         self.samplers, self.rewards = config.get("samplers") or [], config.get("rewards") or []
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.seed = self.trainer["seed"]
+        self.seed = self.trainer.seed
         torch.manual_seed(self.seed + self.rank)
         if config.get("threads"):
             torch.set_num_threads(config["threads"])
@@ -204,11 +213,13 @@ class Worker:
         self.start_epoch, self.state, self.extra = 0, {}, None
         self.unlogged: list = []  # (step, metrics) waiting for their checkpoint
         self.grad_norms: list[float] = []
+        self.policy = None
+        self.guard = Guard(self.c.guard) if self.c.guard.monitor else None
 
-    def build_policy(self, sampling: dict | None = None):
+    def build_policy(self, sampling: SamplingConfig | None = None):
         from armature.policies import build_policy
 
-        return build_policy(self.c["model"], sampling or self.c["sampling"], seed=self.seed)
+        return build_policy(self.c.model, sampling or self.c.sampling, seed=self.seed)
 
     def start(self, model, accumulation: int, micro_batch: int | None = None, route: bool = True):
         """DeepSpeed over ``model``'s trainable weights (``algo`` optimizer settings, gradients
@@ -219,8 +230,13 @@ class Worker:
         )
         if route:
             model.denoiser = self.engine
+        self.policy = model
         self.open_logger()
         self.start_epoch, self.state, self.extra = restore_checkpoint(self.engine, self.logger)
+        if self.guard is not None:
+            self.extra = self.guard.restore(self.state, self.extra)
+            if self.guard.stopped:  # a rerun of a run the guard stopped trains no further
+                self.start_epoch = self.algo.num_epochs
         return self.engine
 
     def open_logger(self):
@@ -261,22 +277,34 @@ class Worker:
         progress: Callable[[int, int, dict], None] | None = None,
         total: int | None = None,
         checkpoint: bool | None = None,
-    ) -> None:
+    ) -> bool:
         """Log a sample grid (``images``: uint8 ``[N, H, W, 3]`` or a callable giving them) and
         print ``progress`` (rank 0), then checkpoint every ``trainer.checkpoint_every`` epochs
         and at the last of ``total`` (default ``algo.num_epochs``), or as ``checkpoint`` says;
         metrics reach MLflow only once their checkpoint is registered, so an epoch that a
-        restart trains again is never logged twice."""
-        num_epochs = total or self.algo["num_epochs"]
+        restart trains again is never logged twice.
+
+        Returns True when the over-optimisation guard (``guard.*``) stops training: the learner
+        breaks out of its loop; with ``guard.rollback`` the policy already holds the weights of
+        the monitor's best epoch (as do this epoch's checkpoint and the adapter ``finish`` logs).
+        """
+        num_epochs = total or self.algo.num_epochs
+        stop = False
+        if self.guard is not None:
+            stop = self.guard.update(epoch, metrics, self.policy, last=epoch + 1 == num_epochs, rank=self.rank)
+            state = {**(state or {}), "guard": self.guard.state()}
+            extra_fn = self.guard.with_best(extra_fn)
+            checkpoint = True if stop else checkpoint
         if self.logger is not None:
-            every = self.c["tracking"]["log_images_every"]
+            every = self.c.tracking.log_images_every
             if images is not None and every and epoch % every == 0:
                 grid = images() if callable(images) else images
-                self.logger.log_images(grid[: self.c["tracking"]["images_per_grid"]], f"samples/epoch_{epoch:04d}.png")
+                self.logger.log_images(grid[: self.c.tracking.images_per_grid], f"samples/epoch_{epoch:04d}.png")
             (progress or print_progress)(epoch, num_epochs, metrics)
         if checkpoint is None:
-            checkpoint = epoch + 1 == num_epochs or (epoch + 1) % self.trainer["checkpoint_every"] == 0
+            checkpoint = epoch + 1 == num_epochs or (epoch + 1) % self.trainer.checkpoint_every == 0
         self.commit(epoch, metrics, checkpoint, state, extra_fn)
+        return stop
 
     def commit(self, step: int, metrics: dict, checkpoint: bool, state: dict | None = None, extra_fn=None) -> None:
         """Queue ``metrics`` (MLflow step ``step``); when ``checkpoint``, save one (with the JSON
@@ -297,10 +325,99 @@ class Worker:
                 save(Path(tmp) / "adapter")
             else:
                 policy.save_trainable(
-                    Path(tmp) / "adapter", metadata={"model": c["model"], "sampling": c["sampling"], **metadata}
+                    Path(tmp) / "adapter",
+                    metadata={"model": asdict(c.model), "sampling": asdict(c.sampling), **metadata},
                 )
             self.logger.log_artifacts(Path(tmp) / "adapter", "adapter")
-            self.logger.log_text(json.dumps(c, indent=2, default=str), "config.json")
+            self.logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
+        log_curves(self.logger, c.reward.components)
+
+
+# ============================================================================ over-optimisation
+GUARD_PREFIX = "guard_best."  # the best epoch's weights among a checkpoint's extra tensors
+
+
+class Guard:
+    """``guard.*`` in a worker: the :class:`MonitorGuard`'s decision (rank 0's, shared with every
+    rank), the weights of the monitor's best epoch (kept in memory and in the checkpoint) and the
+    roll back to them."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.monitor = MonitorGuard(cfg.monitor, cfg.patience, cfg.min_delta)
+        self.best: dict[str, torch.Tensor] | None = None
+        self.stopped = False
+
+    def update(self, epoch: int, metrics: dict, policy, last: bool, rank: int) -> bool:
+        stop = agree(self.monitor.update(epoch, metrics))
+        if self.monitor.best_epoch == epoch:
+            self.best = policy.trainable_state_dict()
+        metrics["guard_best_epoch"] = self.monitor.best_epoch
+        if (stop or last) and self.cfg.rollback and self.best is not None and self.monitor.best_epoch != epoch:
+            policy.load_trainable_state_dict(self.best)
+            metrics["guard_rolled_back_to"] = self.monitor.best_epoch
+        if stop:
+            self.stopped = True
+            metrics["guard_stopped"] = epoch
+            if rank == 0:
+                print(
+                    f"[armature] guard: {self.cfg.monitor} has stayed below its epoch-{self.monitor.best_epoch + 1} "
+                    f"best for {self.monitor.since_best} epochs while the trained reward rose: stopping"
+                    + (f", back to epoch {self.monitor.best_epoch + 1}'s weights" if self.cfg.rollback else ""),
+                    flush=True,
+                )
+        return stop
+
+    def state(self) -> dict:
+        return {**self.monitor.state_dict(), "stopped": self.stopped}
+
+    def with_best(self, extra_fn):
+        """``extra_fn`` with the best epoch's weights added (under ``GUARD_PREFIX``)."""
+
+        def extra():
+            tensors = dict(extra_fn() or {}) if extra_fn else {}
+            tensors.update({GUARD_PREFIX + k: v for k, v in (self.best or {}).items()})
+            return tensors or None
+
+        return extra
+
+    def restore(self, state: dict, extra: dict | None) -> dict | None:
+        """Take the guard's part of a restored checkpoint; returns the job's own extra tensors."""
+        if "guard" in state:
+            saved = dict(state["guard"])
+            self.stopped = saved.pop("stopped", False)
+            self.monitor = MonitorGuard.from_state(saved)
+        extra = dict(extra or {})
+        best = {k[len(GUARD_PREFIX) :]: extra.pop(k) for k in list(extra) if k.startswith(GUARD_PREFIX)}
+        self.best = best or None
+        return extra or None
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (each rank's metrics may differ: its own samples)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def log_curves(logger, components: dict) -> None:
+    """``overoptimisation/<monitor>.png``: each monitor against the trained reward, per epoch, from
+    the metrics the run logged (so a resumed run's curve has every epoch)."""
+    names = monitors(components)
+    if logger is None or not names:
+        return
+    history: dict[int, dict[str, float]] = {}
+    for key in [TRAINED] + [monitor_key(n) for n in names]:
+        for m in logger.client.get_metric_history(logger.run_id, key):
+            history.setdefault(m.step, {})[key] = m.value
+    for name in names:
+        points = curve_points(list(history.items()), name)
+        if len(points) >= 2:
+            logger.log_bytes(curve_png({logger.run_id[:8]: points}, name), f"overoptimisation/{name}.png")
 
 
 # ============================================================================ sampling
@@ -341,13 +458,13 @@ def micro_batch_errors(algo, per_worker: int, share: str) -> list[str]:
     return []
 
 
-def prompt_list(prompt_cfg: dict) -> list[str]:
+def prompt_list(prompt_cfg: PromptConfig) -> list[str]:
     """The job's prompts: ``prompts.file`` (one a line) when set, else ``prompts.prompts``."""
-    if prompt_cfg.get("file"):
-        lines = Path(prompt_cfg["file"]).read_text().splitlines()
+    if prompt_cfg.file:
+        lines = Path(prompt_cfg.file).read_text().splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
     else:
-        prompts = list(prompt_cfg["prompts"])
+        prompts = list(prompt_cfg.prompts)
     if not prompts:
         raise ValueError("prompts: no prompts given (prompts.prompts or prompts.file)")
     return prompts

@@ -109,6 +109,12 @@ class RunLogger:
             picture.save(path)
             self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
 
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from armature.policies.diffusion import DiffusionPolicy, LoraParams, SamplingParams
+from armature.policies.config import LoraParams, SamplingParams
+from armature.policies.diffusion import DiffusionPolicy
 
 __all__ = [
     "ARCHITECTURES",

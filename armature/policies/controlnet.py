@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from armature.policies.diffusion import DiffusionPolicy, LoraParams, SamplingParams, load_policy
+from armature.policies.config import LoraParams, SamplingParams
+from armature.policies.diffusion import DiffusionPolicy, load_policy
 from armature.policies.families import guidance_branch
 from armature.policies.tiny import tiny_config
 
@@ -339,7 +340,7 @@ def build_controlnet_policy(
     lora = dict(model.get("lora") or {})
     if lora.get("enabled", False):
         policy.add_lora(
-            LoraParams(rank=lora.get("rank", 4), alpha=lora.get("alpha", 4.0), dropout=lora.get("dropout", 0.0)),
+            LoraParams(**{k: lora[k] for k in ("rank", "alpha", "dropout") if k in lora}),
             seed=seed,
             targets=lora.get("controlnet_targets", "qkv"),
             train_zero_convs=lora.get("train_zero_convs", not params.pretrained),

@@ -19,12 +19,13 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from armature.policies.config import LoraParams, ModelConfig, SamplingParams
 from armature.policies.families import FAMILIES, Family, family_of
 from armature.policies.tiny import (
     TinyFlowConfig,
@@ -34,30 +35,11 @@ from armature.policies.tiny import (
     tiny_config,
 )
 
-__all__ = ["SamplingParams", "LoraParams", "Trajectory", "DiffusionPolicy", "build_diffusion_policy", "load_policy"]
+__all__ = ["Trajectory", "DiffusionPolicy", "build_diffusion_policy", "load_policy"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FULL_WEIGHTS = "unet.safetensors"  # a fully fine-tuned UNet (or transformer), in place of an adapter
-
-
-@dataclass
-class SamplingParams:
-    num_steps: int = 10
-    guidance_scale: float = 5.0
-    eta: float = 1.0  # DDIM noise level (UNet families)
-    noise_level: float = 0.7  # Flow-GRPO's SDE noise level a (flow families)
-    height: int | None = None  # None: the model's native size
-    width: int | None = None
-    negative_prompt: str = ""
-
-
-@dataclass
-class LoraParams:
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    dropout: float = 0.0
 
 
 @dataclass
@@ -531,39 +513,28 @@ def load_policy(
     return DiffusionPolicy(pipe, spec, sampling, device)
 
 
-def build_diffusion_policy(model: dict, sampling: dict, seed: int = 0) -> DiffusionPolicy:
+def build_diffusion_policy(model: ModelConfig, sampling: SamplingParams, seed: int = 0) -> DiffusionPolicy:
     """The policy a job's ``model`` and ``sampling`` config sections describe, adapter attached
     (every family but ``skeleguide_stage``: :func:`armature.policies.build.build_policy` takes all).
 
     Every process that builds a policy from the same config (learners, sampler actors, the
     serving replicas) gets the same weights, LoRA initialisation included.
     """
-    sampling = dict(sampling)
-    sampling.pop("batch_size", None)
-    device = model.get("device", "auto")
+    device = model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = load_policy(
-        family=model.get("family", "tiny"),
-        pretrained=model.get("pretrained"),
-        sampling=SamplingParams(**sampling),
+        family=model.family,
+        pretrained=model.pretrained,
+        sampling=sampling,
         device=device,
-        dtype=model.get("dtype", "float32"),
-        tiny=tiny_config(model.get("tiny") or {}, model.get("family", "tiny")),
-        revision=model.get("revision"),
-        variant=model.get("variant"),
+        dtype=model.dtype,
+        tiny=tiny_config({**asdict(model.tiny), **asdict(model.tiny_flow)}, model.family),
+        revision=model.revision,
+        variant=model.variant,
     )
-    lora = model.get("lora", {})
-    if lora.get("enabled", True):
-        policy.add_lora(
-            LoraParams(
-                rank=lora.get("rank", 4),
-                alpha=lora.get("alpha", 4.0),
-                target_modules=list(lora.get("target_modules", LoraParams().target_modules)),
-                dropout=lora.get("dropout", 0.0),
-            ),
-            seed=seed,
-        )
+    if model.lora.enabled:
+        policy.add_lora(model.lora.params(), seed=seed)
     else:
         policy.enable_full_finetuning()
     return policy

@@ -46,7 +46,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -605,8 +604,3 @@ def _images(images) -> np.ndarray:
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(f"images: expected uint8 [B, H, W, 3], got {array.dtype} {array.shape}")
     return array
-
-
-def params_from_model_config(model: dict[str, Any]) -> SkeleGuideParams:
-    """``SkeleGuideParams`` from a job's ``model`` section (``configs/model/tiny_skeleguide.yaml``)."""
-    return SkeleGuideParams.from_dict(model.get("skeleguide") or {})

@@ -3,7 +3,7 @@ appearance LoRA with rewards, through the same policy interface as every other m
 
 ``model=skeleguide_stage`` (``family: skeleguide_stage``) builds a :class:`SkeleGuideStagePolicy`:
 a :class:`~armature.policies.diffusion.DiffusionPolicy` of the ``flux`` family whose network is
-the SkeleGuide pipeline's transformer with one adapter active and trainable (``model.stage``):
+the SkeleGuide pipeline's transformer with one adapter active and trainable (``model.skeleguide_stage.stage``):
 
 * ``skeletal`` (stage 1): samples scene-aware layouts from a scene and the prompt; the reward
   that fits is ``skeleton`` (plausibility of the planned skeleton: angles, proportions,
@@ -17,10 +17,10 @@ Kontext-style by :meth:`SkeleGuidePipeline.flow`, the LoRA masked to them as eq.
 ``lora_targets=qkv``. Each sample's condition comes from its own seed, so a sample is the same
 whichever sampler actor draws it:
 
-* ``model.conditions=gym`` (default): a gym triple (:func:`armature.skeleton.scenes.sample_triple`)
+* ``model.skeleguide_stage.conditions=gym`` (default): a gym triple (:func:`armature.skeleton.scenes.sample_triple`)
   drawn from the seed, of the prompt's pose class when the prompt is a gym pose prompt; stage 1
   gets its scene, stage 2 its ground-truth layout.
-* ``model.conditions=<folder>``: the folder's images (sorted by name), one picked by the seed and
+* ``model.skeleguide_stage.conditions=<folder>``: the folder's images (sorted by name), one picked by the seed and
   resized to the model's size: scenes for stage 1, layouts for stage 2.
 
 The trajectory's ``cond`` carries the condition tokens beside the prompt's, so the learner scores
@@ -40,7 +40,8 @@ import PIL.Image
 import torch
 
 from armature.gym.figures import POSES, SIZE
-from armature.policies.diffusion import ADAPTER_CONFIG, DiffusionPolicy, LoraParams, SamplingParams
+from armature.policies.config import LoraParams, ModelConfig, SamplingParams
+from armature.policies.diffusion import ADAPTER_CONFIG, DiffusionPolicy
 from armature.policies.families import Flux, guidance_branch
 from armature.policies.skeleguide import ADAPTER_FILE, ADAPTERS, LORA_TARGETS, SkeleGuideParams, SkeleGuidePipeline
 from armature.skeleton.scenes import sample_triple
@@ -68,7 +69,7 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         self, pipeline: SkeleGuidePipeline, stage: str, sampling: SamplingParams | None = None, conditions: str = "gym"
     ):
         if stage not in ADAPTERS:
-            raise ValueError(f"model.stage={stage!r}: use one of {', '.join(ADAPTERS)}")
+            raise ValueError(f"model.skeleguide_stage.stage={stage!r}: use one of {', '.join(ADAPTERS)}")
         self.sg, self.stage = pipeline, stage
         p = pipeline.params
         # the flux family's set-up freezes the transformer ...
@@ -89,7 +90,7 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
             files = sorted(f for f in folder.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
             if not files:
                 raise ValueError(
-                    f"model.conditions={conditions!r}: not 'gym' and not a folder of images "
+                    f"model.skeleguide_stage.conditions={conditions!r}: not 'gym' and not a folder of images "
                     f"({', '.join(IMAGE_SUFFIXES)}); give a folder of {self._what()} or 'gym'"
                 )
             self._files = files
@@ -116,12 +117,12 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
                 image = PIL.Image.open(path).convert("RGB")
             except OSError as err:
                 raise ValueError(
-                    f"model.conditions: {path} is not a readable image ({err}); remove or replace it"
+                    f"model.skeleguide_stage.conditions: {path} is not a readable image ({err}); remove or replace it"
                 ) from None
             return np.asarray(image.resize((w, h), PIL.Image.BICUBIC))
         if (h, w) != (SIZE, SIZE):
             raise ValueError(
-                f"model.conditions=gym draws {SIZE}x{SIZE} scenes; the model samples {w}x{h}: "
+                f"model.skeleguide_stage.conditions=gym draws {SIZE}x{SIZE} scenes; the model samples {w}x{h}: "
                 "set sampling.height/width to 64 or give a folder of images"
             )
         pose = next((name for name, (text, _, _) in POSES.items() if text == prompt), None)
@@ -179,21 +180,21 @@ class SkeleGuideStagePolicy(DiffusionPolicy):
         self.sg.use_adapter(self.stage)
 
 
-def build_stage_policy(model: dict, sampling: SamplingParams, seed: int = 0) -> SkeleGuideStagePolicy:
+def build_stage_policy(model: ModelConfig, sampling: SamplingParams, seed: int = 0) -> SkeleGuideStagePolicy:
     """``model.family=skeleguide_stage``: a saved SkeleGuide pipeline (``model.pretrained``, the folder
     the skeleguide job or ``SkeleGuidePipeline.save_pretrained`` wrote) or a new one from
-    ``model.skeleguide`` (:class:`SkeleGuideParams`; the tiny random model by default)."""
-    if not (model.get("lora") or {}).get("enabled", True):
+    ``model.skeleguide_stage.params`` (:class:`SkeleGuideParams`; the tiny random model by default)."""
+    if not model.lora.enabled:
         raise ValueError("model.lora.enabled=false: a SkeleGuide stage trains its LoRA adapter; set it true")
-    device = model.get("device", "auto")
+    device = model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model.get("pretrained"):
-        pipeline = SkeleGuidePipeline.from_pretrained(model["pretrained"], device=device)
+    options = model.skeleguide_stage
+    if model.pretrained:
+        pipeline = SkeleGuidePipeline.from_pretrained(model.pretrained, device=device)
     else:
-        params = dict(model.get("skeleguide") or {})
+        params = dict(options.params)
         params.setdefault("lora_seed", seed)
         params["device"] = device
         pipeline = SkeleGuidePipeline.build(SkeleGuideParams.from_dict(params))
-    stage, conditions = model.get("stage", "skeletal"), str(model.get("conditions", "gym"))
-    return SkeleGuideStagePolicy(pipeline, stage, sampling, conditions)
+    return SkeleGuideStagePolicy(pipeline, options.stage, sampling, str(options.conditions))

@@ -237,7 +237,7 @@ def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
 
     cfg = config or TinyFlowConfig()
     if cfg.arch not in ("sd3", "flux"):
-        raise ValueError(f"tiny.arch={cfg.arch!r}: use sd3 or flux")
+        raise ValueError(f"model.tiny_flow.arch={cfg.arch!r}: use sd3 or flux")
     if cfg.image_size % 8:
         raise ValueError(f"tiny.image_size={cfg.image_size} must be a multiple of 8")
     tokenizer = build_char_tokenizer(cfg.max_prompt_tokens)
@@ -280,7 +280,7 @@ def build_tiny_flow_pipeline(config: TinyFlowConfig | None = None):
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
         if cfg.head_dim % 4:
-            raise ValueError(f"tiny.head_dim={cfg.head_dim}: FLUX's rotary axes need a multiple of 4")
+            raise ValueError(f"model.tiny_flow.head_dim={cfg.head_dim}: FLUX's rotary axes need a multiple of 4")
         quarter = cfg.head_dim // 4
         transformer = FluxTransformer2DModel(
             patch_size=1,

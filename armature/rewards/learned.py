@@ -13,6 +13,10 @@ trained with ``algo.backbone=conv`` (``"kind": "conv"``) is a prompt-free
 ``path`` is the folder, or an MLflow artifact URI (``runs:/<run id>/scorer``, ``models:/...``);
 a list of them is an ensemble whose score is the mean of the members' (e.g. one recipe trained
 from several seeds: ``trainer.seed``), which ranks more steadily than any one member.
+
+``uncertainty_penalty`` (lambda >= 0) guards an ensemble against reward over-optimisation: the score
+becomes ``mean - lambda * std`` over the members (population std), so images the members disagree
+on (where a policy exploits one scorer's blind spot) earn less than their mean.
 """
 
 from __future__ import annotations
@@ -51,27 +55,47 @@ def resolve_scorer(path: str, tracking_uri: str | None = None) -> str:
 class MeanOfScorers(DifferentiableReward):
     """The mean score of several trained scorers (an ensemble); differentiable like its members."""
 
-    def __init__(self, members: list, name: str = "learned"):
+    def __init__(self, members: list, name: str = "learned", uncertainty_penalty: float = 0.0):
         self.members, self.name = members, name
+        self.uncertainty_penalty = check_penalty(uncertainty_penalty, len(members))
         self.device = members[0].device
         self.severity_thresholds = []  # members' ordinal heads do not average into one
 
     def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         self._check_tensor(images, prompts)
-        return torch.stack([m.score_tensor(images, prompts).to(self.device) for m in self.members]).mean(0)
+        scores = torch.stack([m.score_tensor(images, prompts).to(self.device) for m in self.members])
+        if not self.uncertainty_penalty:
+            return scores.mean(0)
+        return scores.mean(0) - self.uncertainty_penalty * scores.std(0, correction=0)
+
+
+def check_penalty(value: float, members: int) -> float:
+    """``uncertainty_penalty`` must be a number >= 0, and needs an ensemble to measure disagreement."""
+    value = float(value)
+    if value < 0:
+        raise ValueError(f"uncertainty_penalty={value}: must be >= 0 (0: the plain mean of the scorers)")
+    if value and members < 2:
+        raise ValueError(
+            f"uncertainty_penalty={value} needs an ensemble: give `path` a list of two or more scorer folders"
+        )
+    return value
 
 
 @register("learned")
-def learned(path, device: str = "cpu", tracking_uri: str | None = None):
+def learned(path, device: str = "cpu", tracking_uri: str | None = None, uncertainty_penalty: float = 0.0):
     """The trained scorer in ``path``: ``exp(logit_scale) * cos`` of its fine-tuned CLIP, or its
-    convolutional image scorer; a list of paths: the mean of their scores."""
+    convolutional image scorer; a list of paths: the mean of their scores, less
+    ``uncertainty_penalty`` times their standard deviation."""
     if not isinstance(path, (str, os.PathLike)):
         paths = list(path)
         if not paths:
             raise ValueError("learned reward: path is an empty list; give a scorer folder or a list of them")
         if len(paths) == 1:
+            check_penalty(uncertainty_penalty, 1)
             return learned(paths[0], device=device, tracking_uri=tracking_uri)
-        return MeanOfScorers([learned(p, device=device, tracking_uri=tracking_uri) for p in paths])
+        members = [learned(p, device=device, tracking_uri=tracking_uri) for p in paths]
+        return MeanOfScorers(members, uncertainty_penalty=uncertainty_penalty)
+    check_penalty(uncertainty_penalty, 1)
     path = resolve_scorer(path, tracking_uri)
     with open(os.path.join(path, SCORER_FILE)) as f:
         meta = json.load(f)
@@ -88,12 +112,16 @@ def learned(path, device: str = "cpu", tracking_uri: str | None = None):
 
 
 @register("gym_anatomy")
-def gym_anatomy(path: str | None = None, device: str = "cpu", tracking_uri: str | None = None):
+def gym_anatomy(
+    path: str | None = None, device: str = "cpu", tracking_uri: str | None = None, uncertainty_penalty: float = 0.0
+):
     """The anatomy gym's learned anatomy reward: by default the mean of the five convolutional
     scorers shipped in ``armature/gym/anatomy_scorer`` (each trained on its own injector pairs
     alone, none saw the oracle; ``provenance.json`` there has the command that made them);
     ``path``: a scorer folder of your own from ``armature train algo=reward_model`` (or its
-    MLflow URI), or a list of them."""
-    reward = learned(path or shipped_scorers(), device=device, tracking_uri=tracking_uri)
+    MLflow URI), or a list of them; ``uncertainty_penalty``: as for ``learned``."""
+    reward = learned(
+        path or shipped_scorers(), device=device, tracking_uri=tracking_uri, uncertainty_penalty=uncertainty_penalty
+    )
     reward.name = "gym_anatomy"
     return reward
