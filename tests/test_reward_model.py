@@ -1,6 +1,8 @@
 """Reward-model job pieces (choice sets, severity orientation, the saved scorer as the `learned`
 reward) and, slow, the job end to end: train on synthetic pairs, evaluate on other drawings."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -123,13 +125,18 @@ def test_saved_scorer_is_the_learned_reward(tiny_backbone, tmp_path):
         load("learned", path=str(tmp_path))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["tiny", "conv"])
-def test_reward_model_job_learns(ray_cluster, tmp_path, backbone):
-    """Train on synthetic pairs (ties kept, ordinal head on): held-out accuracy well above chance,
-    for the tiny CLIP and for the convolutional scorer."""
-    import json
+class Planted:
+    """What an attacker writes into ``trainer.storage_path``: unpickling it would create ``marker``."""
 
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _reward_model_job(tmp_path, epochs: int, backbone: str) -> dict:
+    """One `armature train algo=reward_model` run on synthetic pairs (ties kept, ordinal head on)."""
     from armature.jobs import reward_model
     from armature.platform.config import compose
 
@@ -138,22 +145,65 @@ def test_reward_model_job_learns(ray_cluster, tmp_path, backbone):
         "train",
         [
             "algo=reward_model",
-            "tracking.run_name=rm",
+            f"tracking.run_name=rm-{backbone}",
             "data.keep_ties=true",
             "data.image_size=32",
             "data.synthetic_pairs=128",
             "data.heldout_fraction=0.2",
-            "algo.num_epochs=4",
+            f"algo.num_epochs={epochs}",
             "algo.severity_weight=0.2",
             f"tracking.local_dir={tmp_path}/runs",
             f"trainer.storage_path={tmp_path}/ray",
             *extra,
         ],
     )
-    metrics = reward_model.run(cfg)
+    return reward_model.run(cfg)
+
+
+@pytest.mark.slow
+def test_reward_model_job_learns_with_the_tiny_clip(ray_cluster, tmp_path):
+    """Train the tiny CLIP scorer on synthetic pairs: held-out accuracy well above chance."""
+    import json
+
+    metrics = _reward_model_job(tmp_path, 4, "tiny")
     assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
-    meta = json.loads((tmp_path / "ray" / "rm" / "scorer" / "scorer.json").read_text())
-    assert meta["kind"] == ("conv" if backbone == "conv" else "clip_similarity")
+    meta = json.loads((tmp_path / "ray" / "rm-tiny" / "scorer" / "scorer.json").read_text())
+    assert meta["kind"] == "clip_similarity"
+
+
+@pytest.mark.slow
+def test_conv_reward_model_job_resumes_refuses_a_planted_checkpoint_and_learns(ray_cluster, tmp_path):
+    """The convolutional scorer's job, stopped after its first epoch: a rerun refuses (clear error,
+    no code run) that checkpoint with its state file replaced by a planted pickle (checkpoints may
+    sit in a bucket others can write); with the job's own state back, it resumes after epoch 0,
+    trains the three epochs left (not four), and held-out accuracy ends well above chance."""
+    import json
+    import shutil
+
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    from armature.platform.checkpoints import TORCH_STATE_FILE
+
+    assert _reward_model_job(tmp_path, 1, "conv")["epoch"] == 0
+    [state_file] = sorted((tmp_path / "ray" / "rm-conv").glob(f"checkpoint_*/{TORCH_STATE_FILE}"))
+    shutil.copy(state_file, tmp_path / "real.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"scorer": Planted(marker), "epoch": 0}, state_file)
+    with pytest.raises(TrainingFailedError, match="refusing to unpickle"):
+        _reward_model_job(tmp_path, 4, "conv")
+    assert not marker.exists()
+
+    shutil.copy(tmp_path / "real.pt", state_file)
+    metrics = _reward_model_job(tmp_path, 4, "conv")
+    assert metrics["epoch"] == 3, metrics
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((tmp_path / "ray" / "rm-conv" / "armature_run.json").read_text())
+    logged = MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], "epoch")
+    assert sorted(m.step for m in logged) == [0, 1, 2, 3]  # one MLflow run; epoch 0 not trained again
+    assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
+    meta = json.loads((tmp_path / "ray" / "rm-conv" / "scorer" / "scorer.json").read_text())
+    assert meta["kind"] == "conv"
 
 
 @pytest.mark.slow
