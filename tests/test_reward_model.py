@@ -2,11 +2,13 @@
 reward) and, slow, the job end to end: train on synthetic pairs, evaluate on other drawings."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from armature.jobs.reward_model import RewardModelConfig
 from armature.losses.reward_model import bradley_terry_loss, listwise_loss
 
 
@@ -49,10 +51,10 @@ def test_batch_losses_match_the_loss_functions(tiny_backbone):
     with torch.no_grad():
         s_w = scorer(batch["pixels_w"], batch["prompt"])
         s_l = scorer(batch["pixels_l"], batch["prompt"])
-    algo = {"loss": "bradley_terry", "max_choices": 4, "severity_weight": 0.0}
+    algo = RewardModelConfig(loss="bradley_terry", max_choices=4, severity_weight=0.0)
     loss, _ = batch_loss(scorer, batch, algo)
     assert loss.item() == pytest.approx(bradley_terry_loss(s_w, s_l, batch["tie"]).item(), rel=1e-5)
-    loss, info = batch_loss(scorer, batch, {**algo, "loss": "listwise"})
+    loss, info = batch_loss(scorer, batch, replace(algo, loss="listwise"))
     # set 1: chosen w0 among {w0, l0, l1, l2}; set 2: w3 among {w3, l3}; averaged
     first = -s_w[0] + torch.logsumexp(torch.stack([s_w[0], s_l[0], s_l[1], s_l[2]]), 0)
     second = -s_w[3] + torch.logsumexp(torch.stack([s_w[3], s_l[3]]), 0)
@@ -61,7 +63,7 @@ def test_batch_losses_match_the_loss_functions(tiny_backbone):
     assert listwise_loss(torch.stack([s_w[3:4], s_l[3:4]], 1), torch.tensor([0])).item() == pytest.approx(
         second.item(), rel=1e-5
     )
-    loss_sev, info = batch_loss(scorer, batch, {**algo, "severity_weight": 0.5})
+    loss_sev, info = batch_loss(scorer, batch, replace(algo, severity_weight=0.5))
     assert loss_sev.item() == pytest.approx(info["ranking_loss"] + 0.5 * info["ordinal_loss"], rel=1e-5)
 
 
@@ -111,9 +113,7 @@ def test_saved_scorer_is_the_learned_reward(tiny_backbone, tmp_path):
     scorer = Scorer(tiny_backbone, None)
     with torch.no_grad():  # move the weights off their initial values
         scorer.clip.visual_projection.weight.add_(0.1)
-    folder = save_scorer(
-        scorer, tmp_path / "scorer", tiny_backbone, {"processor": None, "severity_weight": 1.0, "loss": "bradley_terry"}
-    )
+    folder = save_scorer(scorer, tmp_path / "scorer", tiny_backbone, RewardModelConfig(severity_weight=1.0))
     reward = load("learned", path=str(folder))
     pixels = _batch()["pixels_w"][3:5]
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_reward_eval_job_logs_a_table(ray_cluster, tmp_path, tiny_backbone):
         Scorer(tiny_backbone, None),
         tmp_path / "scorer",
         tiny_backbone,
-        {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+        RewardModelConfig(severity_weight=0.0),
     )
     cfg = compose(
         "train",
@@ -259,13 +259,11 @@ def test_conv_scorer_is_the_learned_reward_and_differentiable(tmp_path):
     torch.manual_seed(0)
     scorer = Scorer("conv", None, conv_widths=(8, 16), image_size=32).eval()
     batch = _batch()
-    loss, _ = batch_loss(scorer, batch, {"loss": "bradley_terry", "max_choices": 4, "severity_weight": 0.0})
+    loss, _ = batch_loss(scorer, batch, RewardModelConfig(loss="bradley_terry", max_choices=4, severity_weight=0.0))
     with torch.no_grad():
         s_w, s_l = scorer(batch["pixels_w"], batch["prompt"]), scorer(batch["pixels_l"], ["x"] * 5)
     assert loss.item() == pytest.approx(bradley_terry_loss(s_w, s_l, batch["tie"]).item(), rel=1e-5)
-    folder = save_scorer(
-        scorer, tmp_path / "scorer", "conv", {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"}
-    )
+    folder = save_scorer(scorer, tmp_path / "scorer", "conv", RewardModelConfig(severity_weight=0.0))
     assert json.loads((folder / "scorer.json").read_text())["widths"] == [8, 16]
     reward = load("learned", path=str(folder))
     pixels = batch["pixels_w"][3:5]
@@ -301,7 +299,7 @@ def test_a_list_of_scorer_paths_is_the_mean_of_their_scores(tmp_path):
                     scorer,
                     tmp_path / f"s{seed}",
                     "conv",
-                    {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+                    RewardModelConfig(severity_weight=0.0),
                 )
             )
         )
