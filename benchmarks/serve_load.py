@@ -1,8 +1,9 @@
 """Load test of the Serve generator against bare diffusers: throughput and p50 / p99 latency.
 
 Starts a local Ray and Serve and deploys the generator (the tiny model, one replica, batching
-on: requests gathered, passes of ``--pass-size`` images; with ``--unbatched`` also a second
-application with the same resources, one request at a time). At each concurrency level,
+on as configured: ``configs/serve.yaml``'s ``batching`` unless a flag says; with ``--unpadded`` also
+an application whose passes are not padded to ``pass_size``, with ``--unbatched`` one that takes one
+request at a time, each with the same resources). At each concurrency level,
 ``--concurrency`` clients send requests of one image in a closed loop (different prompts and
 seeds, the server's default steps and size) for ``--seconds``. In the same run, this process
 calls the same model's diffusers pipeline directly (``pipe(prompt=[...])``, same steps, size,
@@ -11,7 +12,7 @@ measurements alternate, ``--repeats`` times, so that a change in the machine's b
 hits all alike. The figure is served images/s at concurrency 8 over bare diffusers' images/s at
 batch 8 (on 2 CPU cores batching itself gains little, so the goal is >= 0.9).
 
-    python benchmarks/serve_load.py [--seconds 10] [--repeats 2] [--concurrency 1 8] [--threads 1] [--unbatched]
+    python benchmarks/serve_load.py [--seconds 10] [--repeats 2] [--concurrency 1 8] [--threads 1] [--unpadded] [--unbatched]
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the generator replica")
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per batch (batching on)")
-    parser.add_argument("--pass-size", type=int, default=8, help="images per model pass (batching on)")
-    parser.add_argument("--wait", type=float, default=0.05, help="batch_wait_timeout_s (batching on)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batching.max_batch_size: requests a group")
+    parser.add_argument("--pass-size", type=int, default=8, help="batching.pass_size: images a model pass")
+    parser.add_argument("--wait", type=float, help="batching.batch_wait_timeout_s (default: the config's)")
+    parser.add_argument("--gap", type=float, help="batching.arrival_gap_s (default: the config's)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per mode and level, alternated")
     parser.add_argument("--bare-batch", type=int, default=8, help="the batch of bare diffusers to compare with")
+    parser.add_argument("--unpadded", action="store_true", help="also serve with batching.pad_passes=false")
     parser.add_argument("--unbatched", action="store_true", help="also serve with batching off")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of configs/serve.yaml")
@@ -123,18 +126,20 @@ def main() -> None:
         "generator.max_queued_requests=1024",
         "tracking.local_dir=armature_runs/bench",
     ] + args.overrides
-    modes = {
-        "batched": common
-        + [
-            "batching.enabled=true",
-            f"batching.max_batch_size={args.batch_size}",
-            f"batching.pass_size={args.pass_size}",
-            f"batching.batch_wait_timeout_s={args.wait}",
-        ],
-    }
+    batched = common + [
+        "batching.enabled=true",
+        f"batching.max_batch_size={args.batch_size}",
+        f"batching.pass_size={args.pass_size}",
+    ]
+    batched += [] if args.wait is None else [f"batching.batch_wait_timeout_s={args.wait}"]
+    batched += [] if args.gap is None else [f"batching.arrival_gap_s={args.gap}"]
+    modes = {"batched": batched}
+    if args.unpadded:
+        modes["unpadded"] = batched + ["batching.pad_passes=false"]
     if args.unbatched:
         modes["unbatched"] = common + ["batching.enabled=false", "batching.pass_size=1"]
-    cfg = compose("serve", modes["batched"])
+    cfg = compose("serve", batched)
+    padding = "padded" if cfg.batching.pad_passes else "not padded"
     # Bare diffusers: the same model's pipeline in this process, as many torch threads as the replica.
     torch.set_num_threads(args.threads)
     sampling = OmegaConf.to_container(cfg.sampling)
@@ -152,7 +157,7 @@ def main() -> None:
         asyncio.run(closed_loop(f"http://127.0.0.1:{args.port}/{mode}", 4, 3.0))  # warm up
     stats = {mode: serve.get_deployment_handle("Generator", app_name=mode).stats for mode in modes}
     samples: dict = {}
-    passes: dict = {}  # (requests, groups run) of each served measurement
+    passes: dict = {}  # (requests, groups run, seconds in model passes, seconds) of each served measurement
     for repeat in range(args.repeats):
         for b in bare_batches:
             throughput, latencies = bare_diffusers(
@@ -162,14 +167,14 @@ def main() -> None:
             print(f"  bare diffusers batch {b:2d}: {throughput:6.2f} images/s  ({len(latencies)} calls)", flush=True)
         for c in args.concurrency:
             for mode in modes:
-                before = stats[mode].remote().result()
+                before, began = stats[mode].remote().result(), time.perf_counter()
                 throughput, latencies, failures = asyncio.run(
                     closed_loop(f"http://127.0.0.1:{args.port}/{mode}", c, args.seconds)
                 )
-                after = stats[mode].remote().result()
+                elapsed, after = time.perf_counter() - began, stats[mode].remote().result()
                 samples.setdefault((mode, c), []).append((throughput, latencies, failures))
                 passes.setdefault((mode, c), []).append(
-                    (after["requests"] - before["requests"], after["groups"] - before["groups"])
+                    tuple(after[k] - before[k] for k in ("requests", "groups", "model_s")) + (elapsed,)
                 )
                 print(
                     f"  served {mode:9s} concurrency {c:2d}: {throughput:6.2f} images/s  ({len(latencies)} "
@@ -187,26 +192,42 @@ def main() -> None:
     print(
         f"\n{cfg.model.family} model, {cfg.sampling.num_steps} steps, {width}x{height}, {args.threads} torch "
         f"thread(s), {args.repeats} x {args.seconds:g} s a row. Served: 1 image a request over HTTP, one generator "
-        f"replica; batching on: up to {args.batch_size} requests a batch, {args.pass_size} images a pass "
-        f"(padded), {args.wait * 1e3:.0f} ms batch wait; off: one request at a time. Bare: the diffusers "
-        "pipeline called in this process, latency per call\n"
+        f"replica; batching on: up to {args.batch_size} requests a group, {args.pass_size} images a pass "
+        f"({padding}), a group not full waits until no request came for {cfg.batching.arrival_gap_s * 1e3:.0f} ms, "
+        f"at most {cfg.batching.batch_wait_timeout_s * 1e3:.0f} ms; unpadded: the same, passes not padded; off: one "
+        "request at a time. Bare: the diffusers pipeline called in this process, latency per call\n"
     )
-    print("| what | batch / concurrency | images/s | p50 latency (ms) | p99 latency (ms) | images a batch | failed |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    names = {"bare": "bare diffusers", "batched": "served, batching on", "unbatched": "served, batching off"}
+    print(
+        "| what | batch / concurrency | images/s | p50 latency (ms) | p99 latency (ms) | images a batch "
+        "| model busy | failed |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    names = {
+        "bare": "bare diffusers",
+        "batched": "served, batching on",
+        "unpadded": "served, passes not padded",
+        "unbatched": "served, batching off",
+    }
     for (mode, c), (throughput, latencies, failures) in results.items():
         p50, p99 = percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
-        requests, groups = (sum(x) for x in zip(*passes[mode, c])) if mode != "bare" else (c, 1)
+        requests, groups, model_s, seconds = (sum(x) for x in zip(*passes[mode, c])) if mode != "bare" else (c, 1, 1, 1)
         print(
             f"| {names[mode]} | {c} | {throughput:.2f} | {p50:.0f} | {p99:.0f} | {requests / max(groups, 1):.1f} "
-            f"| {failures} |"
+            f"| {model_s / seconds:.0%} | {failures} |"
         )
     if ("batched", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["batched", 8][0] / results["bare", args.bare_batch][0]
         print(f"\nserved at concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}  (goal >= 0.9)")
+    if ("batched", 1) in results and ("bare", 1) in results:
+        print(
+            f"served at concurrency 1 / bare diffusers at batch 1: {results['batched', 1][0] / results['bare', 1][0]:.2f}"
+        )
     if ("bare", 1) in results and ("bare", args.bare_batch) in results:
         gain = results["bare", args.bare_batch][0] / results["bare", 1][0]
         print(f"bare diffusers, batch {args.bare_batch} / batch 1: {gain:.2f}")
+    if ("unpadded", 8) in results and ("bare", args.bare_batch) in results:
+        ratio = results["unpadded", 8][0] / results["bare", args.bare_batch][0]
+        print(f"served with passes not padded, concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}")
     if ("batched", 8) in results and ("unbatched", 8) in results:
         on_off = results["batched", 8][0] / results["unbatched", 8][0]
         print(f"served at concurrency 8, batching on / off: {on_off:.2f}")

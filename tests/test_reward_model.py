@@ -1,10 +1,14 @@
 """Reward-model job pieces (choice sets, severity orientation, the saved scorer as the `learned`
 reward) and, slow, the job end to end: train on synthetic pairs, evaluate on other drawings."""
 
+import os
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from armature.jobs.reward_model import RewardModelConfig
 from armature.losses.reward_model import bradley_terry_loss, listwise_loss
 
 
@@ -47,10 +51,10 @@ def test_batch_losses_match_the_loss_functions(tiny_backbone):
     with torch.no_grad():
         s_w = scorer(batch["pixels_w"], batch["prompt"])
         s_l = scorer(batch["pixels_l"], batch["prompt"])
-    algo = {"loss": "bradley_terry", "max_choices": 4, "severity_weight": 0.0}
+    algo = RewardModelConfig(loss="bradley_terry", max_choices=4, severity_weight=0.0)
     loss, _ = batch_loss(scorer, batch, algo)
     assert loss.item() == pytest.approx(bradley_terry_loss(s_w, s_l, batch["tie"]).item(), rel=1e-5)
-    loss, info = batch_loss(scorer, batch, {**algo, "loss": "listwise"})
+    loss, info = batch_loss(scorer, batch, replace(algo, loss="listwise"))
     # set 1: chosen w0 among {w0, l0, l1, l2}; set 2: w3 among {w3, l3}; averaged
     first = -s_w[0] + torch.logsumexp(torch.stack([s_w[0], s_l[0], s_l[1], s_l[2]]), 0)
     second = -s_w[3] + torch.logsumexp(torch.stack([s_w[3], s_l[3]]), 0)
@@ -59,7 +63,7 @@ def test_batch_losses_match_the_loss_functions(tiny_backbone):
     assert listwise_loss(torch.stack([s_w[3:4], s_l[3:4]], 1), torch.tensor([0])).item() == pytest.approx(
         second.item(), rel=1e-5
     )
-    loss_sev, info = batch_loss(scorer, batch, {**algo, "severity_weight": 0.5})
+    loss_sev, info = batch_loss(scorer, batch, replace(algo, severity_weight=0.5))
     assert loss_sev.item() == pytest.approx(info["ranking_loss"] + 0.5 * info["ordinal_loss"], rel=1e-5)
 
 
@@ -109,9 +113,7 @@ def test_saved_scorer_is_the_learned_reward(tiny_backbone, tmp_path):
     scorer = Scorer(tiny_backbone, None)
     with torch.no_grad():  # move the weights off their initial values
         scorer.clip.visual_projection.weight.add_(0.1)
-    folder = save_scorer(
-        scorer, tmp_path / "scorer", tiny_backbone, {"processor": None, "severity_weight": 1.0, "loss": "bradley_terry"}
-    )
+    folder = save_scorer(scorer, tmp_path / "scorer", tiny_backbone, RewardModelConfig(severity_weight=1.0))
     reward = load("learned", path=str(folder))
     pixels = _batch()["pixels_w"][3:5]
     with torch.no_grad():
@@ -123,13 +125,18 @@ def test_saved_scorer_is_the_learned_reward(tiny_backbone, tmp_path):
         load("learned", path=str(tmp_path))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["tiny", "conv"])
-def test_reward_model_job_learns(ray_cluster, tmp_path, backbone):
-    """Train on synthetic pairs (ties kept, ordinal head on): held-out accuracy well above chance,
-    for the tiny CLIP and for the convolutional scorer."""
-    import json
+class Planted:
+    """What an attacker writes into ``trainer.storage_path``: unpickling it would create ``marker``."""
 
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _reward_model_job(tmp_path, epochs: int, backbone: str) -> dict:
+    """One `armature train algo=reward_model` run on synthetic pairs (ties kept, ordinal head on)."""
     from armature.jobs import reward_model
     from armature.platform.config import compose
 
@@ -138,22 +145,65 @@ def test_reward_model_job_learns(ray_cluster, tmp_path, backbone):
         "train",
         [
             "algo=reward_model",
-            "tracking.run_name=rm",
+            f"tracking.run_name=rm-{backbone}",
             "data.keep_ties=true",
             "data.image_size=32",
             "data.synthetic_pairs=128",
             "data.heldout_fraction=0.2",
-            "algo.num_epochs=4",
+            f"algo.num_epochs={epochs}",
             "algo.severity_weight=0.2",
             f"tracking.local_dir={tmp_path}/runs",
             f"trainer.storage_path={tmp_path}/ray",
             *extra,
         ],
     )
-    metrics = reward_model.run(cfg)
+    return reward_model.run(cfg)
+
+
+@pytest.mark.slow
+def test_reward_model_job_learns_with_the_tiny_clip(ray_cluster, tmp_path):
+    """Train the tiny CLIP scorer on synthetic pairs: held-out accuracy well above chance."""
+    import json
+
+    metrics = _reward_model_job(tmp_path, 4, "tiny")
     assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
-    meta = json.loads((tmp_path / "ray" / "rm" / "scorer" / "scorer.json").read_text())
-    assert meta["kind"] == ("conv" if backbone == "conv" else "clip_similarity")
+    meta = json.loads((tmp_path / "ray" / "rm-tiny" / "scorer" / "scorer.json").read_text())
+    assert meta["kind"] == "clip_similarity"
+
+
+@pytest.mark.slow
+def test_conv_reward_model_job_resumes_refuses_a_planted_checkpoint_and_learns(ray_cluster, tmp_path):
+    """The convolutional scorer's job, stopped after its first epoch: a rerun refuses (clear error,
+    no code run) that checkpoint with its state file replaced by a planted pickle (checkpoints may
+    sit in a bucket others can write); with the job's own state back, it resumes after epoch 0,
+    trains the three epochs left (not four), and held-out accuracy ends well above chance."""
+    import json
+    import shutil
+
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    from armature.platform.checkpoints import TORCH_STATE_FILE
+
+    assert _reward_model_job(tmp_path, 1, "conv")["epoch"] == 0
+    [state_file] = sorted((tmp_path / "ray" / "rm-conv").glob(f"checkpoint_*/{TORCH_STATE_FILE}"))
+    shutil.copy(state_file, tmp_path / "real.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"scorer": Planted(marker), "epoch": 0}, state_file)
+    with pytest.raises(TrainingFailedError, match="refusing to unpickle"):
+        _reward_model_job(tmp_path, 4, "conv")
+    assert not marker.exists()
+
+    shutil.copy(tmp_path / "real.pt", state_file)
+    metrics = _reward_model_job(tmp_path, 4, "conv")
+    assert metrics["epoch"] == 3, metrics
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((tmp_path / "ray" / "rm-conv" / "armature_run.json").read_text())
+    logged = MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], "epoch")
+    assert sorted(m.step for m in logged) == [0, 1, 2, 3]  # one MLflow run; epoch 0 not trained again
+    assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
+    meta = json.loads((tmp_path / "ray" / "rm-conv" / "scorer" / "scorer.json").read_text())
+    assert meta["kind"] == "conv"
 
 
 @pytest.mark.slow
@@ -169,7 +219,7 @@ def test_reward_eval_job_logs_a_table(ray_cluster, tmp_path, tiny_backbone):
         Scorer(tiny_backbone, None),
         tmp_path / "scorer",
         tiny_backbone,
-        {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+        RewardModelConfig(severity_weight=0.0),
     )
     cfg = compose(
         "train",
@@ -209,13 +259,11 @@ def test_conv_scorer_is_the_learned_reward_and_differentiable(tmp_path):
     torch.manual_seed(0)
     scorer = Scorer("conv", None, conv_widths=(8, 16), image_size=32).eval()
     batch = _batch()
-    loss, _ = batch_loss(scorer, batch, {"loss": "bradley_terry", "max_choices": 4, "severity_weight": 0.0})
+    loss, _ = batch_loss(scorer, batch, RewardModelConfig(loss="bradley_terry", max_choices=4, severity_weight=0.0))
     with torch.no_grad():
         s_w, s_l = scorer(batch["pixels_w"], batch["prompt"]), scorer(batch["pixels_l"], ["x"] * 5)
     assert loss.item() == pytest.approx(bradley_terry_loss(s_w, s_l, batch["tie"]).item(), rel=1e-5)
-    folder = save_scorer(
-        scorer, tmp_path / "scorer", "conv", {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"}
-    )
+    folder = save_scorer(scorer, tmp_path / "scorer", "conv", RewardModelConfig(severity_weight=0.0))
     assert json.loads((folder / "scorer.json").read_text())["widths"] == [8, 16]
     reward = load("learned", path=str(folder))
     pixels = batch["pixels_w"][3:5]
@@ -251,7 +299,7 @@ def test_a_list_of_scorer_paths_is_the_mean_of_their_scores(tmp_path):
                     scorer,
                     tmp_path / f"s{seed}",
                     "conv",
-                    {"processor": None, "severity_weight": 0.0, "loss": "bradley_terry"},
+                    RewardModelConfig(severity_weight=0.0),
                 )
             )
         )

@@ -62,6 +62,12 @@ def test_generation_reproduces_rollout_and_ignores_batch_mates(model):
     with pytest.raises(TimeoutError):
         generate(policy, jobs, shape, pass_size=4, should_stop=lambda: True)
 
+    # Unpadded: passes as large as their images (here 4, then 1), each image what a padded pass of
+    # that many rows gives it.
+    unpadded = generate(policy, jobs, shape, pass_size=4, pad=False)
+    assert np.array_equal(unpadded[:4], generate(policy, jobs[:4], shape, pass_size=4))
+    assert np.array_equal(unpadded[4:], generate(policy, jobs[4:], shape, pass_size=1))
+
 
 def test_adapter_bank_serves_adapters_side_by_side(tmp_path):
     folders = {"a": _lora_adapter(tmp_path / "a", 1, rank=2), "b": _lora_adapter(tmp_path / "b", 2, rank=4)}
@@ -316,3 +322,48 @@ def test_deployment_options_from_config(tmp_path):
     assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 4
     app = build_application(cfg)  # binds the deployments with those options; starts nothing
     assert type(app).__name__ == "Application"
+
+
+def test_generator_groups_the_oldest_request_with_compatible_ones():
+    """A group: the oldest waiting request and those of the same adapter and shape, oldest first, at
+    most max_batch_size. The free model waits for a group to fill only while requests keep coming."""
+    import asyncio
+
+    from armature.serve.app import Generator, Waiting
+
+    shape, other = (PassShape(3, 32, 32, 1.0, 1.0), PassShape(5, 32, 32, 1.0, 1.0))
+    adapter = object()
+    generator = Generator.func_or_class.__new__(Generator.func_or_class)  # no model: only the grouping
+    generator.max_group, generator.max_wait, generator.arrival_gap = 3, 600.0, 600.0
+
+    async def scenario():
+        generator.arrived = asyncio.Event()
+        future = asyncio.get_running_loop().create_future
+        generator.waiting = [
+            Waiting(None, shape, {"i": 0}, future()),
+            Waiting(adapter, shape, {"i": 1}, future()),
+            Waiting(None, other, {"i": 2}, future()),
+            Waiting(None, shape, {"i": 3}, future()),
+            Waiting(None, shape, {"i": 4}, future()),
+            Waiting(None, shape, {"i": 5}, future()),
+        ]
+        assert [w.request["i"] for w in generator._group()] == [0, 3, 4]
+        # A full group does not wait (the gap and the cap are 10 minutes).
+        await asyncio.wait_for(generator._gather(), timeout=60)
+        # One not full waits for arrivals: a compatible one fills it, then it goes.
+        generator.waiting = generator.waiting[1:3]  # the adapter's request, then another shape
+        gathering = asyncio.create_task(generator._gather())
+        await asyncio.sleep(0)
+        assert not gathering.done()
+        for i in (6, 7):
+            generator.waiting.append(Waiting(adapter, shape, {"i": i}, future()))
+            generator.arrived.set()
+            await asyncio.sleep(0)
+        await asyncio.wait_for(gathering, timeout=60)
+        assert [w.request["i"] for w in generator._group()] == [1, 6, 7]
+        # No gap allowed: it goes at once with what it has.
+        generator.arrival_gap, generator.waiting = 0.0, generator.waiting[1:2]
+        await asyncio.wait_for(generator._gather(), timeout=60)
+        assert [w.request["i"] for w in generator._group()] == [2]
+
+    asyncio.run(scenario())

@@ -181,8 +181,10 @@ class ServeDeploymentConfig:
 class BatchingConfig:
     enabled: bool = True
     max_batch_size: int = 8  # requests per batch
-    batch_wait_timeout_s: float = 0.05
-    pass_size: int = 8  # images per model pass; every pass has this many rows (padded)
+    arrival_gap_s: float = 0.05  # the free model waits for a group to fill until no request came for this long,
+    batch_wait_timeout_s: float = 0.2  # ... at most this long
+    pass_size: int = 8  # the most images per model pass
+    pad_passes: bool = True  # every pass has pass_size rows: an image's bits do not depend on its batch mates
 
 
 @dataclass
@@ -422,8 +424,10 @@ def check_serve(cfg: DictConfig) -> None:
         errors.append(f"sampling.eta={cfg.sampling.eta}: must be >= 0 (0: deterministic DDIM)")
     if not 1 <= cfg.edits.num_steps <= lim.max_steps:
         errors.append(f"edits.num_steps={cfg.edits.num_steps}: must be in [1, limits.max_steps={lim.max_steps}]")
-    if batching.max_batch_size < 1 or batching.pass_size < 1 or batching.batch_wait_timeout_s < 0:
-        errors.append("batching.max_batch_size and batching.pass_size must be >= 1, batch_wait_timeout_s >= 0")
+    if batching.max_batch_size < 1 or batching.pass_size < 1:
+        errors.append("batching.max_batch_size and batching.pass_size must be >= 1")
+    if batching.batch_wait_timeout_s < 0 or batching.arrival_gap_s < 0:
+        errors.append("batching.batch_wait_timeout_s and batching.arrival_gap_s must be >= 0 (0: no waiting)")
     for name in ("generator", "ingress"):
         auto = cfg[name].autoscaling
         if not 0 <= auto.min_replicas <= auto.max_replicas or auto.max_replicas < 1:

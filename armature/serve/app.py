@@ -5,9 +5,10 @@
   version, and calls a generator with that version as the multiplexed model id. Over-full
   queues answer 503, requests past ``limits.request_timeout_s`` 504.
 * ``Generator`` holds the model. ``serve.multiplexed`` keeps an LRU of loaded adapters per
-  replica and routes a request to a replica that has its adapter; ``serve.batch`` gathers
-  requests, which run in passes of ``batching.pass_size`` images (``generation.py``); requests
-  that name a reward are scored, and with ``best_of`` the best of their candidates kept.
+  replica and routes a request to a replica that has its adapter; compatible requests gather
+  while the model is busy (or, the model free, while they keep arriving) and run together in
+  passes of ``batching.pass_size`` images (``generation.py``); requests that name a reward are
+  scored, and with ``best_of`` the best of their candidates kept.
 
 * ``Editor`` (only with ``edits.pipeline``) holds a SkeleGuide pipeline for ``POST /v1/images/edits``:
   a person rendered into a scene from a planned or given pose (``edits.py``), or where the OpenAI
@@ -63,7 +64,7 @@ LOCAL_PREFIX = "local:"
 class Waiting:
     """A request waiting in a generator replica for the model."""
 
-    model_id: str
+    adapter: Adapter | None
     shape: PassShape
     request: dict
     future: asyncio.Future
@@ -91,14 +92,16 @@ class Generator:
         self.rewards: dict = {}
         counted = ("requests", "images", "groups", "passes", "largest_group", "adapter_loads", "model_s")
         self.counts = dict.fromkeys(counted, 0)
-        self.waiting: list[Waiting] = []  # requests gathered by Serve, not run yet
-        self.model_lock = asyncio.Lock()
+        self.waiting: list[Waiting] = []  # requests not run yet, oldest first
+        self.runner: asyncio.Task | None = None  # runs the waiting requests, one group at a time
 
         batching = config["batching"]  # off: one request at a time
         on = batching["enabled"]
         self.max_group = batching["max_batch_size"] if on else 1
-        self._generate_batch.set_max_batch_size(self.max_group)
-        self._generate_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"] if on else 0.0)
+        self.max_wait = batching["batch_wait_timeout_s"] if on else 0.0
+        self.arrival_gap = batching["arrival_gap_s"]
+        self.pad = batching["pad_passes"]
+        self.arrived = asyncio.Event()  # set whenever a request joins self.waiting
 
         async def load_adapter(model_id: str) -> Adapter:
             return await self._load_adapter(model_id)
@@ -140,44 +143,58 @@ class Generator:
         return adapter
 
     async def generate(self, request: dict) -> dict:
-        """One request's images, seeds and scores; Serve batches it with others."""
-        result = await self._generate_batch(request)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        """One request's images, seeds and scores, from passes it shares with compatible requests.
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=8)
-    async def _generate_batch(self, requests: list[dict]) -> list:
-        """A batch Serve gathered (one adapter: Serve splits batches by model id).
-
-        Its requests join the replica's waiting list. Whenever the model is free, the oldest
-        waiting request of this adapter runs with every compatible one waiting (same shape, up
-        to ``max_batch_size``), whichever batch brought them: batches that Serve closed while
-        the model was busy merge instead of queueing as small passes.
+        The request joins the replica's waiting list. Whenever the model is free, the oldest
+        waiting request runs with every compatible one waiting (same adapter and shape, up to
+        ``max_batch_size``): requests that came while the model was busy share the next passes.
+        A group that is not full waits for more while they keep coming (no gap over
+        ``arrival_gap_s``), at most ``batch_wait_timeout_s``.
         """
         model_id = serve.get_multiplexed_model_id()
         adapter = await self.get_adapter(model_id) if model_id else None
-        loop = asyncio.get_running_loop()
-        mine = []
-        for request in requests:
-            request = self._defaults(request)
-            mine.append(Waiting(model_id, self._shape(request), request, loop.create_future()))
-        self.waiting += mine
-        while True:
-            async with self.model_lock:
-                if all(w.future.done() for w in mine):  # maybe in a group another batch ran
-                    break
-                await self._run_group(adapter, self._take_group(model_id))
-        return [w.future.exception() or w.future.result() for w in mine]
+        request = self._defaults(request)
+        mine = Waiting(adapter, self._shape(request), request, asyncio.get_running_loop().create_future())
+        self.waiting.append(mine)
+        self.arrived.set()
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run_waiting())
+        try:
+            return await asyncio.shield(mine.future)
+        except asyncio.CancelledError:  # the caller gave up: do not run it
+            if mine in self.waiting:
+                self.waiting.remove(mine)
+            raise
 
-    def _take_group(self, model_id: str) -> list[Waiting]:
-        """The oldest waiting request of this adapter and those that can share its passes."""
-        first = next(w for w in self.waiting if w.model_id == model_id)
-        group = [w for w in self.waiting if w.model_id == model_id and w.shape == first.shape][: self.max_group]
-        self.waiting = [w for w in self.waiting if w not in group]
-        return group
+    async def _run_waiting(self) -> None:
+        while self.waiting:
+            await self._gather()
+            group = self._group()
+            self.waiting = [w for w in self.waiting if w not in group]
+            await self._run_group(group)
 
-    async def _run_group(self, adapter: Adapter | None, group: list[Waiting]) -> None:
+    async def _gather(self) -> None:
+        """Wait, the model being free, while requests that can join the next group keep coming."""
+        end = time.monotonic() + self.max_wait
+        while self.waiting and len(self._group()) < self.max_group:
+            timeout = min(self.arrival_gap, end - time.monotonic())
+            if timeout <= 0:
+                return
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return
+
+    def _group(self) -> list[Waiting]:
+        """The oldest waiting request and those that can share its passes."""
+        if not self.waiting:
+            return []
+        first = self.waiting[0]
+        same = [w for w in self.waiting if w.adapter is first.adapter and w.shape == first.shape]
+        return same[: self.max_group]
+
+    async def _run_group(self, group: list[Waiting]) -> None:
         now = time.time()
         for w in [w for w in group if w.request.get("deadline", now) < now]:  # the caller gave up
             w.future.set_exception(TimeoutError("the request's deadline passed before it ran"))
@@ -186,7 +203,7 @@ class Generator:
             return
         try:
             requests = [w.request for w in group]
-            outputs = await asyncio.to_thread(self._generate_group, adapter, group[0].shape, requests)
+            outputs = await asyncio.to_thread(self._generate_group, group[0].adapter, group[0].shape, requests)
         except Exception as err:  # noqa: BLE001 - this group's requests fail, not the others
             for w in group:
                 w.future.set_exception(err)
@@ -244,7 +261,7 @@ class Generator:
             start_time = time.perf_counter()
             self.bank.activate(adapter)
             images = generate_images(
-                self.policy, jobs, shape, self.pass_size, should_stop=lambda: time.time() > deadline
+                self.policy, jobs, shape, self.pass_size, should_stop=lambda: time.time() > deadline, pad=self.pad
             )
             self.counts["model_s"] += time.perf_counter() - start_time
             for r, (start, k) in zip(requests, spans):

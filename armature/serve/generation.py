@@ -6,8 +6,12 @@ make an image depend only on its own request, never on what it was batched with:
 * every image has its own ``torch.Generator`` (seeded by the image's seed) for its initial
   latents and for the noise of each stochastic DDIM step;
 * every pass has the same number of rows (``pass_size``; short passes are padded with copies of
-  their first image): matrix kernels choose their blocking, hence their float rounding, by the
-  batch shape, so a fixed shape gives the same bits whatever shares the pass.
+  their first image): matrix and convolution kernels choose their blocking, hence their float
+  rounding, by the batch shape, so a fixed shape gives the same bits whatever shares the pass.
+
+``pad=False`` drops the second rule: a pass has as many rows as it has images (up to
+``pass_size``), so a part-full pass costs less, and an image is the same whatever shares its
+pass only up to float rounding (kernels for 1 row and for 8 round differently).
 
 With ``pass_size=1`` and ``eta > 0`` an image is exactly what ``DiffusionPolicy.rollout`` samples
 for that prompt and seed: serving reproduces the training-time sampler.
@@ -49,9 +53,15 @@ class ImageJob:
 
 
 def generate(
-    policy: DiffusionPolicy, jobs: list[ImageJob], shape: PassShape, pass_size: int, should_stop=None
+    policy: DiffusionPolicy,
+    jobs: list[ImageJob],
+    shape: PassShape,
+    pass_size: int,
+    should_stop=None,
+    pad: bool = True,
 ) -> np.ndarray:
-    """Images ``[len(jobs), H, W, 3]`` uint8, ``pass_size`` rows per model pass.
+    """Images ``[len(jobs), H, W, 3]`` uint8, ``pass_size`` rows per model pass (``pad=False``: at
+    most ``pass_size``).
 
     ``should_stop()`` is polled between denoising steps; when it returns True the work is
     abandoned with ``TimeoutError``.
@@ -67,7 +77,7 @@ def generate(
     try:
         for start in range(0, len(jobs), pass_size):
             chunk = jobs[start : start + pass_size]
-            padded = chunk + [chunk[0]] * (pass_size - len(chunk))
+            padded = chunk + [chunk[0]] * (pass_size - len(chunk)) if pad else chunk
             images.append(_sample(policy, padded, shape, should_stop)[: len(chunk)])
     finally:
         policy.sampling = sampling
