@@ -25,6 +25,7 @@ logging into the same MLflow run.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from armature.losses import PerPromptStatTracker, ddpo_loss, decoupled_ppo_loss, normalize_rewards
+from armature.losses import PerPromptStatTracker, ddpo_loss, decoupled_ppo_loss, k3_kl, normalize_rewards
 from armature.platform.algorithms import Algorithm, register
 from armature.platform.config import OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
@@ -73,6 +74,9 @@ class DDPOConfig(OptimizerConfig):
     # by min(p_prox / p_sampling, behaviour_weight_cap)
     stale_correction: str = "ppo"
     behaviour_weight_cap: float = 5.0
+    # KL penalty to the base policy (the adapter switched off, or a frozen copy of the network):
+    # loss + beta * k3 estimate on each trained step, one more forward pass a step (0: off)
+    beta: float = 0.0
     # after training: every prompt x this many fixed seeds, sampled with the weights before and
     # after training (the same noise), scored by every reward component (0: off)
     final_eval_per_prompt: int = 0
@@ -102,6 +106,8 @@ def check(cfg: DictConfig) -> list[str]:
             f"algo.final_eval_per_prompt={algo.final_eval_per_prompt}: seeds per prompt of the "
             "evaluation after training; use 0 to skip it, e.g. 16"
         )
+    if algo.beta < 0:
+        errors.append(f"algo.beta={algo.beta}: the KL penalty's weight must be >= 0 (0: off), e.g. 0.01")
     return errors
 
 
@@ -131,6 +137,10 @@ def train_loop(config: dict) -> None:
     per_worker = algo.samples_per_epoch // world
     micro = algo.train_batch_size
 
+    # The KL reference (algo.beta > 0): the network with its adapter off, or a frozen full copy.
+    frozen = None
+    if algo.beta > 0 and policy.lora is None:
+        frozen = copy.deepcopy(policy.unet).requires_grad_(False).eval()
     # gradients accumulate over every stored step of a micro-batch, and over micro-batches
     engine = w.start(policy, train_steps * algo.gradient_accumulation_batches)
     tracker = PerPromptStatTracker(algo.stat_buffer_size, algo.stat_min_count)
@@ -185,6 +195,8 @@ def train_loop(config: dict) -> None:
         prox = proximal_log_probs(policy, traj, micro) if decoupled else None
         engine.module.train()
         stats = {"loss": [], "approx_kl": [], "clipfrac": []}
+        if algo.beta > 0:
+            stats["kl"] = []
         for _ in range(algo.num_inner_epochs):
             order = torch.randperm(per_worker)
             step_order = torch.stack([torch.randperm(num_steps) for _ in range(per_worker)])
@@ -193,12 +205,8 @@ def train_loop(config: dict) -> None:
                 rows = torch.arange(len(mb))
                 for k in range(train_steps):
                     j = step_order[mb, k]  # each trajectory trains on its own random steps
-                    log_prob = policy.step_log_prob(
-                        batch.cond,
-                        batch.latents[rows, j],
-                        batch.timesteps[rows, j],
-                        batch.latents[rows, j + 1],
-                    )
+                    step = (batch.cond, batch.latents[rows, j], batch.timesteps[rows, j], batch.latents[rows, j + 1])
+                    log_prob = policy.step_log_prob(*step)
                     behaviour = batch.log_probs[rows, j].to(log_prob.device)
                     if prox is None:
                         loss, info = ddpo_loss(
@@ -214,6 +222,12 @@ def train_loop(config: dict) -> None:
                             algo.adv_clip_max,
                             algo.behaviour_weight_cap,
                         )
+                    if algo.beta > 0:
+                        with torch.no_grad(), policy.reference(frozen):
+                            ref_log_prob = policy.step_log_prob(*step)
+                        kl = k3_kl(log_prob, ref_log_prob)
+                        loss = loss + algo.beta * kl
+                        stats["kl"].append(kl.item())
                     w.step(loss)
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(info["approx_kl"].item())

@@ -11,6 +11,7 @@ from armature.losses.dpo import (
     weighted_denoising_error,
 )
 from armature.losses.grpo import group_advantages, grpo_loss
+from armature.losses.kl import k3_kl
 from armature.losses.nft import ema_update, forward_process, nft_loss, optimality_probability
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "decoupled_ppo_loss",
     "group_advantages",
     "grpo_loss",
+    "k3_kl",
     "ema_update",
     "forward_process",
     "nft_loss",

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from armature.losses.kl import k3_kl
+
 __all__ = ["group_advantages", "grpo_loss"]
 
 
@@ -67,8 +69,7 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     policy_loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     if ref_log_prob is not None:
-        d = ref_log_prob - log_prob
-        kl = (torch.exp(d) - d - 1).mean()
+        kl = k3_kl(log_prob, ref_log_prob)
     else:
         kl = torch.zeros((), device=log_prob.device)
     loss = policy_loss + beta * kl if beta > 0 else policy_loss
