@@ -39,6 +39,11 @@ def _command(tmp: Path) -> list[str]:
         "cluster.num_samplers=2",
         "cluster.sampler_num_cpus=0.5",
         "reward.num_cpus=0.25",
+        # a monitor and the over-optimisation guard, patient enough never to stop this run: its
+        # state and best weights ride in the checkpoints through the kill and the resume
+        "+reward.components.brightness={weight: 0.0}",
+        "guard.monitor=brightness",
+        "guard.patience=100",
         "model.lora.enabled=true",
         "model.lora.rank=2",
         f"trainer.storage_path={tmp / 'ray'}",
@@ -119,6 +124,20 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= adapter
     images = client.list_artifacts(run.info.run_id, "samples")
     assert len(images) == EPOCHS
+    # The guard's best epoch is the monitor's first maximum (the logged metric, computed apart);
+    # the run ended rolled back to it unless it was the last epoch; the curve was drawn.
+    monitor = [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "reward_brightness_mean"), key=lambda m: m.step)
+    ]
+    best = [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "guard_best_epoch"), key=lambda m: m.step)
+    ]
+    assert len(monitor) == len(best) == EPOCHS
+    assert best[-1] == max(range(EPOCHS), key=lambda e: (monitor[e], -e))
+    rolled = client.get_metric_history(run.info.run_id, "guard_rolled_back_to")
+    assert [m.value for m in rolled] == ([] if best[-1] == EPOCHS - 1 else [best[-1]])
+    assert "overoptimisation" in artifacts
 
     # The adapter was registered under the default name, and loads into a fresh policy.
     from armature.platform.registry import list_adapters, resolve_adapter

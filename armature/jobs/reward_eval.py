@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
 
     from armature.actors import start_reward_actors
     from armature.data.stream import read_dataset
-    from armature.jobs.reward_model import prepare_with_severity, synthetic_pairs
+    from armature.jobs.reward_model import RewardModelConfig, prepare_with_severity, synthetic_pairs
     from armature.platform.launch import open_run
     from armature.platform.tracking import RunLogger
 
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     algo, data, reward_cfg = c.algo, c.data, c.reward
     ray.data.DataContext.get_current().enable_progress_bars = False
     size = data.image_size or 32
-    synthetic = {"synthetic_choices": 3, "synthetic_tie_fraction": 0.1}
+    synthetic = RewardModelConfig(synthetic_choices=3, synthetic_tie_fraction=0.1)  # the drawings' choice sets
     pairs = data.pairs or synthetic_pairs(f"{job.run_dir}/synthetic_pairs", data, synthetic, size, c.trainer.seed)
     ds = (
         read_dataset(pairs, allow_outside_root=data.allow_outside_root)
