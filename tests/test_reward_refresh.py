@@ -201,7 +201,6 @@ def test_store_agreement_over_some_pairs(tmp_path):
         (["refresh.every=1", "refresh.replay=1.5"], "refresh.replay=1.5"),
         (["refresh.every=1", "refresh.labels_per_pair=3"], "at most refresh.num_annotators=2"),
         (["refresh.every=1", "refresh.annotator=crowd"], "refresh.annotator=crowd"),
-        (["refresh.every=1", "refresh.annotator_reward={}"], "refresh.annotator_reward is empty"),
         (["refresh.every=1", "refresh.learning_rate=0"], "refresh.learning_rate=0"),
         (["refresh.every=1", "trainer.storage_path=s3://bucket/runs"], "give refresh.store a database URL"),
     ],
@@ -213,14 +212,27 @@ def test_refresh_config_checks_name_the_field_and_the_fix(overrides, message):
         compose("train", overrides)
 
 
+def test_simulated_annotators_need_a_reward():
+    from omegaconf import OmegaConf
+
+    from armature.platform.config import compose, refresh_errors
+
+    cfg = compose("train", ["refresh.every=1"])
+    OmegaConf.update(cfg, "refresh.annotator_reward", {}, merge=False)
+    assert any("refresh.annotator_reward is empty" in e for e in refresh_errors(cfg))
+    OmegaConf.update(cfg, "refresh.annotator", "human")
+    assert refresh_errors(cfg) == []  # people need no reward
+
+
 def test_refresh_is_off_by_default_and_composes_on_the_gym_reward():
     from armature.platform.config import compose
 
     assert compose("train").refresh.every == 0
-    cfg = compose("train", ["refresh.every=2", "refresh.annotator=human", "refresh.annotator_reward={gym_anatomy: {}}"])
+    cfg = compose("train", ["refresh.every=2", "refresh.annotator=human"])
     assert cfg.refresh.every == 2 and cfg.refresh.store is None
-    # simulated annotators labelling with the trained reward itself: allowed
-    assert compose("train", ["refresh.every=1", "refresh.annotator_reward={gym_anatomy: {weight: 1}}"]).refresh.every
+    # simulated annotators labelling with the trained reward itself too: allowed
+    cfg = compose("train", ["refresh.every=1", "+refresh.annotator_reward.gym_anatomy={weight: 1}"])
+    assert set(cfg.refresh.annotator_reward) == {"gym_oracle", "gym_anatomy"}
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ import numpy as np
 
 from armature.feedback.simulated import SimulatedAnnotator, uncertainty
 from armature.feedback.store import PreferenceStore, resolve_decisions
-from armature.losses import pairwise_accuracy
+from armature.losses.reward_model import pairwise_accuracy
 from armature.platform.learner import Worker, epoch_plan, prompt_list
 
 __all__ = ["RewardRefresh", "attach_refresh", "PREFIX", "VERSION_BASE"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from armature.losses import bradley_terry_loss
+from armature.losses.reward_model import bradley_terry_loss
 
 from .base import Reward, WeightedSum, pil_to_tensor
 from .conv_scorer import ConvScorer
@@ -79,6 +79,7 @@ def bradley_terry_step(
     """One optimizer step of the Bradley-Terry loss on a batch: ``pixels_*`` float ``[B, 3, H, W]``
     in ``[0, 1]``, ``tie`` bool ``[B]``. Returns the loss before the step."""
     optimizer.zero_grad()
+    tie = torch.as_tensor(np.asarray(tie, bool))
     prompts = [""] * len(pixels_w)  # a conv scorer reads the image alone
     loss = bradley_terry_loss(scorer.score_tensor(pixels_w, prompts), scorer.score_tensor(pixels_l, prompts), tie)
     loss.backward()
