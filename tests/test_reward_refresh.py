@@ -53,7 +53,7 @@ def test_one_bradley_terry_step_matches_a_hand_computed_adam_step():
     images_w, images_l = rng.random((3, 3, 2, 2)), rng.random((3, 3, 2, 2))  # [B, 3, H, W] in [0, 1]
     tie = np.array([False, True, False])
     w0 = scorer.net.linear.weight.detach().double().numpy()[0].copy()
-    b0 = float(scorer.net.linear.bias)
+    b0 = float(scorer.net.linear.bias.detach())
     x_w, x_l = (images_w * 2 - 1).reshape(3, -1), (images_l * 2 - 1).reshape(3, -1)  # the scorer's input
     loss, grad = _by_hand(w0, x_w, x_l, np.where(tie, 0.5, 1.0))
 
@@ -67,7 +67,7 @@ def test_one_bradley_terry_step_matches_a_hand_computed_adam_step():
     # Adam's first step (bias-corrected m = g, v = g^2): theta - lr * g / (|g| + eps); b gets no gradient
     expected = w0 - lr * grad / (np.abs(grad) + eps)
     np.testing.assert_allclose(scorer.net.linear.weight.detach().numpy()[0], expected, rtol=1e-5, atol=1e-6)
-    assert float(scorer.net.linear.bias) == pytest.approx(b0, abs=1e-7)
+    assert float(scorer.net.linear.bias.detach()) == pytest.approx(b0, abs=1e-7)
 
 
 def test_fine_tune_on_one_pair_takes_that_step_and_leaves_the_scorer_frozen():
@@ -292,8 +292,8 @@ def test_a_ddpo_job_refreshes_its_reward_and_the_actors_score_with_the_new_weigh
     images = [Image.open(io.BytesIO(store.image(p, s))).convert("RGB") for s in "ab" for p in ids]
     reward = load("gym_anatomy")
     shipped = reward(images, [""] * 8)
-    last = max(run_dir.glob("checkpoint_*"), key=lambda p: p.name)
-    extra = load_file(last / "armature_extra.safetensors")
+    last = max(run_dir.glob("checkpoint_*/armature_extra.safetensors"), key=lambda p: p.parent.name)
+    extra = load_file(last)
     refreshed = {k[len(PREFIX) :]: v for k, v in extra.items() if k.startswith(PREFIX)}
     assert len({k.split(".")[1] for k in refreshed}) == 5  # the five shipped scorers, each fine-tuned
     load_trainable_state(trainable_scorers(reward), refreshed)
