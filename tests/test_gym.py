@@ -356,7 +356,7 @@ def test_reward_components_report_their_own_summary_metrics():
 
 def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp_path, monkeypatch):
     """The bench's ledger: a rerun in the same folder does not repeat a finished stage (same
-    overrides: same seconds and folder, the job not called); other overrides run under another
+    overrides: same metrics, seconds and folder, the job not called); other overrides run under another
     run name, so they never resume the first one's checkpoint."""
     from pathlib import Path
     from types import SimpleNamespace
@@ -379,7 +379,7 @@ def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp
     again = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=2"], logs.append)
     other = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=3"], logs.append)
     assert len(ran) == 2 and ran[0] != ran[1] and ran[0].startswith("bench-ddpo-")
-    assert first[0] == {"done": 1} and again[0] == {} and again[1:] == first[1:]
+    assert first[0] == {"done": 1} and again[0] == {"done": 1.0} and again[1:] == first[1:]
     assert other[2] != first[2] and "kept" in logs[1]
     ledger = json.loads((tmp_path / gym_bench.LEDGER).read_text())
     assert ledger["ddpo"]["folder"] == str(other[2])  # the latest run of the stage

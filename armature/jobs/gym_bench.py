@@ -114,7 +114,7 @@ LEDGER = "stages.json"  # in the bench's folder: the stages done, so a rerun doe
 def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | None = None) -> tuple[dict, float, Path]:
     """Compose and run one job; returns its metrics, wall seconds and run folder. A stage that a
     bench run in the same folder finished with the same overrides is not run again:
-    its seconds and folder come from the folder's ledger, its metrics are ``{}``. The run's name
+    its metrics, seconds and folder come from the folder's ledger. The run's name
     holds a digest of its overrides: a stage that stopped half-way resumes from its checkpoint
     when run again, one with other overrides starts afresh."""
     import hashlib
@@ -140,13 +140,14 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     done = ledger.get(name)
     if done and done["overrides"] == every and Path(done["folder"]).is_dir():
         log(f"stage {name}: done by an earlier run ({done['seconds']:.0f} s), kept")
-        return {}, float(done["seconds"]), Path(done["folder"])
+        return done.get("metrics", {}), float(done["seconds"]), Path(done["folder"])
     job_cfg = compose("train", every)
     log(f"stage {name}: {' '.join(overrides)}")
     start = time.perf_counter()
     metrics = get(job_cfg.algo.name).run(job_cfg) or {}
     seconds, folder = time.perf_counter() - start, out / "ray" / run_name
-    ledger[name] = {"overrides": every, "seconds": seconds, "folder": str(folder)}
+    kept = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    ledger[name] = {"overrides": every, "seconds": seconds, "folder": str(folder), "metrics": kept}
     ledger_path.write_text(json.dumps(ledger, indent=1))
     return metrics, seconds, folder
 
@@ -248,11 +249,12 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     paths = scorers[0] if len(scorers) == 1 else f"[{', '.join(scorers)}]"
     learned_spec = f"{{weight: 1.0, path: {paths}}}"
     learned = f"+reward.components.learned={learned_spec}"
-    seconds, policies = {"base": 0.0}, {"base": None}
+    seconds, policies, epochs = {"base": 0.0}, {"base": None}, {"base": 0}
     runs = [(name, recipe(name, cfg, out, prompts, learned_spec)) for name in cfg.learners]
     runs += [(f"{name}{ORACLE}", recipe(name, cfg, out, prompts, None)) for name in cfg.ceiling]
     for name, overrides in runs:
-        _, seconds[name], run_dir = _stage(cfg, name, overrides, log)
+        last, seconds[name], run_dir = _stage(cfg, name, overrides, log)
+        epochs[name] = int(last.get("epoch", -1)) + 1  # trained (online DPO: rounds), the budget may stop early
         policies[name] = str(_artifact(run_dir, "adapter", out / "adapters" / name))
 
     policy_args = [f"+algo.policies.{k}={v}" for k, v in policies.items() if k != "base"]
@@ -285,6 +287,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                 "any_error_rate": row["aer"],
                 "learned_reward": row["mean/learned"],
                 "train_s": training_seconds(row["policy"], seconds, reward_s),
+                "epochs": epochs[row["policy"].split("+")[0]],
                 "sample_s_per_image": row["sample_s"],
             }
         )
@@ -360,12 +363,12 @@ def markdown(table: list[dict], reward_s: float, pool: int, shipped: bool = Fals
     head = (
         "| policy | severe-error rate (pool) | mean severity (pool) | severe-error rate (picks) "
         "| mean severity (picks) | any-error rate (picks) | learned reward (picks) | picks "
-        "| training (s) | sampling (s / image) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| epochs | training (s) | sampling (s / image) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['policy']} | {r['pool_severe_rate']:.3f} | {r['pool_mean_severity']:.3f} | "
         f"{r['severe_rate']:.3f} | {r['mean_severity']:.3f} | "
-        f"{r['any_error_rate']:.3f} | {r['learned_reward']:.3f} | {r['samples']} | {r['train_s']:.0f} | "
+        f"{r['any_error_rate']:.3f} | {r['learned_reward']:.3f} | {r['samples']} | {r['epochs']} | {r['train_s']:.0f} | "
         f"{r['sample_s_per_image']:.3f} |"
         for r in table
     ]
