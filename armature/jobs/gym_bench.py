@@ -63,7 +63,7 @@ from pathlib import Path
 BENCH_PROMPTS = "gym_prompts.txt"
 LEARNERS = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo", "dpo", "asap_dpo")
 CEILINGS = ("ddpo", "grpo", "online_dpo")  # the learners that can take the (non-differentiable) oracle as reward
-EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 4, "dpo": 4, "asap_dpo": 4}
+EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 7, "dpo": 4, "asap_dpo": 4}
 
 
 @dataclass
@@ -89,6 +89,7 @@ class BenchConfig:
     # epochs (online_dpo: rounds) of each learner; with train_s, an upper bound
     epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
     train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
+    evaluate: bool = True  # false: stop after the learners (a later run in the same out keeps them and evaluates)
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
 
@@ -257,6 +258,9 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         epochs[name] = int(last.get("epoch", -1)) + 1  # trained (online DPO: rounds), the budget may stop early
         policies[name] = str(_artifact(run_dir, "adapter", out / "adapters" / name))
 
+    if not cfg.evaluate:
+        log(f"trained {', '.join(name for name, _ in runs) or 'nothing'}; bench.evaluate=false: no eval stage")
+        return []
     policy_args = [f"+algo.policies.{k}={v}" for k, v in policies.items() if k != "base"]
     metrics, eval_s, eval_dir = _stage(
         cfg,
