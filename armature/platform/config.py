@@ -95,6 +95,9 @@ class TrainerConfig:
     # on-policy learners: 1 rolls out epoch k+1 (with the weights before epoch k's update) while
     # the learner trains on epoch k, samplers and learner each on their own CPU share; 0: in turn
     rollout_ahead: int = 0
+    # stop after the epoch in which the job's training time (seconds since the trainer started,
+    # summed over resumes; sampling and scoring included) reaches this; 0: epochs alone decide
+    time_budget_s: float = 0.0
 
 
 @dataclass
@@ -276,6 +279,9 @@ def validate_algo(algo: DictConfig) -> DictConfig:
         schema = OmegaConf.structured(get(name).schema)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    for key in algo:  # a mapping the config sets replaces the schema's default mapping, never adds to it
+        if key in schema and OmegaConf.get_type(schema, key) is dict:
+            schema[key] = {}
     try:
         return OmegaConf.merge(schema, algo)
     except Exception as err:  # omegaconf's errors carry the key; re-raise with the section
@@ -351,6 +357,10 @@ def check(cfg: DictConfig) -> None:
         errors.append(
             f"trainer.placement_strategy={cfg.trainer.placement_strategy}: "
             "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+        )
+    if cfg.trainer.time_budget_s < 0:
+        errors.append(
+            f"trainer.time_budget_s={cfg.trainer.time_budget_s}: a number of seconds of training, or 0 for no budget"
         )
     if cfg.trainer.rollout_ahead not in (0, 1):
         errors.append(
