@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 LOCAL_PREFIX = "local:"
+INLINE_ENCODE_PIXELS = 64 * 64  # a request's images of at most this many pixels in all are encoded on the event loop
 
 
 class Overloaded(Exception):
@@ -510,8 +511,11 @@ class Ingress:
             if response is not None:
                 response.cancel()
             raise ApiError(504, "generator", f"no answer within limits.request_timeout_s={timeout:g}") from err
-        data = await asyncio.to_thread(_encode, result)
-        height, width = np.asarray(result["images"]).shape[1:3]
+        images = np.asarray(result["images"])
+        # A few small PNGs encode in less time than a hop to a worker thread and back.
+        inline = images[..., 0].size <= INLINE_ENCODE_PIXELS
+        data = _encode(result) if inline else await asyncio.to_thread(_encode, result)
+        height, width = images.shape[1:3]
         return {
             "created": int(time.time()),
             "model": body.model or self.base_model,
