@@ -251,6 +251,9 @@ class ServeConfig:
     # Rewards a request may name for Best-of-N: name -> options (see armature.rewards.available())
     rewards: dict[str, Any] = field(default_factory=lambda: {"compressibility": {}})
     api_key_env: Optional[str] = "ARMATURE_API_KEY"  # bearer token required when this variable is set
+    # The generator replica as its own HTTP ingress: no Ray hop between the FastAPI app and the model.
+    # None: when there is one generator replica (generator.autoscaling.max_replicas 1).
+    ingress_in_generator: Optional[bool] = None
 
 
 # --------------------------------------------------------------------------- algorithms
@@ -444,6 +447,11 @@ def check_serve(cfg: DictConfig) -> None:
             errors.append(f"{name}.autoscaling: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
         if cfg[name].max_ongoing_requests < 1:
             errors.append(f"{name}.max_ongoing_requests must be >= 1")
+    if cfg.ingress_in_generator and cfg.generator.autoscaling.max_replicas > 1:
+        errors.append(
+            "ingress_in_generator=true with generator.autoscaling.max_replicas > 1: adapter-aware routing "
+            "across replicas needs a separate ingress; set it false or null"
+        )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
