@@ -383,3 +383,24 @@ def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp
     assert other[2] != first[2] and "kept" in logs[1]
     ledger = json.loads((tmp_path / gym_bench.LEDGER).read_text())
     assert ledger["ddpo"]["folder"] == str(other[2])  # the latest run of the stage
+
+
+def test_each_bench_stage_runs_with_its_own_seed(tmp_path, monkeypatch):
+    """The reward stages train scorer k from seed ``bench.seed + k``: the job gets that seed."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from armature.jobs import gym_bench
+    from armature.platform import algorithms
+
+    seeds, real = [], algorithms.get
+
+    def run(job_cfg):
+        seeds.append(job_cfg.trainer.seed)
+        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
+
+    monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
+    cfg = gym_bench.BenchConfig(out=str(tmp_path), seed=5)
+    gym_bench._stage(cfg, "reward-2", ["algo.num_epochs=1"], print, seed=7)
+    gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=1"], print)
+    assert seeds == [7, 5]

@@ -133,6 +133,7 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     base = [
         f"trainer.storage_path={out / 'ray'}",
         f"tracking.run_name={run_name}",
+        stage_args[0],  # the seed
         "cluster.num_cpus=8",
         "sampling.num_steps=20",
         "sampling.guidance_scale=1.0",
