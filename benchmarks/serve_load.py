@@ -1,9 +1,10 @@
 """Load test of the Serve generator against bare diffusers: throughput and p50 / p99 latency.
 
 Starts a local Ray and Serve and deploys the generator (the tiny model, one replica, batching
-on as configured: ``configs/serve.yaml``'s ``batching`` unless a flag says; with ``--unpadded`` also
-an application whose passes are not padded to ``pass_size``, with ``--unbatched`` one that takes one
-request at a time, each with the same resources). At each concurrency level,
+on as configured: ``configs/serve.yaml``'s ``batching`` unless a flag says; one replica, so the
+ingress runs inside the generator replica; with ``--split`` also an application with a separate
+ingress deployment, with ``--unpadded`` one whose passes are not padded to ``pass_size``, with
+``--unbatched`` one that takes one request at a time, each with the same resources). At each concurrency level,
 ``--concurrency`` clients send requests of one image in a closed loop (different prompts and
 seeds, the server's default steps and size) for ``--seconds``. In the same run, this process
 calls the same model's diffusers pipeline directly (``pipe(prompt=[...])``, same steps, size,
@@ -12,7 +13,8 @@ measurements alternate, ``--repeats`` times, so that a change in the machine's b
 hits all alike. The figure is served images/s at concurrency 8 over bare diffusers' images/s at
 batch 8 (on 2 CPU cores batching itself gains little, so the goal is >= 0.9).
 
-    python benchmarks/serve_load.py [--seconds 10] [--repeats 2] [--concurrency 1 8] [--threads 1] [--unpadded] [--unbatched]
+    python benchmarks/serve_load.py [--seconds 10] [--repeats 2] [--concurrency 1 8] [--threads 1] [--split]
+        [--unpadded] [--unbatched]
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--gap", type=float, help="batching.arrival_gap_s (default: the config's)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per mode and level, alternated")
     parser.add_argument("--bare-batch", type=int, default=8, help="the batch of bare diffusers to compare with")
+    parser.add_argument("--split", action="store_true", help="also serve with ingress_in_generator=false")
     parser.add_argument("--unpadded", action="store_true", help="also serve with batching.pad_passes=false")
     parser.add_argument("--unbatched", action="store_true", help="also serve with batching off")
     parser.add_argument("--port", type=int, default=8765)
@@ -134,6 +137,8 @@ def main() -> None:
     batched += [] if args.wait is None else [f"batching.batch_wait_timeout_s={args.wait}"]
     batched += [] if args.gap is None else [f"batching.arrival_gap_s={args.gap}"]
     modes = {"batched": batched}
+    if args.split:
+        modes["split"] = batched + ["ingress_in_generator=false"]
     if args.unpadded:
         modes["unpadded"] = batched + ["batching.pad_passes=false"]
     if args.unbatched:
@@ -192,7 +197,8 @@ def main() -> None:
     print(
         f"\n{cfg.model.family} model, {cfg.sampling.num_steps} steps, {width}x{height}, {args.threads} torch "
         f"thread(s), {args.repeats} x {args.seconds:g} s a row. Served: 1 image a request over HTTP, one generator "
-        f"replica; batching on: up to {args.batch_size} requests a group, {args.pass_size} images a pass "
+        "replica, the ingress inside it (split: a separate ingress deployment); batching on: up to "
+        f"{args.batch_size} requests a group, {args.pass_size} images a pass "
         f"({padding}), a group not full waits until no request came for {cfg.batching.arrival_gap_s * 1e3:.0f} ms, "
         f"at most {cfg.batching.batch_wait_timeout_s * 1e3:.0f} ms; unpadded: the same, passes not padded; off: one "
         "request at a time. Bare: the diffusers pipeline called in this process, latency per call\n"
@@ -205,6 +211,7 @@ def main() -> None:
     names = {
         "bare": "bare diffusers",
         "batched": "served, batching on",
+        "split": "served, separate ingress",
         "unpadded": "served, passes not padded",
         "unbatched": "served, batching off",
     }
@@ -225,6 +232,9 @@ def main() -> None:
     if ("bare", 1) in results and ("bare", args.bare_batch) in results:
         gain = results["bare", args.bare_batch][0] / results["bare", 1][0]
         print(f"bare diffusers, batch {args.bare_batch} / batch 1: {gain:.2f}")
+    if ("split", 8) in results and ("bare", args.bare_batch) in results:
+        ratio = results["split", 8][0] / results["bare", args.bare_batch][0]
+        print(f"served with a separate ingress, concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}")
     if ("unpadded", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["unpadded", 8][0] / results["bare", args.bare_batch][0]
         print(f"served with passes not padded, concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}")

@@ -5,6 +5,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Every test names its own MLflow store; one from the environment would override them.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 
@@ -20,3 +25,51 @@ def ray_cluster():
     ray.init(num_cpus=4, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+class TrainRun:
+    """A finished `armature train` job: its output, and its MLflow run's metrics by step."""
+
+    def __init__(self, out: str, run_dir: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.out = out
+        info = json.loads((run_dir / "armature_run.json").read_text())
+        self.client = MlflowClient(info["tracking_uri"])
+        self.run_id = info["mlflow_run_id"]
+
+    def history(self, key: str) -> list[float]:
+        return [m.value for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)]
+
+
+def train_command(tmp: Path, name: str, *overrides: str) -> list[str]:
+    """`armature train` with the overrides, its checkpoints and MLflow store under tmp, run `name`."""
+    return [
+        sys.executable,
+        "-m",
+        "armature.cli",
+        "train",
+        *overrides,
+        f"trainer.storage_path={tmp / 'ray'}",
+        f"tracking.local_dir={tmp / 'track'}",
+        f"tracking.run_name={name}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def train_job(ray_cluster):
+    """Runs `armature train` on the session's cluster to the end; asserts it succeeded; returns a TrainRun.
+
+    Usage: ``train_job(tmp_path, "name", "algo=grpo", ...)``.
+    """
+
+    def run(tmp: Path, name: str, *overrides: str, timeout: int = 900) -> TrainRun:
+        env = {**os.environ, "RAY_ADDRESS": ray_cluster, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        done = subprocess.run(
+            train_command(tmp, name, *overrides), env=env, capture_output=True, text=True, timeout=timeout
+        )
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-5000:]
+        return TrainRun(out, tmp / "ray" / name)
+
+    return run

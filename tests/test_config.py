@@ -178,3 +178,19 @@ def test_every_on_policy_learner_takes_rollouts_ahead(algo):
     if algo in ("grpo", "nft"):
         overrides.append("model=tiny_flow")
     assert compose("train", overrides).trainer.rollout_ahead == 1
+
+
+def test_a_mapping_in_an_algo_config_replaces_the_schema_default_instead_of_joining_it():
+    """``algo.annotator_reward`` defaults to ``{brightness: ...}``: naming another annotator reward
+    (deleting brightness, adding gym_oracle) leaves gym_oracle alone, not both summed; a mapping the
+    config leaves alone keeps its default; nested dataclass sections still get their defaults."""
+    from armature.platform.config import compose
+
+    c = compose(
+        "train",
+        ["algo=online_dpo", "~algo.annotator_reward.brightness", "+algo.annotator_reward.gym_oracle={weight: 1.0}"],
+    )
+    assert dict(c.algo.annotator_reward) == {"gym_oracle": {"weight": 1.0}}
+    assert dict(compose("train", ["algo=online_dpo"]).algo.annotator_reward) == {"brightness": {"weight": 1.0}}
+    with pytest.raises(ConfigError, match="time_budget_s"):
+        compose("train", ["trainer.time_budget_s=-5"])

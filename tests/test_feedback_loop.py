@@ -1,11 +1,6 @@
 """The online feedback loop: the simulated annotator and the pre-filter (fast), the config, and a
 few rounds of `armature train algo=online_dpo` on the tiny model (slow)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -97,20 +92,19 @@ def test_online_dpo_config_and_errors():
 
 
 @pytest.mark.slow
-def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
-    """Rounds of sample -> simulated labels -> Diffusion-DPO -> new weights on the tiny model:
-    every round stores fresh pairs from the new policy version, two annotators label each, the
+def test_online_loop_rounds_labels_weights_and_metrics(train_job, tmp_path):
+    """Rounds of sample -> simulated labels -> Diffusion-DPO -> new weights on the tiny model, the
+    samplers one round ahead (``trainer.rollout_ahead=1``): every round stores fresh pairs that
+    name the policy version that drew them, two annotators label each, the
     labels stream into the learner and every round is an MLflow step with counts, agreement
     and the held-out implicit accuracy against the annotators.
 
     The accuracy is printed, not asserted to rise: the random tiny model's samples are
     noise-like textures whose global statistics barely differ (brightness std 0.003 across
     seeds), so a few dozen on-policy pairs carry too little signal (see the closing note)."""
-    command = [
-        sys.executable,
-        "-m",
-        "armature.cli",
-        "train",
+    run = train_job(
+        tmp_path,
+        "online",
         "algo=online_dpo",
         "model=tiny_lora",
         "reward=brightness",
@@ -122,25 +116,14 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
         "algo.heldout_draws=4",
         "algo.probe_pairs=6",
         "sampling.num_steps=2",
+        # the samplers draw round r+1's pairs while round r is labeled and trained on
+        "trainer.rollout_ahead=1",
         "reward.num_cpus=0.5",
         "tracking.registered_model=null",
-        f"trainer.storage_path={tmp_path / 'ray'}",
-        f"tracking.local_dir={tmp_path / 'track'}",
-        "tracking.run_name=online",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
+    )
+    out, history = run.out, run.history
     assert "[armature] round 3/3" in out
 
-    from mlflow.tracking import MlflowClient
-
-    info = json.loads((tmp_path / "ray" / "online" / "armature_run.json").read_text())
-    client = MlflowClient(info["tracking_uri"])
-    history = lambda key: [
-        m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key), key=lambda m: m.step)
-    ]
     accuracy = history("heldout_implicit_acc")
     print(
         "held-out implicit accuracy by round:",
@@ -167,7 +150,13 @@ def test_online_loop_rounds_labels_weights_and_metrics(ray_cluster, tmp_path):
 
     store = PreferenceStore(tmp_path / "ray" / "online" / "feedback.db")
     assert store.counts()["pairs"] == 54 and sorted(store.counts_by_round()) == [-1, 0, 1, 2]
-    assert {store.pair(pid)["policy_version"] for pid in store.decisions()} == {0, 1, 2, 3}
+    # the probe's pairs (round -1) come from the base policy (version 0); rounds 0 and 1 were drawn
+    # with the weights before round 0's update (version 1), round 2's with those after it (2)
+    versions = {}
+    for pid in store.decisions():
+        versions.setdefault(store.pair(pid)["round"], set()).add(store.pair(pid)["policy_version"])
+    assert versions == {-1: {0}, 0: {1}, 1: {1}, 2: {2}}, versions
+    assert history("staleness") == [0, 1, 1]
     exported = read_pairs(tmp_path / "ray" / "online" / "labels" / "round_0002.parquet")
     assert exported.num_rows == 54 and set(exported["label"].to_pylist()) <= {"w", "l", "tie"}
     assert sum(pid.startswith("probe-") for pid in exported["pair_id"].to_pylist()) == 6

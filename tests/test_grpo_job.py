@@ -1,10 +1,7 @@
 """End to end: `armature train algo=grpo model=tiny_flow` on the session's Ray cluster raises its
-reward, and gives the same metrics, step for step, with one or two sampler actors."""
-
-import json
-import os
-import subprocess
-import sys
+reward in step; with one sampler actor instead of two and its rollouts one epoch ahead of the
+learner (``trainer.rollout_ahead=1``) it gives the same first epoch, metric for metric, then
+goes stale by one version."""
 
 import pytest
 
@@ -24,12 +21,10 @@ DETERMINISTIC = [
 ]
 
 
-def _train(tmp, ray_address, name, epochs, samplers):
-    command = [
-        sys.executable,
-        "-m",
-        "armature.cli",
-        "train",
+def _train(train_job, tmp, name, epochs, samplers, ahead):
+    run = train_job(
+        tmp,
+        name,
         "algo=grpo",
         "model=tiny_flow",
         "reward=brightness",
@@ -44,33 +39,21 @@ def _train(tmp, ray_address, name, epochs, samplers):
         "algo.sde_window_shift_every=3",
         "sampling.num_steps=12",
         "sampling.batch_size=8",
+        f"trainer.rollout_ahead={ahead}",
         f"cluster.num_samplers={samplers}",
         "cluster.sampler_num_cpus=0.5",
         "reward.num_cpus=0.25",
         "cluster.torch_threads=1",
         "tracking.images_per_grid=4",
         "tracking.registered_model=null",
-        f"trainer.storage_path={tmp / 'ray'}",
-        f"tracking.local_dir={tmp / 'track'}",
-        f"tracking.run_name={name}",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    from mlflow.tracking import MlflowClient
-
-    info = json.loads((tmp / "ray" / name / "armature_run.json").read_text())
-    client = MlflowClient(info["tracking_uri"])
-    history = {
-        key: [m.value for m in sorted(client.get_metric_history(info["mlflow_run_id"], key), key=lambda m: m.step)]
-        for key in DETERMINISTIC + ["sde_window_start"]
-    }
-    return history
+        timeout=600,
+    )
+    return {key: run.history(key) for key in DETERMINISTIC + ["sde_window_start", "staleness"]}
 
 
 @pytest.fixture(scope="module")
-def two_sampler_run(ray_cluster, tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("grpo"), ray_cluster, "grpo2", EPOCHS, samplers=2)
+def two_sampler_run(train_job, tmp_path_factory):
+    return _train(train_job, tmp_path_factory.mktemp("grpo"), "grpo2", EPOCHS, samplers=2, ahead=0)
 
 
 def test_grpo_on_the_tiny_flow_model_raises_the_reward(two_sampler_run):
@@ -83,9 +66,19 @@ def test_grpo_on_the_tiny_flow_model_raises_the_reward(two_sampler_run):
     assert two_sampler_run["sde_window_start"] == [0, 0, 0, 1, 1, 1]
     # the first update starts on-policy: the learner recomputes the samplers' log-probabilities
     assert two_sampler_run["approx_kl"][0] < 1e-3
+    assert two_sampler_run["staleness"] == [0] * EPOCHS  # in step: each epoch sampled with its own weights
 
 
-def test_grpo_metrics_do_not_depend_on_the_number_of_samplers(two_sampler_run, ray_cluster, tmp_path):
-    one = _train(tmp_path, ray_cluster, "grpo1", 2, samplers=1)
+def test_grpo_with_one_sampler_and_rollouts_ahead_matches_until_the_rollouts_go_stale(
+    two_sampler_run, train_job, tmp_path
+):
+    """One sampler actor, rolling out epoch k+1 while the learner trains on epoch k
+    (``trainer.rollout_ahead=1``): epoch 0 samples the same images with the same weights as the
+    two samplers in step, so every metric matches exactly; epoch 1's rollouts were drawn with the
+    weights before epoch 0's update (staleness 1), so its rewards differ."""
+    one = _train(train_job, tmp_path, "grpo1", 2, samplers=1, ahead=1)
     for key in DETERMINISTIC:
-        assert one[key] == two_sampler_run[key][:2], key
+        assert len(one[key]) == 2, key
+        assert one[key][0] == two_sampler_run[key][0], key
+    assert one["staleness"] == [0, 1]
+    assert one["reward_mean"][1] != two_sampler_run["reward_mean"][1]

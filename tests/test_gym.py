@@ -203,7 +203,67 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
         run(BenchConfig(out=str(tmp_path / "f"), pairs=2, reward_seeds=0))
     with pytest.raises(ValueError, match="bench.best_of"):
         run(BenchConfig(out=str(tmp_path / "g"), pairs=2, best_of=[0, 4]))
-    assert not any((tmp_path / name).exists() for name in "cdefg")
+    with pytest.raises(ValueError, match="bench.ceiling"):  # the oracle is not differentiable
+        run(BenchConfig(out=str(tmp_path / "h"), ceiling=["alignprop"]))
+    with pytest.raises(ValueError, match="bench.scorers"):
+        run(BenchConfig(out=str(tmp_path / "i"), scorers="pretrained"))
+    with pytest.raises(ValueError, match="bench.epochs.*missing: \\['grpo'\\]"):
+        run(BenchConfig(out=str(tmp_path / "j"), learners=["grpo"], epochs={"ddpo": 3}))
+    with pytest.raises(ValueError, match="bench.train_s"):
+        run(BenchConfig(out=str(tmp_path / "k"), train_s=-1))
+    assert not any((tmp_path / name).exists() for name in "cdefghijk")
+
+
+def test_every_bench_learner_composes_a_valid_job_on_the_learned_reward_and_on_the_oracle(tmp_path):
+    """Each learner's stage (and each ceiling's) is a job config that composes and passes its
+    checks: the learned reward trained on with the oracle at weight 0 beside it (a monitor), or the
+    oracle alone at weight 1; the reward-gradient learners backpropagate only the learned reward;
+    online DPO's annotator is the learned reward alone (the default brightness annotator replaced,
+    not joined); the time budget reaches every learner."""
+    from armature.jobs import gym_bench
+    from armature.jobs.alignprop import build_reward
+    from armature.platform.config import compose
+
+    cfg = gym_bench.BenchConfig(out=str(tmp_path), train_s=120.0, epochs={**gym_bench.EPOCHS, "grpo": 3})
+    spec = "{weight: 1.0, path: [/s/a, /s/b]}"
+    base = ["cluster.num_cpus=8", "sampling.num_steps=20", "sampling.guidance_scale=1.0"]
+    for name in gym_bench.LEARNERS:
+        c = compose("train", base + gym_bench.recipe(name, cfg, tmp_path, tmp_path / "p.txt", spec))
+        assert c.algo.name == name and c.trainer.time_budget_s == 120.0 and c.model.lora.enabled
+        if name in ("dpo", "asap_dpo"):
+            assert c.data.pairs == str(tmp_path / "pairs")
+            continue
+        assert dict(c.reward.components) == {
+            "gym_oracle": {"weight": 0.0},
+            "learned": {"weight": 1.0, "path": ["/s/a", "/s/b"]},
+        }
+        if name == "online_dpo":
+            assert dict(c.algo.annotator_reward) == {"learned": {"weight": 1.0, "path": ["/s/a", "/s/b"]}}
+            assert (c.algo.annotator_noise, c.algo.annotator_tie_rate, c.algo.labels_per_pair) == (0.0, 0.0, 1)
+        if name in gym_bench.CEILINGS:
+            ceiling = compose("train", base + gym_bench.recipe(name, cfg, tmp_path, tmp_path / "p.txt", None))
+            assert dict(ceiling.reward.components) == {"gym_oracle": {"weight": 1.0}}
+            if name == "online_dpo":
+                assert dict(ceiling.algo.annotator_reward) == {"gym_oracle": {"weight": 1.0}}
+    assert compose("train", gym_bench.recipe("grpo", cfg, tmp_path, tmp_path / "p.txt", spec)).algo.num_epochs == 3
+    c = compose("train", base + gym_bench.recipe("draft", cfg, tmp_path, tmp_path / "p.txt", None))
+    with pytest.raises(ValueError, match="not differentiable"):  # the oracle cannot be backpropagated
+        build_reward(c)
+    shipped = compose(
+        "train",
+        base
+        + gym_bench.recipe(
+            "refl", cfg, tmp_path, tmp_path / "p.txt", "{weight: 1.0, path: " + str(gym_bench_shipped()) + "}"
+        ),
+    )
+    trained, monitors = build_reward(shipped)
+    assert trained.differentiable and list(monitors.rewards) == ["gym_oracle"] and monitors.weights["gym_oracle"] == 0.0
+
+
+def gym_bench_shipped():
+    from armature.rewards.learned import shipped_scorers
+
+    return "[" + ", ".join(str(p) for p in shipped_scorers()) + "]"
 
 
 def test_bench_counts_the_reward_training_in_every_row_that_uses_the_reward():
@@ -216,6 +276,11 @@ def test_bench_counts_the_reward_training_in_every_row_that_uses_the_reward():
     assert training_seconds("ddpo+bon4", seconds, reward_s) == 900.0  # counted once, not twice
     assert training_seconds("dpo", seconds, reward_s) == 90.0  # DPO learns from the pairs alone
     assert training_seconds("dpo+bon8", seconds, reward_s) == 590.0
+    seconds.update({"grpo": 300.0, "online_dpo": 200.0, "ddpo-oracle": 350.0})
+    assert training_seconds("grpo", seconds, reward_s) == 800.0  # every RL learner trains on it
+    assert training_seconds("online_dpo", seconds, reward_s) == 700.0  # its annotator is the reward
+    assert training_seconds("ddpo-oracle", seconds, reward_s) == 350.0  # the ceiling: the oracle, not it
+    assert training_seconds("ddpo-oracle+bon16", seconds, reward_s) == 850.0
 
 
 def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):
@@ -287,3 +352,55 @@ def test_reward_components_report_their_own_summary_metrics():
     assert m["reward_gym_oracle_severe_rate"] == 3 / 8
     assert m["reward_gym_oracle_mean"] == pytest.approx(-13 / 8) and m["reward_gym_anatomy_mean"] == pytest.approx(-0.5)
     assert "reward_gym_anatomy_severe_rate" not in reward_metrics({"gym_anatomy": learned})
+
+
+def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp_path, monkeypatch):
+    """The bench's ledger: a rerun in the same folder does not repeat a finished stage (same
+    overrides: same metrics, seconds and folder, the job not called); other overrides run under another
+    run name, so they never resume the first one's checkpoint."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from armature.jobs import gym_bench
+    from armature.platform import algorithms
+
+    ran = []
+
+    def run(job_cfg):
+        ran.append(job_cfg.tracking.run_name)
+        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
+        return {"done": 1}
+
+    real = algorithms.get
+    monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
+    cfg = gym_bench.BenchConfig(out=str(tmp_path))
+    logs = []
+    first = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=2"], logs.append)
+    again = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=2"], logs.append)
+    other = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=3"], logs.append)
+    assert len(ran) == 2 and ran[0] != ran[1] and ran[0].startswith("bench-ddpo-")
+    assert first[0] == {"done": 1} and again[0] == {"done": 1.0} and again[1:] == first[1:]
+    assert other[2] != first[2] and "kept" in logs[1]
+    ledger = json.loads((tmp_path / gym_bench.LEDGER).read_text())
+    assert ledger["ddpo"]["folder"] == str(other[2])  # the latest run of the stage
+
+
+def test_each_bench_stage_runs_with_its_own_seed(tmp_path, monkeypatch):
+    """The reward stages train scorer k from seed ``bench.seed + k``: the job gets that seed."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from armature.jobs import gym_bench
+    from armature.platform import algorithms
+
+    seeds, real = [], algorithms.get
+
+    def run(job_cfg):
+        seeds.append(job_cfg.trainer.seed)
+        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
+
+    monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
+    cfg = gym_bench.BenchConfig(out=str(tmp_path), seed=5)
+    gym_bench._stage(cfg, "reward-2", ["algo.num_epochs=1"], print, seed=7)
+    gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=1"], print)
+    assert seeds == [7, 5]

@@ -259,6 +259,7 @@ def test_serve_config_composes_and_names_bad_keys(capsys):
         (["limits.max_stps=3"], "max_stps"),
         (["sampling.num_steps=99"], "sampling.num_steps"),
         (["limits.min_size=12"], "size_multiple"),
+        (["ingress_in_generator=true", "generator.autoscaling.max_replicas=2"], "ingress_in_generator"),
     ):
         with pytest.raises(ConfigError, match=named):
             compose("serve", override)
@@ -322,6 +323,33 @@ def test_deployment_options_from_config(tmp_path):
     assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 4
     app = build_application(cfg)  # binds the deployments with those options; starts nothing
     assert type(app).__name__ == "Application"
+
+
+def test_the_ingress_runs_in_the_generator_only_with_one_generator_replica():
+    from omegaconf import OmegaConf
+
+    from armature.platform.config import compose
+    from armature.serve.app import ingress_in_generator
+
+    def layout(*overrides):
+        return ingress_in_generator(OmegaConf.to_container(compose("serve", list(overrides))))
+
+    assert layout() is True  # the shipped config: one replica
+    assert layout("generator.autoscaling.max_replicas=3") is False  # adapter-aware routing needs the ingress
+    assert layout("ingress_in_generator=false") is False
+
+
+def test_a_generator_holding_its_own_queue_refuses_past_max_waiting():
+    """With the ingress inside it, a generator bounds its own queue as Serve bounds a separate one."""
+    import asyncio
+
+    from armature.serve.app import Generator, Overloaded, Waiting
+
+    generator = Generator.func_or_class.__new__(Generator.func_or_class)  # no model: only the admission
+    generator.max_waiting, generator.running = 3, 2
+    generator.waiting = [Waiting(None, PassShape(3, 32, 32, 1.0, 1.0), {}, None)]
+    with pytest.raises(Overloaded):
+        asyncio.run(generator.run({"prompt": "x"}, ""))
 
 
 def test_generator_groups_the_oldest_request_with_compatible_ones():

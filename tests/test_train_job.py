@@ -118,6 +118,8 @@ def test_train_killed_after_checkpoint_resumes(ray_cluster, tmp_path):
         assert len(client.get_metric_history(run.info.run_id, key)) == EPOCHS, key
     # The first inner update starts on-policy: the learner recomputes the samplers' log-probs.
     assert client.get_metric_history(run.info.run_id, "approx_kl")[0].value < 1e-2
+    # In step (trainer.rollout_ahead=0, the default): every epoch sampled with its own weights.
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "staleness")] == [0] * EPOCHS
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "samples", "config.json"} <= artifacts
     adapter = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}

@@ -27,8 +27,9 @@ class RewardScorer:
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """``{"reward": [B], "<component>": [B], ...}`` for images ``[B, H, W, 3]`` uint8."""
         pil = [Image.fromarray(np.asarray(a)) for a in images]
-        if not isinstance(self.reward, WeightedSum):
-            return {"reward": self.reward(pil, prompts)}
+        if not isinstance(self.reward, WeightedSum):  # one component: its own summary too (e.g. a severe rate)
+            scores = self.reward(pil, prompts)
+            return {"reward": scores, self.reward.name: scores}
         # each component scores once; the total is their weighted sum (as WeightedSum computes it)
         components = self.reward.components(pil, prompts)
         total = np.zeros(len(pil), dtype=np.float64)

@@ -14,8 +14,11 @@ The objective is the reward itself, maximised by backpropagation through the sam
   step from the end and the reward scores that step's one-step prediction of x_0.
 
 The reward runs inside the learner process, frozen (its weights get no gradient); it must be
-differentiable (``reward=brightness``, ``colorfulness``, ``aesthetic``), which the driver checks
-before starting anything. There are no sampler or reward actors: sampling is the forward pass.
+differentiable (``reward=brightness``, ``colorfulness``, ``aesthetic``, ``learned``), which the
+driver checks before starting anything. Components at weight 0 are monitors, as in every learner:
+never backpropagated (so they need not be differentiable, e.g. the gym's oracle), scored on each
+epoch's final images and logged (``reward_<name>_mean``; the over-optimisation curve at the end).
+There are no sampler or reward actors: sampling is the forward pass.
 
 Read top to bottom: ``run`` checks the reward, then hands the learner core's driver
 (``armature.platform.learner``) the learner loop. ``train_loop`` (each Ray Train worker): a
@@ -37,7 +40,8 @@ from omegaconf import DictConfig
 from armature.platform.algorithms import Algorithm, register
 from armature.platform.config import OptimizerConfig, TrainConfig
 from armature.platform.engine import all_reduce_mean
-from armature.platform.learner import Worker, prompt_list, run_learner
+from armature.platform.learner import Worker, prompt_list, reward_metrics, run_learner
+from armature.platform.overoptimisation import monitors
 
 
 # ============================================================================ config
@@ -73,11 +77,20 @@ def check(cfg: DictConfig) -> list[str]:
 
 
 def build_reward(c: TrainConfig | DictConfig):
-    """The job's reward, refused with a message naming ``reward.components`` if not differentiable."""
+    """``(trained, monitors)``: the weighted sum of the components with a weight, refused with a
+    message naming ``reward.components`` if not differentiable, and the weight-0 components (a
+    reward whose ``components`` are logged; None when there are none)."""
     from armature.rewards import load_weighted, require_differentiable
 
-    reward = load_weighted(c.reward.components)
-    return require_differentiable(reward, "reward.components", f"algo={c.algo.name}")
+    components = dict(c.reward.components)
+    watched = monitors(components)
+    trained = {name: options for name, options in components.items() if name not in watched}
+    if not trained:
+        raise ValueError(
+            "reward.components: every component has weight 0 (a monitor); give the reward to train on a weight"
+        )
+    reward = require_differentiable(load_weighted(trained), "reward.components", f"algo={c.algo.name}")
+    return reward, (load_weighted({name: components[name] for name in watched}) if watched else None)
 
 
 # ============================================================================ driver
@@ -98,7 +111,7 @@ def train_loop(config: dict) -> None:
     w = Worker(config)
     c, algo, rank = w.c, w.algo, w.rank
     policy = w.build_policy()
-    reward = build_reward(c)  # frozen: its weights have requires_grad=False
+    reward, watch = build_reward(c)  # frozen: its weights have requires_grad=False
     micro = algo.batch_size
     engine = w.start(policy, algo.gradient_accumulation_batches, micro_batch=micro)  # the sampler's calls too
     prompts = prompt_list(c.prompts)
@@ -107,7 +120,7 @@ def train_loop(config: dict) -> None:
         engine.module.train()
         rng = np.random.default_rng([w.seed, epoch, rank])
         generator = torch.Generator(device=policy.device).manual_seed(int(rng.integers(2**31)))
-        rewards, sampled_rewards, losses, ks, images = [], [], [], [], []
+        rewards, sampled_rewards, losses, ks, images, watched = [], [], [], [], [], []
         for _ in range(algo.batches_per_epoch):
             batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=micro)]
             k = int(rng.integers(algo.truncation_min, algo.truncation_max + 1))
@@ -140,6 +153,8 @@ def train_loop(config: dict) -> None:
                     final = decode_with_grad(policy, sample.final_latents)
                     sampled_rewards.append(reward.score_tensor(final, batch_prompts).cpu())
             images.append(final.cpu())
+            if watch is not None:  # monitors: logged, never trained on
+                watched.append(watch.components(to_pil(final), batch_prompts))
 
         scores = torch.cat(rewards).numpy()
         sampled = torch.cat(sampled_rewards).numpy() if sampled_rewards else scores
@@ -149,6 +164,8 @@ def train_loop(config: dict) -> None:
             "loss": float(np.mean(losses)),
             "backprop_steps": float(np.mean(ks)),
         }
+        if watched:
+            local.update(reward_metrics({k: np.concatenate([s[k] for s in watched]) for k in watched[0]}))
         metrics = {
             "epoch": epoch,
             **all_reduce_mean(local),
@@ -158,9 +175,18 @@ def train_loop(config: dict) -> None:
         }
         metrics["samples_per_s"] = algo.batches_per_epoch * micro / metrics["epoch_time_s"]
         grid = lambda images=images: (torch.cat(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # noqa: E731
-        w.end_epoch(epoch, metrics, grid, progress=_print_progress)
+        if w.end_epoch(epoch, metrics, grid, progress=_print_progress):
+            break  # trainer.time_budget_s spent
 
     w.finish(policy)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """``[B, 3, H, W]`` in ``[0, 1]`` -> PIL images."""
+    from PIL import Image
+
+    arrays = (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
 
 
 def _print_progress(epoch: int, total: int, m: dict) -> None:

@@ -263,7 +263,7 @@ def train_loop(config: dict) -> None:
             state={"tracker": tracker.state_dict()},
             progress=print_progress,
         ):
-            break  # the over-optimisation guard stopped the run (guard.*)
+            break  # the over-optimisation guard (guard.*) or trainer.time_budget_s stopped the run
 
     if w.logger is not None and algo.final_eval_per_prompt:
         final = before_and_after(prompts, w.samplers, w.rewards, c, before, policy.trainable_state_dict())

@@ -209,7 +209,8 @@ def train_loop(config: dict) -> None:
             metrics.update(quarantine_metrics(config["quarantine"]))
 
         # ---- 3. checkpoint, then log ---------------------------------------------------
-        w.end_epoch(epoch, metrics, state={"global_step": global_step}, progress=print_progress)
+        if w.end_epoch(epoch, metrics, state={"global_step": global_step}, progress=print_progress):
+            break  # trainer.time_budget_s spent
 
     w.finish(policy)
 

@@ -17,9 +17,25 @@ pairs (an intact figure preferred to the same figure with one defect).
    mean of those prompt-free convolutional scorers (``bench.reward_backbone``; ``tiny`` is the
    tiny CLIP, which ranked the policy's samples no better than chance). Scorers trained from
    several seeds on one pair set make the same mistakes; on separate sets they differ more.
-3. ``ddpo``: DDPO on the base policy (``model=gym``) against the learned reward.
-4. ``dpo`` / ``asap``: Diffusion-DPO and ASAP's localized, margin-bounded DPO on the pairs
-   (``model=gym_lora``).
+   ``bench.scorers=shipped`` skips this stage: the learned reward is then the five scorers the
+   package ships (``armature/gym/anatomy_scorer``, made by this stage; their training time is in
+   their ``provenance.json``, not in the table).
+3. The learners (``bench.learners``), each a LoRA on the base policy (``model=gym_lora``), the oracle
+   logged beside the reward they train on at weight 0 (a monitor they never see):
+
+   * ``ddpo`` / ``grpo``: policy-gradient RL on the policy's own samples scored by the learned reward;
+   * ``alignprop`` / ``draft`` / ``refl``: reward-gradient learners, backpropagating the learned
+     reward (the conv scorers are differentiable) through the last denoising steps;
+   * ``online_dpo``: Diffusion-DPO on pairs of the policy's own samples, each pair labelled by the
+     learned reward (a noiseless simulated annotator, through the preference store);
+   * ``dpo`` / ``asap_dpo``: Diffusion-DPO and ASAP's localized, margin-bounded DPO, offline on the
+     injector pairs.
+
+   ``bench.ceiling`` names learners to train a second time with the oracle itself as the reward
+   (rows ``<learner>@oracle``): the ceiling that separates a learner's efficiency from the learned
+   reward's quality. ``bench.train_s``: every learner's training time budget
+   (``trainer.time_budget_s``; their ``bench.epochs`` are then upper bounds), so that rows compare
+   at the same wall time.
 5. ``eval``: the evaluation job (``algo=eval``) on the base policy and every trained one, each
    alone and with Best-of-N (``bench.best_of``) ranked by the learned reward. Every policy draws
    a pool of ``samples_per_prompt * max(best_of)`` candidates per prompt (256 by default); a
@@ -45,7 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH_PROMPTS = "gym_prompts.txt"
-LEARNERS = ("ddpo", "dpo", "asap_dpo")
+LEARNERS = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo", "dpo", "asap_dpo")
+CEILINGS = ("ddpo", "grpo", "online_dpo")  # the learners that can take the (non-differentiable) oracle as reward
+EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 7, "dpo": 4, "asap_dpo": 4}
 
 
 @dataclass
@@ -60,14 +78,18 @@ class BenchConfig:
     samples_per_prompt: int = 16  # per policy and prompt: 9 prompts -> 144 fixed-seed picks a row
     best_of: list[int] = field(default_factory=lambda: [1, 4, 8, 16])  # the pool: samples x max(N) a prompt
     reward_epochs: int = 3
+    scorers: str = "train"  # train: the learned reward's stage runs; shipped: the package's five scorers
     # scorers trained from seeds seed, seed + 1, ..., each on its own pair set; the learned reward is
     # their mean (docs/benchmarks.md has the measured effect of the number of scorers)
     reward_seeds: int = 5
     shared_pairs: bool = False  # True: every scorer on the seed's pair set; False: each on its own
     reward_conv_widths: list[int] = field(default_factory=lambda: [16, 32, 32, 64])  # backbone=conv
-    ddpo_epochs: int = 7
-    dpo_epochs: int = 4
     learners: list[str] = field(default_factory=lambda: ["ddpo", "dpo", "asap_dpo"])
+    ceiling: list[str] = field(default_factory=list)  # learners also trained on the oracle: rows <learner>@oracle
+    # epochs (online_dpo: rounds) of each learner; with train_s, an upper bound
+    epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
+    train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
+    evaluate: bool = True  # false: stop after the learners (a later run in the same out keeps them and evaluates)
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
 
@@ -87,27 +109,49 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return bench, [o for o in overrides if o not in bench]
 
 
+LEDGER = "stages.json"  # in the bench's folder: the stages done, so a rerun does not repeat them
+
+
 def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | None = None) -> tuple[dict, float, Path]:
-    """Compose and run one job; returns its metrics, wall seconds and run folder."""
+    """Compose and run one job; returns its metrics, wall seconds and run folder. A stage that a
+    bench run in the same folder finished with the same overrides is not run again:
+    its metrics, seconds and folder come from the folder's ledger. The run's name
+    holds a digest of its overrides: a stage that stopped half-way resumes from its checkpoint
+    when run again, one with other overrides starts afresh."""
+    import hashlib
+
     from armature.platform.algorithms import get
     from armature.platform.config import compose
 
     out = Path(cfg.out).resolve()
+    ledger_path = out / LEDGER
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
     # One local Ray serves every stage, sized for the largest (DDPO's learner, samplers and reward
     # actors): logical CPUs, the stages take turns on the cores. A cluster address overrides it.
+    stage_args = [f"trainer.seed={cfg.seed if seed is None else seed}", *overrides, *cfg.overrides]
+    run_name = f"bench-{name}-{hashlib.sha256(json.dumps(stage_args).encode()).hexdigest()[:8]}"
     base = [
         f"trainer.storage_path={out / 'ray'}",
-        f"tracking.run_name=bench-{name}",
-        f"trainer.seed={cfg.seed if seed is None else seed}",
+        f"tracking.run_name={run_name}",
+        stage_args[0],  # the seed
         "cluster.num_cpus=8",
         "sampling.num_steps=20",
         "sampling.guidance_scale=1.0",
     ]  # as pretrain measures
-    job_cfg = compose("train", base + overrides + list(cfg.overrides))
+    every = base + overrides + list(cfg.overrides)
+    done = ledger.get(name)
+    if done and done["overrides"] == every and Path(done["folder"]).is_dir():
+        log(f"stage {name}: done by an earlier run ({done['seconds']:.0f} s), kept")
+        return done.get("metrics", {}), float(done["seconds"]), Path(done["folder"])
+    job_cfg = compose("train", every)
     log(f"stage {name}: {' '.join(overrides)}")
     start = time.perf_counter()
     metrics = get(job_cfg.algo.name).run(job_cfg) or {}
-    return metrics, time.perf_counter() - start, out / "ray" / f"bench-{name}"
+    seconds, folder = time.perf_counter() - start, out / "ray" / run_name
+    kept = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    ledger[name] = {"overrides": every, "seconds": seconds, "folder": str(folder), "metrics": kept}
+    ledger_path.write_text(json.dumps(ledger, indent=1))
+    return metrics, seconds, folder
 
 
 def _artifact(run_dir: Path, path: str, dst: Path) -> Path:
@@ -126,6 +170,19 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     unknown = [name for name in cfg.learners if name not in LEARNERS]
     if unknown:  # before any stage runs
         raise ValueError(f"bench.learners: {unknown} not among {', '.join(LEARNERS)}")
+    unknown = [name for name in cfg.ceiling if name not in CEILINGS]
+    if unknown:
+        raise ValueError(
+            f"bench.ceiling: {unknown} cannot train on the oracle (not differentiable, no pairs of its own); "
+            f"use some of {', '.join(CEILINGS)}"
+        )
+    if cfg.scorers not in ("train", "shipped"):
+        raise ValueError(f"bench.scorers={cfg.scorers!r}: use train (the reward stage) or shipped (the package's)")
+    missing = [name for name in [*cfg.learners, *cfg.ceiling] if name not in cfg.epochs]
+    if missing or any(v < 1 for v in cfg.epochs.values()):
+        raise ValueError(f"bench.epochs={dict(cfg.epochs)}: give each learner (missing: {missing}) at least 1 epoch")
+    if cfg.train_s < 0:
+        raise ValueError(f"bench.train_s={cfg.train_s}: a number of seconds per learner, or 0 for epochs alone")
     if cfg.pair_domain not in ("decoded", "drawn"):
         raise ValueError(f"bench.pair_domain: {cfg.pair_domain!r} is not 'decoded' or 'drawn'")
     if not 0.0 <= cfg.crossed <= 1.0:
@@ -149,15 +206,17 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         from armature.jobs.gym_pretrain import load_round_trip
 
         transform = load_round_trip(policy_path())
-    pair_dirs = [
-        out / ("pairs" if k == 0 else f"pairs-{k}") for k in range(1 if cfg.shared_pairs else cfg.reward_seeds)
-    ]
+    train_scorers = cfg.scorers == "train"
+    offline = [name for name in cfg.learners if name in ("dpo", "asap_dpo")]  # they learn from the pairs
+    pair_sets = (1 if cfg.shared_pairs else cfg.reward_seeds) if train_scorers else min(len(offline), 1)
+    pair_dirs = [out / ("pairs" if k == 0 else f"pairs-{k}") for k in range(pair_sets)]
     for k, pair_dir in enumerate(pair_dirs):  # the first also feeds the DPO learners
         n = write_pairs(
             injector_pairs(cfg.pairs, seed=cfg.seed + k, transform=transform, crossed=cfg.crossed, graded=cfg.graded),
             str(pair_dir / "gym_pairs.parquet"),
         )
-    log(f"{len(pair_dirs)} x {n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
+    if pair_dirs:
+        log(f"{len(pair_dirs)} x {n} injector pairs ({cfg.pair_domain}) in {time.perf_counter() - start:.0f} s")
 
     reward_recipe = [
         "algo=reward_model",
@@ -175,7 +234,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     # one scorer per seed; several are averaged (the learned reward's list of paths): the training
     # seed alone moves a scorer's ranking of the policy's samples by several AUC points
     scorers, reward_s = [], 0.0
-    for k in range(cfg.reward_seeds):
+    for k in range(cfg.reward_seeds if train_scorers else 0):
         _, took, reward_dir = _stage(
             cfg,
             "reward" if k == 0 else f"reward-{k}",
@@ -185,42 +244,24 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         )
         scorers.append(str(reward_dir / "scorer"))
         reward_s += took
+    if not train_scorers:
+        from armature.rewards.learned import shipped_scorers
+
+        scorers = [str(path) for path in shipped_scorers()]
     paths = scorers[0] if len(scorers) == 1 else f"[{', '.join(scorers)}]"
-    learned = f"+reward.components.learned={{weight: 1.0, path: {paths}}}"
-    seconds, policies = {"base": 0.0}, {"base": None}
-    # DDPO trains a LoRA at the DDPO paper's learning rate: the tiny models' full fine-tuning at
-    # 1e-3 collapsed the learned reward in one epoch on the gym policy (an earlier bench run).
-    # ASAP's margin tau is on the scale of the localized gap: with alpha = 10 a masked residual
-    # counts 121 times, and the gym's pairs differ only inside their masks, so the paper's 0.01
-    # (FLUX latents, masks over a small share of a 1024 px image) asks for no preference at all
-    # here (held-out implicit accuracy fell below chance with it in an earlier bench run); 1.0
-    # (held-out 0.889 in the README's bench) is about 121 x the unweighted
-    # gap Diffusion-DPO reaches on these pairs (0.015 there).
-    recipes = {
-        "ddpo": [
-            "algo=ddpo",
-            "model=gym_lora",
-            "algo.learning_rate=3e-4",
-            "reward=gym_oracle",
-            "reward.components.gym_oracle.weight=0.0",
-            learned,
-            f"prompts.file={prompts}",
-            f"algo.num_epochs={cfg.ddpo_epochs}",
-            "algo.final_eval_per_prompt=0",
-        ],  # the eval stage judges
-        "dpo": ["algo=dpo", "model=gym_lora", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={cfg.dpo_epochs}"],
-        "asap_dpo": [
-            "algo=asap_dpo",
-            "model=gym_lora",
-            "algo.tau=1.0",
-            f"data.pairs={out / 'pairs'}",
-            f"algo.num_epochs={cfg.dpo_epochs}",
-        ],
-    }
-    for name in cfg.learners:
-        _, seconds[name], run_dir = _stage(cfg, name, recipes[name], log)
+    learned_spec = f"{{weight: 1.0, path: {paths}}}"
+    learned = f"+reward.components.learned={learned_spec}"
+    seconds, policies, epochs = {"base": 0.0}, {"base": None}, {"base": 0}
+    runs = [(name, recipe(name, cfg, out, prompts, learned_spec)) for name in cfg.learners]
+    runs += [(f"{name}{ORACLE}", recipe(name, cfg, out, prompts, None)) for name in cfg.ceiling]
+    for name, overrides in runs:
+        last, seconds[name], run_dir = _stage(cfg, name, overrides, log)
+        epochs[name] = int(last.get("epoch", -1)) + 1  # trained (online DPO: rounds), the budget may stop early
         policies[name] = str(_artifact(run_dir, "adapter", out / "adapters" / name))
 
+    if not cfg.evaluate:
+        log(f"trained {', '.join(name for name, _ in runs) or 'nothing'}; bench.evaluate=false: no eval stage")
+        return []
     policy_args = [f"+algo.policies.{k}={v}" for k, v in policies.items() if k != "base"]
     metrics, eval_s, eval_dir = _stage(
         cfg,
@@ -251,40 +292,101 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                 "any_error_rate": row["aer"],
                 "learned_reward": row["mean/learned"],
                 "train_s": training_seconds(row["policy"], seconds, reward_s),
+                "epochs": epochs[row["policy"].split("+")[0]],
                 "sample_s_per_image": row["sample_s"],
             }
         )
-    text = markdown(table, reward_s, cfg.samples_per_prompt * max(cfg.best_of))
+    text = markdown(table, reward_s, cfg.samples_per_prompt * max(cfg.best_of), shipped=not train_scorers)
     (out / "bench.md").write_text(text)
     log("\n" + text)
     return table
+
+
+ORACLE = "-oracle"  # a ceiling row's suffix: the learner trained on the oracle itself
+RL = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo")  # learners that train on the learned reward
+
+
+def recipe(name: str, cfg: BenchConfig, out: Path, prompts: Path, learned: str | None) -> list[str]:
+    """The overrides of learner ``name``'s stage: trained on the learned reward (``learned``: its
+    component spec), or on the oracle itself when ``learned`` is None (a ceiling row); the oracle
+    is a weight-0 monitor beside the learned reward."""
+    epochs = cfg.epochs[name]
+    common = ["model=gym_lora", f"prompts.file={prompts}", "reward=gym_oracle"]
+    if learned is not None:
+        common += ["reward.components.gym_oracle.weight=0.0", f"+reward.components.learned={learned}"]
+    if cfg.train_s:
+        common.append(f"trainer.time_budget_s={cfg.train_s}")
+    # DDPO trains a LoRA at the DDPO paper's learning rate: the tiny models' full fine-tuning at
+    # 1e-3 collapsed the learned reward in one epoch on the gym policy (an earlier bench run);
+    # GRPO and the reward-gradient learners take the same LoRA, online DPO the rate of its
+    # gym-policy row in docs/benchmarks.md.
+    # ASAP's margin tau is on the scale of the localized gap: with alpha = 10 a masked residual
+    # counts 121 times, and the gym's pairs differ only inside their masks, so the paper's 0.01
+    # (FLUX latents, masks over a small share of a 1024 px image) asks for no preference at all
+    # here (held-out implicit accuracy fell below chance with it in an earlier bench run); 1.0
+    # (held-out 0.889 in the README's bench) is about 121 x the unweighted
+    # gap Diffusion-DPO reaches on these pairs (0.015 there).
+    annotator = learned or "{weight: 1.0}"  # online DPO's noiseless simulated annotator
+    recipes = {
+        "ddpo": ["algo=ddpo", "algo.learning_rate=3e-4", f"algo.num_epochs={epochs}", "algo.final_eval_per_prompt=0"],
+        "grpo": ["algo=grpo", "algo.learning_rate=3e-4", f"algo.num_epochs={epochs}"],
+        "online_dpo": [
+            "algo=online_dpo",
+            "algo.learning_rate=1e-4",
+            f"algo.num_rounds={epochs}",
+            "~algo.annotator_reward.brightness",
+            f"+algo.annotator_reward.{'learned' if learned else 'gym_oracle'}={annotator}",
+            "algo.num_annotators=1",
+            "algo.labels_per_pair=1",
+            "algo.annotator_noise=0.0",
+            "algo.annotator_tie_rate=0.0",
+        ],
+        "dpo": ["algo=dpo", "model=gym_lora", f"data.pairs={out / 'pairs'}", f"algo.num_epochs={epochs}"],
+        "asap_dpo": [
+            "algo=asap_dpo",
+            "model=gym_lora",
+            "algo.tau=1.0",
+            f"data.pairs={out / 'pairs'}",
+            f"algo.num_epochs={epochs}",
+        ],
+    }
+    for grad in ("alignprop", "draft", "refl"):
+        recipes[grad] = [f"algo={grad}", "algo.learning_rate=1e-3", f"algo.num_epochs={epochs}"]
+    if name in ("dpo", "asap_dpo"):  # offline, on the injector pairs: no reward, no prompts
+        return recipes[name] + ([f"trainer.time_budget_s={cfg.train_s}"] if cfg.train_s else [])
+    return common + recipes[name]
 
 
 def training_seconds(row_policy: str, seconds: dict[str, float], reward_s: float) -> float:
     """A table row's training time: its learner's, plus the learned reward's (once) wherever the
     row uses that reward: DDPO trains on it, Best-of-N (``<policy>+bonN``) ranks by it."""
     policy = row_policy.split("+")[0]
-    return seconds[policy] + (reward_s if policy == "ddpo" or "+bon" in row_policy else 0.0)
+    return seconds[policy] + (reward_s if policy in RL or "+bon" in row_policy else 0.0)
 
 
-def markdown(table: list[dict], reward_s: float, pool: int) -> str:
+def markdown(table: list[dict], reward_s: float, pool: int, shipped: bool = False) -> str:
     head = (
         "| policy | severe-error rate (pool) | mean severity (pool) | severe-error rate (picks) "
         "| mean severity (picks) | any-error rate (picks) | learned reward (picks) | picks "
-        "| training (s) | sampling (s / image) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| epochs | training (s) | sampling (s / image) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['policy']} | {r['pool_severe_rate']:.3f} | {r['pool_mean_severity']:.3f} | "
         f"{r['severe_rate']:.3f} | {r['mean_severity']:.3f} | "
-        f"{r['any_error_rate']:.3f} | {r['learned_reward']:.3f} | {r['samples']} | {r['train_s']:.0f} | "
+        f"{r['any_error_rate']:.3f} | {r['learned_reward']:.3f} | {r['samples']} | {r['epochs']} | {r['train_s']:.0f} | "
         f"{r['sample_s_per_image']:.3f} |"
         for r in table
     ]
+    trained = (
+        "the five scorers shipped with the package (their training time is in their provenance.json, not here)"
+        if shipped
+        else f"trained on injector pairs only, {reward_s:.0f} s, counted in the training time of every "
+        "learner trained on it and of every Best-of-N row"
+    )
     note = (
         f"\n(pool): exact expectation of Best-of-N over every N-subset of the {pool} candidates each "
         "policy drew per prompt, averaged over prompts. (picks): the fixed-seed figures, each the best "
-        "of its group's first N. The learned reward (trained on injector pairs only, "
-        f"{reward_s:.0f} s, counted in the training time of DDPO and of every Best-of-N row) ranks "
-        "Best-of-N; the oracle judges.\n"
+        f"of its group's first N. The learned reward ({trained}) ranks Best-of-N; rows <learner>{ORACLE} "
+        "trained on the oracle itself (the ceiling); the oracle judges every row.\n"
     )
     return head + "\n".join(lines) + "\n" + note

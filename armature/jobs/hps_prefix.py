@@ -187,7 +187,8 @@ def train_loop(config: dict) -> None:
         if last and rank == 0:
             metrics.update(_compare(policy, reward, c))
             metrics["reward_mean"] = metrics["reward_with_identifier"]
-        w.end_epoch(epoch, metrics, progress=_print_progress)
+        if w.end_epoch(epoch, metrics, progress=_print_progress):
+            break  # trainer.time_budget_s spent
 
     w.finish(policy, negative_prompt=algo.identifier)
 

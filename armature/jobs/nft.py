@@ -207,6 +207,6 @@ def train_loop(config: dict) -> None:
             idle_shares(sample_time, sampled.timings["sampler_busy_s"], submitted.num_samplers, metrics["epoch_time_s"])
         )
         if w.end_epoch(epoch, metrics, sampled.images, extra_fn=lambda state=old_state: state):
-            break  # the over-optimisation guard stopped the run (guard.*)
+            break  # the over-optimisation guard (guard.*) or trainer.time_budget_s stopped the run
 
     w.finish(policy)

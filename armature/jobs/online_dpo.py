@@ -314,7 +314,8 @@ def train_loop(config: dict) -> None:
             metrics.update(
                 idle_shares(metrics["sample_time_s"], metrics["sampler_busy_s"], used, metrics["round_time_s"])
             )
-        w.end_epoch(rnd, metrics, progress=_print_round, total=algo.num_rounds, checkpoint=True)
+        if w.end_epoch(rnd, metrics, progress=_print_round, total=algo.num_rounds, checkpoint=True):
+            break  # trainer.time_budget_s spent
     w.finish(policy)
 
 

@@ -95,6 +95,9 @@ class TrainerConfig:
     # on-policy learners: 1 rolls out epoch k+1 (with the weights before epoch k's update) while
     # the learner trains on epoch k, samplers and learner each on their own CPU share; 0: in turn
     rollout_ahead: int = 0
+    # stop after the epoch in which the job's training time (seconds since the trainer started,
+    # summed over resumes; sampling and scoring included) reaches this; 0: epochs alone decide
+    time_budget_s: float = 0.0
 
 
 @dataclass
@@ -272,6 +275,9 @@ class ServeConfig:
     # Rewards a request may name for Best-of-N: name -> options (see armature.rewards.available())
     rewards: dict[str, Any] = field(default_factory=lambda: {"compressibility": {}})
     api_key_env: Optional[str] = "ARMATURE_API_KEY"  # bearer token required when this variable is set
+    # The generator replica as its own HTTP ingress: no Ray hop between the FastAPI app and the model.
+    # None: when there is one generator replica (generator.autoscaling.max_replicas 1).
+    ingress_in_generator: Optional[bool] = None
 
 
 # --------------------------------------------------------------------------- algorithms
@@ -300,6 +306,9 @@ def validate_algo(algo: DictConfig) -> DictConfig:
         schema = OmegaConf.structured(get(name).schema)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    for key in algo:  # a mapping the config sets replaces the schema's default mapping, never adds to it
+        if key in schema and OmegaConf.get_type(schema, key) is dict:
+            schema[key] = {}
     try:
         return OmegaConf.merge(schema, algo)
     except Exception as err:  # omegaconf's errors carry the key; re-raise with the section
@@ -375,6 +384,10 @@ def check(cfg: DictConfig) -> None:
         errors.append(
             f"trainer.placement_strategy={cfg.trainer.placement_strategy}: "
             "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+        )
+    if cfg.trainer.time_budget_s < 0:
+        errors.append(
+            f"trainer.time_budget_s={cfg.trainer.time_budget_s}: a number of seconds of training, or 0 for no budget"
         )
     if cfg.trainer.rollout_ahead not in (0, 1):
         errors.append(
@@ -512,6 +525,11 @@ def check_serve(cfg: DictConfig) -> None:
             errors.append(f"{name}.autoscaling: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
         if cfg[name].max_ongoing_requests < 1:
             errors.append(f"{name}.max_ongoing_requests must be >= 1")
+    if cfg.ingress_in_generator and cfg.generator.autoscaling.max_replicas > 1:
+        errors.append(
+            "ingress_in_generator=true with generator.autoscaling.max_replicas > 1: adapter-aware routing "
+            "across replicas needs a separate ingress; set it false or null"
+        )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -228,6 +228,8 @@ class Worker:
         # part of a checkpoint; returns the rest of ``extra``), ``end_epoch(epoch, metrics, last)``,
         # ``state()`` (JSON) and ``extra()`` (tensors) for the checkpoint.
         self.hooks: list = []
+        # trainer.time_budget_s: the training time of the job's earlier runs, and this run's start
+        self.trained_before, self.began = 0.0, time.monotonic()
 
     def build_policy(self, sampling: SamplingConfig | None = None):
         from armature.policies import build_policy
@@ -252,7 +254,14 @@ class Worker:
                 self.start_epoch = self.algo.num_epochs
         for hook in self.hooks:
             self.extra = hook.restore(self.state, self.extra)
+        self.trained_before, self.began = float(self.state.get(TRAINED_S, 0.0)), time.monotonic()
+        if self.state.get(BUDGET_SPENT):  # nor does a rerun of one that spent trainer.time_budget_s
+            self.start_epoch = max(self.start_epoch, planned_epochs(self.algo))
         return self.engine
+
+    def trained_s(self) -> float:
+        """The job's training time so far: this run's since ``start``, plus its earlier runs'."""
+        return self.trained_before + time.monotonic() - self.began
 
     def open_logger(self):
         """The MLflow logger of the job's run, on rank 0 (None elsewhere)."""
@@ -302,6 +311,8 @@ class Worker:
         Returns True when the over-optimisation guard (``guard.*``) stops training: the learner
         breaks out of its loop; with ``guard.rollback`` the policy already holds the weights of
         the monitor's best epoch (as do this epoch's checkpoint and the adapter ``finish`` logs).
+        It does too once the job's training time reaches ``trainer.time_budget_s``; the
+        checkpoint keeps the time spent, so a resumed run counts it and a spent one trains no more.
         """
         num_epochs = total or self.algo.num_epochs
         stop = False
@@ -314,6 +325,15 @@ class Worker:
             state = {**(state or {}), "guard": self.guard.state()}
             extra_fn = self.guard.with_best(extra_fn)
             checkpoint = True if stop else checkpoint
+        state = {**(state or {}), TRAINED_S: self.trained_s()}
+        budget = self.trainer.time_budget_s
+        if budget and epoch + 1 < num_epochs and agree(state[TRAINED_S] >= budget):  # rank 0's clock decides
+            metrics["time_budget_stopped"] = epoch
+            state[BUDGET_SPENT], checkpoint, stop = True, True, True
+            if self.rank == 0:
+                print(
+                    f"[armature] trainer.time_budget_s={budget:g} spent after epoch {epoch + 1}: stopping", flush=True
+                )
         if self.logger is not None:
             every = self.c.tracking.log_images_every
             if images is not None and every and epoch % every == 0:
@@ -350,6 +370,15 @@ class Worker:
             self.logger.log_artifacts(Path(tmp) / "adapter", "adapter")
             self.logger.log_text(json.dumps(asdict(c), indent=2, default=str), "config.json")
         log_curves(self.logger, c.reward.components)
+
+
+def planned_epochs(algo) -> int:
+    """How many epochs (online DPO: rounds) the job's loop runs."""
+    return getattr(algo, "num_rounds", None) or algo.num_epochs
+
+
+TRAINED_S = "trained_s"  # checkpoint state: training seconds so far (trainer.time_budget_s)
+BUDGET_SPENT = "time_budget_spent"
 
 
 # ============================================================================ over-optimisation

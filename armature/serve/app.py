@@ -3,7 +3,9 @@
 * ``Ingress`` (FastAPI, ``routes.py``) checks each request against the limits and the API key,
   resolves its adapter reference in the MLflow registry (``name``, ``name/3``, ``name@prod``) to a
   version, and calls a generator with that version as the multiplexed model id. Over-full
-  queues answer 503, requests past ``limits.request_timeout_s`` 504.
+  queues answer 503, requests past ``limits.request_timeout_s`` 504. With one generator replica
+  (``ingress_in_generator``), the ingress holds the model itself, deployed as ``Generator``: a
+  request then crosses no Ray hop between the HTTP app and the model.
 * ``Generator`` holds the model. ``serve.multiplexed`` keeps an LRU of loaded adapters per
   replica and routes a request to a replica that has its adapter; compatible requests gather
   while the model is busy (or, the model free, while they keep arriving) and run together in
@@ -52,12 +54,18 @@ __all__ = [
     "build_app",
     "build_application",
     "deployment_options",
+    "ingress_in_generator",
     "http_options",
     "run",
     "serve_config",
 ]
 
 LOCAL_PREFIX = "local:"
+INLINE_ENCODE_PIXELS = 64 * 64  # a request's images of at most this many pixels in all are encoded on the event loop
+
+
+class Overloaded(Exception):
+    """A generator replica's queue is full (the ingress answers 503)."""
 
 
 @dataclass(eq=False)
@@ -75,7 +83,9 @@ class Waiting:
 class Generator:
     """Model replicas: adapters per request (LRU), batched passes, Best-of-N."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, max_waiting: int | None = None):
+        """``max_waiting``: the most requests waiting or running in this replica, beyond which
+        ``Overloaded`` is raised (None: Serve's ``max_ongoing_requests`` bounds them)."""
         import torch
 
         from armature.policies import build_policy
@@ -93,6 +103,8 @@ class Generator:
         counted = ("requests", "images", "groups", "passes", "largest_group", "adapter_loads", "model_s")
         self.counts = dict.fromkeys(counted, 0)
         self.waiting: list[Waiting] = []  # requests not run yet, oldest first
+        self.running = 0  # requests in the group being run
+        self.max_waiting = max_waiting
         self.runner: asyncio.Task | None = None  # runs the waiting requests, one group at a time
 
         batching = config["batching"]  # off: one request at a time
@@ -151,7 +163,12 @@ class Generator:
         A group that is not full waits for more while they keep coming (no gap over
         ``arrival_gap_s``), at most ``batch_wait_timeout_s``.
         """
-        model_id = serve.get_multiplexed_model_id()
+        return await self.run(request, serve.get_multiplexed_model_id())
+
+    async def run(self, request: dict, model_id: str) -> dict:
+        """``generate`` with the adapter's multiplexed model id (``""``: the base model) given."""
+        if self.max_waiting is not None and len(self.waiting) + self.running >= self.max_waiting:
+            raise Overloaded(f"{self.max_waiting} requests are waiting or running")
         adapter = await self.get_adapter(model_id) if model_id else None
         request = self._defaults(request)
         mine = Waiting(adapter, self._shape(request), request, asyncio.get_running_loop().create_future())
@@ -171,7 +188,11 @@ class Generator:
             await self._gather()
             group = self._group()
             self.waiting = [w for w in self.waiting if w not in group]
-            await self._run_group(group)
+            self.running = len(group)
+            try:
+                await self._run_group(group)
+            finally:
+                self.running = 0
 
     async def _gather(self) -> None:
         """Wait, the model being free, while requests that can join the next group keep coming."""
@@ -340,7 +361,14 @@ class Ingress:
     """The HTTP front: limits, auth, adapter names -> versions, errors, PNG encoding."""
 
     def __init__(self, generator, config: dict, api_key_sha256: str | None = None, editor=None):
+        """``generator``: a handle to the ``Generator`` deployment, or None: this replica holds the
+        model itself (``ingress_in_generator``), its queue bounded by ``generator.max_ongoing_requests
+        + max_queued_requests`` as Serve bounds a separate generator's."""
         self.generator = generator
+        self.model = None
+        if generator is None:
+            g = config["generator"]
+            self.model = Generator.func_or_class(config, g["max_ongoing_requests"] + g["max_queued_requests"])
         self.editor = editor
         self.config = config
         self.api_key_sha256 = api_key_sha256
@@ -369,10 +397,18 @@ class Ingress:
         )
 
     async def ready(self) -> bool:
+        if self.model is not None:
+            return True
         try:
             return await asyncio.wait_for(_result(self.generator.ready.remote()), timeout=5.0)
         except Exception:  # noqa: BLE001 - any failure means: not ready
             return False
+
+    async def stats(self) -> dict:
+        """The generator's counters (``Generator.stats``)."""
+        if self.model is not None:
+            return await self.model.stats()
+        return await _result(self.generator.stats.remote())
 
     async def adapters(self) -> list[dict]:
         from armature.platform.registry import list_adapters
@@ -404,7 +440,10 @@ class Ingress:
 
     async def _size(self, size: str | None) -> tuple[int | None, int | None]:
         if size not in (None, "auto") and self.native_size is None:
-            self.native_size = tuple(await _result(self.generator.image_size.remote()))
+            if self.model is not None:
+                self.native_size = await self.model.image_size()
+            else:
+                self.native_size = tuple(await _result(self.generator.image_size.remote()))
         return resolve_size(size, self.native_size, self.config["limits"])
 
     async def _resolve(self, reference: str | None, field: str = "adapter") -> tuple[str, str | None]:
@@ -454,20 +493,29 @@ class Ingress:
             "seed": random.randint(0, MAX_SEED) if body.seed is None else body.seed,
             "deadline": time.time() + timeout,
         }
-        response = self.generator.options(multiplexed_model_id=model_id).generate.remote(payload)
+        response = None  # a separate generator's answer, cancelled on a timeout
+        if self.model is not None:  # cancelled by wait_for on a timeout
+            call = self.model.run(payload, model_id)
+        else:
+            response = self.generator.options(multiplexed_model_id=model_id).generate.remote(payload)
+            call = _result(response)
         try:
-            result = await asyncio.wait_for(_result(response), timeout=timeout + 1.0)
-        except BackPressureError as err:
+            result = await asyncio.wait_for(call, timeout=timeout + 1.0)
+        except (BackPressureError, Overloaded) as err:
             raise ApiError(
                 503, "generator", f"overloaded, retry later ({err})", headers={"Retry-After": "1"}, code="overloaded"
             ) from err
         except AdapterError as err:
             raise ApiError(400, field, str(err.args[0] if err.args else err)) from err
         except (asyncio.TimeoutError, TimeoutError) as err:
-            response.cancel()
+            if response is not None:
+                response.cancel()
             raise ApiError(504, "generator", f"no answer within limits.request_timeout_s={timeout:g}") from err
-        data = await asyncio.to_thread(_encode, result)
-        height, width = np.asarray(result["images"]).shape[1:3]
+        images = np.asarray(result["images"])
+        # A few small PNGs encode in less time than a hop to a worker thread and back.
+        inline = images[..., 0].size <= INLINE_ENCODE_PIXELS
+        data = _encode(result) if inline else await asyncio.to_thread(_encode, result)
+        height, width = images.shape[1:3]
         return {
             "created": int(time.time()),
             "model": body.model or self.base_model,
@@ -584,14 +632,27 @@ def build_application(cfg):
     adapters["cache_dir"] = str(Path(adapters["cache_dir"]).expanduser().resolve())
     adapters["local"] = {k: str(Path(v).expanduser().resolve()) for k, v in adapters["local"].items()}
     key = os.environ.get(c["api_key_env"]) if c["api_key_env"] else None
-    generator = Generator.options(**deployment_options(c["generator"])).bind(c)
+    key_sha256 = hash_key(key) if key else None
     editor = None
     if c["edits"]["pipeline"]:
         c["edits"]["pipeline"] = str(Path(c["edits"]["pipeline"]).expanduser().resolve())
         editor = Editor.options(**deployment_options(c["edits"]["editor"])).bind(c)
-    return Ingress.options(**deployment_options(c["ingress"])).bind(
-        generator, c, hash_key(key) if key else None, editor
-    )
+    if ingress_in_generator(c):
+        # One deployment, named Generator: the generator's resources and replicas, the ingress's
+        # limits on HTTP requests in flight (generations are bounded by the generator's queue).
+        options = {**deployment_options(c["generator"]), "name": "Generator"}
+        options.update({k: c["ingress"][k] for k in ("max_ongoing_requests", "max_queued_requests")})
+        return Ingress.options(**options).bind(None, c, key_sha256, editor)
+    generator = Generator.options(**deployment_options(c["generator"])).bind(c)
+    return Ingress.options(**deployment_options(c["ingress"])).bind(generator, c, key_sha256, editor)
+
+
+def ingress_in_generator(c: dict) -> bool:
+    """Whether the generator replica is its own ingress: as ``ingress_in_generator`` says, and when
+    it says nothing (None), when there is one generator replica."""
+    if c.get("ingress_in_generator") is not None:
+        return bool(c["ingress_in_generator"])
+    return c["generator"]["autoscaling"]["max_replicas"] == 1
 
 
 def _hydra_value(value) -> str:
