@@ -354,30 +354,38 @@ def test_reward_components_report_their_own_summary_metrics():
     assert "reward_gym_anatomy_severe_rate" not in reward_metrics({"gym_anatomy": learned})
 
 
-def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp_path, monkeypatch):
-    """The bench's ledger: a rerun in the same folder does not repeat a finished stage (same
-    overrides: same metrics, seconds and folder, the job not called); other overrides run under another
-    run name, so they never resume the first one's checkpoint."""
+@pytest.fixture
+def stage_jobs(monkeypatch):
+    """Bench stages run without Ray: each job config a stage composes is recorded (its run folder
+    made, as a job would) instead of trained; the algorithms' schemas and checks stay real."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    from armature.jobs import gym_bench
     from armature.platform import algorithms
 
-    ran = []
+    jobs, real = [], algorithms.get
 
     def run(job_cfg):
-        ran.append(job_cfg.tracking.run_name)
+        jobs.append(job_cfg)
         Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
         return {"done": 1}
 
-    real = algorithms.get
     monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
+    return jobs
+
+
+def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp_path, stage_jobs):
+    """The bench's ledger: a rerun in the same folder does not repeat a finished stage (same
+    overrides: same metrics, seconds and folder, the job not called); other overrides run under another
+    run name, so they never resume the first one's checkpoint."""
+    from armature.jobs import gym_bench
+
     cfg = gym_bench.BenchConfig(out=str(tmp_path))
     logs = []
     first = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=2"], logs.append)
     again = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=2"], logs.append)
     other = gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=3"], logs.append)
+    ran = [job.tracking.run_name for job in stage_jobs]
     assert len(ran) == 2 and ran[0] != ran[1] and ran[0].startswith("bench-ddpo-")
     assert first[0] == {"done": 1} and again[0] == {"done": 1.0} and again[1:] == first[1:]
     assert other[2] != first[2] and "kept" in logs[1]
@@ -385,22 +393,11 @@ def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp
     assert ledger["ddpo"]["folder"] == str(other[2])  # the latest run of the stage
 
 
-def test_each_bench_stage_runs_with_its_own_seed(tmp_path, monkeypatch):
+def test_each_bench_stage_runs_with_its_own_seed(tmp_path, stage_jobs):
     """The reward stages train scorer k from seed ``bench.seed + k``: the job gets that seed."""
-    from pathlib import Path
-    from types import SimpleNamespace
-
     from armature.jobs import gym_bench
-    from armature.platform import algorithms
 
-    seeds, real = [], algorithms.get
-
-    def run(job_cfg):
-        seeds.append(job_cfg.trainer.seed)
-        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
-
-    monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
     cfg = gym_bench.BenchConfig(out=str(tmp_path), seed=5)
     gym_bench._stage(cfg, "reward-2", ["algo.num_epochs=1"], print, seed=7)
     gym_bench._stage(cfg, "ddpo", ["algo.num_epochs=1"], print)
-    assert seeds == [7, 5]
+    assert [job.trainer.seed for job in stage_jobs] == [7, 5]
