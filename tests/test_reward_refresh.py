@@ -301,3 +301,27 @@ def test_a_ddpo_job_refreshes_its_reward_and_the_actors_score_with_the_new_weigh
     assert history("refresh_reward_before_mean")[0] == pytest.approx(float(np.mean(shipped)), rel=1e-4, abs=1e-5)
     assert history("refresh_reward_after_mean")[0] == pytest.approx(float(np.mean(new)), rel=1e-4, abs=1e-5)
     assert not np.allclose(new, shipped, atol=1e-4)
+
+
+def test_reward_actor_fine_tunes_its_trained_members_and_another_scores_with_the_new_weights():
+    """``RewardScorer`` (the class the reward actors run, here without Ray) on the default gym
+    reward: only the trained component's scorers move, the oracle monitor at weight 0 keeps its
+    scores, and a second scorer loaded with the new weights scores exactly as the fine-tuned one."""
+    from armature.actors.reward import RewardScorer
+
+    components = {"gym_anatomy": {"weight": 1.0}, "gym_oracle": {"weight": 0.0}}
+    tuned, other = RewardScorer(components), RewardScorer(components)
+    state = tuned.trainable_state()
+    assert state and {k.split(".")[0] for k in state} == {"gym_anatomy"}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    prompts = [""] * 8
+    before = tuned.score(images, prompts)
+    new, info = tuned.fine_tune(images[:4], images[4:], np.zeros(4, bool), 3, 1e-2, 4, 0)
+    assert set(new) == set(state) and np.isfinite(info["loss_first"]) and np.isfinite(info["loss_last"])
+    after = tuned.score(images, prompts)
+    assert not np.allclose(after["gym_anatomy"], before["gym_anatomy"])
+    np.testing.assert_array_equal(after["gym_oracle"], before["gym_oracle"])
+    np.testing.assert_array_equal(other.score(images, prompts)["reward"], before["reward"])
+    assert other.load_trainable(new) is True
+    np.testing.assert_allclose(other.score(images, prompts)["reward"], after["reward"], rtol=0, atol=1e-6)
