@@ -21,6 +21,7 @@ def worker(budget: float, spent_before: float = 0.0, num_epochs: int = 5) -> lea
     c.tracking.log_images_every = 0
     w = learner.Worker.__new__(learner.Worker)  # no Ray Train context here
     w.c, w.algo, w.trainer, w.rank, w.guard, w.logger = c, c.algo, c.trainer, 0, None, None
+    w.hooks = []  # no work between epochs (e.g. refresh.*) added by a job
     w.trained_before, w.began = spent_before, time.monotonic()
     w.commits = []
     w.commit = lambda step, metrics, checkpoint, state=None, extra_fn=None: w.commits.append(

@@ -1,4 +1,8 @@
-"""Reward actors: frozen reward models scoring batches of images in Ray actors."""
+"""Reward actors: reward models scoring batches of images in Ray actors.
+
+The models are frozen while they score; the on-policy reward refresh (``refresh.*``) fine-tunes
+one actor's trainable members (``fine_tune``) and loads the new weights into the others
+(``load_trainable``). The math is :mod:`armature.rewards.fine_tune`."""
 
 from __future__ import annotations
 
@@ -32,6 +36,28 @@ class RewardScorer:
         for name, values in components.items():
             total += self.reward.weights[name] * values.astype(np.float64)
         return {"reward": total.astype(np.float32), **components}
+
+    def trainable_state(self) -> dict:
+        """The weights of the reward's trainable members (``{}`` when it has none)."""
+        from armature.rewards.fine_tune import trainable_scorers, trainable_state
+
+        return trainable_state(trainable_scorers(self.reward))
+
+    def load_trainable(self, state: dict) -> bool:
+        """Score with these weights of the trainable members from now on."""
+        from armature.rewards.fine_tune import load_trainable_state, trainable_scorers
+
+        load_trainable_state(trainable_scorers(self.reward), state)
+        return True
+
+    def fine_tune(self, images_w, images_l, tie, steps: int, learning_rate: float, batch_size: int, seed: int):
+        """Fine-tune the trainable members on preference pairs (uint8 ``[N, H, W, 3]``, ``tie``
+        bool ``[N]``); returns ``(their new weights, the losses)``."""
+        from armature.rewards.fine_tune import fine_tune, trainable_scorers, trainable_state
+
+        scorers = trainable_scorers(self.reward)
+        info = fine_tune(scorers, images_w, images_l, tie, steps, learning_rate, batch_size, seed)
+        return trainable_state(scorers), info
 
     def stats(self) -> dict[str, int]:
         """Counters the rewards keep (e.g. the MLLM judge's ``<attribute>/failed`` answers), by component."""

@@ -485,19 +485,27 @@ class PreferenceStore:
         with Session(self.engine) as s:
             return {int(r): int(n) for r, n in s.execute(select(PairRow.round, func.count()).group_by(PairRow.round))}
 
-    def decisions(self) -> dict[str, list[str]]:
-        """Per labeled pair, its decisions in label order."""
+    def rounds(self) -> dict[str, int]:
+        """Every stored pair's round, by pair id."""
+        with Session(self.engine) as s:
+            return {pid: int(r) for pid, r in s.execute(select(PairRow.pair_id, PairRow.round))}
+
+    def decisions(self, pair_ids: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """Per labeled pair (of ``pair_ids`` when given), its decisions in label order."""
+        keep = None if pair_ids is None else set(pair_ids)
         out: dict[str, list[str]] = {}
         for label in self.labels():
-            out.setdefault(label["pair_id"], []).append(label["decision"])
+            if keep is None or label["pair_id"] in keep:
+                out.setdefault(label["pair_id"], []).append(label["decision"])
         return out
 
-    def agreement(self) -> dict[str, float]:
-        """Inter-annotator agreement over pairs with two or more labels: ``agreement`` is the
+    def agreement(self, pair_ids: Iterable[str] | None = None) -> dict[str, float]:
+        """Inter-annotator agreement over pairs with two or more labels (of ``pair_ids`` when
+        given): ``agreement`` is the
         share of annotator pairs (i, j) labeling the same pair who gave the same decision
         (pairwise percent agreement, ties count as a decision); ``kappa`` is Fleiss' kappa over
         the same items, ``(P_bar - P_e) / (1 - P_e)`` with ``P_e = sum_k p_k^2``."""
-        items = [d for d in self.decisions().values() if len(d) >= 2]
+        items = [d for d in self.decisions(pair_ids).values() if len(d) >= 2]
         if not items:
             return {"agreement": float("nan"), "kappa": float("nan"), "multi_labeled_pairs": 0}
         agree = total = 0

@@ -116,12 +116,13 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True)
 
 
-register(Algorithm("ddpo", DDPOConfig, run, check, rollout_ahead=True))
+register(Algorithm("ddpo", DDPOConfig, run, check, rollout_ahead=True, refresh=True))
 
 
 def train_loop(config: dict) -> None:
     import ray
 
+    from armature.feedback.refresh import attach_refresh
     from armature.policies import Trajectory
 
     w = Worker(config)
@@ -141,6 +142,7 @@ def train_loop(config: dict) -> None:
     frozen = None
     if algo.beta > 0 and policy.lora is None:
         frozen = copy.deepcopy(policy.unet).requires_grad_(False).eval()
+    attach_refresh(w)  # refresh.* (off by default): the reward fine-tuned on the policy's own samples
     # gradients accumulate over every stored step of a micro-batch, and over micro-batches
     engine = w.start(policy, train_steps * algo.gradient_accumulation_batches)
     tracker = PerPromptStatTracker(algo.stat_buffer_size, algo.stat_min_count)

@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True)
 
 
-register(Algorithm("grpo", GRPOConfig, run, check, rollout_ahead=True))
+register(Algorithm("grpo", GRPOConfig, run, check, rollout_ahead=True, refresh=True))
 
 
 def sde_window(epoch: int, num_steps: int, algo: GRPOConfig) -> tuple[int, int]:
@@ -116,6 +116,8 @@ def sde_window(epoch: int, num_steps: int, algo: GRPOConfig) -> tuple[int, int]:
 def train_loop(config: dict) -> None:
     import ray
 
+    from armature.feedback.refresh import attach_refresh
+
     w = Worker(config)
     c, algo, rank, world, seed = w.c, w.algo, w.rank, w.world, w.seed
     policy = w.build_policy()
@@ -126,6 +128,7 @@ def train_loop(config: dict) -> None:
     frozen = None
     if beta > 0 and policy.lora is None:
         frozen = copy.deepcopy(policy.unet).requires_grad_(False).eval()
+    attach_refresh(w)  # refresh.* (off by default): the reward fine-tuned on the policy's own samples
     engine = w.start(policy, window_size * algo.gradient_accumulation_batches)
 
     prompts = prompt_list(c.prompts)

@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop, actors=True)
 
 
-register(Algorithm("nft", NFTConfig, run, check, rollout_ahead=True))
+register(Algorithm("nft", NFTConfig, run, check, rollout_ahead=True, refresh=True))
 
 
 def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -102,6 +102,8 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 def train_loop(config: dict) -> None:
     import ray
 
+    from armature.feedback.refresh import attach_refresh
+
     w = Worker(config)
     c, algo, rank, world, seed = w.c, w.algo, w.rank, w.world, w.seed
     policy = w.build_policy()
@@ -111,6 +113,8 @@ def train_loop(config: dict) -> None:
     # The sampling ("old") policy: a frozen copy of the network holding the EMA weights.
     old = copy.deepcopy(policy.unet).requires_grad_(False).eval()
     old_state = policy.trainable_state_dict()
+    # refresh.* (off by default): the reward fine-tuned on labels of the sampling policy's own pairs
+    attach_refresh(w, sampling_weights=lambda: old_state)
     engine = w.start(policy, algo.timesteps_per_sample * algo.gradient_accumulation_batches)
     if w.extra is not None:
         old_state = w.extra

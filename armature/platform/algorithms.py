@@ -35,6 +35,7 @@ class Algorithm:
     check: Callable[[Any], list[str]] | None = None  # the whole config -> errors naming key and fix
     result: Callable[[dict], str] | None = None  # the last metrics -> the CLI's closing words
     rollout_ahead: bool = False  # honours trainer.rollout_ahead=1 (on-policy samplers one epoch ahead)
+    refresh: bool = False  # honours refresh.every > 0 (the reward fine-tuned on the policy's own samples)
 
     def describe(self, metrics: dict) -> str:
         if self.result is not None:

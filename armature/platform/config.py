@@ -147,6 +147,29 @@ class GuardConfig:
 
 
 @dataclass
+class RefreshConfig:
+    """The on-policy reward refresh (``armature.feedback.refresh``; ddpo, grpo, nft): every
+    ``every`` epochs, pairs of the current policy's samples are labelled through the preference
+    store and the trained reward's conv scorers are fine-tuned on them. Off by default."""
+
+    every: int = 0  # epochs between refreshes; 0: off
+    pairs: int = 16  # pairs of the current policy's samples (2 per prompt) labelled per refresh
+    annotator: str = "simulated"  # simulated (a reward labels, with flips and ties) | human (the labeling page)
+    annotator_reward: dict[str, Any] = field(default_factory=lambda: {"gym_oracle": {"weight": 1.0}})
+    num_annotators: int = 2  # simulated annotators
+    noise: float = 0.1  # probability a simulated annotator picks the reward's loser
+    tie_rate: float = 0.05  # probability it answers "no preference"
+    labels_per_pair: int = 2  # annotators who label each pair
+    min_labels: int = 0  # human: new labels to wait for per refresh; 0: pairs * labels_per_pair
+    label_timeout_s: float = 3600.0  # human: fine-tune on what is there after this long
+    steps: int = 50  # AdamW steps per scorer per refresh
+    batch_size: int = 16  # pairs per step
+    learning_rate: float = 1e-4
+    replay: float = 1.0  # share of the earlier refreshes' labelled pairs mixed in (0: the new pairs alone)
+    store: Optional[str] = None  # SQLite path or SQLAlchemy URL; None: <run folder>/refresh.db
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING  # the registered algorithm's schema (armature.platform.algorithms)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +181,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs (the DPO jobs)
     guard: GuardConfig = field(default_factory=GuardConfig)  # reward over-optimisation
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)  # the reward fine-tuned on-policy
 
 
 # --------------------------------------------------------------------------- serving
@@ -377,11 +401,17 @@ def check(cfg: DictConfig) -> None:
     if not cfg.reward.components:
         errors.append("reward.components is empty: name at least one reward, e.g. reward=compressibility")
     errors.extend(guard_errors(cfg))
+    errors.extend(refresh_errors(cfg))
     if cfg.get("algo") is not None:  # the algorithm's own checks (armature.platform.algorithms)
         from armature.platform.algorithms import get
 
         algorithm = get(cfg.algo.name)
         errors.extend(algorithm.check(cfg) if algorithm.check else [])
+        if cfg.refresh.every and not algorithm.refresh:
+            errors.append(
+                f"refresh.every={cfg.refresh.every}: algo={cfg.algo.name} does not refresh its reward "
+                "(ddpo, grpo and nft do); set refresh.every=0"
+            )
         if cfg.trainer.rollout_ahead and not algorithm.rollout_ahead:
             errors.append(
                 f"trainer.rollout_ahead={cfg.trainer.rollout_ahead}: algo={cfg.algo.name} does not roll out "
@@ -409,6 +439,54 @@ def guard_errors(cfg: DictConfig) -> list[str]:
         )
     if guard.patience < 1:
         errors.append(f"guard.patience={guard.patience}: must be >= 1 epoch")
+    return errors
+
+
+def refresh_errors(cfg: DictConfig) -> list[str]:
+    """``refresh.*``: a trained reward with a trainable member, annotators that can label, sane
+    sizes. An annotator reward that is also the trained reward is allowed (simulated annotators
+    only: they label with their own copy, frozen at its starting weights)."""
+    r = cfg.refresh
+    if r.every == 0:
+        return []
+    from armature.rewards.fine_tune import TRAINABLE_REWARDS
+
+    if r.every < 0:
+        return [f"refresh.every={r.every}: epochs between refreshes, >= 1 (0: off)"]
+    errors = []
+    trained = [n for n, o in cfg.reward.components.items() if float((o or {}).get("weight", 1.0)) != 0.0]
+    if not set(trained) & set(TRAINABLE_REWARDS):
+        errors.append(
+            f"refresh.every={r.every}: the trained reward ({', '.join(trained) or 'none'}) has no trainable member; "
+            f"the refresh fine-tunes the conv scorers of {' or '.join(TRAINABLE_REWARDS)} (e.g. reward=gym_anatomy), "
+            "or set refresh.every=0"
+        )
+    for key in ("pairs", "steps", "batch_size", "labels_per_pair"):
+        if r[key] < 1:
+            errors.append(f"refresh.{key}={r[key]}: must be >= 1")
+    if r.learning_rate <= 0:
+        errors.append(f"refresh.learning_rate={r.learning_rate}: must be > 0, e.g. 1e-4")
+    if not 0 <= r.replay <= 1:
+        errors.append(f"refresh.replay={r.replay}: the share of earlier pairs mixed in, in [0, 1]")
+    if r.annotator not in ("simulated", "human"):
+        errors.append(f"refresh.annotator={r.annotator}: use simulated (a reward labels) or human (the labeling page)")
+    if r.annotator == "simulated":
+        if not r.annotator_reward:
+            errors.append(
+                "refresh.annotator_reward is empty: name the annotators' reward, e.g. {gym_oracle: {weight: 1}}"
+            )
+        if r.labels_per_pair > r.num_annotators:
+            errors.append(
+                f"refresh.labels_per_pair={r.labels_per_pair}: at most refresh.num_annotators={r.num_annotators} "
+                "simulated annotators can label a pair"
+            )
+    if not 0 <= r.noise <= 1 or not 0 <= r.tie_rate <= 1:
+        errors.append(f"refresh.noise={r.noise}, refresh.tie_rate={r.tie_rate}: probabilities in [0, 1]")
+    if r.store is None and "://" in str(cfg.trainer.storage_path):
+        errors.append(
+            f"refresh.store=null keeps the store in the run folder, but trainer.storage_path={cfg.trainer.storage_path} "
+            "is not local: give refresh.store a database URL or a local path"
+        )
     return errors
 
 

@@ -165,6 +165,7 @@ def run_learner(
                 "samplers": samplers,
                 "rewards": rewards,
                 "run_id": job.run_id,
+                "run_dir": job.run_dir,
                 "tracking_uri": job.tracking_uri,
                 "threads": job.threads,
                 **inputs.config,
@@ -222,6 +223,11 @@ class Worker:
         self.grad_norms: list[float] = []
         self.policy = None
         self.guard = Guard(self.c.guard) if self.c.guard.monitor else None
+        # Work between epochs that a job adds before ``start`` (e.g. the reward refresh,
+        # ``armature.feedback.refresh``): each hook has a ``name``, ``restore(state, extra)`` (its
+        # part of a checkpoint; returns the rest of ``extra``), ``end_epoch(epoch, metrics, last)``,
+        # ``state()`` (JSON) and ``extra()`` (tensors) for the checkpoint.
+        self.hooks: list = []
         # trainer.time_budget_s: the training time of the job's earlier runs, and this run's start
         self.trained_before, self.began = 0.0, time.monotonic()
 
@@ -246,6 +252,8 @@ class Worker:
             self.extra = self.guard.restore(self.state, self.extra)
             if self.guard.stopped:  # a rerun of a run the guard stopped trains no further
                 self.start_epoch = self.algo.num_epochs
+        for hook in self.hooks:
+            self.extra = hook.restore(self.state, self.extra)
         self.trained_before, self.began = float(self.state.get(TRAINED_S, 0.0)), time.monotonic()
         if self.state.get(BUDGET_SPENT):  # nor does a rerun of one that spent trainer.time_budget_s
             self.start_epoch = max(self.start_epoch, planned_epochs(self.algo))
@@ -308,6 +316,10 @@ class Worker:
         """
         num_epochs = total or self.algo.num_epochs
         stop = False
+        for hook in self.hooks:  # before the guard: it may roll the policy back
+            hook.end_epoch(epoch, metrics, last=epoch + 1 == num_epochs)
+            state = {**(state or {}), hook.name: hook.state()}
+            extra_fn = with_extra(extra_fn, hook.extra)
         if self.guard is not None:
             stop = self.guard.update(epoch, metrics, self.policy, last=epoch + 1 == num_epochs, rank=self.rank)
             state = {**(state or {}), "guard": self.guard.state()}
@@ -427,6 +439,17 @@ class Guard:
         best = {k[len(GUARD_PREFIX) :]: extra.pop(k) for k in list(extra) if k.startswith(GUARD_PREFIX)}
         self.best = best or None
         return extra or None
+
+
+def with_extra(extra_fn, more) -> Callable[[], dict | None]:
+    """``extra_fn`` (a checkpoint's extra tensors, or None) with ``more()``'s tensors added."""
+
+    def extra():
+        tensors = dict(extra_fn() or {}) if extra_fn else {}
+        tensors.update(more() or {})
+        return tensors or None
+
+    return extra
 
 
 def agree(flag: bool) -> bool:
