@@ -1,5 +1,8 @@
 """How well a learned reward ranks the gym base policy's own samples, and what that caps.
 
+``--adapter`` samples a trained policy instead (a LoRA folder a learner wrote, e.g. a bench stage's
+``adapters/<learner>/adapter``): whether the reward still ranks what the policy draws after RL.
+
 Best-of-N (and RL) can cut the oracle's severe-error rate only as far as the learned reward
 orders the policy's samples the way the oracle does. This samples a pool of ``--per-prompt``
 figures for each gym prompt from the base policy (fixed seeds from ``--seed``, a range apart from
@@ -55,12 +58,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (the bench's 20, eta 1)")
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--adapter", help="a trained LoRA of the base policy to sample from instead of the base")
     args = parser.parse_args()
     if args.per_prompt < 1 or not all(1 <= n <= args.per_prompt for n in args.ns):
         parser.error(
             f"--ns {args.ns} with --per-prompt {args.per_prompt}: each N must lie in 1..--per-prompt "
             "(the pool Best-of-N draws from); raise --per-prompt or drop the larger N"
         )
+    if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        parser.error(f"--adapter {args.adapter}: no adapter_config.json there; give a learner's adapter/ folder")
     for scorer in args.scorer:
         if ":/" not in scorer and not os.path.isfile(os.path.join(scorer, "scorer.json")):  # runs:/ URIs resolve later
             parser.error(
@@ -79,6 +85,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     reward = load("learned", path=args.scorer if len(args.scorer) > 1 else args.scorer[0])
     policy = load_policy("sd", str(policy_path()), SamplingParams(num_steps=args.steps, guidance_scale=1.0, eta=1.0))
+    if args.adapter:
+        policy.load_adapter(args.adapter)
     oracle = AnatomyOracle()
     start = time.perf_counter()
     rows, severe_defects = [], Counter()
@@ -104,6 +112,7 @@ def main() -> None:
     all_r = np.concatenate([r for _, _, r in rows])
     per_prompt_auc = [ranking_auc(r, s == 3) for _, s, r in rows]
     print(
+        f"policy: {args.adapter or 'the base'}; "
         f"{len(all_s)} samples ({args.per_prompt} per prompt, {len(rows)} prompts) in {seconds:.0f} s; "
         f"severe {np.mean(all_s == 3):.3f}, mean severity {all_s.mean():.2f}"
     )

@@ -147,3 +147,51 @@ def test_backprop_steps_out_of_range():
     policy = _policy()
     with pytest.raises(ValueError, match=r"backprop_steps=6: must be in \[1, 5\]"):
         sample_with_grad(policy, policy.encode(PROMPTS), _noise(policy), 6)
+
+
+@pytest.mark.parametrize("refl", [False, True])
+def test_kl_to_the_base_policy_matches_a_plain_loop(refl):
+    """``kl``: the mean over the backpropagated steps of the squared gap between the adapter's and
+    the base network's predictions at the same latents, and its gradient, against a plain loop over
+    diffusers' DDIM with peft's adapter switch."""
+    policy, k = _policy(eta=0.0), 3
+
+    def reference(cond, x, t):
+        with policy.reference():
+            return policy.predict(cond, x, t)
+
+    policy.unet.zero_grad(set_to_none=True)
+    sample = sample_with_grad(policy, policy.encode(PROMPTS), _noise(policy), k, predict_x0=refl, reference=reference)
+    sample.kl.backward()
+    got = _lora_grads(policy)
+
+    policy.unet.zero_grad(set_to_none=True)
+    scheduler = policy.scheduler
+    scheduler.set_timesteps(policy.sampling.num_steps)
+    cond, x, gaps = policy.encode(PROMPTS), _noise(policy), []
+    steps = list(scheduler.timesteps)
+    for i, t in enumerate(steps):
+        grad = i >= len(steps) - k
+        with torch.set_grad_enabled(grad):
+            eps = policy.predict(cond, x, t)
+            if grad:
+                with torch.no_grad():
+                    policy.unet.disable_adapters()
+                    base = policy.predict(cond, x, t)
+                    policy.unet.enable_adapters()
+                gaps.append(((eps - base) ** 2).mean())
+                if refl:
+                    break
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    expected = torch.stack(gaps).mean()
+    expected.backward()
+    assert expected > 0  # the adapter's moved B factors make the two networks differ
+    torch.testing.assert_close(sample.kl.detach(), expected.detach(), rtol=1e-4, atol=1e-9)
+    for name, grad in _lora_grads(policy).items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-7)
+
+
+def test_no_reference_no_kl():
+    policy = _policy()
+    with torch.no_grad():
+        assert sample_with_grad(policy, policy.encode(PROMPTS), _noise(policy), 2).kl is None

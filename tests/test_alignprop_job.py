@@ -33,6 +33,8 @@ def test_truncation_bounds_are_checked_at_composition():
                 "algo.truncation_min=5",
             ],
         )
+    with pytest.raises(ConfigError, match=r"algo.beta=-1.0: the KL penalty's weight must be >= 0"):
+        compose("train", ["algo=alignprop", "reward=brightness", "algo.beta=-1.0"])
 
 
 @pytest.mark.slow

@@ -211,7 +211,15 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
         run(BenchConfig(out=str(tmp_path / "j"), learners=["grpo"], epochs={"ddpo": 3}))
     with pytest.raises(ValueError, match="bench.train_s"):
         run(BenchConfig(out=str(tmp_path / "k"), train_s=-1))
-    assert not any((tmp_path / name).exists() for name in "cdefghijk")
+    with pytest.raises(ValueError, match=r"bench.guards: \['clip'\]"):
+        run(BenchConfig(out=str(tmp_path / "l"), guards=["clip"]))
+    with pytest.raises(ValueError, match="no learner to guard"):
+        run(BenchConfig(out=str(tmp_path / "m"), learners=["dpo"], guards=["kl"]))
+    with pytest.raises(ValueError, match=r"bench.kl_beta.*\['grpo'\]"):
+        run(BenchConfig(out=str(tmp_path / "n"), learners=["grpo"], guards=["kl"], kl_beta={"ddpo": 0.1}))
+    with pytest.raises(ValueError, match="reward_seeds=1: the penalty needs an ensemble"):
+        run(BenchConfig(out=str(tmp_path / "o"), learners=["ddpo"], guards=["uncertainty"], reward_seeds=1))
+    assert not any((tmp_path / name).exists() for name in "cdefghijklmno")
 
 
 def test_every_bench_learner_composes_a_valid_job_on_the_learned_reward_and_on_the_oracle(tmp_path):
@@ -260,6 +268,63 @@ def test_every_bench_learner_composes_a_valid_job_on_the_learned_reward_and_on_t
     assert trained.differentiable and list(monitors.rewards) == ["gym_oracle"] and monitors.weights["gym_oracle"] == 0.0
 
 
+def test_every_guard_turns_on_for_every_guarded_learner(tmp_path):
+    """A ``<learner>-<guard>`` stage is the learner's own stage plus its guard, and composes a valid
+    job: the monitor guard on the oracle with roll back, the ensemble's uncertainty penalty on the
+    learned reward (the oracle still a weight-0 monitor), the learner's own KL weight."""
+    from armature.jobs import gym_bench
+    from armature.platform.config import compose
+
+    cfg = gym_bench.BenchConfig(out=str(tmp_path), guard_patience=4, uncertainty_penalty=0.5)
+    spec = "{weight: 1.0, path: [/s/a, /s/b]}"
+    for name in gym_bench.GUARDED:
+        plain = gym_bench.recipe(name, cfg, tmp_path, tmp_path / "p.txt", spec)
+        for guard in gym_bench.GUARDS:
+            c = compose("train", plain + gym_bench.guard_overrides(guard, name, cfg))
+            assert c.algo.name == name
+            assert (c.guard.monitor, c.guard.patience, c.guard.rollback) == (
+                ("gym_oracle", 4, True) if guard == "monitor" else (None, 2, True)
+            )
+            learned = dict(c.reward.components.learned)
+            assert learned.get("uncertainty_penalty", 0.0) == (0.5 if guard == "uncertainty" else 0.0)
+            assert c.reward.components.gym_oracle.weight == 0.0 and learned["weight"] == 1.0
+            assert c.algo.beta == (cfg.kl_beta[name] if guard == "kl" else 0.0)
+
+
+def test_curves_name_each_stage_and_the_roll_back(tmp_path):
+    """``overoptimisation.md`` and the per-learner plot, from the stages' MLflow runs (a real file store)."""
+    from mlflow.tracking import MlflowClient
+
+    from armature.jobs import gym_bench
+
+    uri, run_dirs = f"sqlite:///{tmp_path / 'mlflow.db'}", {}
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("bench", artifact_location=(tmp_path / "artifacts").as_uri())
+    curves = {
+        "alignprop": [(10.0, -1.2, 0.4), (12.0, -0.8, 0.2), (14.0, -2.5, 0.9)],
+        "alignprop-monitor": [(10.0, -1.2, 0.4), (12.0, -0.8, 0.2), (14.0, -2.5, 0.9)],
+        "ddpo-oracle": [(-1.9, -1.9, 0.35), (-1.7, -1.7, 0.30)],
+    }
+    for name, points in curves.items():
+        run = client.create_run(experiment).info.run_id
+        for epoch, (trained, oracle, severe) in enumerate(points):
+            client.log_metric(run, "reward_mean", trained, step=epoch)
+            client.log_metric(run, "reward_gym_oracle_mean", oracle, step=epoch)
+            client.log_metric(run, "reward_gym_oracle_severe_rate", severe, step=epoch)
+        if name == "alignprop-monitor":
+            client.log_metric(run, "guard_rolled_back_to", 1, step=2)
+        run_dirs[name] = tmp_path / name
+        run_dirs[name].mkdir()
+        (run_dirs[name] / "armature_run.json").write_text(json.dumps({"tracking_uri": uri, "mlflow_run_id": run}))
+    gym_bench.write_curves(tmp_path, run_dirs, print)
+    table = (tmp_path / "overoptimisation.md").read_text()
+    assert "| alignprop | 2 | +12.000 | -0.800 | 0.200 |" in table
+    assert "| alignprop-monitor | 3 (rolled back to epoch 2) | +14.000 | -2.500 | 0.900 |" in table
+    assert "| ddpo-oracle | 2 | -1.700 | -1.700 | 0.300 |" in table
+    assert (tmp_path / "overoptimisation-alignprop.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "overoptimisation-ddpo.png").exists()  # a ceiling trains on the oracle itself
+
+
 def gym_bench_shipped():
     from armature.rewards.learned import shipped_scorers
 
@@ -281,6 +346,9 @@ def test_bench_counts_the_reward_training_in_every_row_that_uses_the_reward():
     assert training_seconds("online_dpo", seconds, reward_s) == 700.0  # its annotator is the reward
     assert training_seconds("ddpo-oracle", seconds, reward_s) == 350.0  # the ceiling: the oracle, not it
     assert training_seconds("ddpo-oracle+bon16", seconds, reward_s) == 850.0
+    seconds.update({"alignprop-kl": 300.0, "grpo-monitor": 250.0})
+    assert training_seconds("alignprop-kl", seconds, reward_s) == 800.0  # a guarded learner trains on it
+    assert training_seconds("grpo-monitor+bon16", seconds, reward_s) == 750.0
 
 
 def test_gym_cli_passes_pair_flags_and_refuses_a_bad_best_of(tmp_path, capsys):

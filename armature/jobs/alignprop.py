@@ -3,7 +3,7 @@
 The objective is the reward itself, maximised by backpropagation through the sampler
 (``armature/policies/grad_sampling.py`` has the math)::
 
-    loss = -reward_scale * mean_b r(D(x_0^b), c_b)
+    loss = -reward_scale * mean_b r(D(x_0^b), c_b)  [+ beta * KL to the base policy]
 
 * ``algo=alignprop`` (Prabhudesai et al., 2023): gradients through the last K denoising steps,
   K drawn per micro-batch uniformly from ``[algo.truncation_min, algo.truncation_max]``
@@ -12,6 +12,10 @@ The objective is the reward itself, maximised by backpropagation through the sam
 * ``algo=draft`` (DRaFT-K, Clark et al., 2023): the same with a fixed K (equal bounds).
 * ``algo=refl`` (ReFL, Xu et al., 2023): ``algo.predict_x0=true``: the chain stops at the K-th
   step from the end and the reward scores that step's one-step prediction of x_0.
+* ``algo.beta`` > 0: a KL penalty to the base policy, which these learners otherwise lack: at each
+  backpropagated step the base network (the adapter switched off, or a frozen copy under full
+  fine-tuning) predicts from the same latents, and ``beta`` times the mean squared gap of the
+  two predictions (``armature.losses.noise_gap``, DPOK's per-step KL bound) joins the loss.
 
 The reward runs inside the learner process, frozen (its weights get no gradient); it must be
 differentiable (``reward=brightness``, ``colorfulness``, ``aesthetic``, ``learned``), which the
@@ -30,6 +34,7 @@ worker checkpoints, then logs. A rerun with the same ``tracking.run_name`` resum
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -61,6 +66,8 @@ class AlignPropConfig(OptimizerConfig):
     predict_x0: bool = False  # ReFL: reward on the predicted x0 of the K-th step from the end
     gradient_checkpointing: bool = True  # recompute each backpropagated UNet call
     reward_scale: float = 1.0  # loss = -reward_scale * reward
+    # + beta * noise_gap to the base policy on the backpropagated steps, one more forward pass each (0: off)
+    beta: float = 0.0
 
 
 def check(cfg: DictConfig) -> list[str]:
@@ -73,6 +80,8 @@ def check(cfg: DictConfig) -> list[str]:
         )
     if algo.batch_size < 1 or algo.batches_per_epoch < 1 or algo.gradient_accumulation_batches < 1:
         errors.append("algo.batch_size, algo.batches_per_epoch and algo.gradient_accumulation_batches must be >= 1")
+    if algo.beta < 0:
+        errors.append(f"algo.beta={algo.beta}: the KL penalty's weight must be >= 0 (0: off), e.g. 10")
     return errors
 
 
@@ -113,6 +122,15 @@ def train_loop(config: dict) -> None:
     policy = w.build_policy()
     reward, watch = build_reward(c)  # frozen: its weights have requires_grad=False
     micro = algo.batch_size
+    # The KL reference (algo.beta > 0): the network with its adapter off, or a frozen full copy.
+    reference = None
+    if algo.beta > 0:
+        frozen = copy.deepcopy(policy.unet).requires_grad_(False).eval() if policy.lora is None else None
+
+        def reference(cond, x, t):
+            with policy.reference(frozen):
+                return policy.predict(cond, x, t)
+
     engine = w.start(policy, algo.gradient_accumulation_batches, micro_batch=micro)  # the sampler's calls too
     prompts = prompt_list(c.prompts)
     for epoch in range(w.start_epoch, algo.num_epochs):
@@ -120,7 +138,7 @@ def train_loop(config: dict) -> None:
         engine.module.train()
         rng = np.random.default_rng([w.seed, epoch, rank])
         generator = torch.Generator(device=policy.device).manual_seed(int(rng.integers(2**31)))
-        rewards, sampled_rewards, losses, ks, images, watched = [], [], [], [], [], []
+        rewards, sampled_rewards, losses, ks, kls, images, watched = [], [], [], [], [], [], []
         for _ in range(algo.batches_per_epoch):
             batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=micro)]
             k = int(rng.integers(algo.truncation_min, algo.truncation_max + 1))
@@ -140,9 +158,13 @@ def train_loop(config: dict) -> None:
                 predict_x0=algo.predict_x0,
                 complete=algo.predict_x0,
                 generator=generator,
+                reference=reference,
             )
             scores = reward.score_tensor(sample.images, batch_prompts)
             loss = -algo.reward_scale * scores.mean()
+            if sample.kl is not None:
+                loss = loss + algo.beta * sample.kl
+                kls.append(sample.kl.item())
             w.step(loss)
             rewards.append(scores.detach().cpu())
             losses.append(loss.item())
@@ -164,6 +186,8 @@ def train_loop(config: dict) -> None:
             "loss": float(np.mean(losses)),
             "backprop_steps": float(np.mean(ks)),
         }
+        if kls:
+            local["kl"] = float(np.mean(kls))
         if watched:
             local.update(reward_metrics({k: np.concatenate([s[k] for s in watched]) for k in watched[0]}))
         metrics = {
@@ -176,7 +200,7 @@ def train_loop(config: dict) -> None:
         metrics["samples_per_s"] = algo.batches_per_epoch * micro / metrics["epoch_time_s"]
         grid = lambda images=images: (torch.cat(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # noqa: E731
         if w.end_epoch(epoch, metrics, grid, progress=_print_progress):
-            break  # trainer.time_budget_s spent
+            break  # the over-optimisation guard (guard.*) or trainer.time_budget_s stopped the run
 
     w.finish(policy)
 

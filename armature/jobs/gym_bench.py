@@ -36,6 +36,14 @@ pairs (an intact figure preferred to the same figure with one defect).
    reward's quality. ``bench.train_s``: every learner's training time budget
    (``trainer.time_budget_s``; their ``bench.epochs`` are then upper bounds), so that rows compare
    at the same wall time.
+
+   ``bench.guards`` trains each of those learners again with one over-optimisation guard on (rows
+   ``<learner>-<guard>``): ``monitor``, the early stop with roll back on the oracle monitor
+   (``guard.*``, patience ``bench.guard_patience``); ``uncertainty``, the learned ensemble's mean minus
+   ``bench.uncertainty_penalty`` times its members' spread; ``kl``, a KL penalty to the base policy
+   (``algo.beta``, per learner from ``bench.kl_beta``: the learners' KL terms differ in scale). Every
+   learner's trained reward and oracle per epoch go to ``<out>/overoptimisation.md``, and a plot of
+   one against the other, unguarded beside guarded, to ``<out>/overoptimisation-<learner>.png``.
 5. ``eval``: the evaluation job (``algo=eval``) on the base policy and every trained one, each
    alone and with Best-of-N (``bench.best_of``) ranked by the learned reward. Every policy draws
    a pool of ``samples_per_prompt * max(best_of)`` candidates per prompt (256 by default); a
@@ -63,6 +71,8 @@ from pathlib import Path
 BENCH_PROMPTS = "gym_prompts.txt"
 LEARNERS = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo", "dpo", "asap_dpo")
 CEILINGS = ("ddpo", "grpo", "online_dpo")  # the learners that can take the (non-differentiable) oracle as reward
+GUARDS = ("monitor", "uncertainty", "kl")
+GUARDED = ("ddpo", "grpo", "alignprop", "draft", "refl")  # learners that score their own samples every epoch
 EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 7, "dpo": 4, "asap_dpo": 4}
 
 
@@ -89,6 +99,14 @@ class BenchConfig:
     # epochs (online_dpo: rounds) of each learner; with train_s, an upper bound
     epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
     train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
+    guards: list[str] = field(default_factory=list)  # of monitor, uncertainty, kl: rows <learner>-<guard>
+    guard_patience: int = 3  # guards=[monitor]: epochs the oracle may stay below its best (guard.patience)
+    uncertainty_penalty: float = 1.0  # guards=[uncertainty]: lambda of mean - lambda * std over the scorers
+    # guards=[kl]: algo.beta of each learner (DDPO / GRPO: k3 on the steps' log-probs; the reward-gradient
+    # learners: the squared gap of the noise predictions, a larger scale)
+    kl_beta: dict[str, float] = field(
+        default_factory=lambda: {"ddpo": 0.01, "grpo": 0.04, "alignprop": 30.0, "draft": 30.0, "refl": 30.0}
+    )
     evaluate: bool = True  # false: stop after the learners (a later run in the same out keeps them and evaluates)
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
@@ -176,6 +194,22 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             f"bench.ceiling: {unknown} cannot train on the oracle (not differentiable, no pairs of its own); "
             f"use some of {', '.join(CEILINGS)}"
         )
+    unknown = [guard for guard in cfg.guards if guard not in GUARDS]
+    if unknown:
+        raise ValueError(f"bench.guards: {unknown} not among {', '.join(GUARDS)}")
+    if cfg.guards and not any(name in GUARDED for name in cfg.learners):
+        raise ValueError(
+            f"bench.guards={list(cfg.guards)}: no learner to guard; add some of {', '.join(GUARDED)} to bench.learners"
+        )
+    if "kl" in cfg.guards:
+        missing = [name for name in cfg.learners if name in GUARDED and name not in cfg.kl_beta]
+        if missing:
+            raise ValueError(f"bench.kl_beta={dict(cfg.kl_beta)}: give {missing} a KL weight (algo.beta)")
+    if "uncertainty" in cfg.guards and cfg.scorers == "train" and cfg.reward_seeds < 2:
+        raise ValueError(
+            f"bench.guards=[uncertainty] with bench.reward_seeds={cfg.reward_seeds}: the penalty needs an "
+            "ensemble's spread; train two or more scorers"
+        )
     if cfg.scorers not in ("train", "shipped"):
         raise ValueError(f"bench.scorers={cfg.scorers!r}: use train (the reward stage) or shipped (the package's)")
     missing = [name for name in [*cfg.learners, *cfg.ceiling] if name not in cfg.epochs]
@@ -254,10 +288,18 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     seconds, policies, epochs = {"base": 0.0}, {"base": None}, {"base": 0}
     runs = [(name, recipe(name, cfg, out, prompts, learned_spec)) for name in cfg.learners]
     runs += [(f"{name}{ORACLE}", recipe(name, cfg, out, prompts, None)) for name in cfg.ceiling]
+    runs += [
+        (f"{name}-{guard}", recipe(name, cfg, out, prompts, learned_spec) + guard_overrides(guard, name, cfg))
+        for name in cfg.learners
+        if name in GUARDED
+        for guard in cfg.guards
+    ]
+    run_dirs = {}
     for name, overrides in runs:
-        last, seconds[name], run_dir = _stage(cfg, name, overrides, log)
+        last, seconds[name], run_dirs[name] = _stage(cfg, name, overrides, log)
         epochs[name] = int(last.get("epoch", -1)) + 1  # trained (online DPO: rounds), the budget may stop early
-        policies[name] = str(_artifact(run_dir, "adapter", out / "adapters" / name))
+        policies[name] = str(_artifact(run_dirs[name], "adapter", out / "adapters" / name))
+    write_curves(out, run_dirs, log)
 
     if not cfg.evaluate:
         log(f"trained {', '.join(name for name, _ in runs) or 'nothing'}; bench.evaluate=false: no eval stage")
@@ -304,6 +346,68 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
 
 ORACLE = "-oracle"  # a ceiling row's suffix: the learner trained on the oracle itself
 RL = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo")  # learners that train on the learned reward
+
+
+def guard_overrides(guard: str, name: str, cfg: BenchConfig) -> list[str]:
+    """The overrides that turn ``guard`` on for learner ``name`` (the oracle stays a weight-0 monitor)."""
+    if guard == "monitor":
+        return ["guard.monitor=gym_oracle", f"guard.patience={cfg.guard_patience}", "guard.rollback=true"]
+    if guard == "uncertainty":
+        return [f"++reward.components.learned.uncertainty_penalty={cfg.uncertainty_penalty}"]
+    return [f"algo.beta={cfg.kl_beta[name]}"]
+
+
+def trained_on_learned(policy: str) -> bool:
+    """Whether a row's policy trained on the learned reward: a learner's own row or a guarded one,
+    not a ceiling row (``<learner>-oracle``)."""
+    name, _, suffix = policy.rpartition("-")
+    return policy in RL or (suffix in GUARDS and name in RL)
+
+
+CURVE_KEYS = ("reward_mean", "reward_gym_oracle_mean", "reward_gym_oracle_severe_rate", "guard_rolled_back_to")
+
+
+def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
+    """Each learner stage's trained reward and oracle per epoch (``<out>/overoptimisation.md``), and
+    per learner one plot of the oracle against the trained reward, every guarded variant beside it."""
+    from mlflow.tracking import MlflowClient
+
+    from armature.platform.overoptimisation import curve_png, curve_points
+
+    histories = {}
+    for name, run_dir in run_dirs.items():
+        info = json.loads((run_dir / "armature_run.json").read_text())
+        client, history = MlflowClient(info["tracking_uri"]), {}
+        for key in CURVE_KEYS:
+            for m in client.get_metric_history(info["mlflow_run_id"], key):
+                history.setdefault(m.step, {})[key] = m.value
+        histories[name] = history
+    lines = [
+        "| stage | epoch | trained reward | oracle mean | oracle severe rate (epoch's images) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, history in histories.items():
+        for epoch in sorted(history):
+            m = history[epoch]
+            if "reward_mean" not in m:
+                continue
+            back = (
+                f" (rolled back to epoch {int(m['guard_rolled_back_to']) + 1})" if "guard_rolled_back_to" in m else ""
+            )
+            lines.append(
+                f"| {name} | {epoch + 1}{back} | {m['reward_mean']:+.3f} | {m.get('reward_gym_oracle_mean', float('nan')):+.3f} "
+                f"| {m.get('reward_gym_oracle_severe_rate', float('nan')):.3f} |"
+            )
+    (out / "overoptimisation.md").write_text("\n".join(lines) + "\n")
+    for learner in {name.split("-")[0] for name in histories if name.split("-")[0] in GUARDED}:
+        curves = {
+            name: curve_points(list(history.items()), "gym_oracle")
+            for name, history in histories.items()
+            if name == learner or (name.startswith(learner + "-") and name.rpartition("-")[2] in GUARDS)
+        }
+        if len(curves) > 1 or any(len(points) > 1 for points in curves.values()):
+            (out / f"overoptimisation-{learner}.png").write_bytes(curve_png(curves, "gym_oracle", learner))
+    log(f"curves: {out / 'overoptimisation.md'}")
 
 
 def recipe(name: str, cfg: BenchConfig, out: Path, prompts: Path, learned: str | None) -> list[str]:
@@ -361,7 +465,7 @@ def training_seconds(row_policy: str, seconds: dict[str, float], reward_s: float
     """A table row's training time: its learner's, plus the learned reward's (once) wherever the
     row uses that reward: DDPO trains on it, Best-of-N (``<policy>+bonN``) ranks by it."""
     policy = row_policy.split("+")[0]
-    return seconds[policy] + (reward_s if policy in RL or "+bon" in row_policy else 0.0)
+    return seconds[policy] + (reward_s if trained_on_learned(policy) or "+bon" in row_policy else 0.0)
 
 
 def markdown(table: list[dict], reward_s: float, pool: int, shipped: bool = False) -> str:
@@ -387,6 +491,7 @@ def markdown(table: list[dict], reward_s: float, pool: int, shipped: bool = Fals
         f"\n(pool): exact expectation of Best-of-N over every N-subset of the {pool} candidates each "
         "policy drew per prompt, averaged over prompts. (picks): the fixed-seed figures, each the best "
         f"of its group's first N. The learned reward ({trained}) ranks Best-of-N; rows <learner>{ORACLE} "
-        "trained on the oracle itself (the ceiling); the oracle judges every row.\n"
+        f"trained on the oracle itself (the ceiling); rows <learner>-<guard> ({', '.join(GUARDS)}) with an "
+        "over-optimisation guard on; the oracle judges every row.\n"
     )
     return head + "\n".join(lines) + "\n" + note

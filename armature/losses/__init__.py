@@ -11,7 +11,7 @@ from armature.losses.dpo import (
     weighted_denoising_error,
 )
 from armature.losses.grpo import group_advantages, grpo_loss
-from armature.losses.kl import k3_kl
+from armature.losses.kl import k3_kl, noise_gap
 from armature.losses.nft import ema_update, forward_process, nft_loss, optimality_probability
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "k3_kl",
+    "noise_gap",
     "ema_update",
     "forward_process",
     "nft_loss",

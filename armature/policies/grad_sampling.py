@@ -21,6 +21,10 @@ and ``D`` the VAE decoder. Backpropagating through all T steps costs T UNet acti
       x0_hat = (x_t - sqrt(1 - a_t) * eps_theta(x_t, t, c)) / sqrt(a_t)
 
   so the gradient passes through one UNet call.
+* **KL to the base policy** (``reference``): at each backpropagated step the reference network
+  (the adapter switched off, or a frozen copy) predicts from the same ``x_t`` without a graph, and
+  :func:`armature.losses.noise_gap` of the two outputs, averaged over those steps, is returned as
+  ``kl`` for the learner to add to its loss.
 
 The step itself is DDIM (Song et al. 2021, eq. 12) with noise level ``eta``::
 
@@ -34,10 +38,13 @@ mean). Everything goes through the public interface of :class:`~armature.policie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
+
+from armature.losses.kl import noise_gap
 
 __all__ = ["GradSample", "predicted_x0", "ddim_step", "decode_with_grad", "sample_with_grad"]
 
@@ -50,6 +57,7 @@ class GradSample:
     images: torch.Tensor  # their decoded images [B, 3, H, W] in [0, 1] (with a graph)
     backprop_steps: int  # K: UNet calls the gradient passes through
     final_latents: torch.Tensor | None = None  # ReFL with complete=True: the chain's true x_0 (no graph)
+    kl: torch.Tensor | None = None  # with a reference: the mean noise_gap over the backpropagated steps (a graph)
 
 
 def _alphas(scheduler, timestep: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +121,7 @@ def sample_with_grad(
     predict_x0: bool = False,
     complete: bool = False,
     generator: torch.Generator | None = None,
+    reference: Callable | None = None,
 ) -> GradSample:
     """Denoise ``latents`` (x_T) with ``policy``, gradients through the last ``backprop_steps`` steps.
 
@@ -128,6 +137,8 @@ def sample_with_grad(
         complete: ReFL only: also finish the chain without gradients (``final_latents``), to
             report the reward of the images the policy actually samples.
         generator: for the stochastic steps' noise (eta > 0).
+        reference: ``(cond, x_t, t) -> output`` of the reference network; given, ``kl`` holds the
+            mean :func:`noise_gap` to it over the backpropagated steps.
     """
     scheduler, eta = policy.scheduler, float(policy.sampling.eta)
     num_steps = policy.sampling.num_steps
@@ -147,10 +158,15 @@ def sample_with_grad(
             return None
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
+    gaps = []  # with a reference: noise_gap at each backpropagated step (with a graph)
     x = latents
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= first_grad):
             out = model(x, t)
+            if reference is not None and i >= first_grad:
+                with torch.no_grad():
+                    ref = reference(cond, x, t)
+                gaps.append(noise_gap(out, ref))
             if predict_x0 and i == first_grad:
                 x0_hat = predicted_x0(scheduler, out.float(), t, x.float())
                 final = None
@@ -167,6 +183,7 @@ def sample_with_grad(
                                 noise_like(y),
                             ).to(x.dtype)
                     final = y
-                return GradSample(x0_hat, decode_with_grad(policy, x0_hat), 1, final)
+                return GradSample(x0_hat, decode_with_grad(policy, x0_hat), 1, final, gaps[0] if gaps else None)
             x = ddim_step(scheduler, out.float(), t, x.float(), eta, noise_like(x)).to(latents.dtype)
-    return GradSample(x, decode_with_grad(policy, x), backprop_steps)
+    kl = torch.stack(gaps).mean() if gaps else None
+    return GradSample(x, decode_with_grad(policy, x), backprop_steps, kl=kl)
