@@ -15,6 +15,14 @@ batch 8 (on 2 CPU cores batching itself gains little, so the goal is >= 0.9).
 
     python benchmarks/serve_load.py [--seconds 10] [--repeats 2] [--concurrency 1 8] [--threads 1] [--split]
         [--unpadded] [--unbatched]
+
+``--stages`` measures instead where a request's time goes at the last ``--concurrency`` level (the
+default application only): the median of each stage (client send -> handler start -> queued in
+the generator -> model pass -> handler resumed -> PNGs encoded -> client receive), the model's busy
+share and its idle time between passes, and the same pass of ``--pass-size`` images timed on the
+idle machine: diffusers and the serving code in this process, and the serving code in the replica.
+``--ray-env KEY=VALUE ...`` gives Ray's processes (the Serve proxy, the replicas) an environment,
+e.g. Ray Serve's ``RAY_SERVE_*`` settings, to try them.
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[float, list[float], int]:
-    """``(requests per second, latencies in s, failures)`` of ``concurrency`` clients for ``seconds``."""
+async def closed_loop(
+    url: str, concurrency: int, seconds: float, sent: dict | None = None
+) -> tuple[float, list[float], int]:
+    """``(requests per second, latencies in s, failures)`` of ``concurrency`` clients for ``seconds``;
+    ``sent``, if given, gets ``seed: (time.time() sent, time.time() answered)`` of each answer."""
     import httpx
 
     latencies, failures = [], 0
@@ -41,10 +52,12 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[float
         i = 0
         while time.perf_counter() < stop:
             body = {"prompt": f"a photo of object {worker}-{i}", "seed": 1000 * worker + i}
-            start = time.perf_counter()
+            start, sent_at = time.perf_counter(), time.time()
             response = await http.post("/v1/images/generations", json=body)
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - start)
+                if sent is not None:
+                    sent[body["seed"]] = (sent_at, time.time())
             else:
                 failures += 1
             i += 1
@@ -89,6 +102,76 @@ def bare_diffusers(
     return images / (time.perf_counter() - start), latencies
 
 
+def serving_pass(policy, images: int, sampling: dict, size: tuple[int, int], seed: int) -> float:
+    """Seconds of one pass of the serving code (``armature.serve.generation.generate``) in this process."""
+    from armature.serve.generation import ImageJob, PassShape, generate
+
+    height, width = size
+    shape = PassShape(sampling["num_steps"], height, width, float(sampling["guidance_scale"]), float(sampling["eta"]))
+    jobs = [ImageJob(f"a photo of object {seed + i}", sampling["negative_prompt"], seed + i) for i in range(images)]
+    began = time.perf_counter()
+    generate(policy, jobs, shape, images)
+    return time.perf_counter() - began
+
+
+def stages(url: str, handle, pipe, policy, sampling: dict, args) -> None:
+    """Median time of each stage of a request at concurrency ``args.concurrency[-1]``, the model's busy
+    share, and the same model pass timed idle: in this process (diffusers, the serving code) and in
+    the replica."""
+    import torch
+
+    c, b = args.concurrency[-1], args.pass_size
+    idle = {
+        "bare diffusers call, this process": [
+            bare_diffusers(pipe, b, 1e-3, sampling, policy.image_size, 7 * 10**6 + 100 * i)[1][0] for i in range(5)
+        ],
+        "serving code pass, this process": [
+            serving_pass(policy, b, sampling, policy.image_size, 8 * 10**6 + 100 * i) for i in range(5)
+        ],
+        "serving code pass, the replica idle": [handle.time_pass.remote(b).result() for _ in range(5)],
+    }
+    replica = handle.stats.remote().result()
+    threads = replica["torch_threads"]
+    handle.recent_timings.remote().result()  # drop the warm-up's
+    sent: dict = {}
+    began = time.time()
+    throughput, latencies, failures = asyncio.run(closed_loop(url, c, args.seconds, sent))
+    ended = time.time()
+    timings = [t for t in handle.recent_timings.remote().result() if t["seed"] in sent]
+    rows = {  # stage: (from, to) of the request's times
+        "client send -> handler start": ("sent", "handler_start"),
+        "handler start -> queued in the generator": ("handler_start", "queued"),
+        "queued -> model pass start (queue wait)": ("queued", "model_start"),
+        "model pass (its group's)": ("model_start", "model_end"),
+        "model pass end -> futures resolved": ("model_end", "ran"),
+        "futures resolved -> handler resumed": ("ran", "resumed"),
+        "handler resumed -> PNG encoded (handler end)": ("resumed", "encoded"),
+        "handler end -> client receive": ("encoded", "received"),
+        "client send -> client receive": ("sent", "received"),
+    }
+    for t in timings:
+        t["sent"], t["received"] = sent[t["seed"]]
+    passes = sorted({(t["model_start"], t["model_end"]) for t in timings})
+    busy = sum(min(e, ended) - max(s, began) for s, e in passes if e > began and s < ended) / (ended - began)
+    gaps = [s2 - e1 for (_, e1), (s2, _) in zip(passes, passes[1:])]
+    print(
+        f"\nstages at concurrency {c}, {args.seconds:g} s, {throughput:.2f} images/s, {len(timings)} requests traced "
+        f"({failures} failed), {len(passes)} passes of {b} rows, torch threads: this process "
+        f"{torch.get_num_threads()}, the replica {threads}\n"
+    )
+    print("| stage | median (ms) | p90 (ms) |")
+    print("| --- | ---: | ---: |")
+    for name, (a, z) in rows.items():
+        values = [t[z] - t[a] for t in timings]
+        if name.startswith("model pass ("):
+            values = [e - s for s, e in passes]
+        print(f"| {name} | {statistics.median(values) * 1e3:.1f} | {percentile(values, 90) * 1e3:.1f} |")
+    print(f"| model idle between passes | {statistics.median(gaps) * 1e3:.1f} | {percentile(gaps, 90) * 1e3:.1f} |")
+    for name, values in idle.items():
+        print(f"| {name}, {b} images, idle machine | {statistics.median(values) * 1e3:.1f} | {max(values) * 1e3:.1f} |")
+    print(f"\nmodel busy: {busy:.0%}; requests a group: {statistics.mean(t['group'] for t in timings):.1f}")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -108,6 +191,8 @@ def main() -> None:
     parser.add_argument("--split", action="store_true", help="also serve with ingress_in_generator=false")
     parser.add_argument("--unpadded", action="store_true", help="also serve with batching.pad_passes=false")
     parser.add_argument("--unbatched", action="store_true", help="also serve with batching off")
+    parser.add_argument("--ray-env", nargs="*", default=[], help="KEY=VALUE environment of Ray's processes")
+    parser.add_argument("--stages", action="store_true", help="only: the time of each stage of a request")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of configs/serve.yaml")
     args = parser.parse_args()
@@ -153,6 +238,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     bare_batches = sorted({1, args.bare_batch})
     bare_diffusers(pipe, args.bare_batch, 2.0, sampling, policy.image_size, 0)  # warm up
+    os.environ.update(kv.split("=", 1) for kv in args.ray_env)  # after this process read Serve's settings
     ray.init(num_cpus=4, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     # The applications stay up; the measurements alternate (bare, then each application), so that a
@@ -160,6 +246,14 @@ def main() -> None:
     for mode, overrides in modes.items():
         serve.run(build_application(compose("serve", overrides)), name=mode, route_prefix=f"/{mode}")
         asyncio.run(closed_loop(f"http://127.0.0.1:{args.port}/{mode}", 4, 3.0))  # warm up
+    if args.stages:
+        handle = serve.get_deployment_handle("Generator", app_name="batched")
+        try:
+            stages(f"http://127.0.0.1:{args.port}/batched", handle, pipe, policy, sampling, args)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        return
     stats = {mode: serve.get_deployment_handle("Generator", app_name=mode).stats for mode in modes}
     samples: dict = {}
     passes: dict = {}  # (requests, groups run, seconds in model passes, seconds) of each served measurement
@@ -238,6 +332,11 @@ def main() -> None:
     if ("unpadded", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["unpadded", 8][0] / results["bare", args.bare_batch][0]
         print(f"served with passes not padded, concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}")
+    if ("thread", 8) in results and ("bare", args.bare_batch) in results:
+        ratio = results["thread", 8][0] / results["bare", args.bare_batch][0]
+        print(
+            f"served with the app on Serve's own thread, concurrency 8 / bare at batch {args.bare_batch}: {ratio:.2f}"
+        )
     if ("batched", 8) in results and ("unbatched", 8) in results:
         on_off = results["batched", 8][0] / results["unbatched", 8][0]
         print(f"served at concurrency 8, batching on / off: {on_off:.2f}")

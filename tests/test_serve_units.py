@@ -1,5 +1,7 @@
 """The serving pieces without Ray: sampling, adapters side by side, Best-of-N, the HTTP schema."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -395,3 +397,38 @@ def test_generator_groups_the_oldest_request_with_compatible_ones():
         assert [w.request["i"] for w in generator._group()] == [2]
 
     asyncio.run(scenario())
+
+
+def test_a_generation_carries_its_stage_times():
+    """Each answer of a group says when it was queued, when its group's pass ran and how many shared
+    it (what ``serve_load.py --stages`` joins with the client's own times)."""
+    import asyncio
+
+    from armature.serve.app import Generator
+
+    generator = Generator.func_or_class.__new__(Generator.func_or_class)  # no model: a stand-in pass
+    generator.max_waiting, generator.running, generator.waiting, generator.runner = None, 0, [], None
+    generator.max_group, generator.max_wait, generator.arrival_gap = 4, 0.0, 0.0
+    generator.counts = {"groups": 0, "largest_group": 0}
+    generator.defaults = {"num_steps": 3, "guidance_scale": 1.0, "negative_prompt": "", "eta": 1.0}
+    generator.policy = type("Policy", (), {"image_size": (32, 32)})()
+    passes = []
+
+    def stand_in(adapter, shape, requests, count=True):
+        passes.append(len(requests))
+        start = time.time()
+        return [{"images": [r["seed"]], "timing": {"model_start": start, "model_end": time.time()}} for r in requests]
+
+    generator._generate_group = stand_in
+
+    async def scenario():
+        generator.arrived = asyncio.Event()
+        return await asyncio.gather(*(generator.run({"prompt": "x", "seed": i}, "") for i in range(3)))
+
+    before = time.time()
+    outputs = asyncio.run(scenario())
+    assert passes == [3] and [o["images"] for o in outputs] == [[0], [1], [2]]
+    for o in outputs:
+        t = o["timing"]
+        assert before <= t["queued"] <= t["model_start"] <= t["model_end"] <= t["ran"] <= time.time()
+        assert t["group"] == 3

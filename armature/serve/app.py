@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import json
 import os
@@ -76,6 +77,7 @@ class Waiting:
     shape: PassShape
     request: dict
     future: asyncio.Future
+    queued: float = 0.0  # time.time() when it joined the waiting list
 
 
 # ============================================================================ generator
@@ -129,7 +131,20 @@ class Generator:
         return True
 
     async def stats(self) -> dict:
-        return {**self.counts, "adapters_loaded": self.bank.loaded}
+        import torch
+
+        return {
+            **self.counts,
+            "adapters_loaded": self.bank.loaded,
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    async def time_pass(self, images: int) -> float:
+        """Seconds of one pass of ``images`` requests at the default shape, run as a group runs
+        (a worker thread, the model lock), not counted: what the model costs in this replica."""
+        requests = [self._defaults({"prompt": f"timed {i}", "n": 1, "seed": i}) for i in range(images)]
+        outputs = await asyncio.to_thread(self._generate_group, None, self._shape(requests[0]), requests, False)
+        return outputs[0]["timing"]["model_end"] - outputs[0]["timing"]["model_start"]
 
     async def image_size(self) -> tuple[int, int]:
         """The model's own ``(height, width)``."""
@@ -171,7 +186,7 @@ class Generator:
             raise Overloaded(f"{self.max_waiting} requests are waiting or running")
         adapter = await self.get_adapter(model_id) if model_id else None
         request = self._defaults(request)
-        mine = Waiting(adapter, self._shape(request), request, asyncio.get_running_loop().create_future())
+        mine = Waiting(adapter, self._shape(request), request, asyncio.get_running_loop().create_future(), time.time())
         self.waiting.append(mine)
         self.arrived.set()
         if self.runner is None or self.runner.done():
@@ -229,7 +244,9 @@ class Generator:
             for w in group:
                 w.future.set_exception(err)
             return
+        ran = time.time()
         for w, output in zip(group, outputs):
+            output["timing"] = {**output["timing"], "queued": w.queued, "group": len(group), "ran": ran}
             w.future.set_result(output)
         self.counts["groups"] += 1
         self.counts["largest_group"] = max(self.counts["largest_group"], len(group))
@@ -279,12 +296,13 @@ class Generator:
         deadline = max(r.get("deadline", float("inf")) for r in requests)
         outputs = []
         with self.bank.lock:  # one pass at a time; adapters change only between passes
-            start_time = time.perf_counter()
+            start_time, started = time.perf_counter(), time.time()
             self.bank.activate(adapter)
             images = generate_images(
                 self.policy, jobs, shape, self.pass_size, should_stop=lambda: time.time() > deadline, pad=self.pad
             )
             self.counts["model_s"] += time.perf_counter() - start_time
+            timing = {"model_start": started, "model_end": time.time()}
             for r, (start, k) in zip(requests, spans):
                 candidates, seeds = images[start : start + k], [j.seed for j in jobs[start : start + k]]
                 scores = None
@@ -297,6 +315,7 @@ class Generator:
                         "images": candidates[keep],
                         "seeds": [seeds[i] for i in keep],
                         "scores": None if scores is None else [float(scores[i]) for i in keep],
+                        "timing": timing,
                     }
                 )
         if count:
@@ -375,6 +394,7 @@ class Ingress:
         self.versions: dict[str, tuple[float, object]] = {}  # reference -> (expiry, (id, label) or error)
         self.base_model = config["model"].get("pretrained") or config["model"]["family"]  # its OpenAI `model` id
         self.native_size: tuple[int, int] | None = None  # the model's (height, width), asked once
+        self.timings: collections.deque = collections.deque(maxlen=4096)  # recent generations' stage times
         # Open the registry's store now (a new local store creates its tables), not on a request.
         threading.Thread(target=self._open_registry, daemon=True).start()
 
@@ -409,6 +429,21 @@ class Ingress:
         if self.model is not None:
             return await self.model.stats()
         return await _result(self.generator.stats.remote())
+
+    async def time_pass(self, images: int) -> float:
+        """``Generator.time_pass``: one idle pass of ``images`` requests, in seconds."""
+        if self.model is not None:
+            return await self.model.time_pass(images)
+        return await _result(self.generator.time_pass.remote(images))
+
+    async def recent_timings(self) -> list[dict]:
+        """The stage times (``time.time()``) of the generations answered since the last call (at most
+        4096), oldest first: ``seed``, ``handler_start``, ``queued``, ``model_start``, ``model_end``, ``ran``
+        (the group's futures resolved), ``resumed`` (this handler running again), ``encoded`` (its
+        PNGs made: the handler's end), ``group`` (requests in its group)."""
+        out = list(self.timings)
+        self.timings.clear()
+        return out
 
     async def adapters(self) -> list[dict]:
         from armature.platform.registry import list_adapters
@@ -476,6 +511,7 @@ class Ingress:
     async def generate(self, body) -> dict:
         from ray.serve.exceptions import BackPressureError
 
+        handler_start = time.time()
         reference, field = self._reference(body)
         model_id, label = await self._resolve(reference, field)
         timeout = float(self.config["limits"]["request_timeout_s"])
@@ -511,11 +547,14 @@ class Ingress:
             if response is not None:
                 response.cancel()
             raise ApiError(504, "generator", f"no answer within limits.request_timeout_s={timeout:g}") from err
+        resumed = time.time()
         images = np.asarray(result["images"])
         # A few small PNGs encode in less time than a hop to a worker thread and back.
         inline = images[..., 0].size <= INLINE_ENCODE_PIXELS
         data = _encode(result) if inline else await asyncio.to_thread(_encode, result)
         height, width = images.shape[1:3]
+        timing = {"seed": payload["seed"], "handler_start": handler_start, **result.get("timing", {})}
+        self.timings.append({**timing, "resumed": resumed, "encoded": time.time()})
         return {
             "created": int(time.time()),
             "model": body.model or self.base_model,
