@@ -2,6 +2,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default, and a worker's `ray.train.report`
+# waits for that poll: every epoch of a tiny test job idled up to 2 s. Its preemption watcher (one
+# more actor process per job, for cluster node drains) has nothing to watch on a local cluster.
+# The `armature train` subprocesses inherit both; Ray Train hands them on to its controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Every test names its own MLflow store; one from the environment would override them.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
