@@ -100,7 +100,9 @@ class BenchConfig:
     epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
     train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
     guards: list[str] = field(default_factory=list)  # of monitor, uncertainty, kl: rows <learner>-<guard>
-    guard_patience: int = 3  # guards=[monitor]: epochs the oracle may stay below its best (guard.patience)
+    # guards=[monitor]: epochs the oracle may stay below its best (guard.patience); the oracle monitor is
+    # the epoch's own images (16 for AlignProp), noisy enough that a shorter patience stops on noise
+    guard_patience: int = 5
     uncertainty_penalty: float = 1.0  # guards=[uncertainty]: lambda of mean - lambda * std over the scorers
     # guards=[kl]: algo.beta of each learner (DDPO / GRPO: k3 on the steps' log-probs; the reward-gradient
     # learners: the squared gap of the noise predictions, a larger scale)
