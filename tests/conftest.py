@@ -70,6 +70,14 @@ class TrainJobs:
 
     def __init__(self, address: str):
         self.env = {**os.environ, "RAY_ADDRESS": address, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.started: list[subprocess.Popen] = []
+
+    def kill_leftovers(self) -> None:
+        """Kills the jobs nobody waited for (a test failed before it did)."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     def start(self, tmp: Path, name: str, *overrides: str, timeout: int = 900):
         tmp.mkdir(parents=True, exist_ok=True)
@@ -77,6 +85,7 @@ class TrainJobs:
         proc = subprocess.Popen(
             train_command(tmp, name, *overrides), env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
+        self.started.append(proc)
 
         def wait() -> TrainRun:
             try:
@@ -100,4 +109,6 @@ class TrainJobs:
 @pytest.fixture(scope="session")
 def train_job(ray_cluster):
     """A TrainJobs on the session's cluster."""
-    return TrainJobs(ray_cluster)
+    jobs = TrainJobs(ray_cluster)
+    yield jobs
+    jobs.kill_leftovers()
