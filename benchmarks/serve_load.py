@@ -21,9 +21,8 @@ default application only; with ``--direct-ingress``, on its replica's port): the
 the generator -> model pass -> handler resumed -> PNGs encoded -> client receive), the model's busy
 share and its idle time between passes, and the same pass of ``--pass-size`` images timed on the
 idle machine: diffusers and the serving code in this process, and the serving code in the replica.
-``--direct-ingress`` starts Ray with Ray Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: each
-ingress replica serves HTTP on a port of its own, 30000 and up) and also measures an application driven
-on that port (``direct``), beside the same application through the Serve proxy.
+``--direct-ingress`` starts Serve with direct ingress and also measures the default application with
+``http.direct_ingress=true`` (``direct``: its replica serves HTTP on a port of its own, no proxy hop).
 ``--ray-env KEY=VALUE ...`` gives Ray's processes (the Serve proxy, the replicas) an environment,
 e.g. Ray Serve's ``RAY_SERVE_*`` settings, to try them.
 """
@@ -71,22 +70,6 @@ async def closed_loop(
         await asyncio.gather(*(client(w, http) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
     return len(latencies) / elapsed, latencies, failures
-
-
-def direct_ingress_ports(first: int = 30000, count: int = 64) -> dict[str, int]:
-    """``{route prefix: port}`` of the ingress replicas that serve HTTP themselves (Ray Serve's direct
-    ingress): each answers ``GET /-/routes`` on its port with ``{route prefix: application}``."""
-    import httpx
-
-    ports = {}
-    for port in range(first, first + count):
-        try:
-            response = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=2.0)
-        except httpx.TransportError:
-            continue
-        if response.status_code == 200:
-            ports.update({prefix: port for prefix in response.json()})
-    return ports
 
 
 def bare_diffusers(
@@ -226,7 +209,7 @@ def main() -> None:
 
     from armature.platform.config import compose
     from armature.policies import build_policy
-    from armature.serve.app import build_application
+    from armature.serve.app import build_application, controller_options, direct_ingress_ports
 
     common = [
         "api_key_env=null",
@@ -248,8 +231,8 @@ def main() -> None:
         modes["split"] = batched + ["ingress_in_generator=false"]
     if args.unpadded:
         modes["unpadded"] = batched + ["batching.pad_passes=false"]
-    if args.direct_ingress:
-        modes["direct"] = batched
+    if args.direct_ingress:  # no load balancer to leave: no drain
+        modes["direct"] = batched + ["http.direct_ingress=true", "http.direct_ingress_drain_s=0"]
     if args.unbatched:
         modes["unbatched"] = common + ["batching.enabled=false", "batching.pass_size=1"]
     cfg = compose("serve", batched)
@@ -263,11 +246,11 @@ def main() -> None:
     bare_batches = sorted({1, args.bare_batch})
     bare_diffusers(pipe, args.bare_batch, 2.0, sampling, policy.image_size, 0)  # warm up
     os.environ.update(kv.split("=", 1) for kv in args.ray_env)  # after this process read Serve's settings
-    if args.direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")  # no load balancer to leave
     ray.init(num_cpus=4, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    # Direct ingress is a mode of the Serve controller (the proxy then runs on the head node only) and
+    # of each ingress replica that asks for it; the other applications are served through the proxy.
+    options = controller_options(compose("serve", modes["direct"])) if args.direct_ingress else None
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, controller_options=options)
     # The applications stay up; the measurements alternate (bare, then each application), so that a
     # change in the machine's background load hits all alike. Only the one being measured gets requests.
     urls = {}
@@ -275,7 +258,7 @@ def main() -> None:
         serve.run(build_application(compose("serve", overrides)), name=mode, route_prefix=f"/{mode}")
         urls[mode] = f"http://127.0.0.1:{args.port}/{mode}"  # through the Serve proxy
     if args.direct_ingress:  # the direct application on its replica's own port
-        urls["direct"] = f"http://127.0.0.1:{direct_ingress_ports()['/direct']}/direct"
+        urls["direct"] = f"http://127.0.0.1:{direct_ingress_ports()['direct']}/direct"
     for mode in modes:
         asyncio.run(closed_loop(urls[mode], 4, 3.0))  # warm up
     if args.stages:  # the default application, on its replica's own port with --direct-ingress
