@@ -39,7 +39,9 @@ pairs (an intact figure preferred to the same figure with one defect).
 
    ``bench.guards`` trains each of those learners again with one over-optimisation guard on (rows
    ``<learner>-<guard>``): ``monitor``, the early stop with roll back on the oracle monitor
-   (``guard.*``, patience ``bench.guard_patience``); ``uncertainty``, the learned ensemble's mean minus
+   (``guard.*``, patience ``bench.guard_patience``); ``heldout``, the same stop on a held-out scorer
+   instead of the oracle, as in real use: the learned reward is the mean of every scorer but the
+   last, and the last is the monitor at weight 0 (``gym_anatomy``); ``uncertainty``, the learned ensemble's mean minus
    ``bench.uncertainty_penalty`` times its members' spread; ``kl``, a KL penalty to the base policy
    (``algo.beta``, per learner from ``bench.kl_beta``: the learners' KL terms differ in scale). Every
    learner's trained reward and oracle per epoch go to ``<out>/overoptimisation.md``, and a plot of
@@ -71,7 +73,7 @@ from pathlib import Path
 BENCH_PROMPTS = "gym_prompts.txt"
 LEARNERS = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo", "dpo", "asap_dpo")
 CEILINGS = ("ddpo", "grpo", "online_dpo")  # the learners that can take the (non-differentiable) oracle as reward
-GUARDS = ("monitor", "uncertainty", "kl")
+GUARDS = ("monitor", "heldout", "uncertainty", "kl")
 GUARDED = ("ddpo", "grpo", "alignprop", "draft", "refl")  # learners that score their own samples every epoch
 EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 7, "dpo": 4, "asap_dpo": 4}
 
@@ -99,7 +101,7 @@ class BenchConfig:
     # epochs (online_dpo: rounds) of each learner; with train_s, an upper bound
     epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
     train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
-    guards: list[str] = field(default_factory=list)  # of monitor, uncertainty, kl: rows <learner>-<guard>
+    guards: list[str] = field(default_factory=list)  # of monitor, heldout, uncertainty, kl: rows <learner>-<guard>
     # guards=[monitor]: epochs the oracle may stay below its best (guard.patience); the oracle monitor is
     # the epoch's own images (16 for AlignProp), noisy enough that a shorter patience stops on noise
     guard_patience: int = 5
@@ -212,6 +214,11 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             f"bench.guards=[uncertainty] with bench.reward_seeds={cfg.reward_seeds}: the penalty needs an "
             "ensemble's spread; train two or more scorers"
         )
+    if "heldout" in cfg.guards and cfg.scorers == "train" and cfg.reward_seeds < 2:
+        raise ValueError(
+            f"bench.guards=[heldout] with bench.reward_seeds={cfg.reward_seeds}: one scorer trains the policy "
+            "and another monitors it; train two or more scorers"
+        )
     if cfg.scorers not in ("train", "shipped"):
         raise ValueError(f"bench.scorers={cfg.scorers!r}: use train (the reward stage) or shipped (the package's)")
     missing = [name for name in [*cfg.learners, *cfg.ceiling] if name not in cfg.epochs]
@@ -291,7 +298,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     runs = [(name, recipe(name, cfg, out, prompts, learned_spec)) for name in cfg.learners]
     runs += [(f"{name}{ORACLE}", recipe(name, cfg, out, prompts, None)) for name in cfg.ceiling]
     runs += [
-        (f"{name}-{guard}", recipe(name, cfg, out, prompts, learned_spec) + guard_overrides(guard, name, cfg))
+        (f"{name}-{guard}", recipe(name, cfg, out, prompts, learned_spec) + guard_overrides(guard, name, cfg, scorers))
         for name in cfg.learners
         if name in GUARDED
         for guard in cfg.guards
@@ -350,10 +357,20 @@ ORACLE = "-oracle"  # a ceiling row's suffix: the learner trained on the oracle 
 RL = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo")  # learners that train on the learned reward
 
 
-def guard_overrides(guard: str, name: str, cfg: BenchConfig) -> list[str]:
-    """The overrides that turn ``guard`` on for learner ``name`` (the oracle stays a weight-0 monitor)."""
+def guard_overrides(guard: str, name: str, cfg: BenchConfig, scorers: list[str]) -> list[str]:
+    """The overrides that turn ``guard`` on for learner ``name`` (the oracle stays a weight-0 monitor);
+    ``scorers``: the learned reward's scorer folders."""
+    stop = [f"guard.patience={cfg.guard_patience}", "guard.rollback=true"]
     if guard == "monitor":
-        return ["guard.monitor=gym_oracle", f"guard.patience={cfg.guard_patience}", "guard.rollback=true"]
+        return ["guard.monitor=gym_oracle", *stop]
+    if guard == "heldout":  # the last scorer leaves the trained mean and watches it
+        *trained, held_out = scorers
+        return [
+            f"reward.components.learned.path=[{', '.join(trained)}]",
+            f"++reward.components.gym_anatomy={{weight: 0.0, path: {held_out}}}",
+            "guard.monitor=gym_anatomy",
+            *stop,
+        ]
     if guard == "uncertainty":
         return [f"++reward.components.learned.uncertainty_penalty={cfg.uncertainty_penalty}"]
     return [f"algo.beta={cfg.kl_beta[name]}"]
@@ -366,7 +383,13 @@ def trained_on_learned(policy: str) -> bool:
     return policy in RL or (suffix in GUARDS and name in RL)
 
 
-CURVE_KEYS = ("reward_mean", "reward_gym_oracle_mean", "reward_gym_oracle_severe_rate", "guard_rolled_back_to")
+CURVE_KEYS = (
+    "reward_mean",
+    "reward_gym_oracle_mean",
+    "reward_gym_oracle_severe_rate",
+    "reward_gym_anatomy_mean",  # the held-out scorer (guards=[heldout])
+    "guard_rolled_back_to",
+)
 
 
 def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
@@ -385,8 +408,8 @@ def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
                 history.setdefault(m.step, {})[key] = m.value
         histories[name] = history
     lines = [
-        "| stage | epoch | trained reward | oracle mean | oracle severe rate (epoch's images) |",
-        "|---|---|---|---|---|",
+        "| stage | epoch | trained reward | oracle mean | oracle severe rate (epoch's images) | held-out scorer |",
+        "|---|---|---|---|---|---|",
     ]
     for name, history in histories.items():
         for epoch in sorted(history):
@@ -396,9 +419,10 @@ def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
             back = (
                 f" (rolled back to epoch {int(m['guard_rolled_back_to']) + 1})" if "guard_rolled_back_to" in m else ""
             )
+            held_out = f"{m['reward_gym_anatomy_mean']:+.3f}" if "reward_gym_anatomy_mean" in m else ""
             lines.append(
                 f"| {name} | {epoch + 1}{back} | {m['reward_mean']:+.3f} | {m.get('reward_gym_oracle_mean', float('nan')):+.3f} "
-                f"| {m.get('reward_gym_oracle_severe_rate', float('nan')):.3f} |"
+                f"| {m.get('reward_gym_oracle_severe_rate', float('nan')):.3f} | {held_out} |"
             )
     (out / "overoptimisation.md").write_text("\n".join(lines) + "\n")
     for learner in {name.split("-")[0] for name in histories if name.split("-")[0] in GUARDED}:
