@@ -447,7 +447,7 @@ def stage_jobs(monkeypatch):
 
     def run(job_cfg):
         jobs.append(job_cfg)
-        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
+        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True, exist_ok=True)
         return {"done": 1}
 
     monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
@@ -471,6 +471,24 @@ def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp
     assert other[2] != first[2] and "kept" in logs[1]
     ledger = json.loads((tmp_path / gym_bench.LEDGER).read_text())
     assert ledger["ddpo"]["folder"] == str(other[2])  # the latest run of the stage
+
+
+def test_a_bench_stage_that_resumes_a_ledger_run_counts_its_earlier_seconds(tmp_path, stage_jobs):
+    """A stage whose run folder the ledger already holds under other recorded overrides (an older
+    bench's fixed ones) resumes that run's checkpoint: its seconds are the earlier run's plus this one's."""
+    from armature.jobs import gym_bench
+
+    cfg = gym_bench.BenchConfig(out=str(tmp_path))
+    first = gym_bench._stage(cfg, "alignprop", ["algo.num_epochs=2"], print)
+    path = tmp_path / gym_bench.LEDGER
+    ledger = json.loads(path.read_text())
+    ledger["alignprop"]["overrides"] = ledger["alignprop"]["overrides"][1:]  # as recorded by an older bench
+    ledger["alignprop"]["seconds"] = 350.0
+    path.write_text(json.dumps(ledger))
+    again = gym_bench._stage(cfg, "alignprop", ["algo.num_epochs=2"], print)
+    assert len(stage_jobs) == 2 and again[2] == first[2]  # run again, in the same folder
+    assert 350.0 < again[1] < 350.0 + 60
+    assert json.loads(path.read_text())["alignprop"]["seconds"] == again[1]
 
 
 def test_each_bench_stage_runs_with_its_own_seed(tmp_path, stage_jobs):

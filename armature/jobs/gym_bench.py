@@ -139,7 +139,8 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     bench run in the same folder finished with the same overrides is not run again:
     its metrics, seconds and folder come from the folder's ledger. The run's name
     holds a digest of its overrides: a stage that stopped half-way resumes from its checkpoint
-    when run again, one with other overrides starts afresh."""
+    when run again, one with other overrides starts afresh. A stage that resumes the run folder of a
+    ledger entry (the same run, recorded with other fixed overrides) adds that entry's seconds."""
     import hashlib
 
     from armature.platform.algorithms import get
@@ -170,6 +171,8 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     start = time.perf_counter()
     metrics = get(job_cfg.algo.name).run(job_cfg) or {}
     seconds, folder = time.perf_counter() - start, out / "ray" / run_name
+    if done and done["folder"] == str(folder):  # resumed the checkpoint of a run the ledger has (recorded
+        seconds += float(done["seconds"])  # by other overrides, e.g. an older bench's): count its time too
     kept = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     ledger[name] = {"overrides": every, "seconds": seconds, "folder": str(folder), "metrics": kept}
     ledger_path.write_text(json.dumps(ledger, indent=1))
