@@ -221,7 +221,9 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
         run(BenchConfig(out=str(tmp_path / "o"), learners=["ddpo"], guards=["uncertainty"], reward_seeds=1))
     with pytest.raises(ValueError, match=r"guards=\[heldout\] with bench.reward_seeds=1"):
         run(BenchConfig(out=str(tmp_path / "p"), learners=["ddpo"], guards=["heldout"], reward_seeds=1))
-    assert not any((tmp_path / name).exists() for name in "cdefghijklmnop")
+    with pytest.raises(ValueError, match="bench.refresh_every=0"):
+        run(BenchConfig(out=str(tmp_path / "q"), learners=["ddpo"], guards=["refresh"], refresh_every=0))
+    assert not any((tmp_path / name).exists() for name in "cdefghijklmnopq")
 
 
 def test_every_bench_learner_composes_a_valid_job_on_the_learned_reward_and_on_the_oracle(tmp_path):
@@ -297,6 +299,7 @@ def test_every_guard_turns_on_for_every_guarded_learner(tmp_path):
             assert learned.get("uncertainty_penalty", 0.0) == (0.5 if guard == "uncertainty" else 0.0)
             assert c.reward.components.gym_oracle.weight == 0.0 and learned["weight"] == 1.0
             assert c.algo.beta == (cfg.kl_beta[name] if guard == "kl" else 0.0)
+            assert c.refresh.every == (cfg.refresh_every if guard == "refresh" else 0)
 
 
 def test_curves_name_each_stage_and_the_roll_back(tmp_path):

@@ -43,7 +43,10 @@ pairs (an intact figure preferred to the same figure with one defect).
    instead of the oracle, as in real use: the learned reward is the mean of every scorer but the
    last, and the last is the monitor at weight 0 (``gym_anatomy``); ``uncertainty``, the learned ensemble's mean minus
    ``bench.uncertainty_penalty`` times its members' spread; ``kl``, a KL penalty to the base policy
-   (``algo.beta``, per learner from ``bench.kl_beta``: the learners' KL terms differ in scale). Every
+   (``algo.beta``, per learner from ``bench.kl_beta``: the learners' KL terms differ in scale);
+   ``refresh``, the on-policy reward refresh every ``bench.refresh_every`` epochs (``refresh.*``:
+   simulated annotators label pairs of the policy's own samples by the oracle, with flips and
+   ties, and the learned reward is fine-tuned on them, within the same training budget). Every
    learner's trained reward and oracle per epoch go to ``<out>/overoptimisation.md``, and a plot of
    one against the other, unguarded beside guarded, to ``<out>/overoptimisation-<learner>.png``.
 5. ``eval``: the evaluation job (``algo=eval``) on the base policy and every trained one, each
@@ -73,7 +76,7 @@ from pathlib import Path
 BENCH_PROMPTS = "gym_prompts.txt"
 LEARNERS = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo", "dpo", "asap_dpo")
 CEILINGS = ("ddpo", "grpo", "online_dpo")  # the learners that can take the (non-differentiable) oracle as reward
-GUARDS = ("monitor", "heldout", "uncertainty", "kl")
+GUARDS = ("monitor", "heldout", "uncertainty", "kl", "refresh")
 GUARDED = ("ddpo", "grpo", "alignprop", "draft", "refl")  # learners that score their own samples every epoch
 EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 7, "dpo": 4, "asap_dpo": 4}
 
@@ -101,7 +104,7 @@ class BenchConfig:
     # epochs (online_dpo: rounds) of each learner; with train_s, an upper bound
     epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
     train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
-    guards: list[str] = field(default_factory=list)  # of monitor, heldout, uncertainty, kl: rows <learner>-<guard>
+    guards: list[str] = field(default_factory=list)  # of GUARDS: rows <learner>-<guard>
     # guards=[monitor]: epochs the oracle may stay below its best (guard.patience); the oracle monitor is
     # the epoch's own images (16 for AlignProp), noisy enough that a shorter patience stops on noise
     guard_patience: int = 5
@@ -111,6 +114,7 @@ class BenchConfig:
     kl_beta: dict[str, float] = field(
         default_factory=lambda: {"ddpo": 0.01, "grpo": 0.04, "alignprop": 30.0, "draft": 30.0, "refl": 30.0}
     )
+    refresh_every: int = 3  # guards=[refresh]: epochs between refreshes (refresh.every; its other keys: defaults)
     evaluate: bool = True  # false: stop after the learners (a later run in the same out keeps them and evaluates)
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
@@ -217,6 +221,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             f"bench.guards=[uncertainty] with bench.reward_seeds={cfg.reward_seeds}: the penalty needs an "
             "ensemble's spread; train two or more scorers"
         )
+    if "refresh" in cfg.guards and cfg.refresh_every < 1:
+        raise ValueError(f"bench.refresh_every={cfg.refresh_every}: epochs between refreshes, at least 1")
     if "heldout" in cfg.guards and cfg.scorers == "train" and cfg.reward_seeds < 2:
         raise ValueError(
             f"bench.guards=[heldout] with bench.reward_seeds={cfg.reward_seeds}: one scorer trains the policy "
@@ -374,6 +380,8 @@ def guard_overrides(guard: str, name: str, cfg: BenchConfig, scorers: list[str])
             "guard.monitor=gym_anatomy",
             *stop,
         ]
+    if guard == "refresh":
+        return [f"refresh.every={cfg.refresh_every}"]
     if guard == "uncertainty":
         return [f"++reward.components.learned.uncertainty_penalty={cfg.uncertainty_penalty}"]
     return [f"algo.beta={cfg.kl_beta[name]}"]
