@@ -148,7 +148,7 @@ class GuardConfig:
 
 @dataclass
 class RefreshConfig:
-    """The on-policy reward refresh (``armature.feedback.refresh``; ddpo, grpo, nft): every
+    """The on-policy reward refresh (``armature.feedback.refresh``; ddpo, grpo, nft, alignprop, draft, refl): every
     ``every`` epochs, pairs of the current policy's samples are labelled through the preference
     store and the trained reward's conv scorers are fine-tuned on them. Off by default."""
 
