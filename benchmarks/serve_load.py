@@ -17,10 +17,12 @@ batch 8 (on 2 CPU cores batching itself gains little, so the goal is >= 0.9).
         [--unpadded] [--unbatched]
 
 ``--stages`` measures instead where a request's time goes at the last ``--concurrency`` level (the
-default application only): the median of each stage (client send -> handler start -> queued in
+default application only; with ``--direct-ingress``, on its replica's port): the median of each stage (client send -> handler start -> queued in
 the generator -> model pass -> handler resumed -> PNGs encoded -> client receive), the model's busy
 share and its idle time between passes, and the same pass of ``--pass-size`` images timed on the
 idle machine: diffusers and the serving code in this process, and the serving code in the replica.
+``--direct-ingress`` starts Serve with direct ingress and also measures the default application with
+``http.direct_ingress=true`` (``direct``: its replica serves HTTP on a port of its own, no proxy hop).
 ``--ray-env KEY=VALUE ...`` gives Ray's processes (the Serve proxy, the replicas) an environment,
 e.g. Ray Serve's ``RAY_SERVE_*`` settings, to try them.
 """
@@ -191,6 +193,9 @@ def main() -> None:
     parser.add_argument("--split", action="store_true", help="also serve with ingress_in_generator=false")
     parser.add_argument("--unpadded", action="store_true", help="also serve with batching.pad_passes=false")
     parser.add_argument("--unbatched", action="store_true", help="also serve with batching off")
+    parser.add_argument(
+        "--direct-ingress", action="store_true", help="Ray Serve's direct ingress on; also drive the replica's port"
+    )
     parser.add_argument("--ray-env", nargs="*", default=[], help="KEY=VALUE environment of Ray's processes")
     parser.add_argument("--stages", action="store_true", help="only: the time of each stage of a request")
     parser.add_argument("--port", type=int, default=8765)
@@ -204,7 +209,7 @@ def main() -> None:
 
     from armature.platform.config import compose
     from armature.policies import build_policy
-    from armature.serve.app import build_application
+    from armature.serve.app import build_application, controller_options, direct_ingress_ports
 
     common = [
         "api_key_env=null",
@@ -226,6 +231,8 @@ def main() -> None:
         modes["split"] = batched + ["ingress_in_generator=false"]
     if args.unpadded:
         modes["unpadded"] = batched + ["batching.pad_passes=false"]
+    if args.direct_ingress:  # no load balancer to leave: no drain
+        modes["direct"] = batched + ["http.direct_ingress=true", "http.direct_ingress_drain_s=0"]
     if args.unbatched:
         modes["unbatched"] = common + ["batching.enabled=false", "batching.pass_size=1"]
     cfg = compose("serve", batched)
@@ -240,16 +247,25 @@ def main() -> None:
     bare_diffusers(pipe, args.bare_batch, 2.0, sampling, policy.image_size, 0)  # warm up
     os.environ.update(kv.split("=", 1) for kv in args.ray_env)  # after this process read Serve's settings
     ray.init(num_cpus=4, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    # Direct ingress is a mode of the Serve controller (the proxy then runs on the head node only) and
+    # of each ingress replica that asks for it; the other applications are served through the proxy.
+    options = controller_options(compose("serve", modes["direct"])) if args.direct_ingress else None
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, controller_options=options)
     # The applications stay up; the measurements alternate (bare, then each application), so that a
     # change in the machine's background load hits all alike. Only the one being measured gets requests.
+    urls = {}
     for mode, overrides in modes.items():
         serve.run(build_application(compose("serve", overrides)), name=mode, route_prefix=f"/{mode}")
-        asyncio.run(closed_loop(f"http://127.0.0.1:{args.port}/{mode}", 4, 3.0))  # warm up
-    if args.stages:
-        handle = serve.get_deployment_handle("Generator", app_name="batched")
+        urls[mode] = f"http://127.0.0.1:{args.port}/{mode}"  # through the Serve proxy
+    if args.direct_ingress:  # the direct application on its replica's own port
+        urls["direct"] = f"http://127.0.0.1:{direct_ingress_ports()['direct']}/direct"
+    for mode in modes:
+        asyncio.run(closed_loop(urls[mode], 4, 3.0))  # warm up
+    if args.stages:  # the default application, on its replica's own port with --direct-ingress
+        mode = "direct" if args.direct_ingress else "batched"
+        handle = serve.get_deployment_handle("Generator", app_name=mode)
         try:
-            stages(f"http://127.0.0.1:{args.port}/batched", handle, pipe, policy, sampling, args)
+            stages(urls[mode], handle, pipe, policy, sampling, args)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -267,9 +283,7 @@ def main() -> None:
         for c in args.concurrency:
             for mode in modes:
                 before, began = stats[mode].remote().result(), time.perf_counter()
-                throughput, latencies, failures = asyncio.run(
-                    closed_loop(f"http://127.0.0.1:{args.port}/{mode}", c, args.seconds)
-                )
+                throughput, latencies, failures = asyncio.run(closed_loop(urls[mode], c, args.seconds))
                 elapsed, after = time.perf_counter() - began, stats[mode].remote().result()
                 samples.setdefault((mode, c), []).append((throughput, latencies, failures))
                 passes.setdefault((mode, c), []).append(
@@ -307,6 +321,7 @@ def main() -> None:
         "batched": "served, batching on",
         "split": "served, separate ingress",
         "unpadded": "served, passes not padded",
+        "direct": "served, direct ingress",
         "unbatched": "served, batching off",
     }
     for (mode, c), (throughput, latencies, failures) in results.items():
@@ -332,6 +347,9 @@ def main() -> None:
     if ("unpadded", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["unpadded", 8][0] / results["bare", args.bare_batch][0]
         print(f"served with passes not padded, concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}")
+    if ("direct", 8) in results and ("bare", args.bare_batch) in results:
+        ratio = results["direct", 8][0] / results["bare", args.bare_batch][0]
+        print(f"served by direct ingress, concurrency 8 / bare diffusers at batch {args.bare_batch}: {ratio:.2f}")
     if ("thread", 8) in results and ("bare", args.bare_batch) in results:
         ratio = results["thread", 8][0] / results["bare", args.bare_batch][0]
         print(

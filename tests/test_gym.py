@@ -219,7 +219,11 @@ def test_bench_refuses_unknown_learners_and_domains_before_any_stage(tmp_path):
         run(BenchConfig(out=str(tmp_path / "n"), learners=["grpo"], guards=["kl"], kl_beta={"ddpo": 0.1}))
     with pytest.raises(ValueError, match="reward_seeds=1: the penalty needs an ensemble"):
         run(BenchConfig(out=str(tmp_path / "o"), learners=["ddpo"], guards=["uncertainty"], reward_seeds=1))
-    assert not any((tmp_path / name).exists() for name in "cdefghijklmno")
+    with pytest.raises(ValueError, match=r"guards=\[heldout\] with bench.reward_seeds=1"):
+        run(BenchConfig(out=str(tmp_path / "p"), learners=["ddpo"], guards=["heldout"], reward_seeds=1))
+    with pytest.raises(ValueError, match="bench.refresh_every=0"):
+        run(BenchConfig(out=str(tmp_path / "q"), learners=["ddpo"], guards=["refresh"], refresh_every=0))
+    assert not any((tmp_path / name).exists() for name in "cdefghijklmnopq")
 
 
 def test_every_bench_learner_composes_a_valid_job_on_the_learned_reward_and_on_the_oracle(tmp_path):
@@ -270,25 +274,32 @@ def test_every_bench_learner_composes_a_valid_job_on_the_learned_reward_and_on_t
 
 def test_every_guard_turns_on_for_every_guarded_learner(tmp_path):
     """A ``<learner>-<guard>`` stage is the learner's own stage plus its guard, and composes a valid
-    job: the monitor guard on the oracle with roll back, the ensemble's uncertainty penalty on the
-    learned reward (the oracle still a weight-0 monitor), the learner's own KL weight."""
+    job: the monitor guard on the oracle with roll back, the same stop on a held-out scorer (trained
+    on the other scorers), the ensemble's uncertainty penalty on the learned reward (the oracle still
+    a weight-0 monitor), the learner's own KL weight."""
     from armature.jobs import gym_bench
     from armature.platform.config import compose
 
     cfg = gym_bench.BenchConfig(out=str(tmp_path), guard_patience=4, uncertainty_penalty=0.5)
-    spec = "{weight: 1.0, path: [/s/a, /s/b]}"
+    scorers = ["/s/a", "/s/b", "/s/c"]
+    spec = "{weight: 1.0, path: [/s/a, /s/b, /s/c]}"
+    monitor = {"monitor": "gym_oracle", "heldout": "gym_anatomy"}
     for name in gym_bench.GUARDED:
         plain = gym_bench.recipe(name, cfg, tmp_path, tmp_path / "p.txt", spec)
         for guard in gym_bench.GUARDS:
-            c = compose("train", plain + gym_bench.guard_overrides(guard, name, cfg))
+            c = compose("train", plain + gym_bench.guard_overrides(guard, name, cfg, scorers))
             assert c.algo.name == name
             assert (c.guard.monitor, c.guard.patience, c.guard.rollback) == (
-                ("gym_oracle", 4, True) if guard == "monitor" else (None, 2, True)
+                (monitor[guard], 4, True) if guard in monitor else (None, 2, True)
             )
             learned = dict(c.reward.components.learned)
+            assert list(learned["path"]) == (["/s/a", "/s/b"] if guard == "heldout" else scorers)
+            held_out = c.reward.components.get("gym_anatomy")
+            assert (held_out and (held_out.path, held_out.weight)) == (("/s/c", 0.0) if guard == "heldout" else None)
             assert learned.get("uncertainty_penalty", 0.0) == (0.5 if guard == "uncertainty" else 0.0)
             assert c.reward.components.gym_oracle.weight == 0.0 and learned["weight"] == 1.0
             assert c.algo.beta == (cfg.kl_beta[name] if guard == "kl" else 0.0)
+            assert c.refresh.every == (cfg.refresh_every if guard == "refresh" else 0)
 
 
 def test_curves_name_each_stage_and_the_roll_back(tmp_path):
@@ -303,6 +314,7 @@ def test_curves_name_each_stage_and_the_roll_back(tmp_path):
     curves = {
         "alignprop": [(10.0, -1.2, 0.4), (12.0, -0.8, 0.2), (14.0, -2.5, 0.9)],
         "alignprop-monitor": [(10.0, -1.2, 0.4), (12.0, -0.8, 0.2), (14.0, -2.5, 0.9)],
+        "alignprop-heldout": [(9.0, -1.0, 0.5), (11.0, -0.9, 0.3)],
         "ddpo-oracle": [(-1.9, -1.9, 0.35), (-1.7, -1.7, 0.30)],
     }
     for name, points in curves.items():
@@ -311,6 +323,8 @@ def test_curves_name_each_stage_and_the_roll_back(tmp_path):
             client.log_metric(run, "reward_mean", trained, step=epoch)
             client.log_metric(run, "reward_gym_oracle_mean", oracle, step=epoch)
             client.log_metric(run, "reward_gym_oracle_severe_rate", severe, step=epoch)
+            if name == "alignprop-heldout":
+                client.log_metric(run, "reward_gym_anatomy_mean", trained / 2, step=epoch)
         if name == "alignprop-monitor":
             client.log_metric(run, "guard_rolled_back_to", 1, step=2)
         run_dirs[name] = tmp_path / name
@@ -318,9 +332,10 @@ def test_curves_name_each_stage_and_the_roll_back(tmp_path):
         (run_dirs[name] / "armature_run.json").write_text(json.dumps({"tracking_uri": uri, "mlflow_run_id": run}))
     gym_bench.write_curves(tmp_path, run_dirs, print)
     table = (tmp_path / "overoptimisation.md").read_text()
-    assert "| alignprop | 2 | +12.000 | -0.800 | 0.200 |" in table
-    assert "| alignprop-monitor | 3 (rolled back to epoch 2) | +14.000 | -2.500 | 0.900 |" in table
-    assert "| ddpo-oracle | 2 | -1.700 | -1.700 | 0.300 |" in table
+    assert "| alignprop | 2 | +12.000 | -0.800 | 0.200 |  |" in table
+    assert "| alignprop-monitor | 3 (rolled back to epoch 2) | +14.000 | -2.500 | 0.900 |  |" in table
+    assert "| alignprop-heldout | 2 | +11.000 | -0.900 | 0.300 | +5.500 |" in table  # the held-out scorer
+    assert "| ddpo-oracle | 2 | -1.700 | -1.700 | 0.300 |  |" in table
     assert (tmp_path / "overoptimisation-alignprop.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "overoptimisation-ddpo.png").exists()  # a ceiling trains on the oracle itself
 
@@ -435,7 +450,7 @@ def stage_jobs(monkeypatch):
 
     def run(job_cfg):
         jobs.append(job_cfg)
-        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True)
+        Path(job_cfg.trainer.storage_path, job_cfg.tracking.run_name).mkdir(parents=True, exist_ok=True)
         return {"done": 1}
 
     monkeypatch.setattr(algorithms, "get", lambda name: SimpleNamespace(**{**vars(real(name)), "run": run}))
@@ -459,6 +474,24 @@ def test_a_bench_stage_done_is_kept_and_one_with_other_overrides_runs_afresh(tmp
     assert other[2] != first[2] and "kept" in logs[1]
     ledger = json.loads((tmp_path / gym_bench.LEDGER).read_text())
     assert ledger["ddpo"]["folder"] == str(other[2])  # the latest run of the stage
+
+
+def test_a_bench_stage_that_resumes_a_ledger_run_counts_its_earlier_seconds(tmp_path, stage_jobs):
+    """A stage whose run folder the ledger already holds under other recorded overrides (an older
+    bench's fixed ones) resumes that run's checkpoint: its seconds are the earlier run's plus this one's."""
+    from armature.jobs import gym_bench
+
+    cfg = gym_bench.BenchConfig(out=str(tmp_path))
+    first = gym_bench._stage(cfg, "alignprop", ["algo.num_epochs=2"], print)
+    path = tmp_path / gym_bench.LEDGER
+    ledger = json.loads(path.read_text())
+    ledger["alignprop"]["overrides"] = ledger["alignprop"]["overrides"][1:]  # as recorded by an older bench
+    ledger["alignprop"]["seconds"] = 350.0
+    path.write_text(json.dumps(ledger))
+    again = gym_bench._stage(cfg, "alignprop", ["algo.num_epochs=2"], print)
+    assert len(stage_jobs) == 2 and again[2] == first[2]  # run again, in the same folder
+    assert 350.0 < again[1] < 350.0 + 60
+    assert json.loads(path.read_text())["alignprop"]["seconds"] == again[1]
 
 
 def test_each_bench_stage_runs_with_its_own_seed(tmp_path, stage_jobs):

@@ -31,6 +31,7 @@ TARGETS = {
     "base": K8S / "base",
     "cpu-dev": K8S / "overlays" / "cpu-dev",
     "gpu": K8S / "overlays" / "gpu",
+    "gpu-direct-ingress": K8S / "overlays" / "gpu-direct-ingress",
 }
 K8S_VERSION = "1.32.0"  # core schemas of this Kubernetes release (kubernetes-validate ships them)
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
@@ -430,8 +431,9 @@ def ray_worker_pods(docs: list[dict]):
             yield f"{doc['kind']}/{doc['metadata']['name']} {group}", spec["template"]["spec"]
 
 
-def test_gpu_overlay_puts_ray_workers_on_gpu_nodes():
-    workers = list(ray_worker_pods(render("gpu")))
+@pytest.mark.parametrize("target", ["gpu", "gpu-direct-ingress"])
+def test_gpu_overlay_puts_ray_workers_on_gpu_nodes(target):
+    workers = list(ray_worker_pods(render(target)))
     assert len(workers) == 3
     for where, pod in workers:
         resources = pod["containers"][0]["resources"]
@@ -439,8 +441,34 @@ def test_gpu_overlay_puts_ray_workers_on_gpu_nodes():
         assert resources["requests"].get("nvidia.com/gpu") == resources["limits"]["nvidia.com/gpu"], where
         assert pod.get("nodeSelector"), f"{where}: no nodeSelector"
         assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), f"{where}: no toleration"
-    job = one(render("gpu"), "RayJob", "armature-train")
+    job = one(render(target), "RayJob", "armature-train")
     assert "trainer.use_gpu=true" in shlex.split(job["spec"]["entrypoint"])
+
+
+def test_direct_ingress_serves_the_replicas_own_port_to_a_service():
+    """k8s/components/direct-ingress: Serve's settings on every Ray pod of the generator, the port pinned
+    where the Service, the readiness probe and the NetworkPolicy look for it, no replica on the head."""
+    docs = render("gpu-direct-ingress")
+    service = one(docs, "RayService", "armature-generator")
+    (_, head), (_, workers) = ray_groups(service)
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the replicas run where the Service looks
+    port = 30000
+    for group in (head, workers):
+        env = container_env(group["template"]["spec"]["containers"][0], docs)
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+        assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "30000"
+    container = workers["template"]["spec"]["containers"][0]
+    assert {"name": "serve-direct", "containerPort": port} in container["ports"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": port}
+    svc = one(docs, "Service", "armature-generator-direct")
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["ports"][0]["targetPort"] == "serve-direct"
+    labels = workers["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert not svc["spec"]["selector"].items() <= head["template"]["metadata"]["labels"].items()
+    # The gpu overlay otherwise: the rest of the output is the same objects.
+    names = {(d["kind"], d["metadata"]["name"]) for d in render("gpu")}
+    added = {(d["kind"], d["metadata"]["name"]) for d in docs} - names
+    assert added == {("Service", "armature-generator-direct"), ("NetworkPolicy", "armature-generator-direct-ingress")}
 
 
 @pytest.mark.parametrize("target", ["base", "cpu-dev"])
@@ -462,7 +490,7 @@ def test_images_are_pinned_and_match_the_dockerfile():
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{VARIANT\}", dockerfile, re.M)
     assert args["PYTHON_TAG"] == "py311" and args["VARIANT"] in ("cpu", "gpu")
-    for target, variant in (("base", "cpu"), ("cpu-dev", "cpu"), ("gpu", "gpu")):
+    for target, variant in (("base", "cpu"), ("cpu-dev", "cpu"), ("gpu", "gpu"), ("gpu-direct-ingress", "gpu")):
         docs = render(target)
         for image in walk(docs, "image"):
             name, _, tag = image.rpartition(":")
@@ -684,6 +712,11 @@ def test_network_policies_deny_by_default_and_open_only_what_each_part_needs(tar
         (mlflow, f"{train} head", 8265),
         (pg, minio, 9000),
     ]
+    # The generator replicas' own port (direct ingress): open to the ingress controller only, only where they serve.
+    direct = ("ingress", f"{gen} workers", 30000)
+    (opened if target.endswith("direct-ingress") else closed).append(direct)
+    closed += [("ingress", f"{gen} head", 30000), ("stranger", f"{gen} workers", 30000)]
+    closed += [("elsewhere", f"{gen} workers", 30000), (f"{train} workers", f"{gen} workers", 30000)]
     wrong = [f"{s} -> {t}:{port} is closed" for s, t, port in opened if not reachable(policies, pods[s], pods[t], port)]
     wrong += [f"{s} -> {t}:{port} is open" for s, t, port in closed if reachable(policies, pods[s], pods[t], port)]
     assert not wrong, f"{target}:\n  " + "\n  ".join(wrong)

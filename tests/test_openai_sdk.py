@@ -28,6 +28,8 @@ STEPS = 2
 PASS = 4
 SAMPLING = {"num_steps": STEPS, "guidance_scale": 1.0, "eta": 1.0}
 EDIT_SIZE = 64  # the tiny SkeleGuide model's size
+# ARMATURE_TEST_DIRECT_INGRESS=1: the application serves on its replica's own port (http.direct_ingress)
+DIRECT = os.environ.get("ARMATURE_TEST_DIRECT_INGRESS") == "1"
 
 
 def _free_port() -> int:
@@ -52,7 +54,7 @@ def server(ray_cluster, tmp_path_factory):
 
     from armature.platform.config import compose
     from armature.policies.skeleguide import SkeleGuidePipeline
-    from armature.serve.app import build_application
+    from armature.serve.app import build_application, controller_options, direct_ingress_ports
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the replicas: float sums depend on the thread count
@@ -84,6 +86,8 @@ def server(ray_cluster, tmp_path_factory):
             "limits.max_steps=8",
             "limits.max_images=4",
             "limits.request_timeout_s=60",
+            f"http.direct_ingress={DIRECT}",
+            "http.direct_ingress_drain_s=0",
         ],
     )
     os.environ["ARMATURE_SDK_TEST_KEY"] = KEY
@@ -92,8 +96,9 @@ def server(ray_cluster, tmp_path_factory):
     finally:
         del os.environ["ARMATURE_SDK_TEST_KEY"]
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options(cfg))
     serve.run(app, name="openai", route_prefix="/")
+    port = direct_ingress_ports()["openai"] if DIRECT else port
     base = f"http://127.0.0.1:{port}/v1"
     with openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=120) as client:
         yield {"client": client, "base": base, "adapter": adapter}

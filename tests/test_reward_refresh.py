@@ -325,3 +325,59 @@ def test_reward_actor_fine_tunes_its_trained_members_and_another_scores_with_the
     np.testing.assert_array_equal(other.score(images, prompts)["reward"], before["reward"])
     assert other.load_trainable(new) is True
     np.testing.assert_allclose(other.score(images, prompts)["reward"], after["reward"], rtol=0, atol=1e-6)
+
+
+def test_an_in_process_refresh_draws_the_policys_pairs_and_fine_tunes_the_learners_own_reward(tmp_path):
+    """AlignProp's refresh (``InProcess``: no actors): the pairs are the policy's own draws with the
+    plan's seeds (checked against the policy called directly), the fine-tune moves the very reward
+    object the learner backpropagates, and the checkpoint's weights load into a fresh copy so that
+    it scores exactly as the refreshed one."""
+    from omegaconf import OmegaConf
+
+    from armature.feedback.refresh import PREFIX, SLOT_SEED, InProcess, RewardRefresh
+    from armature.platform.config import RefreshConfig
+    from armature.platform.learner import epoch_plan
+    from armature.policies import build_policy
+    from armature.rewards.learned import MeanOfScorers
+
+    torch.set_num_threads(1)
+    model = {"family": "tiny", "tiny": {"seed": 0, "image_size": 16}}
+    policy = build_policy(model, {"num_steps": 2, "guidance_scale": 1.0, "eta": 1.0})
+
+    def ensemble():
+        return MeanOfScorers([_linear_scorer(4, 0), _linear_scorer(4, 1)])
+
+    reward, prompts = ensemble(), ["a cat", "a dog", "a horse"]
+    cfg = OmegaConf.structured(
+        RefreshConfig(every=1, pairs=4, annotator_reward={"brightness": {"weight": 1.0}}, steps=5, learning_rate=1e-2)
+    )
+    components = {"learned": {"weight": 1.0}}
+    c = SimpleNamespace(
+        refresh=cfg, prompts=SimpleNamespace(file=None, prompts=prompts), reward=SimpleNamespace(components=components)
+    )
+    worker = SimpleNamespace(c=c, rank=0, seed=3, config={"run_dir": str(tmp_path)}, policy=policy)
+    hook = RewardRefresh(worker, in_process=InProcess(policy, reward, batch_size=3))
+    probe = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    before = reward.score_tensor(torch.as_tensor(probe).permute(0, 3, 1, 2) / 255.0, [""] * 6)
+
+    metrics = hook.refresh(epoch=0)
+    assert metrics["refresh_pairs"] == 4 and metrics["refresh_labels"] == 8 and metrics["refreshes"] == 1
+
+    plan = epoch_plan(prompts, 3 + SLOT_SEED, 0, 4, 2, rank=0, world=1)
+    with torch.no_grad():
+        direct = policy.rollout(plan.prompts, [torch.Generator().manual_seed(s) for s in plan.seeds]).images
+    stored_a, stored_b, stored_prompts = hook._images(sorted(hook.store.decisions()))
+    np.testing.assert_array_equal(stored_a, np.asarray(direct)[0::2])
+    np.testing.assert_array_equal(stored_b, np.asarray(direct)[1::2])
+    assert stored_prompts == plan.prompts[0::2]
+
+    pixels = torch.as_tensor(probe).permute(0, 3, 1, 2) / 255.0
+    after = reward.score_tensor(pixels, [""] * 6)
+    assert not torch.allclose(after, before)  # the learner's own reward object moved
+    fresh = ensemble()
+    torch.testing.assert_close(fresh.score_tensor(pixels, [""] * 6), before)
+    rest = RewardRefresh(worker, in_process=InProcess(policy, fresh, batch_size=3)).restore(
+        {"refresh": {"refreshes": 1}}, {**hook.extra(), "other": 1}
+    )
+    assert rest == {"other": 1} and all(k.startswith(PREFIX + "learned.") for k in hook.extra())
+    torch.testing.assert_close(fresh.score_tensor(pixels, [""] * 6), after, rtol=0, atol=0)

@@ -30,6 +30,8 @@ SAMPLING = {"num_steps": 4, "guidance_scale": 1.0, "eta": 1.0}
 SHAPE = PassShape(steps=4, height=32, width=32, guidance_scale=1.0, eta=1.0)
 PASS = 4
 KEY = "test-key-123"
+# ARMATURE_TEST_DIRECT_INGRESS=1: the application serves on its replica's own port (http.direct_ingress)
+DIRECT = os.environ.get("ARMATURE_TEST_DIRECT_INGRESS") == "1"
 
 
 def _free_port() -> int:
@@ -67,7 +69,7 @@ def server(ray_cluster, tmp_path_factory):
     from omegaconf import OmegaConf
     from ray import serve
 
-    from armature.serve.app import build_application
+    from armature.serve.app import build_application, controller_options, direct_ingress_ports
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the replicas: float sums depend on the thread count
@@ -103,22 +105,26 @@ def server(ray_cluster, tmp_path_factory):
         "limits.request_timeout_s=4",
         "limits.max_images=4",
         "limits.max_best_of=8",
+        f"http.direct_ingress={DIRECT}",
+        "http.direct_ingress_drain_s=0",
     ]
     open_cfg = compose("serve", overrides + ["api_key_env=null"])
     open_cfg.adapters.local = {"local-lora": str(folders["local-lora"])}
     secure_cfg = compose("serve", overrides + ["api_key_env=ARMATURE_TEST_KEY", "generator.num_cpus=0.5"])
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options(open_cfg))
     serve.run(build_application(open_cfg), name="open", route_prefix="/")
     os.environ["ARMATURE_TEST_KEY"] = KEY
     try:
         serve.run(build_application(secure_cfg), name="secure", route_prefix="/secure")
     finally:
         del os.environ["ARMATURE_TEST_KEY"]
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as client:
+    ports = direct_ingress_ports() if DIRECT else {"open": port, "secure": port}  # each replica its own
+    base, secure = f"http://127.0.0.1:{ports['open']}", f"http://127.0.0.1:{ports['secure']}/secure"
+    with httpx.Client(base_url=base, timeout=60) as client, httpx.Client(base_url=secure, timeout=60) as keyed:
         yield {
             "client": client,
+            "secure": keyed,
             "base": base,
             "folders": folders,
             "uri": uri,
@@ -276,17 +282,17 @@ def test_limits_refuse_before_the_model(server):
 
 
 def test_auth_on_and_off(server):
-    client = server["client"]
+    client, secure = server["client"], server["secure"]
     assert client.post("/v1/images/generations", json={"prompt": "x", "seed": 1}).status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        denied = client.post("/secure/v1/images/generations", json={"prompt": "x"}, headers=headers)
+        denied = secure.post("/v1/images/generations", json={"prompt": "x"}, headers=headers)
         assert denied.status_code == 401 and denied.json()["error"]["field"] == "authorization"
-        assert client.get("/secure/v1/adapters", headers=headers).status_code == 401
+        assert secure.get("/v1/adapters", headers=headers).status_code == 401
     ok = {"Authorization": f"Bearer {KEY}"}
-    allowed = client.post("/secure/v1/images/generations", json={"prompt": "x", "seed": 1}, headers=ok)
+    allowed = secure.post("/v1/images/generations", json={"prompt": "x", "seed": 1}, headers=ok)
     assert allowed.status_code == 200
-    assert client.get("/secure/v1/adapters", headers=ok).status_code == 200
-    assert client.get("/secure/healthz").status_code == 200 and client.get("/secure/readyz").status_code == 200
+    assert secure.get("/v1/adapters", headers=ok).status_code == 200
+    assert secure.get("/healthz").status_code == 200 and secure.get("/readyz").status_code == 200
 
 
 def test_timeout_504_and_overload_503(server):
@@ -311,7 +317,7 @@ def test_timeout_504_and_overload_503(server):
 def test_python_client(server):
     from armature.serve.client import GeneratorClient, GeneratorError
 
-    with GeneratorClient(server["base"] + "/secure", api_key=KEY) as client:
+    with GeneratorClient(str(server["secure"].base_url).rstrip("/"), api_key=KEY) as client:
         assert client.ready()
         result = client.generate("a red cube", seed=11, n=2)
         assert result.seeds == [11, 12] and result.images[0].size == (32, 32)
@@ -319,6 +325,6 @@ def test_python_client(server):
         with pytest.raises(GeneratorError) as err:
             client.generate("a red cube", steps=1000)
         assert err.value.status == 400 and err.value.field == "steps"
-    with GeneratorClient(server["base"] + "/secure", api_key="") as anonymous:
+    with GeneratorClient(str(server["secure"].base_url).rstrip("/"), api_key="") as anonymous:
         with pytest.raises(GeneratorError, match="401"):
             anonymous.generate("a red cube")

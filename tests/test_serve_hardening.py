@@ -20,6 +20,8 @@ KEY = "hardening-key-7"
 BODY_TIMEOUT_S = 8
 STALLED = 130  # more than the ingress's max_ongoing_requests (128)
 ANSWER_WITHIN_S = 60  # a bound on waiting, not a speed claim
+# ARMATURE_TEST_DIRECT_INGRESS=1: the application serves on its replica's own port (http.direct_ingress)
+DIRECT = os.environ.get("ARMATURE_TEST_DIRECT_INGRESS") == "1"
 
 
 def _free_port() -> int:
@@ -34,7 +36,7 @@ def server(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from armature.policies import build_policy
-    from armature.serve.app import build_application, http_options
+    from armature.serve.app import build_application, controller_options, direct_ingress_ports, http_options
 
     tmp = tmp_path_factory.mktemp("hardening")
     broken = build_policy(
@@ -52,16 +54,19 @@ def server(ray_cluster, tmp_path_factory):
             "generator.torch_threads=1",
             "api_key_env=ARMATURE_HARDENING_KEY",
             f"limits.body_timeout_s={BODY_TIMEOUT_S}",
+            f"http.direct_ingress={DIRECT}",
+            "http.direct_ingress_drain_s=0",
         ],
     )
     cfg.adapters.local = {"broken": str(broken)}
     options = http_options(OmegaConf.to_container(cfg))
-    serve.start(http_options=options)
+    serve.start(http_options=options, controller_options=controller_options(cfg))
     os.environ["ARMATURE_HARDENING_KEY"] = KEY
     try:
         serve.run(build_application(cfg), name="hardened", route_prefix="/")
     finally:
         del os.environ["ARMATURE_HARDENING_KEY"]
+    port = direct_ingress_ports()["hardened"] if DIRECT else port
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=ANSWER_WITHIN_S) as client:
         yield {"client": client, "port": port, "options": options, "per_client": cfg.limits.max_requests_per_client}

@@ -327,6 +327,46 @@ def test_deployment_options_from_config(tmp_path):
     assert type(app).__name__ == "Application"
 
 
+def test_direct_ingress_reaches_the_serve_controller_and_the_ingress_replica(tmp_path):
+    """``http.direct_ingress`` becomes the environment of the Serve controller (``controller_options``,
+    the Serve config file) and of the ingress replica (its runtime_env), under the names Ray reads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from armature.platform.config import ConfigError, compose
+    from armature.serve.app import build_application, controller_options, ray_serve_env, serve_config
+
+    base = ["api_key_env=null", f"tracking.local_dir={tmp_path}", f"adapters.cache_dir={tmp_path / 'cache'}"]
+    off = compose("serve", base)
+    assert ray_serve_env(off) == {} and controller_options(off) is None
+    assert "controller_options" not in serve_config(off)
+    assert "runtime_env" not in build_application(off)._bound_deployment.ray_actor_options
+    on = compose("serve", base + ["http.direct_ingress=true", "http.direct_ingress_drain_s=2.5"])
+    env = ray_serve_env(on)
+    assert controller_options(on) == {"runtime_env": {"env_vars": env}}
+    ServeDeploySchema.model_validate(serve_config(on))
+    assert serve_config(on)["controller_options"] == {"runtime_env": {"env_vars": env}}
+    for layout in ([], ["ingress_in_generator=false"]):  # the ingress replica, wherever the model is
+        ingress = build_application(compose("serve", base + ["http.direct_ingress=true"] + layout))._bound_deployment
+        assert ingress.name == ("Generator" if not layout else "Ingress")
+        assert ingress.ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Ray Serve reads these names when its processes start: direct ingress on, the drain as set.
+    read = (
+        "import json; from ray.serve._private import constants as c; "
+        "print(json.dumps([c.RAY_SERVE_ENABLE_DIRECT_INGRESS, c.RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", read], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert json.loads(out.stdout) == [True, 2.5], out.stderr
+    with pytest.raises(ConfigError, match="http.direct_ingress_drain_s"):
+        compose("serve", ["http.direct_ingress_drain_s=-1"])
+
+
 def test_the_ingress_runs_in_the_generator_only_with_one_generator_replica():
     from omegaconf import OmegaConf
 

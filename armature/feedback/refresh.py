@@ -21,6 +21,11 @@ images the reward never saw, and a learner climbs the reward's blind spots. Ever
    (``refresh_acc_before``: how far it had fallen behind the policy) and after
    (``refresh_acc_after``), the train pairs, the losses and ``refresh_seconds``.
 
+Where the policy and the reward live decides who does steps 1, 4 and the scoring: the sampler and
+reward actors (:class:`Actors`: DDPO, GRPO, NFT), or the learner's own process (:class:`InProcess`:
+AlignProp, DRaFT and ReFL sample and score there, and every worker holds its own copy of the reward:
+rank 0 fine-tunes and hands the weights to the others).
+
 The refreshed weights ride in each checkpoint as safetensors (``refresh.<component>.<member>.*``);
 a resumed run loads them into the reward actors before its first epoch. A resumed refresh whose
 pairs are stored already samples nothing and labels what is missing.
@@ -43,20 +48,22 @@ from armature.feedback.store import PreferenceStore, resolve_decisions
 from armature.losses.reward_model import pairwise_accuracy
 from armature.platform.learner import Worker, epoch_plan, prompt_list
 
-__all__ = ["RewardRefresh", "attach_refresh", "PREFIX", "VERSION_BASE"]
+__all__ = ["Actors", "InProcess", "RewardRefresh", "attach_refresh", "PREFIX", "VERSION_BASE"]
 
 PREFIX = "refresh."  # the refreshed scorers among a checkpoint's extra tensors
 VERSION_BASE = 1_000_000  # the refresh's rollouts load the weights under versions no epoch uses
 SLOT_SEED = 7_919  # the refresh draws its prompt slots and seeds apart from the epochs'
 
 
-def attach_refresh(w: Worker, sampling_weights: Callable[[], dict] | None = None) -> RewardRefresh | None:
+def attach_refresh(
+    w: Worker, sampling_weights: Callable[[], dict] | None = None, in_process: InProcess | None = None
+) -> RewardRefresh | None:
     """Add the reward refresh to the worker's hooks when ``refresh.every`` > 0 (before
-    ``w.start``); ``sampling_weights()``: the weights the policy samples with (default: the
-    trained policy's)."""
+    ``w.start``); ``sampling_weights()``: the weights the sampler actors draw with (default: the
+    trained policy's); ``in_process``: the policy and reward of a learner without actors."""
     if not w.c.refresh.every:
         return None
-    hook = RewardRefresh(w, sampling_weights)
+    hook = RewardRefresh(w, sampling_weights, in_process)
     w.hooks.append(hook)
     return hook
 
@@ -68,14 +75,110 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _from_rank_0(value):
+    """``value`` as rank 0 has it, on every rank (itself when there is one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Actors:
+    """The refresh's work on the job's actors: the sampler actors draw, reward actor 0 fine-tunes
+    and every reward actor loads the new weights (shared by every rank: loaded once, by rank 0)."""
+
+    shared = True
+
+    def __init__(self, w: Worker, sampling_weights: Callable[[], dict]):
+        self.w, self.sampling_weights = w, sampling_weights
+
+    def rollout(self, prompts: list[str], seeds: list[int], version: int) -> np.ndarray:
+        import ray
+
+        samplers, size, refs = self.w.samplers, self.w.c.sampling.batch_size, []
+        weights = [ray.put(self.sampling_weights())]
+        for b, start in enumerate(range(0, len(prompts), size)):
+            sl = slice(start, start + size)
+            _, images = samplers[b % len(samplers)].rollout.remote(prompts[sl], seeds[sl], weights, version)
+            refs.append(images)
+        return np.concatenate(ray.get(refs))
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """The trained reward's total, by the last reward actor (the fine-tune runs in the first:
+        with two or more, the scores after it come from weights that reached an actor through
+        ``load_trainable``)."""
+        import ray
+
+        return ray.get(self.w.rewards[-1].score.remote(images, list(prompts)))["reward"]
+
+    def fine_tune(self, images_w, images_l, tie, steps, learning_rate, batch_size, seed):
+        import ray
+
+        rewards = self.w.rewards
+        state, info = ray.get(
+            rewards[0].fine_tune.remote(images_w, images_l, tie, steps, learning_rate, batch_size, seed)
+        )
+        ray.get([a.load_trainable.remote(state) for a in rewards[1:]])
+        return state, info
+
+    def load(self, weights: dict) -> None:
+        import ray
+
+        ray.get([a.load_trainable.remote(weights) for a in self.w.rewards])
+
+
+class InProcess:
+    """The refresh's work in the learner's process: ``policy`` draws (no gradients, the weights it
+    trains), ``reward`` (the trained reward the learner backpropagates) scores and is fine-tuned
+    in place. Each rank holds its own copy: every rank loads the weights."""
+
+    shared = False
+
+    def __init__(self, policy, reward, batch_size: int):
+        self.policy, self.reward, self.batch_size = policy, reward, batch_size
+
+    def rollout(self, prompts: list[str], seeds: list[int], version: int) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                generators = [torch.Generator(device=self.policy.device).manual_seed(int(s)) for s in seeds[sl]]
+                out.append(np.asarray(self.policy.rollout(prompts[sl], generators).images))
+        return np.concatenate(out)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(self.reward([Image.fromarray(a) for a in images], list(prompts)), np.float32)
+
+    def fine_tune(self, images_w, images_l, tie, steps, learning_rate, batch_size, seed):
+        from armature.rewards.fine_tune import fine_tune, trainable_scorers, trainable_state
+
+        scorers = trainable_scorers(self.reward)
+        info = fine_tune(scorers, images_w, images_l, tie, steps, learning_rate, batch_size, seed)
+        return trainable_state(scorers), info
+
+    def load(self, weights: dict) -> None:
+        from armature.rewards.fine_tune import load_trainable_state, trainable_scorers
+
+        load_trainable_state(trainable_scorers(self.reward), weights)
+
+
 class RewardRefresh:
     """``refresh.*`` in a worker (a ``Worker`` hook): the work is rank 0's, the others wait."""
 
     name = "refresh"
 
-    def __init__(self, w: Worker, sampling_weights: Callable[[], dict] | None = None):
+    def __init__(
+        self, w: Worker, sampling_weights: Callable[[], dict] | None = None, in_process: InProcess | None = None
+    ):
         self.w, self.cfg, self.rank = w, w.c.refresh, w.rank
-        self.sampling_weights = sampling_weights or (lambda: w.policy.trainable_state_dict())
+        self.backend = in_process or Actors(w, sampling_weights or (lambda: w.policy.trainable_state_dict()))
         self.weights: dict | None = None  # the refreshed scorers' weights (rank 0)
         self.refreshes = 0
         self.store, self.annotators = None, []
@@ -103,14 +206,17 @@ class RewardRefresh:
 
     # ------------------------------------------------------------------ Worker hook
     def restore(self, state: dict, extra: dict | None) -> dict | None:
-        """Take the refresh's part of a checkpoint; the reward actors get the refreshed weights."""
+        """Take the refresh's part of a checkpoint; the reward (its actors, or every rank's copy)
+        gets the refreshed weights."""
         self.refreshes = int((state.get(self.name) or {}).get("refreshes", 0))
         extra = dict(extra or {})
         weights = {k[len(PREFIX) :]: extra.pop(k) for k in list(extra) if k.startswith(PREFIX)}
+        if not self.backend.shared:
+            weights = _from_rank_0(weights)
         if weights:
             self.weights = weights
-            if self.rank == 0:
-                self._load_everywhere(weights)
+            if self.rank == 0 or not self.backend.shared:
+                self.backend.load(weights)
         _barrier()
         return extra or None
 
@@ -120,6 +226,11 @@ class RewardRefresh:
             return
         if self.rank == 0:
             metrics.update(self.refresh(epoch))
+        if not self.backend.shared:  # the other ranks' copies of the reward take rank 0's new weights
+            weights = _from_rank_0(self.weights)
+            if self.rank != 0 and weights:
+                self.weights = weights
+                self.backend.load(weights)
         _barrier()
 
     def state(self) -> dict:
@@ -183,21 +294,12 @@ class RewardRefresh:
     def _sample_into_store(self, epoch: int) -> list[str]:
         """The round's pair ids; sampled with the current weights and stored unless a resumed
         run stored them already."""
-        import ray
-
         store, r = self.store, self.cfg
         stored = sorted(pid for pid, rnd in store.rounds().items() if rnd == epoch)
         if stored:
             return stored
-        c, samplers = self.w.c, self.w.samplers
-        plan = epoch_plan(prompt_list(c.prompts), self.w.seed + SLOT_SEED, epoch, r.pairs, 2, rank=0, world=1)
-        weights, version = [ray.put(self.sampling_weights())], VERSION_BASE + epoch
-        size, refs = c.sampling.batch_size, []
-        for b, start in enumerate(range(0, len(plan.prompts), size)):
-            sl = slice(start, start + size)
-            _, images = samplers[b % len(samplers)].rollout.remote(plan.prompts[sl], plan.seeds[sl], weights, version)
-            refs.append(images)
-        images = np.concatenate(ray.get(refs))
+        plan = epoch_plan(prompt_list(self.w.c.prompts), self.w.seed + SLOT_SEED, epoch, r.pairs, 2, rank=0, world=1)
+        images = self.backend.rollout(list(plan.prompts), list(plan.seeds), VERSION_BASE + epoch)
         scores = self._score(images[0::2], images[1::2], plan.prompts[0::2])
         unsure = uncertainty(*scores)
         ids = [f"refresh-{epoch:04d}-{k:04d}" for k in range(r.pairs)]
@@ -247,31 +349,16 @@ class RewardRefresh:
         return a, b, [self.store.pair(pid)["prompt"] for pid in ids]
 
     def _score(self, images_a: np.ndarray, images_b: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The trained reward (the weighted total: monitors weigh 0) of each pair's images, by the
-        last reward actor (the fine-tune runs in the first: with two or more, the scores after it
-        come from weights that reached an actor through ``load_trainable``)."""
-        import ray
-
-        both = np.concatenate([images_a, images_b])
-        total = ray.get(self.w.rewards[-1].score.remote(both, list(prompts) * 2))["reward"]
+        """The trained reward (the weighted total: monitors weigh 0) of each pair's images."""
+        total = self.backend.score(np.concatenate([images_a, images_b]), list(prompts) * 2)
         return total[: len(images_a)], total[len(images_a) :]
 
     def _fine_tune(self, images_w, images_l, tie, epoch: int) -> dict[str, float]:
-        import ray
-
-        r, rewards = self.cfg, self.w.rewards
-        seed = self.w.seed * 10_000 + epoch
-        state, info = ray.get(
-            rewards[0].fine_tune.remote(images_w, images_l, tie, r.steps, r.learning_rate, r.batch_size, seed)
+        r, seed = self.cfg, self.w.seed * 10_000 + epoch
+        self.weights, info = self.backend.fine_tune(
+            images_w, images_l, tie, r.steps, r.learning_rate, r.batch_size, seed
         )
-        ray.get([a.load_trainable.remote(state) for a in rewards[1:]])
-        self.weights = state
         return info
-
-    def _load_everywhere(self, weights: dict) -> None:
-        import ray
-
-        ray.get([a.load_trainable.remote(weights) for a in self.w.rewards])
 
 
 def round_accuracy(ids: list[str], decided: dict, scores_a: np.ndarray, scores_b: np.ndarray) -> float:

@@ -12,6 +12,8 @@ The objective is the reward itself, maximised by backpropagation through the sam
 * ``algo=draft`` (DRaFT-K, Clark et al., 2023): the same with a fixed K (equal bounds).
 * ``algo=refl`` (ReFL, Xu et al., 2023): ``algo.predict_x0=true``: the chain stops at the K-th
   step from the end and the reward scores that step's one-step prediction of x_0.
+* ``refresh.every`` > 0: the on-policy reward refresh (``armature.feedback.refresh``), done in this
+  process: the policy draws the pairs, the learned reward here is fine-tuned on their labels.
 * ``algo.beta`` > 0: a KL penalty to the base policy, which these learners otherwise lack: at each
   backpropagated step the base network (the adapter switched off, or a frozen copy under full
   fine-tuning) predicts from the same latents, and ``beta`` times the mean squared gap of the
@@ -110,11 +112,12 @@ def run(cfg: DictConfig) -> dict:
     return run_learner(cfg, train_loop)
 
 
-register(*(Algorithm(name, AlignPropConfig, run, check) for name in ("alignprop", "draft", "refl")))
+register(*(Algorithm(name, AlignPropConfig, run, check, refresh=True) for name in ("alignprop", "draft", "refl")))
 
 
 # ============================================================================ learner
 def train_loop(config: dict) -> None:
+    from armature.feedback.refresh import InProcess, attach_refresh
     from armature.policies.grad_sampling import decode_with_grad, sample_with_grad
 
     w = Worker(config)
@@ -131,6 +134,8 @@ def train_loop(config: dict) -> None:
             with policy.reference(frozen):
                 return policy.predict(cond, x, t)
 
+    # refresh.* (off by default): the reward fine-tuned on the policy's own samples, here in-process
+    attach_refresh(w, in_process=InProcess(policy, reward, c.sampling.batch_size))
     engine = w.start(policy, algo.gradient_accumulation_batches, micro_batch=micro)  # the sampler's calls too
     prompts = prompt_list(c.prompts)
     for epoch in range(w.start_epoch, algo.num_epochs):

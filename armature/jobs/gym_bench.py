@@ -39,9 +39,14 @@ pairs (an intact figure preferred to the same figure with one defect).
 
    ``bench.guards`` trains each of those learners again with one over-optimisation guard on (rows
    ``<learner>-<guard>``): ``monitor``, the early stop with roll back on the oracle monitor
-   (``guard.*``, patience ``bench.guard_patience``); ``uncertainty``, the learned ensemble's mean minus
+   (``guard.*``, patience ``bench.guard_patience``); ``heldout``, the same stop on a held-out scorer
+   instead of the oracle, as in real use: the learned reward is the mean of every scorer but the
+   last, and the last is the monitor at weight 0 (``gym_anatomy``); ``uncertainty``, the learned ensemble's mean minus
    ``bench.uncertainty_penalty`` times its members' spread; ``kl``, a KL penalty to the base policy
-   (``algo.beta``, per learner from ``bench.kl_beta``: the learners' KL terms differ in scale). Every
+   (``algo.beta``, per learner from ``bench.kl_beta``: the learners' KL terms differ in scale);
+   ``refresh``, the on-policy reward refresh every ``bench.refresh_every`` epochs (``refresh.*``:
+   simulated annotators label pairs of the policy's own samples by the oracle, with flips and
+   ties, and the learned reward is fine-tuned on them, within the same training budget). Every
    learner's trained reward and oracle per epoch go to ``<out>/overoptimisation.md``, and a plot of
    one against the other, unguarded beside guarded, to ``<out>/overoptimisation-<learner>.png``.
 5. ``eval``: the evaluation job (``algo=eval``) on the base policy and every trained one, each
@@ -71,7 +76,7 @@ from pathlib import Path
 BENCH_PROMPTS = "gym_prompts.txt"
 LEARNERS = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo", "dpo", "asap_dpo")
 CEILINGS = ("ddpo", "grpo", "online_dpo")  # the learners that can take the (non-differentiable) oracle as reward
-GUARDS = ("monitor", "uncertainty", "kl")
+GUARDS = ("monitor", "heldout", "uncertainty", "kl", "refresh")
 GUARDED = ("ddpo", "grpo", "alignprop", "draft", "refl")  # learners that score their own samples every epoch
 EPOCHS = {"ddpo": 7, "grpo": 14, "alignprop": 28, "draft": 28, "refl": 28, "online_dpo": 7, "dpo": 4, "asap_dpo": 4}
 
@@ -99,7 +104,7 @@ class BenchConfig:
     # epochs (online_dpo: rounds) of each learner; with train_s, an upper bound
     epochs: dict[str, int] = field(default_factory=lambda: dict(EPOCHS))
     train_s: float = 0.0  # each learner's training time budget in seconds (trainer.time_budget_s); 0: epochs alone
-    guards: list[str] = field(default_factory=list)  # of monitor, uncertainty, kl: rows <learner>-<guard>
+    guards: list[str] = field(default_factory=list)  # of GUARDS: rows <learner>-<guard>
     # guards=[monitor]: epochs the oracle may stay below its best (guard.patience); the oracle monitor is
     # the epoch's own images (16 for AlignProp), noisy enough that a shorter patience stops on noise
     guard_patience: int = 5
@@ -109,6 +114,7 @@ class BenchConfig:
     kl_beta: dict[str, float] = field(
         default_factory=lambda: {"ddpo": 0.01, "grpo": 0.04, "alignprop": 30.0, "draft": 30.0, "refl": 30.0}
     )
+    refresh_every: int = 3  # guards=[refresh]: epochs between refreshes (refresh.every; its other keys: defaults)
     evaluate: bool = True  # false: stop after the learners (a later run in the same out keeps them and evaluates)
     overrides: list[str] = field(default_factory=list)  # applied to every stage
 
@@ -137,7 +143,8 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     bench run in the same folder finished with the same overrides is not run again:
     its metrics, seconds and folder come from the folder's ledger. The run's name
     holds a digest of its overrides: a stage that stopped half-way resumes from its checkpoint
-    when run again, one with other overrides starts afresh."""
+    when run again, one with other overrides starts afresh. A stage that resumes the run folder of a
+    ledger entry (the same run, recorded with other fixed overrides) adds that entry's seconds."""
     import hashlib
 
     from armature.platform.algorithms import get
@@ -168,6 +175,8 @@ def _stage(cfg: BenchConfig, name: str, overrides: list[str], log, seed: int | N
     start = time.perf_counter()
     metrics = get(job_cfg.algo.name).run(job_cfg) or {}
     seconds, folder = time.perf_counter() - start, out / "ray" / run_name
+    if done and done["folder"] == str(folder):  # resumed the checkpoint of a run the ledger has (recorded
+        seconds += float(done["seconds"])  # by other overrides, e.g. an older bench's): count its time too
     kept = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     ledger[name] = {"overrides": every, "seconds": seconds, "folder": str(folder), "metrics": kept}
     ledger_path.write_text(json.dumps(ledger, indent=1))
@@ -211,6 +220,13 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         raise ValueError(
             f"bench.guards=[uncertainty] with bench.reward_seeds={cfg.reward_seeds}: the penalty needs an "
             "ensemble's spread; train two or more scorers"
+        )
+    if "refresh" in cfg.guards and cfg.refresh_every < 1:
+        raise ValueError(f"bench.refresh_every={cfg.refresh_every}: epochs between refreshes, at least 1")
+    if "heldout" in cfg.guards and cfg.scorers == "train" and cfg.reward_seeds < 2:
+        raise ValueError(
+            f"bench.guards=[heldout] with bench.reward_seeds={cfg.reward_seeds}: one scorer trains the policy "
+            "and another monitors it; train two or more scorers"
         )
     if cfg.scorers not in ("train", "shipped"):
         raise ValueError(f"bench.scorers={cfg.scorers!r}: use train (the reward stage) or shipped (the package's)")
@@ -291,7 +307,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
     runs = [(name, recipe(name, cfg, out, prompts, learned_spec)) for name in cfg.learners]
     runs += [(f"{name}{ORACLE}", recipe(name, cfg, out, prompts, None)) for name in cfg.ceiling]
     runs += [
-        (f"{name}-{guard}", recipe(name, cfg, out, prompts, learned_spec) + guard_overrides(guard, name, cfg))
+        (f"{name}-{guard}", recipe(name, cfg, out, prompts, learned_spec) + guard_overrides(guard, name, cfg, scorers))
         for name in cfg.learners
         if name in GUARDED
         for guard in cfg.guards
@@ -350,10 +366,22 @@ ORACLE = "-oracle"  # a ceiling row's suffix: the learner trained on the oracle 
 RL = ("ddpo", "grpo", "alignprop", "draft", "refl", "online_dpo")  # learners that train on the learned reward
 
 
-def guard_overrides(guard: str, name: str, cfg: BenchConfig) -> list[str]:
-    """The overrides that turn ``guard`` on for learner ``name`` (the oracle stays a weight-0 monitor)."""
+def guard_overrides(guard: str, name: str, cfg: BenchConfig, scorers: list[str]) -> list[str]:
+    """The overrides that turn ``guard`` on for learner ``name`` (the oracle stays a weight-0 monitor);
+    ``scorers``: the learned reward's scorer folders."""
+    stop = [f"guard.patience={cfg.guard_patience}", "guard.rollback=true"]
     if guard == "monitor":
-        return ["guard.monitor=gym_oracle", f"guard.patience={cfg.guard_patience}", "guard.rollback=true"]
+        return ["guard.monitor=gym_oracle", *stop]
+    if guard == "heldout":  # the last scorer leaves the trained mean and watches it
+        *trained, held_out = scorers
+        return [
+            f"reward.components.learned.path=[{', '.join(trained)}]",
+            f"++reward.components.gym_anatomy={{weight: 0.0, path: {held_out}}}",
+            "guard.monitor=gym_anatomy",
+            *stop,
+        ]
+    if guard == "refresh":
+        return [f"refresh.every={cfg.refresh_every}"]
     if guard == "uncertainty":
         return [f"++reward.components.learned.uncertainty_penalty={cfg.uncertainty_penalty}"]
     return [f"algo.beta={cfg.kl_beta[name]}"]
@@ -366,7 +394,13 @@ def trained_on_learned(policy: str) -> bool:
     return policy in RL or (suffix in GUARDS and name in RL)
 
 
-CURVE_KEYS = ("reward_mean", "reward_gym_oracle_mean", "reward_gym_oracle_severe_rate", "guard_rolled_back_to")
+CURVE_KEYS = (
+    "reward_mean",
+    "reward_gym_oracle_mean",
+    "reward_gym_oracle_severe_rate",
+    "reward_gym_anatomy_mean",  # the held-out scorer (guards=[heldout])
+    "guard_rolled_back_to",
+)
 
 
 def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
@@ -385,8 +419,8 @@ def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
                 history.setdefault(m.step, {})[key] = m.value
         histories[name] = history
     lines = [
-        "| stage | epoch | trained reward | oracle mean | oracle severe rate (epoch's images) |",
-        "|---|---|---|---|---|",
+        "| stage | epoch | trained reward | oracle mean | oracle severe rate (epoch's images) | held-out scorer |",
+        "|---|---|---|---|---|---|",
     ]
     for name, history in histories.items():
         for epoch in sorted(history):
@@ -396,9 +430,10 @@ def write_curves(out: Path, run_dirs: dict[str, Path], log) -> None:
             back = (
                 f" (rolled back to epoch {int(m['guard_rolled_back_to']) + 1})" if "guard_rolled_back_to" in m else ""
             )
+            held_out = f"{m['reward_gym_anatomy_mean']:+.3f}" if "reward_gym_anatomy_mean" in m else ""
             lines.append(
                 f"| {name} | {epoch + 1}{back} | {m['reward_mean']:+.3f} | {m.get('reward_gym_oracle_mean', float('nan')):+.3f} "
-                f"| {m.get('reward_gym_oracle_severe_rate', float('nan')):.3f} |"
+                f"| {m.get('reward_gym_oracle_severe_rate', float('nan')):.3f} | {held_out} |"
             )
     (out / "overoptimisation.md").write_text("\n".join(lines) + "\n")
     for learner in {name.split("-")[0] for name in histories if name.split("-")[0] in GUARDED}:

@@ -148,7 +148,7 @@ class GuardConfig:
 
 @dataclass
 class RefreshConfig:
-    """The on-policy reward refresh (``armature.feedback.refresh``; ddpo, grpo, nft): every
+    """The on-policy reward refresh (``armature.feedback.refresh``; ddpo, grpo, nft, alignprop, draft, refl): every
     ``every`` epochs, pairs of the current policy's samples are labelled through the preference
     store and the trained reward's conv scorers are fine-tuned on them. Off by default."""
 
@@ -243,6 +243,10 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     keep_alive_timeout_s: int = 5  # an idle kept-alive connection is closed after this
+    # Ray Serve's direct ingress: the ingress replica serves HTTP itself, on a port of its own (30000 for the
+    # first on a node), with no proxy hop; a load balancer (a Kubernetes Service) replaces the proxy.
+    direct_ingress: bool = False
+    direct_ingress_drain_s: float = 30.0  # a stopping replica keeps answering this long: load balancers drop it
 
 
 @dataclass
@@ -509,6 +513,8 @@ def check_serve(cfg: DictConfig) -> None:
         errors.append("limits.max_requests_per_client must be >= 1 (null: no limit)")
     if cfg.http.keep_alive_timeout_s < 1:
         errors.append("http.keep_alive_timeout_s must be >= 1")
+    if cfg.http.direct_ingress_drain_s < 0:
+        errors.append("http.direct_ingress_drain_s must be >= 0 (0: stop at once)")
     if not 1 <= cfg.sampling.num_steps <= lim.max_steps:
         errors.append(f"sampling.num_steps={cfg.sampling.num_steps}: must be in [1, limits.max_steps={lim.max_steps}]")
     if cfg.sampling.eta < 0:

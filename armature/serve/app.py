@@ -54,14 +54,18 @@ __all__ = [
     "Ingress",
     "build_app",
     "build_application",
+    "controller_options",
     "deployment_options",
+    "direct_ingress_ports",
     "ingress_in_generator",
     "http_options",
+    "ray_serve_env",
     "run",
     "serve_config",
 ]
 
 LOCAL_PREFIX = "local:"
+DIRECT_INGRESS_FIRST_PORT = 30000  # the first port of a replica of its own (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 INLINE_ENCODE_PIXELS = 64 * 64  # a request's images of at most this many pixels in all are encoded on the event loop
 
 
@@ -672,6 +676,8 @@ def build_application(cfg):
     adapters["local"] = {k: str(Path(v).expanduser().resolve()) for k, v in adapters["local"].items()}
     key = os.environ.get(c["api_key_env"]) if c["api_key_env"] else None
     key_sha256 = hash_key(key) if key else None
+    env = ray_serve_env(c)  # direct ingress: the ingress replica reads it when it starts
+    runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
     editor = None
     if c["edits"]["pipeline"]:
         c["edits"]["pipeline"] = str(Path(c["edits"]["pipeline"]).expanduser().resolve())
@@ -681,9 +687,12 @@ def build_application(cfg):
         # limits on HTTP requests in flight (generations are bounded by the generator's queue).
         options = {**deployment_options(c["generator"]), "name": "Generator"}
         options.update({k: c["ingress"][k] for k in ("max_ongoing_requests", "max_queued_requests")})
+        options["ray_actor_options"].update(runtime_env)
         return Ingress.options(**options).bind(None, c, key_sha256, editor)
     generator = Generator.options(**deployment_options(c["generator"])).bind(c)
-    return Ingress.options(**deployment_options(c["ingress"])).bind(generator, c, key_sha256, editor)
+    options = deployment_options(c["ingress"])
+    options["ray_actor_options"].update(runtime_env)
+    return Ingress.options(**options).bind(generator, c, key_sha256, editor)
 
 
 def ingress_in_generator(c: dict) -> bool:
@@ -747,9 +756,48 @@ def http_options(cfg) -> dict:
     }
 
 
+def ray_serve_env(c) -> dict[str, str]:
+    """Ray Serve's settings for ``http``, as the environment variables that its controller and the
+    ingress replicas read when they start (empty: Serve's defaults). ``http.direct_ingress``: each
+    ingress replica serves HTTP on a port of its own, a stopping one answering ``direct_ingress_drain_s``
+    more seconds so that load balancers can drop it first."""
+    h = c["http"]
+    if not h["direct_ingress"]:
+        return {}
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{float(h['direct_ingress_drain_s']):g}",
+    }
+
+
+def controller_options(c) -> dict | None:
+    """``serve.start``'s ``controller_options``: the Serve controller's environment (``ray_serve_env``).
+    Serve applies it only when it starts its controller: an instance already running keeps its mode."""
+    env = ray_serve_env(c)
+    return {"runtime_env": {"env_vars": env}} if env else None
+
+
+def direct_ingress_ports(host: str = "127.0.0.1", first: int = DIRECT_INGRESS_FIRST_PORT, count: int = 64) -> dict:
+    """``{application name: port}`` of the ingress replicas on ``host`` that serve HTTP themselves
+    (direct ingress): each answers ``GET /-/routes`` on its own port with ``{route prefix: application}``."""
+    import httpx
+
+    ports = {}
+    for port in range(first, first + count):
+        try:
+            response = httpx.get(f"http://{host}:{port}/-/routes", timeout=2.0)
+        except httpx.TransportError:
+            continue
+        if response.status_code == 200:
+            ports.update({app: port for app in response.json().values()})
+    return ports
+
+
 def serve_config(cfg, overrides: list[str] | None = None) -> dict:
     """A Ray Serve config file (``serve deploy`` / ``serve run``) for this app and overrides."""
+    options = controller_options(cfg)
     return {
+        **({"controller_options": options} if options else {}),
         "proxy_location": "EveryNode",
         "http_options": http_options(cfg),
         "applications": [
@@ -773,9 +821,18 @@ def run(cfg, blocking: bool = True) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
     required = c["generator"]["num_cpus"] + c["ingress"]["num_cpus"]
     connect(c["cluster"], required, c["cluster"].get("runtime_env"))
-    serve.start(http_options=http_options(c))
+    serve.start(http_options=http_options(c), controller_options=controller_options(c))
     serve.run(build_application(cfg), name=c["app_name"], route_prefix=c["route_prefix"])
-    url = f"http://{c['http']['host']}:{c['http']['port']}{c['route_prefix'].rstrip('/')}"
+    host, port = c["http"]["host"], c["http"]["port"]
+    if c["http"]["direct_ingress"]:  # the replica's own port, not the proxy's
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        port = direct_ingress_ports(local).get(c["app_name"])
+        if port is None:
+            raise RuntimeError(
+                "http.direct_ingress=true, but no replica of the application serves a port of its own: the "
+                "Serve instance on this cluster started without direct ingress (`serve shutdown` it first)"
+            )
+    url = f"http://{host}:{port}{c['route_prefix'].rstrip('/')}"
     print(f"[armature] serving {c['model']['family']} at {url} (OpenAPI: {url}/docs)", flush=True)
     if blocking:  # until Ctrl-C or SIGTERM
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
