@@ -62,20 +62,53 @@ def train_command(tmp: Path, name: str, *overrides: str) -> list[str]:
     ]
 
 
+class TrainJobs:
+    """Runs `armature train` on the session's cluster: ``train_job(tmp, "name", "algo=grpo", ...)``
+    runs one to the end, asserts it succeeded and returns its TrainRun; ``train_job.start(...)``
+    (same arguments) starts one and returns the function that waits for it, so that two jobs run
+    at once when the cluster's 4 logical CPUs hold both."""
+
+    def __init__(self, address: str):
+        self.env = {**os.environ, "RAY_ADDRESS": address, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.started: list[subprocess.Popen] = []
+
+    def kill_leftovers(self) -> None:
+        """Kills the jobs nobody waited for (a test failed before it did)."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def start(self, tmp: Path, name: str, *overrides: str, timeout: int = 900):
+        tmp.mkdir(parents=True, exist_ok=True)
+        log = open(tmp / f"{name}.log", "w+")
+        proc = subprocess.Popen(
+            train_command(tmp, name, *overrides), env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.started.append(proc)
+
+        def wait() -> TrainRun:
+            try:
+                returncode = proc.wait(timeout=timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.seek(0)
+                out = log.read()
+                log.close()
+            assert returncode == 0, out[-5000:]
+            return TrainRun(out, tmp / "ray" / name)
+
+        return wait
+
+    def __call__(self, tmp: Path, name: str, *overrides: str, timeout: int = 900) -> TrainRun:
+        return self.start(tmp, name, *overrides, timeout=timeout)()
+
+
 @pytest.fixture(scope="session")
 def train_job(ray_cluster):
-    """Runs `armature train` on the session's cluster to the end; asserts it succeeded; returns a TrainRun.
-
-    Usage: ``train_job(tmp_path, "name", "algo=grpo", ...)``.
-    """
-
-    def run(tmp: Path, name: str, *overrides: str, timeout: int = 900) -> TrainRun:
-        env = {**os.environ, "RAY_ADDRESS": ray_cluster, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        done = subprocess.run(
-            train_command(tmp, name, *overrides), env=env, capture_output=True, text=True, timeout=timeout
-        )
-        out = done.stdout + done.stderr
-        assert done.returncode == 0, out[-5000:]
-        return TrainRun(out, tmp / "ray" / name)
-
-    return run
+    """A TrainJobs on the session's cluster."""
+    jobs = TrainJobs(ray_cluster)
+    yield jobs
+    jobs.kill_leftovers()

@@ -21,8 +21,9 @@ DETERMINISTIC = [
 ]
 
 
-def _train(train_job, tmp, name, epochs, samplers, ahead):
-    run = train_job(
+def _start(train_job, tmp, name, epochs, samplers, ahead):
+    """Starts the job; returns the function that waits for it and gives its metrics."""
+    wait = train_job.start(
         tmp,
         name,
         "algo=grpo",
@@ -41,19 +42,33 @@ def _train(train_job, tmp, name, epochs, samplers, ahead):
         "sampling.batch_size=8",
         f"trainer.rollout_ahead={ahead}",
         f"cluster.num_samplers={samplers}",
-        "cluster.sampler_num_cpus=0.5",
+        "cluster.sampler_num_cpus=0.25",  # both jobs (1.75 and 1.5 CPUs) fit the session's 4 at once
         "reward.num_cpus=0.25",
         "cluster.torch_threads=1",
         "tracking.images_per_grid=4",
         "tracking.registered_model=null",
         timeout=600,
     )
-    return {key: run.history(key) for key in DETERMINISTIC + ["sde_window_start", "staleness"]}
+
+    def metrics() -> dict:
+        run = wait()
+        return {key: run.history(key) for key in DETERMINISTIC + ["sde_window_start", "staleness"]}
+
+    return metrics
 
 
 @pytest.fixture(scope="module")
-def two_sampler_run(train_job, tmp_path_factory):
-    return _train(train_job, tmp_path_factory.mktemp("grpo"), "grpo2", EPOCHS, samplers=2, ahead=0)
+def runs(train_job, tmp_path_factory):
+    """The two jobs of this module, run at the same time (each its own MLflow store): two samplers
+    in step for EPOCHS epochs, and one sampler with its rollouts ahead for 2."""
+    two = _start(train_job, tmp_path_factory.mktemp("grpo2"), "grpo2", EPOCHS, samplers=2, ahead=0)
+    one = _start(train_job, tmp_path_factory.mktemp("grpo1"), "grpo1", 2, samplers=1, ahead=1)
+    return {"two": two(), "one": one()}
+
+
+@pytest.fixture(scope="module")
+def two_sampler_run(runs):
+    return runs["two"]
 
 
 def test_grpo_on_the_tiny_flow_model_raises_the_reward(two_sampler_run):
@@ -69,14 +84,12 @@ def test_grpo_on_the_tiny_flow_model_raises_the_reward(two_sampler_run):
     assert two_sampler_run["staleness"] == [0] * EPOCHS  # in step: each epoch sampled with its own weights
 
 
-def test_grpo_with_one_sampler_and_rollouts_ahead_matches_until_the_rollouts_go_stale(
-    two_sampler_run, train_job, tmp_path
-):
+def test_grpo_with_one_sampler_and_rollouts_ahead_matches_until_the_rollouts_go_stale(runs, two_sampler_run):
     """One sampler actor, rolling out epoch k+1 while the learner trains on epoch k
     (``trainer.rollout_ahead=1``): epoch 0 samples the same images with the same weights as the
     two samplers in step, so every metric matches exactly; epoch 1's rollouts were drawn with the
     weights before epoch 0's update (staleness 1), so its rewards differ."""
-    one = _train(train_job, tmp_path, "grpo1", 2, samplers=1, ahead=1)
+    one = runs["one"]
     for key in DETERMINISTIC:
         assert len(one[key]) == 2, key
         assert one[key][0] == two_sampler_run[key][0], key

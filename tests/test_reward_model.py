@@ -135,48 +135,53 @@ class Planted:
         return (os.mkdir, (str(self.marker),))
 
 
+def _overrides(epochs: int, backbone: str) -> list[str]:
+    """`armature train algo=reward_model` on synthetic pairs (ties kept, ordinal head on)."""
+    extra = ["algo.backbone=conv", "algo.conv_widths=[16,32]", "algo.learning_rate=1e-3"] if backbone == "conv" else []
+    return [
+        "algo=reward_model",
+        "data.keep_ties=true",
+        "data.image_size=32",
+        "data.synthetic_pairs=128",
+        "data.heldout_fraction=0.2",
+        f"algo.num_epochs={epochs}",
+        "algo.severity_weight=0.2",
+        *extra,
+    ]
+
+
 def _reward_model_job(tmp_path, epochs: int, backbone: str) -> dict:
-    """One `armature train algo=reward_model` run on synthetic pairs (ties kept, ordinal head on)."""
+    """One reward-model job run in this process; returns its last epoch's metrics."""
     from armature.jobs import reward_model
     from armature.platform.config import compose
 
-    extra = ["algo.backbone=conv", "algo.conv_widths=[16,32]", "algo.learning_rate=1e-3"] if backbone == "conv" else []
     cfg = compose(
         "train",
         [
-            "algo=reward_model",
+            *_overrides(epochs, backbone),
             f"tracking.run_name=rm-{backbone}",
-            "data.keep_ties=true",
-            "data.image_size=32",
-            "data.synthetic_pairs=128",
-            "data.heldout_fraction=0.2",
-            f"algo.num_epochs={epochs}",
-            "algo.severity_weight=0.2",
             f"tracking.local_dir={tmp_path}/runs",
             f"trainer.storage_path={tmp_path}/ray",
-            *extra,
         ],
     )
     return reward_model.run(cfg)
 
 
-@pytest.mark.slow
-def test_reward_model_job_learns_with_the_tiny_clip(ray_cluster, tmp_path):
-    """Train the tiny CLIP scorer on synthetic pairs: held-out accuracy well above chance."""
-    import json
-
-    metrics = _reward_model_job(tmp_path, 4, "tiny")
-    assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
-    meta = json.loads((tmp_path / "ray" / "rm-tiny" / "scorer" / "scorer.json").read_text())
-    assert meta["kind"] == "clip_similarity"
+@pytest.fixture(scope="module")
+def tiny_clip_job(train_job, tmp_path_factory):
+    """The tiny CLIP scorer's job (4 epochs) as `armature train`, started in the background when
+    first asked for: the conv scorer's test asks first and runs its own jobs meanwhile."""
+    tmp = tmp_path_factory.mktemp("rm-tiny")
+    return tmp, train_job.start(tmp, "rm-tiny", *_overrides(4, "tiny"))
 
 
 @pytest.mark.slow
-def test_conv_reward_model_job_resumes_refuses_a_planted_checkpoint_and_learns(ray_cluster, tmp_path):
+def test_conv_reward_model_job_resumes_refuses_a_planted_checkpoint_and_learns(ray_cluster, tmp_path, tiny_clip_job):
     """The convolutional scorer's job, stopped after its first epoch: a rerun refuses (clear error,
     no code run) that checkpoint with its state file replaced by a planted pickle (checkpoints may
     sit in a bucket others can write); with the job's own state back, it resumes after epoch 0,
-    trains the one epoch left (not two), and held-out accuracy ends well above chance."""
+    trains the one epoch left (not two), and held-out accuracy ends well above chance.
+    (``tiny_clip_job`` only starts the next test's job, to run beside these.)"""
     import json
     import shutil
 
@@ -204,6 +209,19 @@ def test_conv_reward_model_job_resumes_refuses_a_planted_checkpoint_and_learns(r
     assert metrics["data_heldout_pairs"] >= 50 and metrics["heldout_acc"] > 0.7, metrics
     meta = json.loads((tmp_path / "ray" / "rm-conv" / "scorer" / "scorer.json").read_text())
     assert meta["kind"] == "conv"
+
+
+@pytest.mark.slow
+def test_reward_model_job_learns_with_the_tiny_clip(tiny_clip_job):
+    """Train the tiny CLIP scorer on synthetic pairs: held-out accuracy well above chance."""
+    import json
+
+    tmp, wait = tiny_clip_job
+    run = wait()
+    heldout = run.history("heldout_acc")
+    assert len(heldout) == 4 and run.history("data_heldout_pairs")[-1] >= 50 and heldout[-1] > 0.7, heldout
+    meta = json.loads((tmp / "ray" / "rm-tiny" / "scorer" / "scorer.json").read_text())
+    assert meta["kind"] == "clip_similarity"
 
 
 @pytest.mark.slow

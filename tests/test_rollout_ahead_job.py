@@ -27,7 +27,7 @@ DDPO = [
     "sampling.batch_size=4",
     "trainer.rollout_ahead=1",
     "cluster.num_samplers=2",
-    "cluster.sampler_num_cpus=0.5",
+    "cluster.sampler_num_cpus=0.25",  # 1.75 CPUs a job: both jobs fit the session's 4 at once
     "reward.num_cpus=0.25",
     "tracking.log_images_every=0",
     "tracking.registered_model=null",
@@ -35,8 +35,11 @@ DDPO = [
 
 
 def test_rollouts_ahead_repeat_exactly_with_the_same_seed(train_job, tmp_path):
-    first = train_job(tmp_path, "ahead_a", *DDPO)
-    again = train_job(tmp_path, "ahead_b", *DDPO)
+    # the two jobs run at the same time (each its own MLflow store): the same metrics however
+    # their processes interleave
+    wait_first = train_job.start(tmp_path / "a", "ahead_a", *DDPO)
+    wait_again = train_job.start(tmp_path / "b", "ahead_b", *DDPO)
+    first, again = wait_first(), wait_again()
     assert first.history("staleness") == [0, 1, 1]
     for key in DETERMINISTIC:
         assert len(first.history(key)) == EPOCHS, key

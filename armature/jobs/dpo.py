@@ -17,7 +17,8 @@ Read top to bottom:
      draw per pair, shared by the preferred and the rejected latents; the reference model's
      errors (the same UNet with its adapter switched off: no second copy) and the policy's;
      the loss; DeepSpeed accumulates and steps;
-  2. measures the implicit reward accuracy on the held-out pairs (rank 0, fixed draws);
+  2. measures the implicit reward accuracy on the held-out pairs (rank 0, fixed draws) on the
+     first epoch, every ``algo.eval_every``-th after it and the last;
   3. logs every optimizer step and the epoch to MLflow (rank 0) and reports a checkpoint.
 
 A rerun with the same ``tracking.run_name`` resumes from the last checkpoint and keeps
@@ -66,7 +67,7 @@ class DPOConfig(OptimizerConfig):
     tau: Optional[float] = None  # ASAP eq. 6: set -> loss (delta - tau)^2 instead of DPO's
     prediction_type: Optional[str] = None  # None: the scheduler's (epsilon or v_prediction)
     heldout_draws: int = 4  # timestep/noise draws per held-out pair
-    eval_every: int = 1  # epochs
+    eval_every: int = 1  # held-out evaluation on epochs 1, 1 + eval_every, ... and the last
 
 
 def check(cfg: DictConfig) -> list[str]:
@@ -80,6 +81,8 @@ def check(cfg: DictConfig) -> list[str]:
         errors.append(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
     if cfg.data.heldout_fraction > 0 and algo.heldout_draws < 1:
         errors.append(f"algo.heldout_draws={algo.heldout_draws}: must be >= 1")
+    if algo.eval_every < 1:
+        errors.append(f"algo.eval_every={algo.eval_every}: must be >= 1 (held-out evaluation every that many epochs)")
     return errors
 
 
@@ -199,8 +202,8 @@ def train_loop(config: dict) -> None:
             "pairs_per_s": all_reduce_sum(pairs_seen) / train_time,
             "optimizer_steps": global_step,
         }
-        last = epoch + 1 == algo.num_epochs
-        if rank == 0 and (last or (epoch + 1) % algo.eval_every == 0):
+        # the first epoch, every eval_every-th after it and the last (the first gives the curve its start)
+        if rank == 0 and (epoch % algo.eval_every == 0 or epoch + 1 == algo.num_epochs):
             heldout = ray.train.get_dataset_shard("heldout")
             metrics.update(evaluate_heldout(heldout, errors, loss_fn, engine, algo, w.seed))
         metrics["epoch_time_s"] = time.perf_counter() - t_epoch
